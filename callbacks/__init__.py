@@ -1,0 +1,15 @@
+"""Compression methods as Lightning callbacks. List order in ``Trainer(callbacks=...)`` is
+compression order."""
+
+from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
+from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
+from ppq_lightning.callbacks.schedule import CompressionSchedule
+
+__all__ = [
+    "CompressionCallback",
+    "CompressionSchedule",
+    "MagnitudePruning",
+    "RTNQuantization",
+    "StageResult",
+]

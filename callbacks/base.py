@@ -1,0 +1,220 @@
+"""The contract every compression method follows: a Lightning Callback that fires once.
+
+A :class:`CompressionCallback` compresses the modules chosen by ``targets``/``ignore`` once,
+before the first evaluation of ``validate``/``test``/``predict`` or at the start of ``fit``.
+In ``Trainer(callbacks=[...])`` the list order is the compression order. The stage is recorded
+on every module it touched (``ppq_lightning.state``), so a run resumed from a checkpoint of an
+already-compressed model never applies it twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.metrics import CompressionSummary, compression_summary
+from ppq_lightning.state import applied_stages, enable_state_loading
+from ppq_lightning.targets import compile_patterns, resolve_targets
+
+
+@dataclass
+class StageResult:
+    """What one stage did.
+
+    Attributes:
+        index: position of the stage in the compression order (1-based).
+        label: short name used in metric keys (``magnitude``, ``rtn``, or the user's ``name``).
+        kind: ``"P"`` (pruning), ``"Q"`` (quantization), ...
+        config: the arguments that define the stage.
+        layers: per-layer metrics, ``{module name: {metric: value}}``.
+        summary: compression of the whole model after the stage.
+        seconds: wall time of the stage.
+        evaluation: metrics of the model after the stage (filled by ``CompressionSchedule``).
+    """
+
+    index: int
+    label: str
+    kind: str
+    config: dict[str, Any]
+    layers: dict[str, dict[str, float]]
+    summary: CompressionSummary
+    seconds: float
+    evaluation: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return f"stage/{self.index}_{self.label}"
+
+    def metrics(self, log_layers: bool = True) -> dict[str, float]:
+        """Flat, namespaced metrics for a Lightning logger."""
+        out = {f"{self.prefix}/{k}": float(v) for k, v in self.summary.as_dict().items()}
+        out[f"{self.prefix}/seconds"] = self.seconds
+        out.update({f"{self.prefix}/{k}": float(v) for k, v in self.evaluation.items()})
+        if log_layers:
+            for name, values in self.layers.items():
+                for key, value in values.items():
+                    out[f"layer/{self.index}_{self.label}/{name}/{key}"] = float(value)
+        return out
+
+
+def log_metrics(trainer: L.Trainer | None, metrics: dict[str, float]) -> None:
+    """Send metrics to every logger of ``trainer`` (from rank zero only)."""
+    if trainer is None or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class FiresOnce(L.Callback):
+    """A callback that runs :meth:`_fire` once, at the first of fit/validate/test/predict."""
+
+    def __init__(self) -> None:
+        self._applied = False
+
+    def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        enable_state_loading(pl_module)
+        keys = [cb.state_key for cb in trainer.callbacks if isinstance(cb, FiresOnce)]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise PPQConfigError(
+                f"several compression callbacks share the state_key {duplicates[0]!r}: give "
+                f"each of them a distinct `name` so that their states cannot overwrite each other."
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fire(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fire(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fire(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fire(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self._applied}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._applied = bool(state_dict.get("applied", False))
+
+
+class CompressionCallback(FiresOnce):
+    """Base class of every compression method.
+
+    Subclasses set ``label`` and ``kind``, define :meth:`stage_config` (the arguments that
+    define the stage) and :meth:`compress` (the work on the chosen modules).
+
+    Args:
+        targets: regex or list of regexes of module names to compress (``re.search``); default
+            every ``nn.Linear``/``nn.Conv2d`` except embeddings and the LM head.
+        ignore: regexes of module names to leave uncompressed.
+        name: a name for this stage, used in metric keys and its ``state_key``; needed when two
+            stages of the same class and arguments are in one run.
+        b_orig: bits of an original weight, for compression rates (16 for LLMs, 32 for fp32
+            vision models).
+        log_layers: also log one metric per layer.
+
+    Raises:
+        PPQConfigError: on an invalid regex, a ``name`` that is not a non-empty string, or
+            ``b_orig`` not in {8, 16, 32}; at run time, when ``targets`` match nothing.
+    """
+
+    label: ClassVar[str] = "stage"
+    kind: ClassVar[str] = "?"
+
+    def __init__(
+        self,
+        *,
+        targets: str | list[str] | None = None,
+        ignore: str | list[str] | None = None,
+        name: str | None = None,
+        b_orig: int = 16,
+        log_layers: bool = True,
+    ) -> None:
+        super().__init__()
+        compile_patterns(targets, "targets")
+        compile_patterns(ignore, "ignore")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise PPQConfigError(f"name={name!r} is not allowed: expected a non-empty string.")
+        if b_orig not in (8, 16, 32):
+            raise PPQConfigError(f"b_orig={b_orig!r} is not allowed: expected 8, 16 or 32.")
+        self.targets, self.ignore, self.name = targets, ignore, name
+        self.b_orig, self.log_layers = b_orig, log_layers
+        self.result: StageResult | None = None
+
+    # -- what subclasses define -------------------------------------------------------------
+    def stage_config(self) -> dict[str, Any]:
+        """The arguments that define this stage (recorded in each module's history)."""
+        raise NotImplementedError
+
+    def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        """Compress ``modules`` in place and record their state; return per-layer metrics."""
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------------
+    @property
+    def display_label(self) -> str:
+        return self.name or self.label
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name, **self.stage_config())
+
+    def history_entry(self) -> dict[str, Any]:
+        """The record appended to the history of every module this stage touches."""
+        return {"stage": self.state_key, "method": type(self).__name__, "kind": self.kind,
+                **self.stage_config()}
+
+    def apply(self, model: nn.Module, trainer: L.Trainer | None = None, index: int = 1) -> StageResult:
+        """Compress ``model`` now (usable without a Trainer) and return what was done.
+
+        Args:
+            model: the model (or LightningModule) to compress in place.
+            trainer: the running Trainer, if any (gives methods access to calibration data).
+            index: position of this stage in the compression order, for metric keys.
+
+        Raises:
+            PPQConfigError: when ``targets``/``ignore`` select no module.
+        """
+        self.trainer = trainer
+        modules = resolve_targets(model, self.targets, self.ignore)
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad():
+            layers = self.compress(modules)
+        seconds = time.perf_counter() - start
+        summary = compression_summary(model, self.b_orig)
+        self.result = StageResult(
+            index, self.display_label, self.kind, self.stage_config(), layers, summary, seconds
+        )
+        self._applied = True
+        return self.result
+
+    def already_applied(self, model: nn.Module) -> bool:
+        """Whether this stage is recorded in ``model`` (a resumed or reloaded run)."""
+        return self._applied or self.state_key in applied_stages(model)
+
+    def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.already_applied(pl_module):
+            self._applied = True
+            rank_zero_info(f"[ppq] {self.state_key} is already applied to this model; skipped.")
+            return
+        stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        result = self.apply(pl_module, trainer, index=stages.index(self) + 1)
+        log_metrics(trainer, result.metrics(self.log_layers))
+        rank_zero_info(
+            f"[ppq] stage {result.index} {result.label}: sparsity {result.summary.sparsity:.3f}, "
+            f"bits {result.summary.avg_bits:.2f}, measured C {result.summary.measured_C:.2f} "
+            f"({result.seconds:.1f}s)"
+        )

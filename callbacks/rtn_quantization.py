@@ -1,0 +1,70 @@
+"""Round-to-nearest (RTN) weight quantization onto a min-max grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
+from ppq_lightning.state import record_grid, weight_matrix
+
+
+class RTNQuantization(CompressionCallback):
+    """Quantize each weight to the nearest point of a per-channel or per-group min-max grid.
+
+    Fires once, before the first evaluation (``validate``/``test``) or at the start of ``fit``.
+    The grid of every row/group includes 0, so weights pruned by earlier stages stay exactly
+    zero. On an already quantized layer the weights are re-quantized and the new grid replaces
+    the old one in the recorded state.
+
+    Args:
+        bits: bits per weight, 2 to 8.
+        group_size: consecutive input weights sharing one scale/zero; None for one per output
+            channel. Must divide every targeted layer's input dimension.
+        symmetric: a grid centred on zero (no stored zero point) instead of min-max.
+        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
+            :class:`~ppq_lightning.callbacks.CompressionCallback`.
+
+    Raises:
+        PPQConfigError: bits outside 2-8, a group size that is not a positive integer, or (at
+            run time) one that does not divide a layer's input dimension.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: ppq_lightning.callbacks.RTNQuantization
+              init_args: {bits: 4, group_size: 128, symmetric: false}
+    """
+
+    label = "rtn"
+    kind = "Q"
+
+    def __init__(
+        self, bits: int, group_size: int | None = None, symmetric: bool = False, **kwargs: Any
+    ) -> None:
+        check_bits(bits)
+        if group_size is not None:
+            check_group_size(group_size, group_size)
+        super().__init__(**kwargs)
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+
+    def stage_config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        for name, module in modules.items():  # check every layer before touching any
+            check_group_size(self.group_size, weight_matrix(module).shape[1], f"group_size ({name})")
+        entry = self.history_entry()
+        layers = {}
+        for name, module in modules.items():
+            w = weight_matrix(module)  # (out, in * kernel)
+            grid = compute_grid(w, self.bits, self.group_size, self.symmetric)
+            q = grid.fake_quantize(w)
+            error = ((q - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-12)).item()
+            module.weight.data.copy_(q.reshape(module.weight.shape))
+            record_grid(module, grid, dict(entry))
+            layers[name] = {"bits": float(self.bits), "weight_error": error}
+        return layers

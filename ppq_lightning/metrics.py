@@ -1,0 +1,155 @@
+"""Compression rates and order metrics, as defined in ``shared/DESIGN.md``.
+
+- Nominal compression rate of one method: ``C_P = 1 / (1 - p)``, ``C_Q = B_orig / B_Q``; of a
+  schedule: their product, i.e. ``B_orig / ((1 - p) * B_Q)``.
+- Measured compression rate: ``B_orig`` bits per original weight divided by the bits the real
+  tensors need, counting values, scales, zero points and the mask (or N:M index) overhead.
+- Metric ``M`` is higher-is-better (accuracy, or ``-perplexity``).
+- Performance gap ``G(f1, f2) = M(f1(phi)) - M(f2(phi))``.
+- Order advantage ``A(f1 -> f2) = M((f2 o f1)(phi)) - M((f1 o f2)(phi))``: positive when
+  applying ``f1`` first is better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ppq_lightning.ops.masks import parse_pattern
+from ppq_lightning.state import CompressionState, compressed_modules
+
+SCALE_BITS = 16  # scales are stored in fp16
+
+
+def nominal_compression_rate(sparsity: float = 0.0, bits: float | None = None, b_orig: int = 16) -> float:
+    """``C = 1/(1-p) * B_orig/B_Q`` (``bits=None`` means not quantized: ``B_Q = B_orig``)."""
+    return 1.0 / (1.0 - sparsity) * b_orig / (bits if bits is not None else b_orig)
+
+
+def performance_gap(metric_f1: float, metric_f2: float) -> float:
+    """``G(f1, f2) = M(f1(phi)) - M(f2(phi))``; positive when ``f1`` hurts less."""
+    return metric_f1 - metric_f2
+
+
+def order_advantage(metric_f1_first: float, metric_f2_first: float) -> float:
+    """``A(f1 -> f2) = M(f2 o f1) - M(f1 o f2)``; positive when applying ``f1`` first wins.
+
+    Args:
+        metric_f1_first: ``M`` after applying ``f1`` then ``f2``.
+        metric_f2_first: ``M`` after applying ``f2`` then ``f1``.
+    """
+    return metric_f1_first - metric_f2_first
+
+
+def metric_from_perplexity(ppl: float) -> float:
+    """The higher-is-better metric for language models: ``M = -ppl``."""
+    return -ppl
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Storage of one compressed weight, in bits."""
+
+    numel: int
+    nonzero: int
+    value_bits: int
+    payload_bits: float
+    overhead_bits: float
+    nominal_sparsity: float
+
+
+def _nominal_sparsity(state: CompressionState) -> float:
+    sparsity = 0.0
+    for entry in state.history:
+        if entry.get("kind") != "P":
+            continue
+        nm = parse_pattern(entry.get("pattern", "unstructured"))
+        target = 1 - nm[0] / nm[1] if nm else entry.get("sparsity", 0.0)
+        sparsity = max(sparsity, target)
+    return sparsity
+
+
+def _nm_of(state: CompressionState) -> tuple[int, int] | None:
+    for entry in reversed(state.history):
+        if entry.get("kind") == "P" and entry.get("pattern", "unstructured") != "unstructured":
+            return parse_pattern(entry["pattern"])
+    return None
+
+
+def layer_cost(module: nn.Module, state: CompressionState, b_orig: int = 16) -> LayerCost:
+    """Bits that the real tensors of one compressed module need.
+
+    Values: ``bits`` of the recorded grid, or ``b_orig`` when not quantized. Grid overhead: an
+    fp16 scale per group, plus a ``bits``-bit zero point per group when asymmetric. Sparse
+    storage is used when it is smaller than dense: the nonzero values plus a 1-bit mask per
+    weight (unstructured) or ``ceil(log2 M)`` index bits per kept weight (N:M).
+    """
+    weight = module.weight.detach()
+    numel, nonzero = weight.numel(), int((weight != 0).sum())
+    bits = state.bits if state.bits is not None else b_orig
+    overhead = 0.0
+    if state.scale is not None:
+        n_groups = state.scale.numel()
+        overhead += n_groups * (SCALE_BITS + (0 if state.symmetric else bits))
+    dense = numel * bits
+    nm = _nm_of(state)
+    if nm is not None:
+        index_bits = nonzero * math.ceil(math.log2(nm[1]))
+    else:
+        index_bits = numel  # a bitmask
+    sparse = nonzero * bits + index_bits
+    if state.mask is not None and sparse < dense:
+        payload, overhead = nonzero * bits, overhead + index_bits
+    else:
+        payload = dense
+    return LayerCost(numel, nonzero, bits, payload, overhead, _nominal_sparsity(state))
+
+
+@dataclass(frozen=True)
+class CompressionSummary:
+    """Compression of every module of a model that carries a compression state.
+
+    Attributes:
+        n_layers: compressed modules counted.
+        n_weights: their weights.
+        sparsity: measured fraction of exactly-zero weights.
+        avg_bits: mean value bits per weight (``B_orig`` for unquantized layers).
+        nominal_C: ``B_orig / ((1 - p) * B_Q)`` from the stages' targets, weighted by size.
+        measured_C: ``B_orig * n_weights`` / bits of values, scales, zeros and mask/index.
+        bits_per_weight: measured storage bits per original weight, overhead included.
+    """
+
+    n_layers: int
+    n_weights: int
+    sparsity: float
+    avg_bits: float
+    nominal_C: float
+    measured_C: float
+    bits_per_weight: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def compression_summary(model: nn.Module, b_orig: int = 16) -> CompressionSummary:
+    """Measure the compression of ``model`` from its tensors and recorded states.
+
+    Returns a summary with all rates 1.0 when nothing is compressed.
+    """
+    costs = [layer_cost(module, state, b_orig) for _, module, state in compressed_modules(model)]
+    n = sum(c.numel for c in costs)
+    if n == 0:
+        return CompressionSummary(0, 0, 0.0, float(b_orig), 1.0, 1.0, float(b_orig))
+    stored = sum(c.payload_bits + c.overhead_bits for c in costs)
+    nominal_bits = sum(c.numel * (1 - c.nominal_sparsity) * c.value_bits for c in costs)
+    return CompressionSummary(
+        n_layers=len(costs),
+        n_weights=n,
+        sparsity=1 - sum(c.nonzero for c in costs) / n,
+        avg_bits=sum(c.numel * c.value_bits for c in costs) / n,
+        nominal_C=b_orig * n / nominal_bits,
+        measured_C=b_orig * n / stored,
+        bits_per_weight=stored / n,
+    )

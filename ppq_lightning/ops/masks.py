@@ -1,0 +1,127 @@
+"""Pruning masks from importance scores: per layer, per row, global, and N:M.
+
+A mask is a bool tensor shaped like the weight: True keeps a weight, False prunes it. Every
+function takes an optional ``keep`` mask of entries still alive; entries already pruned are
+never revived and are counted towards the target sparsity (they are pruned first).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor
+
+from ppq_lightning.errors import bad_value
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
+    """Validate a sparsity: a number in [0, 1).
+
+    Raises:
+        PPQConfigError: when ``sparsity`` is not a real number in [0, 1).
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise bad_value(argument, sparsity, "a number in [0, 1)")
+    if not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
+        raise bad_value(argument, sparsity, "a number in [0, 1)")
+    return float(sparsity)
+
+
+def parse_pattern(pattern: str, argument: str = "pattern") -> tuple[int, int] | None:
+    """Parse a sparsity pattern: ``"unstructured"`` gives None, ``"N:M"`` gives ``(N, M)``.
+
+    ``N:M`` keeps N weights in every group of M consecutive input weights (2:4 is 50% sparse).
+
+    Raises:
+        PPQConfigError: for anything else, or N:M with N < 1 or N >= M.
+    """
+    if pattern == "unstructured":
+        return None
+    match = _NM.match(pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise bad_value(argument, pattern, '"unstructured" or "N:M" with integers 0 < N < M')
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise bad_value(argument, pattern, '"N:M" with integers 0 < N < M (e.g. "2:4")')
+    return n, m
+
+
+def _masked_scores(scores: Tensor, keep: Tensor | None) -> Tensor:
+    scores = scores.detach().float()
+    if keep is None:
+        return scores
+    return torch.where(keep, scores, torch.full_like(scores, -torch.inf))
+
+
+def _prune_smallest(scores: Tensor, n_prune: int) -> Tensor:
+    """Mask over a 1-D score vector that prunes exactly its ``n_prune`` smallest entries."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if n_prune > 0:
+        mask[torch.topk(scores, n_prune, largest=False).indices] = False
+    return mask
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, keep: Tensor | None = None) -> Tensor:
+    """Prune the ``round(sparsity * numel)`` lowest-scoring entries of the whole tensor.
+
+    If ``keep`` already prunes more than that, the result is ``keep`` (no regrowth).
+    """
+    s = _masked_scores(scores, keep)
+    n_prune = round(check_sparsity(sparsity) * s.numel())
+    if keep is not None:
+        n_prune = max(n_prune, int((~keep).sum()))
+    return _prune_smallest(s.flatten(), n_prune).reshape(s.shape)
+
+
+def row_mask(scores: Tensor, sparsity: float, keep: Tensor | None = None) -> Tensor:
+    """Prune the ``round(sparsity * cols)`` lowest-scoring entries of every row of a 2-D tensor.
+
+    This is Wanda's per-output comparison group. Rows already sparser keep their mask.
+    """
+    s = _masked_scores(scores, keep).flatten(1)  # (rows, cols)
+    n_prune = round(check_sparsity(sparsity) * s.shape[1])
+    mask = torch.ones_like(s, dtype=torch.bool)
+    if n_prune > 0:
+        mask.scatter_(1, torch.topk(s, n_prune, dim=1, largest=False).indices, False)
+    if keep is not None:
+        mask &= keep.flatten(1)
+    return mask.reshape(scores.shape)
+
+
+def nm_mask(scores: Tensor, n: int, m: int, keep: Tensor | None = None) -> Tensor:
+    """Keep the ``n`` highest-scoring of every ``m`` consecutive entries along the last axis.
+
+    For a weight of shape (out, in) the groups run along the input dimension, as sparse
+    tensor cores expect. Entries pruned in ``keep`` stay pruned.
+
+    Raises:
+        PPQConfigError: when the input dimension is not a multiple of ``m``.
+    """
+    s = _masked_scores(scores, keep).flatten(1)  # (rows, cols)
+    if s.shape[1] % m:
+        raise bad_value("pattern", f"{n}:{m}", f"M dividing the input dimension {s.shape[1]}")
+    groups = s.reshape(-1, m)  # (rows * cols / m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
+    mask = mask.reshape(scores.shape)
+    return mask if keep is None else mask & keep
+
+
+def global_masks(
+    scores: list[Tensor], sparsity: float, keeps: list[Tensor | None] | None = None
+) -> list[Tensor]:
+    """Prune the lowest ``sparsity`` fraction of all entries of several tensors together.
+
+    One threshold for every layer (global magnitude pruning): layers end up with different
+    sparsities, and the total count of pruned entries is exact.
+    """
+    keeps = keeps if keeps is not None else [None] * len(scores)
+    flat = torch.cat([_masked_scores(s, k).flatten() for s, k in zip(scores, keeps, strict=True)])
+    n_prune = round(check_sparsity(sparsity) * flat.numel())
+    n_prune = max(n_prune, sum(int((~k).sum()) for k in keeps if k is not None))
+    mask = _prune_smallest(flat, n_prune)
+    return [part.reshape(s.shape) for part, s in zip(mask.split([s.numel() for s in scores]), scores, strict=True)]

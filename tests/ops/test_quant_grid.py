@@ -1,0 +1,64 @@
+import itertools
+
+import pytest
+import torch
+
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.ops.quant_grid import compute_grid
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"),
+    list(itertools.product([2, 3, 4, 8], [None, 4, 16], [False, True])),
+)
+def test_grid_levels_zero_and_rounding_error(bits, group_size, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 32)
+    grid = compute_grid(w, bits, group_size, symmetric)
+    q = grid.quantize(w)
+    gs = group_size or 32
+    # at most 2**bits distinct values in every row group, integer codes within range
+    for row in range(6):
+        for start in range(0, 32, gs):
+            assert q[row, start : start + gs].unique().numel() <= 2**bits
+    assert torch.equal(q, q.round()) and q.min() >= 0 and q.max() <= 2**bits - 1
+    # zero is exactly representable on every grid
+    assert torch.equal(grid.fake_quantize(torch.zeros_like(w)), torch.zeros_like(w))
+    # inside the range, the round-trip error is at most half a step (brute force over levels)
+    deq = grid.fake_quantize(w)
+    step = grid.scale.repeat_interleave(gs, dim=1)
+    levels = torch.arange(2**bits, dtype=torch.float32)
+    zero = grid.zero.repeat_interleave(gs, dim=1)
+    candidates = step.unsqueeze(-1) * (levels - zero.unsqueeze(-1))  # (rows, cols, levels)
+    nearest = (candidates - w.unsqueeze(-1)).abs().min(dim=-1).values
+    inside = (w >= candidates.min(-1).values) & (w <= candidates.max(-1).values)
+    assert torch.all((deq - w).abs()[inside] <= step[inside] / 2 + 1e-6)
+    assert torch.allclose((deq - w).abs(), nearest, atol=1e-6)
+
+
+def test_quantizing_twice_is_idempotent():
+    w = torch.randn(4, 16)
+    grid = compute_grid(w, 3)
+    once = grid.fake_quantize(w)
+    assert torch.equal(grid.fake_quantize(once), once)
+    assert grid.off_grid_distance(once).max() < 1e-5
+
+
+def test_all_zero_rows_are_representable():
+    w = torch.zeros(3, 8)
+    w[1] = torch.linspace(-1, 1, 8)
+    grid = compute_grid(w, 4)
+    assert torch.isfinite(grid.scale).all() and (grid.scale > 0).all()
+    assert torch.equal(grid.fake_quantize(w)[0], torch.zeros(8))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 16, 4.0, True])
+def test_bits_outside_range(bits):
+    with pytest.raises(PPQConfigError, match="bits"):
+        compute_grid(torch.randn(2, 8), bits)
+
+
+@pytest.mark.parametrize("group_size", [3, 0, -4])
+def test_group_size_must_divide(group_size):
+    with pytest.raises(PPQConfigError, match="group_size"):
+        compute_grid(torch.randn(2, 8), 4, group_size)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from ppq_lightning.metrics import (
+    compression_summary,
+    metric_from_perplexity,
+    nominal_compression_rate,
+    order_advantage,
+    performance_gap,
+)
+from ppq_lightning.ops.masks import nm_mask, unstructured_mask
+from ppq_lightning.ops.quant_grid import compute_grid
+from ppq_lightning.state import record_grid, record_mask
+
+
+def test_nominal_rates():
+    assert nominal_compression_rate(0.5) == 2.0
+    assert nominal_compression_rate(0.0, 4) == 4.0
+    assert nominal_compression_rate(0.5, 4) == 8.0
+    assert nominal_compression_rate(0.75, 8, b_orig=32) == 16.0
+
+
+def test_gap_and_advantage_on_perplexities():
+    # P alone ppl 20, Q alone ppl 30; P->Q ppl 40, Q->P ppl 50 (M = -ppl)
+    m_p, m_q = metric_from_perplexity(20.0), metric_from_perplexity(30.0)
+    assert performance_gap(m_p, m_q) == 10.0  # pruning hurts less
+    assert order_advantage(metric_from_perplexity(40.0), metric_from_perplexity(50.0)) == 10.0
+
+
+def test_uncompressed_model_has_unit_rates():
+    s = compression_summary(nn.Linear(8, 8))
+    assert s.n_layers == 0 and s.measured_C == 1.0 and s.nominal_C == 1.0
+
+
+def test_quantized_layer_counts_values_scales_and_zeros():
+    layer = nn.Linear(128, 4, bias=False)
+    grid = compute_grid(layer.weight.data, 4, group_size=32)
+    layer.weight.data = grid.fake_quantize(layer.weight.data)
+    record_grid(layer, grid, {"stage": "q", "kind": "Q", "bits": 4})
+    s = compression_summary(layer)
+    stored = 512 * 4 + 16 * (16 + 4)  # values + per-group fp16 scale and 4-bit zero
+    assert s.nominal_C == pytest.approx(4.0)
+    assert s.measured_C == pytest.approx(16 * 512 / stored)
+    assert s.avg_bits == 4
+
+
+def test_pruned_quantized_layer_pays_for_its_mask():
+    layer = nn.Linear(64, 8, bias=False)
+    record_mask(layer, unstructured_mask(layer.weight.abs(), 0.5),
+                {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "unstructured"})
+    grid = compute_grid(layer.weight.data, 4, symmetric=True)
+    layer.weight.data = grid.fake_quantize(layer.weight.data)
+    record_grid(layer, grid, {"stage": "q", "kind": "Q", "bits": 4})
+    s = compression_summary(layer)
+    nonzero = int((layer.weight != 0).sum())
+    stored = nonzero * 4 + 512 + 8 * 16  # values, 1-bit mask, fp16 scale per row (symmetric)
+    assert s.nominal_C == pytest.approx(8.0)
+    assert s.measured_C == pytest.approx(16 * 512 / stored)
+    assert s.sparsity == pytest.approx(1 - nonzero / 512)
+
+
+def test_nm_index_overhead():
+    layer = nn.Linear(64, 8, bias=False)
+    record_mask(layer, nm_mask(layer.weight.abs(), 2, 4),
+                {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "2:4"})
+    s = compression_summary(layer)
+    assert s.measured_C == pytest.approx(16 * 512 / (256 * 16 + 256 * 2))
+    assert s.nominal_C == pytest.approx(2.0)
+
+
+def test_sparse_storage_only_when_smaller():
+    layer = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        layer.weight[0, 0] = 0.0
+    record_mask(layer, layer.weight != 0, {"stage": "p", "kind": "P", "sparsity": 0.0})
+    assert compression_summary(layer).measured_C == pytest.approx(1.0)

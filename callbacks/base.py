@@ -82,14 +82,7 @@ class FiresOnce(L.Callback):
         raise NotImplementedError
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        enable_state_loading(pl_module)
-        keys = [cb.state_key for cb in trainer.callbacks if isinstance(cb, FiresOnce)]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise PPQConfigError(
-                f"several compression callbacks share the state_key {duplicates[0]!r}: give "
-                f"each of them a distinct `name` so that their states cannot overwrite each other."
-            )
+        enable_state_loading(pl_module)  # before Lightning restores a checkpoint into it
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fire(trainer, pl_module)
@@ -174,10 +167,16 @@ class CompressionCallback(FiresOnce):
 
     def history_entry(self) -> dict[str, Any]:
         """The record appended to the history of every module this stage touches."""
-        return {"stage": self.state_key, "method": type(self).__name__, "kind": self.kind,
-                **self.stage_config()}
+        return {
+            "stage": self.state_key,
+            "method": type(self).__name__,
+            "kind": self.kind,
+            **self.stage_config(),
+        }
 
-    def apply(self, model: nn.Module, trainer: L.Trainer | None = None, index: int = 1) -> StageResult:
+    def apply(
+        self, model: nn.Module, trainer: L.Trainer | None = None, index: int = 1
+    ) -> StageResult:
         """Compress ``model`` now (usable without a Trainer) and return what was done.
 
         Args:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ppq_lightning.callbacks.base import CompressionCallback
 from torch import nn
 
-from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.ops.masks import (
     check_sparsity,
@@ -70,12 +70,19 @@ class MagnitudePruning(CompressionCallback):
                 raise bad_value("sparsity", sparsity, f"None or {implied:g} for pattern {pattern}")
             sparsity = implied
         elif sparsity is None:
-            raise PPQConfigError('sparsity=None is not allowed for pattern="unstructured": '
-                                 "expected a number in [0, 1).")
+            raise PPQConfigError(
+                'sparsity=None is not allowed for pattern="unstructured": '
+                "expected a number in [0, 1)."
+            )
         if scope not in SCOPES:
             raise bad_value("scope", scope, f"one of {', '.join(SCOPES)}")
         super().__init__(**kwargs)
-        self.sparsity, self.pattern, self.scope, self._nm = check_sparsity(sparsity), pattern, scope, nm
+        self.sparsity, self.pattern, self.scope, self._nm = (
+            check_sparsity(sparsity),
+            pattern,
+            scope,
+            nm,
+        )
 
     def stage_config(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}
@@ -83,15 +90,20 @@ class MagnitudePruning(CompressionCallback):
     def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
         keeps = {name: getattr(get_state(m), "mask", None) for name, m in modules.items()}
         if self._nm is not None:
-            masks = {n: nm_mask(m.weight.abs(), *self._nm, keep=keeps[n]) for n, m in modules.items()}
+            masks = {
+                n: nm_mask(m.weight.abs(), *self._nm, keep=keeps[n]) for n, m in modules.items()
+            }
         elif self.scope == "global":
             names = list(modules)
-            found = global_masks([modules[n].weight.abs() for n in names], self.sparsity,
-                                 [keeps[n] for n in names])
+            found = global_masks(
+                [modules[n].weight.abs() for n in names], self.sparsity, [keeps[n] for n in names]
+            )
             masks = dict(zip(names, found, strict=True))
         else:
             make = unstructured_mask if self.scope == "layer" else row_mask
-            masks = {n: make(m.weight.abs(), self.sparsity, keep=keeps[n]) for n, m in modules.items()}
+            masks = {
+                n: make(m.weight.abs(), self.sparsity, keep=keeps[n]) for n, m in modules.items()
+            }
         entry = self.history_entry()
         layers = {}
         for name, module in modules.items():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ppq_lightning.callbacks.base import CompressionCallback
 from torch import nn
 
-from ppq_lightning.callbacks.base import CompressionCallback
-from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
+from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
 from ppq_lightning.state import record_grid, weight_matrix
 
 
@@ -20,7 +20,8 @@ class RTNQuantization(CompressionCallback):
     the old one in the recorded state.
 
     Args:
-        bits: bits per weight, 2 to 8.
+        bits: bits per weight, 2 to 8; 16 turns the stage off (weights untouched, nothing
+            recorded), so that sweeps can include the unquantized point.
         group_size: consecutive input weights sharing one scale/zero; None for one per output
             channel. Must divide every targeted layer's input dimension.
         symmetric: a grid centred on zero (no stored zero point) instead of min-max.
@@ -28,8 +29,8 @@ class RTNQuantization(CompressionCallback):
             :class:`~ppq_lightning.callbacks.CompressionCallback`.
 
     Raises:
-        PPQConfigError: bits outside 2-8, a group size that is not a positive integer, or (at
-            run time) one that does not divide a layer's input dimension.
+        PPQConfigError: bits outside 2-8 (and not 16), a group size that is not a positive
+            integer, or (at run time) one that does not divide a layer's input dimension.
 
     Example (YAML)::
 
@@ -45,7 +46,7 @@ class RTNQuantization(CompressionCallback):
     def __init__(
         self, bits: int, group_size: int | None = None, symmetric: bool = False, **kwargs: Any
     ) -> None:
-        check_bits(bits)
+        check_bits(bits, allow_off=True)
         if group_size is not None:
             check_group_size(group_size, group_size)
         super().__init__(**kwargs)
@@ -55,8 +56,12 @@ class RTNQuantization(CompressionCallback):
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
     def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        if self.bits == OFF_BITS:
+            return {}
         for name, module in modules.items():  # check every layer before touching any
-            check_group_size(self.group_size, weight_matrix(module).shape[1], f"group_size ({name})")
+            check_group_size(
+                self.group_size, weight_matrix(module).shape[1], f"group_size ({name})"
+            )
         entry = self.history_entry()
         layers = {}
         for name, module in modules.items():

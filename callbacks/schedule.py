@@ -9,14 +9,13 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from ppq_lightning.callbacks.base import CompressionCallback, FiresOnce, StageResult, log_metrics
 from rich.console import Console
 from rich.table import Table
 
-from ppq_lightning.callbacks.base import CompressionCallback, FiresOnce, StageResult, log_metrics
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.metrics import compression_summary
-from ppq_lightning.state import enable_state_loading
 
 
 class CompressionSchedule(FiresOnce):
@@ -63,20 +62,28 @@ class CompressionSchedule(FiresOnce):
     ) -> None:
         super().__init__()
         if not isinstance(stages, (list, tuple)) or not stages:
-            raise PPQConfigError(f"stages={stages!r} is not allowed: expected a non-empty list "
-                                 "of compression callbacks.")
+            raise PPQConfigError(
+                f"stages={stages!r} is not allowed: expected a non-empty list "
+                "of compression callbacks."
+            )
         for stage in stages:
             if not isinstance(stage, CompressionCallback):
-                raise PPQConfigError(f"stages contains {stage!r}: expected compression callbacks "
-                                     "such as MagnitudePruning or RTNQuantization.")
+                raise PPQConfigError(
+                    f"stages contains {stage!r}: expected compression callbacks "
+                    "such as MagnitudePruning or RTNQuantization."
+                )
         keys = [s.state_key for s in stages]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
-            raise PPQConfigError(f"stages repeat {repeated[0]!r}: give repeated stages distinct "
-                                 "`name` arguments.")
+            raise PPQConfigError(
+                f"stages repeat {repeated[0]!r}: give repeated stages distinct `name` arguments."
+            )
         self.stages = list(stages)
         self.evaluate_each_stage, self.output_dir, self.log_layers = (
-            evaluate_each_stage, output_dir, log_layers)
+            evaluate_each_stage,
+            output_dir,
+            log_layers,
+        )
         self.results: list[StageResult] = []
         self.dense_evaluation: dict[str, float] = {}
 
@@ -89,10 +96,6 @@ class CompressionSchedule(FiresOnce):
     def state_key(self) -> str:
         return self._generate_state_key(stages=[s.state_key for s in self.stages])
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        enable_state_loading(pl_module)
-
     def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._applied:
             return
@@ -101,7 +104,9 @@ class CompressionSchedule(FiresOnce):
         if self.evaluate_each_stage:
             loader = evaluation_dataloader(trainer)
             self.dense_evaluation = evaluate_module(pl_module, loader)
-            log_metrics(trainer, {f"stage/0_dense/{k}": v for k, v in self.dense_evaluation.items()})
+            log_metrics(
+                trainer, {f"stage/0_dense/{k}": v for k, v in self.dense_evaluation.items()}
+            )
         for index, stage in enumerate(self.stages, start=1):
             if stage.already_applied(pl_module):
                 rank_zero_info(f"[ppq] {stage.state_key} is already applied; skipped.")
@@ -117,11 +122,24 @@ class CompressionSchedule(FiresOnce):
         """The schedule's table: the model before any stage, then one row per stage."""
         rows: list[dict[str, Any]] = []
         if self.dense_evaluation:
-            rows.append({"stage": "0_dense", "kind": "-", **self.start_summary.as_dict(),
-                         **self.dense_evaluation})
+            rows.append(
+                {
+                    "stage": "0_dense",
+                    "kind": "-",
+                    **self.start_summary.as_dict(),
+                    **self.dense_evaluation,
+                }
+            )
         for r in self.results:
-            rows.append({"stage": f"{r.index}_{r.label}", "kind": r.kind, **r.summary.as_dict(),
-                         "seconds": r.seconds, **r.evaluation})
+            rows.append(
+                {
+                    "stage": f"{r.index}_{r.label}",
+                    "kind": r.kind,
+                    **r.summary.as_dict(),
+                    "seconds": r.seconds,
+                    **r.evaluation,
+                }
+            )
         return rows
 
     @rank_zero_only
@@ -136,11 +154,31 @@ class CompressionSchedule(FiresOnce):
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        (folder / "schedule.json").write_text(json.dumps(
-            {"order": self.order, "stages": rows,
-             "layers": {f"{r.index}_{r.label}": r.layers for r in self.results}}, indent=2))
-        shown = [c for c in ("stage", "kind", "sparsity", "avg_bits", "nominal_C", "measured_C",
-                             "ppl", "loss", "seconds") if c in columns]
+        (folder / "schedule.json").write_text(
+            json.dumps(
+                {
+                    "order": self.order,
+                    "stages": rows,
+                    "layers": {f"{r.index}_{r.label}": r.layers for r in self.results},
+                },
+                indent=2,
+            )
+        )
+        shown = [
+            c
+            for c in (
+                "stage",
+                "kind",
+                "sparsity",
+                "avg_bits",
+                "nominal_C",
+                "measured_C",
+                "ppl",
+                "loss",
+                "seconds",
+            )
+            if c in columns
+        ]
         table = Table(title=f"Compression schedule {self.order}")
         for column in shown:
             table.add_column(column, justify="left" if column in ("stage", "kind") else "right")

@@ -68,7 +68,8 @@ def evaluate_module(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> 
                 loss = out.get("loss") if isinstance(out, dict) else out
                 if not isinstance(loss, torch.Tensor):
                     raise PPQConfigError(
-                        f"{type(pl_module).__name__}.validation_step returned {type(out).__name__}; "
+                        f"{type(pl_module).__name__}.validation_step returned "
+                        f"{type(out).__name__}; "
                         "evaluating each stage needs it to return the loss (or a dict with "
                         "'loss'), or the module to define evaluate(dataloader) -> dict."
                     )

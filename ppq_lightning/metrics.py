@@ -23,7 +23,9 @@ from ppq_lightning.state import CompressionState, compressed_modules
 SCALE_BITS = 16  # scales are stored in fp16
 
 
-def nominal_compression_rate(sparsity: float = 0.0, bits: float | None = None, b_orig: int = 16) -> float:
+def nominal_compression_rate(
+    sparsity: float = 0.0, bits: float | None = None, b_orig: int = 16
+) -> float:
     """``C = 1/(1-p) * B_orig/B_Q`` (``bits=None`` means not quantized: ``B_Q = B_orig``)."""
     return 1.0 / (1.0 - sparsity) * b_orig / (bits if bits is not None else b_orig)
 
@@ -153,3 +155,21 @@ def compression_summary(model: nn.Module, b_orig: int = 16) -> CompressionSummar
         measured_C=b_orig * n / stored,
         bits_per_weight=stored / n,
     )
+
+
+def metric_value(value: float, higher_is_better: bool) -> float:
+    """Turn a logged value into the higher-is-better metric ``M`` (``-ppl`` for perplexity)."""
+    return value if higher_is_better else -value
+
+
+def pih_order(single_stage_metric: dict[str, float]) -> list[str]:
+    """The order the Progressive Intensity Hypothesis predicts: weaker perturbation first.
+
+    Args:
+        single_stage_metric: ``M`` of the model after each stage applied alone, by stage name.
+
+    Returns:
+        Stage names sorted from the weakest perturbation (highest ``M``) to the strongest;
+        ties keep the given order.
+    """
+    return sorted(single_stage_metric, key=lambda name: -single_stage_metric[name])

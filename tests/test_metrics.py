@@ -47,8 +47,11 @@ def test_quantized_layer_counts_values_scales_and_zeros():
 
 def test_pruned_quantized_layer_pays_for_its_mask():
     layer = nn.Linear(64, 8, bias=False)
-    record_mask(layer, unstructured_mask(layer.weight.abs(), 0.5),
-                {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "unstructured"})
+    record_mask(
+        layer,
+        unstructured_mask(layer.weight.abs(), 0.5),
+        {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "unstructured"},
+    )
     grid = compute_grid(layer.weight.data, 4, symmetric=True)
     layer.weight.data = grid.fake_quantize(layer.weight.data)
     record_grid(layer, grid, {"stage": "q", "kind": "Q", "bits": 4})
@@ -62,8 +65,11 @@ def test_pruned_quantized_layer_pays_for_its_mask():
 
 def test_nm_index_overhead():
     layer = nn.Linear(64, 8, bias=False)
-    record_mask(layer, nm_mask(layer.weight.abs(), 2, 4),
-                {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "2:4"})
+    record_mask(
+        layer,
+        nm_mask(layer.weight.abs(), 2, 4),
+        {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "2:4"},
+    )
     s = compression_summary(layer)
     assert s.measured_C == pytest.approx(16 * 512 / (256 * 16 + 256 * 2))
     assert s.nominal_C == pytest.approx(2.0)

@@ -9,7 +9,9 @@ class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(10, 8)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Conv2d(2, 2, 1)) for _ in range(2)])
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(8, 8), nn.Conv2d(2, 2, 1)) for _ in range(2)]
+        )
         self.lm_head = nn.Linear(8, 10, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in many LLMs
 

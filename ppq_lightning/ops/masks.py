@@ -124,4 +124,7 @@ def global_masks(
     n_prune = round(check_sparsity(sparsity) * flat.numel())
     n_prune = max(n_prune, sum(int((~k).sum()) for k in keeps if k is not None))
     mask = _prune_smallest(flat, n_prune)
-    return [part.reshape(s.shape) for part, s in zip(mask.split([s.numel() for s in scores]), scores, strict=True)]
+    return [
+        part.reshape(s.shape)
+        for part, s in zip(mask.split([s.numel() for s in scores]), scores, strict=True)
+    ]

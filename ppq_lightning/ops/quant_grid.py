@@ -17,17 +17,20 @@ from torch import Tensor
 from ppq_lightning.errors import bad_value
 
 MIN_BITS, MAX_BITS = 2, 8
+OFF_BITS = 16  # "no quantization": the bit width of an original LLM weight
 
 
-def check_bits(bits: int, argument: str = "bits") -> int:
-    """Validate a bit width: an integer in [2, 8].
+def check_bits(bits: int, argument: str = "bits", allow_off: bool = False) -> int:
+    """Validate a bit width: an integer in [2, 8] (or 16, meaning off, when ``allow_off``).
 
     Raises:
-        PPQConfigError: when ``bits`` is not an integer in [2, 8].
+        PPQConfigError: when ``bits`` is not allowed.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise bad_value(argument, bits, f"an integer from {MIN_BITS} to {MAX_BITS}")
-    return bits
+    valid = not isinstance(bits, bool) and isinstance(bits, int)
+    if valid and (MIN_BITS <= bits <= MAX_BITS or (allow_off and bits == OFF_BITS)):
+        return bits
+    off = f", or {OFF_BITS} (off)" if allow_off else ""
+    raise bad_value(argument, bits, f"an integer from {MIN_BITS} to {MAX_BITS}{off}")
 
 
 def check_group_size(group_size: int | None, cols: int, argument: str = "group_size") -> int:

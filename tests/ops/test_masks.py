@@ -16,7 +16,7 @@ def test_unstructured_exact_and_smallest(sparsity):
     scores = torch.randn(8, 16).abs()
     mask = unstructured_mask(scores, sparsity)
     assert int((~mask).sum()) == round(sparsity * scores.numel())
-    if 0 < sparsity:
+    if sparsity > 0:
         assert scores[~mask].max() <= scores[mask].min()
 
 

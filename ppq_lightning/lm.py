@@ -1,0 +1,127 @@
+"""A LightningModule for any Hugging Face causal LM, evaluated by perplexity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.text import Perplexity
+
+from ppq_lightning.models import OFFLINE_DEFAULT, load_causal_lm
+
+
+def input_ids_of(batch: Any) -> Tensor:
+    """The token ids of a batch: a tensor, ``batch["input_ids"]``, or ``batch[0]``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch["input_ids"]
+    return batch[0]
+
+
+class CausalLMModule(L.LightningModule):
+    """Wraps a causal LM; validation and test report perplexity as GPTQ/SparseGPT measure it.
+
+    Perplexity is ``exp`` of the mean next-token negative log-likelihood over all tokens of all
+    evaluation windows (non-overlapping windows of ``seqlen``, made by the datamodule), computed
+    with ``torchmetrics.text.Perplexity``. Logged keys: ``val/ppl``, ``val/loss``,
+    ``test/ppl``, ``test/loss``, ``train/loss``.
+
+    Args:
+        model: ``"smollm2-135m"`` (offline default), a local directory or a HF hub id.
+        model_config: build a randomly initialised model from this config instead (tests).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        learning_rate: AdamW learning rate for ``fit``.
+        seed: seed of the random initialisation with ``model_config``.
+
+    Raises:
+        PPQConfigError: when the model cannot be loaded (see ``load_causal_lm``).
+
+    Example (YAML)::
+
+        model:
+          class_path: ppq_lightning.lm.CausalLMModule
+          init_args: {model: smollm2-135m}
+    """
+
+    metric_name = "ppl"
+    higher_is_better = False
+
+    def __init__(
+        self,
+        model: str = OFFLINE_DEFAULT,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        learning_rate: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_causal_lm(model, model_config, dtype, seed)
+        self.learning_rate = learning_rate
+        self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, learning_rate: float = 1e-4) -> CausalLMModule:
+        """Wrap an already-built causal LM (Python API; no hyperparameters are saved)."""
+        module = cls.__new__(cls)
+        L.LightningModule.__init__(module)
+        module.model, module.learning_rate = model, learning_rate
+        module.val_ppl, module.test_ppl = Perplexity(), Perplexity()
+        return module
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids).logits  # (B, T, vocab)
+
+    def _shifted(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Next-token logits and targets: ``(B, T-1, vocab)`` float32 and ``(B, T-1)``."""
+        ids = input_ids_of(batch)
+        return self(ids)[:, :-1].float(), ids[:, 1:]
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._loss(*self._shifted(batch))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: Any, metric: Perplexity, split: str) -> Tensor:
+        logits, targets = self._shifted(batch)
+        metric.update(logits, targets)
+        loss = self._loss(logits, targets)
+        self.log(f"{split}/ppl", metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, self.val_ppl, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, self.test_ppl, "test")
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: Iterable[Any]) -> dict[str, float]:
+        """Perplexity and mean token loss over ``dataloader``, outside any Trainer loop.
+
+        Computed exactly as validation computes ``val/ppl``.
+        """
+        was_training = self.training
+        self.eval()
+        metric = Perplexity().to(self.device)
+        try:
+            for batch in dataloader:
+                ids = input_ids_of(batch).to(self.device)
+                logits, targets = self._shifted(ids)
+                metric.update(logits, targets)
+            ppl = float(metric.compute())
+        finally:
+            self.train(was_training)
+        return {"ppl": ppl, "loss": float(torch.log(torch.tensor(ppl)))}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.learning_rate)

@@ -1,0 +1,136 @@
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ppq_lightning import check_invariants
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.state import get_state
+from ppq_lightning.targets import resolve_targets
+from tests.helpers import make_trainer
+
+
+def _stages(order):
+    make = {
+        "P": lambda: MagnitudePruning(sparsity=0.5, name="P"),
+        "Q": lambda: RTNQuantization(bits=4, group_size=32, name="Q"),
+    }
+    return [make[s]() for s in order]
+
+
+@pytest.mark.parametrize("order", ["PQ", "QP"])
+def test_invariants_and_report_after_either_order(tmp_path, tiny_lm, tiny_data, order):
+    schedule = CompressionSchedule(stages=_stages(order))
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = make_trainer(tmp_path, [schedule], logger=logger)
+    final = trainer.validate(tiny_lm, datamodule=tiny_data, verbose=False)[0]
+    assert check_invariants(tiny_lm) == 14
+    for module in resolve_targets(tiny_lm).values():
+        state = get_state(module)
+        assert state.stages == [s.state_key for s in schedule.stages]
+        sparsity = 1 - state.mask.float().mean().item()
+        assert sparsity == pytest.approx(0.5, abs=1e-6)  # the mask is exact in both orders
+        assert state.bits == 4
+    # evaluation after every stage; the last equals the trainer's own validation
+    rows = schedule.rows()
+    assert [r["stage"] for r in rows] == ["0_dense", f"1_{order[0]}", f"2_{order[1]}"]
+    assert rows[-1]["ppl"] == pytest.approx(final["val/ppl"], rel=1e-5)
+    assert rows[0]["measured_C"] == 1.0 and rows[-1]["measured_C"] > 3
+    assert rows[-1]["nominal_C"] == pytest.approx(8.0)
+    report = json.loads((tmp_path / "run" / "version_0" / "schedule.json").read_text())
+    assert report["order"] == f"{order[0]}>{order[1]}" and len(report["stages"]) == 3
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        logged = set(next(csv.reader(f)))
+    assert {
+        f"stage/1_{order[0]}/ppl",
+        f"stage/2_{order[1]}/measured_C",
+        "stage/0_dense/ppl",
+        "val/ppl",
+    } <= logged
+    assert (
+        f"layer/1_{order[0]}/model.model.layers.0.mlp.up_proj/"
+        + ("sparsity" if order[0] == "P" else "bits")
+        in logged
+    )
+
+
+def test_order_changes_the_result(tiny_data):
+    from ppq_lightning.lm import CausalLMModule
+    from tests.helpers import TINY_LLAMA
+
+    weights = {}
+    for order in ("PQ", "QP"):
+        module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+        for stage in _stages(order):
+            stage.apply(module)
+        weights[order] = module.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    assert not torch.equal(weights["PQ"], weights["QP"])
+
+
+def test_callback_list_order_is_compression_order(tmp_path, tiny_lm, tiny_data):
+    stages = _stages("QP")
+    make_trainer(tmp_path, stages).validate(tiny_lm, datamodule=tiny_data, verbose=False)
+    state = get_state(tiny_lm.model.model.layers[1].self_attn.o_proj)
+    assert [h["kind"] for h in state.history] == ["Q", "P"]
+    assert [s.result.index for s in stages] == [1, 2]
+
+
+def test_without_evaluation(tmp_path, tiny_lm, tiny_data):
+    schedule = CompressionSchedule(
+        stages=_stages("PQ"), evaluate_each_stage=False, output_dir=str(tmp_path / "report")
+    )
+    make_trainer(tmp_path, [schedule]).validate(tiny_lm, datamodule=tiny_data, verbose=False)
+    assert [r["stage"] for r in schedule.rows()] == ["1_P", "2_Q"]
+    assert "ppl" not in schedule.rows()[0]
+    assert (tmp_path / "report" / "schedule.csv").exists()
+
+
+class UserModule(L.LightningModule):
+    """A user's own module: plain dataloaders, validation_step returns the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+
+def test_works_on_a_users_module_with_plain_dataloaders(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    schedule = CompressionSchedule(stages=[MagnitudePruning(sparsity=0.5), RTNQuantization(bits=2)])
+    module = UserModule()
+    make_trainer(tmp_path, [schedule]).validate(module, loader, verbose=False)
+    losses = [r["loss"] for r in schedule.rows()]
+    assert len(losses) == 3 and len(set(losses)) == 3
+    assert check_invariants(module) == 2
+
+
+@pytest.mark.parametrize(
+    ("stages", "match"),
+    [
+        ([], "stages=\\[\\]"),
+        ([nn.Linear(2, 2)], "expected compression callbacks"),
+        ([MagnitudePruning(sparsity=0.5), MagnitudePruning(sparsity=0.5)], "distinct `name`"),
+    ],
+)
+def test_bad_stages(stages, match):
+    with pytest.raises(PPQConfigError, match=match):
+        CompressionSchedule(stages=stages)
+
+
+def test_duplicate_callbacks_in_trainer_need_names(tmp_path):
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        make_trainer(tmp_path, [RTNQuantization(bits=4), RTNQuantization(bits=4)])
+    make_trainer(tmp_path, [RTNQuantization(bits=4, name="a"), RTNQuantization(bits=4, name="b")])

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+from tests.helpers import TINY_LLAMA
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def tiny_lm():
+    from ppq_lightning.lm import CausalLMModule
+
+    return CausalLMModule(model_config=TINY_LLAMA, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    from ppq_lightning.datamodules import TextDataModule
+
+    data = TextDataModule(
+        source="pydoc", tokenizer="bytes", seqlen=64, max_eval_windows=4, num_calibration_samples=4
+    )
+    data.setup("validate")
+    return data

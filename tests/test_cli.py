@@ -1,0 +1,37 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ppq_lightning import check_invariants
+from ppq_lightning.cli import main
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny" / "llama_p_then_q.yaml"
+
+
+def test_validate_runs_a_yaml_schedule_end_to_end(tmp_path):
+    cli = main(
+        ["validate", "--config", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    )
+    run_dir = tmp_path / "tiny_llama_p_then_q" / "version_0"
+    report = json.loads((run_dir / "schedule.json").read_text())
+    assert report["order"] == "P>Q"
+    assert [row["stage"] for row in report["stages"]] == ["0_dense", "1_P", "2_Q"]
+    assert report["stages"][1]["sparsity"] == pytest.approx(0.5)
+    assert (run_dir / "metrics.csv").exists() and (run_dir / "config.yaml").exists()
+    assert check_invariants(cli.model) == 14
+
+
+def test_bad_value_in_yaml_is_reported(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "validate",
+                "--config",
+                str(CONFIG),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+                "--trainer.callbacks.init_args.stages.0.init_args.pattern",
+                "3:2",
+            ]
+        )

@@ -1,0 +1,52 @@
+import torch
+from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
+
+from ppq_lightning import check_invariants
+from ppq_lightning.lm import CausalLMModule
+from ppq_lightning.state import get_state
+from tests.helpers import TINY_LLAMA, make_trainer
+
+
+def _schedule():
+    return CompressionSchedule(
+        stages=[MagnitudePruning(sparsity=0.5, name="P"), RTNQuantization(bits=4, name="Q")]
+    )
+
+
+def test_checkpoint_after_schedule_is_not_reapplied(tmp_path, tiny_data):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    trainer = make_trainer(tmp_path, [_schedule()])
+    trainer.validate(module, datamodule=tiny_data, verbose=False)
+    ckpt = tmp_path / "compressed.ckpt"
+    trainer.save_checkpoint(ckpt)
+    compressed = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+    fresh = CausalLMModule(model_config=TINY_LLAMA, seed=1)  # other weights: must be replaced
+    schedule = _schedule()
+    make_trainer(tmp_path, [schedule]).validate(
+        fresh, datamodule=tiny_data, ckpt_path=ckpt, verbose=False
+    )
+    assert schedule.results == []  # both stages recognised as applied
+    for key, value in fresh.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, compressed[key]), key
+    state = get_state(fresh.model.model.layers[0].mlp.down_proj)
+    assert [h["kind"] for h in state.history] == ["P", "Q"]  # each stage once
+    assert check_invariants(fresh) == 14
+
+
+def test_resumed_fit_does_not_reapply(tmp_path, tiny_data):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    pruning = MagnitudePruning(sparsity=0.5)
+    trainer = make_trainer(tmp_path, [pruning], max_steps=1, limit_val_batches=1)
+    trainer.fit(module, datamodule=tiny_data)
+    ckpt = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    again = MagnitudePruning(sparsity=0.5)
+    fresh = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    trainer = make_trainer(tmp_path, [again], max_steps=2, limit_val_batches=1)
+    trainer.fit(fresh, datamodule=tiny_data, ckpt_path=ckpt)
+    assert again.result is None
+    state = get_state(fresh.model.model.layers[0].mlp.down_proj)
+    assert len(state.history) == 1

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ppq_lightning.callbacks.base import CompressionCallback
 from torch import nn
 
+from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.ops.masks import (
     check_sparsity,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ppq_lightning.callbacks.base import CompressionCallback
 from torch import nn
 
+from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
 from ppq_lightning.state import record_grid, weight_matrix
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from ppq_lightning.callbacks.base import CompressionCallback, FiresOnce, StageResult, log_metrics
 from rich.console import Console
 from rich.table import Table
 
+from ppq_lightning.callbacks.base import CompressionCallback, FiresOnce, StageResult, log_metrics
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.metrics import compression_summary
@@ -184,7 +184,7 @@ class CompressionSchedule(FiresOnce):
             table.add_column(column, justify="left" if column in ("stage", "kind") else "right")
         for row in rows:
             table.add_row(*[_fmt(row.get(c)) for c in shown])
-        Console().print(table)
+        Console(width=max(120, Console().width)).print(table)
         rank_zero_info(f"[ppq] schedule report written to {folder}/schedule.json")
 
 

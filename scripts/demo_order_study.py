@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
-from ppq_lightning.datamodules import TextDataModule
 from rich.console import Console
 from rich.table import Table
 
+from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+from ppq_lightning.datamodules import TextDataModule
 from ppq_lightning.lm import CausalLMModule
 from ppq_lightning.study import OrderStudy
 
@@ -90,7 +90,7 @@ def main() -> None:
             r.pih_order,
             "yes" if r.pih_correct else "no",
         )
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     console.print(
         "C: nominal (measured, counting scales, zeros and mask/index bits). "

@@ -1,12 +1,13 @@
 import os
 
-import pytest
-
-from tests.helpers import TINY_LLAMA
-
+# before anything imports huggingface_hub, which reads these once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest
+
+from tests.helpers import TINY_LLAMA
 
 
 @pytest.fixture

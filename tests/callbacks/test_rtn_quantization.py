@@ -1,8 +1,8 @@
 import pytest
 import torch
-from ppq_lightning.callbacks import RTNQuantization
 
 from ppq_lightning import check_invariants
+from ppq_lightning.callbacks import RTNQuantization
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.state import get_state
 from ppq_lightning.targets import resolve_targets

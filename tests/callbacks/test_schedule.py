@@ -5,11 +5,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ppq_lightning import check_invariants
+from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.state import get_state
 from ppq_lightning.targets import resolve_targets

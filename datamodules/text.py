@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.models import BYTE_TOKENIZER, OFFLINE_DEFAULT, load_tokenizer
+from ppq_lightning.models import OFFLINE_DEFAULT, load_tokenizer
 
 SOURCES = ("pydoc", "files", "wikitext2", "c4")
 _C4_SHARDS = {
@@ -52,16 +52,38 @@ def _load_dataset(source: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many types when the hub is unreachable
+        reason = str(err).splitlines()[0] if str(err) else ""
         raise PPQConfigError(
-            f"source={source!r} could not be loaded ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); it needs network access to the "
-            "Hugging Face hub. The sources 'pydoc' and 'files' work offline."
+            f"source={source!r} could not be loaded ({type(err).__name__}: {reason}); it needs "
+            "network access to the Hugging Face hub and `pip install datasets` (set "
+            "HF_HUB_OFFLINE=1 to fail fast offline). The sources 'pydoc' and 'files' work offline."
         ) from err
 
 
-def load_corpus(source: str, paths: list[str] | None = None) -> tuple[str, str | None]:
+def check_paths(paths: Any, argument: str = "paths") -> list[str]:
+    """The text files of ``source="files"``: a non-empty list of existing files.
+
+    Raises:
+        PPQConfigError: when ``paths`` is not a non-empty list of existing files.
+    """
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise bad_value(argument, paths, "a non-empty list of text files for source='files'")
+    missing = [p for p in paths if not isinstance(p, (str, Path)) or not Path(p).is_file()]
+    if missing:
+        raise bad_value(argument, missing, "existing text files")
+    return [str(p) for p in paths]
+
+
+def load_corpus(
+    source: str, paths: list[str] | None = None, prefix: str = ""
+) -> tuple[str, str | None]:
     """The text of a corpus: ``(train_text, eval_text)``; ``eval_text`` is None for corpora
     that have no separate evaluation split (they are split by token position instead).
+
+    Args:
+        source: ``pydoc``, ``files``, ``wikitext2`` or ``c4``.
+        paths: the text files of ``source="files"``.
+        prefix: prefix of the argument names in error messages (``"calibration_"``).
 
     Raises:
         PPQConfigError: on an unknown source, missing files, or an unreachable hub dataset.
@@ -69,11 +91,7 @@ def load_corpus(source: str, paths: list[str] | None = None) -> tuple[str, str |
     if source == "pydoc":
         return pydoc_text(), None
     if source == "files":
-        if not paths:
-            raise bad_value("paths", paths, "a non-empty list of text files for source='files'")
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            raise bad_value("paths", missing, "existing text files")
+        paths = check_paths(paths, f"{prefix}paths")
         return "\n\n".join(Path(p).read_text(encoding="utf-8") for p in paths), None
     if source == "wikitext2":
         data = _load_dataset(source, "wikitext", "wikitext-2-raw-v1")
@@ -89,7 +107,7 @@ def load_corpus(source: str, paths: list[str] | None = None) -> tuple[str, str |
             split="validation",
         )
         return "\n\n".join(train[:5000]["text"]), " ".join(val[:1100]["text"])
-    raise bad_value("source", source, f"one of {', '.join(SOURCES)}")
+    raise bad_value(f"{prefix}source", source, f"one of {', '.join(SOURCES)}")
 
 
 class TextDataModule(L.LightningDataModule):
@@ -115,7 +133,7 @@ class TextDataModule(L.LightningDataModule):
         paths: text files for ``source="files"``.
         calibration_source: take calibration (and training) windows from another source (e.g.
             evaluate on ``pydoc``, calibrate on ``files``); None for the same source.
-        calibration_paths: files for ``calibration_source="files"``.
+        calibration_paths: files for ``calibration_source="files"`` (None: ``paths``).
 
     Raises:
         PPQConfigError: on any invalid argument, or texts too short for one window.
@@ -158,6 +176,12 @@ class TextDataModule(L.LightningDataModule):
             raise bad_value("max_eval_windows", max_eval_windows, "None or an integer >= 1")
         if not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
             raise bad_value("eval_fraction", eval_fraction, "a number in (0, 1)")
+        if calibration_source == "files" and calibration_paths is None:
+            calibration_paths = paths
+        if source == "files":
+            paths = check_paths(paths)
+        if calibration_source == "files":
+            calibration_paths = check_paths(calibration_paths, "calibration_paths")
         self.save_hyperparameters()
         self.source, self.tokenizer_name, self.seqlen = source, tokenizer, seqlen
         self.num_calibration_samples, self.max_eval_windows = (
@@ -171,14 +195,14 @@ class TextDataModule(L.LightningDataModule):
         self.train_tokens: Tensor | None = None
 
     def _tokenize(self, tokenizer: Any, text: str) -> Tensor:
-        if self.tokenizer_name == BYTE_TOKENIZER:
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        # one long sequence: no special tokens, no warning about the model's maximum length
+        ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
         return torch.tensor(ids, dtype=torch.long)
 
-    def _split(self, tokenizer: Any, source: str, paths: list[str] | None) -> tuple[Tensor, Tensor]:
-        train_text, eval_text = load_corpus(source, paths)
+    def _split(
+        self, tokenizer: Any, source: str, paths: list[str] | None, prefix: str = ""
+    ) -> tuple[Tensor, Tensor]:
+        train_text, eval_text = load_corpus(source, paths, prefix)
         if eval_text is not None:
             return self._tokenize(tokenizer, train_text), self._tokenize(tokenizer, eval_text)
         tokens = self._tokenize(tokenizer, train_text)
@@ -192,13 +216,18 @@ class TextDataModule(L.LightningDataModule):
         tokenizer = load_tokenizer(self.tokenizer_name)
         train, held_out = self._split(tokenizer, self.source, self.paths)
         if self.calibration_source is not None:
-            train, _ = self._split(tokenizer, self.calibration_source, self.calibration_paths)
-        n_eval = len(held_out) // self.seqlen
-        if n_eval < 1 or len(train) <= self.seqlen:
-            raise PPQConfigError(
-                f"the corpus is too short for seqlen={self.seqlen}: {len(held_out)} evaluation "
-                f"and {len(train)} calibration tokens; use a shorter seqlen or more text."
+            train, _ = self._split(
+                tokenizer, self.calibration_source, self.calibration_paths, "calibration_"
             )
+        n_eval = len(held_out) // self.seqlen
+        for part, tokens in (("evaluation", held_out), ("calibration", train)):
+            if len(tokens) < self.seqlen:
+                raise PPQConfigError(
+                    f"the corpus is too short for seqlen={self.seqlen}: its {part} part has "
+                    f"{len(tokens)} tokens ({len(held_out)} evaluation, {len(train)} "
+                    "calibration/training); use a shorter seqlen, more text, or another "
+                    "eval_fraction."
+                )
         if self.max_eval_windows is not None:
             n_eval = min(n_eval, self.max_eval_windows)
         self.eval_windows = held_out[: n_eval * self.seqlen].reshape(n_eval, self.seqlen)
@@ -210,17 +239,18 @@ class TextDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         starts = torch.randint(
             0,
-            len(self.train_tokens) - self.seqlen,
+            len(self.train_tokens) - self.seqlen + 1,
             (self.num_calibration_samples,),
             generator=generator,
         )
         return torch.stack([self.train_tokens[s : s + self.seqlen] for s in starts.tolist()])
 
     def calibration_dataloader(self) -> DataLoader:
-        """Calibration batches for layer-wise compression methods."""
+        """Calibration batches for layer-wise compression methods (sets up the data itself)."""
         return DataLoader(_Windows(self.calibration_windows()), batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        """Non-overlapping windows of the train part, shuffled (seeded)."""
         self.setup()
         n = len(self.train_tokens) // self.seqlen
         windows = self.train_tokens[: n * self.seqlen].reshape(n, self.seqlen)
@@ -230,8 +260,10 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        """The evaluation windows, in order."""
         self.setup()
         return DataLoader(_Windows(self.eval_windows), batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
+        """The same windows as ``val_dataloader``."""
         return self.val_dataloader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,7 +75,8 @@ class CausalLMModule(L.LightningModule):
         return module
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids).logits  # (B, T, vocab)
+        """Logits ``(B, T, vocab)`` of token ids ``(B, T)``."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
     def _shifted(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Next-token logits and targets: ``(B, T-1, vocab)`` float32 and ``(B, T-1)``."""
@@ -85,43 +87,51 @@ class CausalLMModule(L.LightningModule):
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._loss(*self._shifted(batch))
-        self.log("train/loss", loss, prog_bar=True)
+        """Next-token cross-entropy of a batch; logs ``train/loss``."""
+        logits, targets = self._shifted(batch)
+        loss = self._loss(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=targets.shape[0])
         return loss
 
     def _eval_step(self, batch: Any, metric: Perplexity, split: str) -> Tensor:
         logits, targets = self._shifted(batch)
         metric.update(logits, targets)
         loss = self._loss(logits, targets)
+        size = targets.shape[0]  # windows have equal length: the batch-weighted mean is per token
         self.log(f"{split}/ppl", metric, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Updates ``val/ppl`` and logs ``val/loss``; ``batch`` is a dict or a tensor of ids."""
         return self._eval_step(batch, self.val_ppl, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Updates ``test/ppl`` and logs ``test/loss``, as ``validation_step`` does."""
         return self._eval_step(batch, self.test_ppl, "test")
 
     @torch.no_grad()
     def evaluate(self, dataloader: Iterable[Any]) -> dict[str, float]:
         """Perplexity and mean token loss over ``dataloader``, outside any Trainer loop.
 
-        Computed exactly as validation computes ``val/ppl``.
+        Computed exactly as validation computes ``val/ppl``, on the device of the weights, in
+        eval mode (the previous mode is restored). ``loss`` is the mean token NLL, ``log(ppl)``.
         """
+        parameter = next(self.model.parameters(), None)
+        device = self.device if parameter is None else parameter.device
         was_training = self.training
         self.eval()
-        metric = Perplexity().to(self.device)
+        metric = Perplexity().to(device)
         try:
             for batch in dataloader:
-                ids = input_ids_of(batch).to(self.device)
-                logits, targets = self._shifted(ids)
+                logits, targets = self._shifted(input_ids_of(batch).to(device))
                 metric.update(logits, targets)
             ppl = float(metric.compute())
         finally:
             self.train(was_training)
-        return {"ppl": ppl, "loss": float(torch.log(torch.tensor(ppl)))}
+        return {"ppl": ppl, "loss": math.log(ppl)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the parameters that require gradients."""
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.learning_rate)

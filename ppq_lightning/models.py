@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from ppq_lightning.errors import PPQConfigError, bad_value
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 OFFLINE_DEFAULT = "smollm2-135m"
 BYTE_TOKENIZER = "bytes"
@@ -44,11 +46,13 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _unreachable(name: str, err: Exception) -> PPQConfigError:
+def _unreachable(argument: str, name: str, err: Exception) -> PPQConfigError:
+    reason = str(err).splitlines()[0] if str(err) else ""
     return PPQConfigError(
-        f"model={name!r} is neither a local directory nor loadable from the Hugging Face hub "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). This machine "
-        f"may be offline: use a local directory, or the offline default {OFFLINE_DEFAULT!r}."
+        f"{argument}={name!r} is neither a local directory nor loadable from the Hugging Face hub "
+        f"({type(err).__name__}: {reason}). This machine may be offline: use a local directory, "
+        f"or the offline default {OFFLINE_DEFAULT!r} (set HF_HUB_OFFLINE=1 to fail fast "
+        "instead of retrying the network)."
     )
 
 
@@ -57,7 +61,7 @@ def load_causal_lm(
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
     seed: int = 0,
-) -> nn.Module:
+) -> PreTrainedModel:
     """Load or build a causal LM, in eval mode.
 
     Args:
@@ -86,8 +90,9 @@ def load_causal_lm(
             raise bad_value(
                 "model_config.model_type", model_type, "a transformers model type"
             ) from err
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config).to(torch_dtype)
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(hf_config).to(torch_dtype)
     elif name_or_path == OFFLINE_DEFAULT:
         gguf = smollm2_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(
@@ -97,11 +102,11 @@ def load_causal_lm(
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
         except OSError as err:
-            raise _unreachable(name_or_path, err) from err
+            raise _unreachable("model", name_or_path, err) from err
     return model.eval()
 
 
-def load_tokenizer(name: str = OFFLINE_DEFAULT) -> Any:
+def load_tokenizer(name: str = OFFLINE_DEFAULT) -> PreTrainedTokenizerBase:
     """Load a tokenizer.
 
     Args:
@@ -122,4 +127,4 @@ def load_tokenizer(name: str = OFFLINE_DEFAULT) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as err:
-        raise _unreachable(name, err) from err
+        raise _unreachable("tokenizer", name, err) from err

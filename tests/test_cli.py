@@ -23,15 +23,11 @@ def test_validate_runs_a_yaml_schedule_end_to_end(tmp_path):
 
 
 def test_bad_value_in_yaml_is_reported(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.read_text().replace('pattern: "2:4"', 'pattern: "3:2"'))
+    with pytest.raises((SystemExit, ValueError)) as info:
         main(
-            [
-                "validate",
-                "--config",
-                str(CONFIG),
-                "--trainer.logger.init_args.save_dir",
-                str(tmp_path),
-                "--trainer.callbacks.init_args.stages.0.init_args.pattern",
-                "3:2",
-            ]
+            ["validate", "--config", str(bad), "--trainer.logger.init_args.save_dir", str(tmp_path)]
         )
+    assert "pattern='3:2' is not allowed" in str(info.value) + capsys.readouterr().err
+    assert not (tmp_path / "tiny_llama_p_then_q").exists()  # nothing half-written

@@ -34,11 +34,27 @@ def test_bad_model_arguments(kwargs, match):
         load_causal_lm(**kwargs)
 
 
-def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+def _offline(monkeypatch):
+    """Offline hub: the env var alone is too late once huggingface_hub has been imported."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_config_model_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_causal_lm(config=TINY_LLAMA, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    _offline(monkeypatch)
     with pytest.raises(PPQConfigError, match=r"model='nobody/no-model'.*offline default"):
         load_causal_lm("nobody/no-model")
-    with pytest.raises(PPQConfigError, match="nobody/no-tok"):
+    with pytest.raises(PPQConfigError, match=r"tokenizer='nobody/no-tok'.*offline"):
         load_tokenizer("nobody/no-tok")
 
 

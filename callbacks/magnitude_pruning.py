@@ -8,6 +8,7 @@ from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.masks import (
     check_sparsity,
     global_masks,
@@ -16,7 +17,7 @@ from ppq_lightning.ops.masks import (
     row_mask,
     unstructured_mask,
 )
-from ppq_lightning.state import get_state, record_mask
+from ppq_lightning.state import current_mask, record_mask
 
 SCOPES = ("layer", "row", "global")
 
@@ -88,22 +89,19 @@ class MagnitudePruning(CompressionCallback):
         return {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}
 
     def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
-        keeps = {name: getattr(get_state(m), "mask", None) for name, m in modules.items()}
+        scores = {n: weight_matrix(m).abs() for n, m in modules.items()}  # (out, in)
+        keeps = {n: current_mask(m) for n, m in modules.items()}
         if self._nm is not None:
-            masks = {
-                n: nm_mask(m.weight.abs(), *self._nm, keep=keeps[n]) for n, m in modules.items()
-            }
+            masks = {n: nm_mask(scores[n], *self._nm, keep=keeps[n]) for n in modules}
         elif self.scope == "global":
             names = list(modules)
             found = global_masks(
-                [modules[n].weight.abs() for n in names], self.sparsity, [keeps[n] for n in names]
+                [scores[n] for n in names], self.sparsity, [keeps[n] for n in names]
             )
             masks = dict(zip(names, found, strict=True))
         else:
             make = unstructured_mask if self.scope == "layer" else row_mask
-            masks = {
-                n: make(m.weight.abs(), self.sparsity, keep=keeps[n]) for n, m in modules.items()
-            }
+            masks = {n: make(scores[n], self.sparsity, keep=keeps[n]) for n in modules}
         entry = self.history_entry()
         layers = {}
         for name, module in modules.items():

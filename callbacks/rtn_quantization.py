@@ -7,8 +7,9 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.layers import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
-from ppq_lightning.state import record_grid, weight_matrix
+from ppq_lightning.state import record_grid
 
 
 class RTNQuantization(CompressionCallback):
@@ -69,7 +70,7 @@ class RTNQuantization(CompressionCallback):
             grid = compute_grid(w, self.bits, self.group_size, self.symmetric)
             q = grid.fake_quantize(w)
             error = ((q - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-12)).item()
-            module.weight.data.copy_(q.reshape(module.weight.shape))
+            set_weight_matrix(module, q)
             record_grid(module, grid, dict(entry))
             layers[name] = {"bits": float(self.bits), "weight_error": error}
         return layers

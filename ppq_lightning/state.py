@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.errors import InvariantError
+from ppq_lightning.layers import as_matrix, to_weight_layout, weight_matrix
 from ppq_lightning.ops.quant_grid import QuantGrid
 
 STATE_NAME = "ppq_state"
@@ -107,19 +108,32 @@ def ensure_state(module: nn.Module) -> CompressionState:
     return state
 
 
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The module's weight as a 2-D view ``(out_features, in_features * kernel)``."""
-    return module.weight.data.flatten(1)
+def current_mask(module: nn.Module) -> Tensor | None:
+    """The recorded mask of ``module`` as an ``(out, in)`` matrix, or None if never pruned."""
+    state = get_state(module)
+    return None if state is None or state.mask is None else as_matrix(module, state.mask)
+
+
+def current_grid(module: nn.Module) -> QuantGrid | None:
+    """The recorded quantization grid of ``module``, or None if never quantized."""
+    state = get_state(module)
+    return None if state is None else state.grid
 
 
 def record_mask(module: nn.Module, mask: Tensor, entry: dict[str, Any]) -> CompressionState:
-    """Zero the pruned weights of ``module`` and record ``mask`` (combined with any older one)."""
+    """Zero the pruned weights of ``module`` and record ``mask`` (combined with any older one).
+
+    Args:
+        module: the compressed layer.
+        mask: bool, True = kept, in the ``(out, in)`` matrix layout of ``weight_matrix``.
+        entry: the stage's history record.
+    """
     state = ensure_state(module)
-    mask = mask.to(device=module.weight.device, dtype=torch.bool).reshape(module.weight.shape)
+    mask = to_weight_layout(module, mask.to(device=module.weight.device, dtype=torch.bool))
     if state.mask is not None:
         mask = mask & state.mask
     module.weight.data.mul_(mask)
-    state.mask = mask
+    state.mask = mask.contiguous()
     state.history.append(entry)
     return state
 
@@ -147,9 +161,8 @@ def applied_stages(model: nn.Module) -> set[str]:
     return {stage for _, _, state in compressed_modules(model) for stage in state.stages}
 
 
-def _grid_tolerance(weight: Tensor, grid: QuantGrid) -> Tensor:
+def _grid_tolerance(w: Tensor, grid: QuantGrid) -> Tensor:
     """Allowed distance to the grid in steps: the weight dtype's rounding of a grid point."""
-    w = weight.flatten(1)
     eps = torch.finfo(w.dtype).eps
     step = grid._expand(grid.scale, w.shape[1])
     return 1e-4 + eps * grid.fake_quantize(w).abs() / step
@@ -181,8 +194,9 @@ def check_invariants(model: nn.Module) -> int:
         grid = state.grid
         if grid is not None:
             grid = grid.to(weight.device)
-            distance = grid.off_grid_distance(weight.flatten(1))
-            off = int((distance > _grid_tolerance(weight, grid)).sum())
+            w = weight_matrix(module)
+            distance = grid.off_grid_distance(w)
+            off = int((distance > _grid_tolerance(w, grid)).sum())
             if off:
                 raise InvariantError(
                     f"{name}: {off} weight(s) lie off the {grid.bits}-bit grid recorded by stages "

@@ -7,8 +7,7 @@ import re
 from torch import nn
 
 from ppq_lightning.errors import PPQConfigError, bad_value
-
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+from ppq_lightning.layers import is_compressible
 
 
 def compile_patterns(patterns: str | list[str] | None, argument: str) -> list[re.Pattern]:
@@ -49,7 +48,7 @@ def resolve_targets(
     targets: str | list[str] | None = None,
     ignore: str | list[str] | None = None,
 ) -> dict[str, nn.Module]:
-    """The ``nn.Linear``/``nn.Conv2d`` modules of ``model`` a stage compresses, by name.
+    """The ``nn.Linear``/``nn.Conv2d``/GPT-2 ``Conv1D`` modules of ``model`` a stage compresses.
 
     Args:
         model: the module tree (names are relative to it, e.g. ``model.layers.0.mlp.up_proj``).
@@ -65,7 +64,7 @@ def resolve_targets(
     embeddings = _embedding_weights(model) if not wanted else set()
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, COMPRESSIBLE_TYPES):
+        if not is_compressible(module):
             continue
         if wanted and not any(p.search(name) for p in wanted):
             continue
@@ -75,7 +74,7 @@ def resolve_targets(
             continue
         chosen[name] = module
     if not chosen:
-        layers = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE_TYPES)]
+        layers = [n for n, m in model.named_modules() if is_compressible(m)]
         sample = ", ".join(layers[:5]) or "none"
         raise PPQConfigError(
             f"targets={targets!r} with ignore={ignore!r} matched no nn.Linear/nn.Conv2d module. "

@@ -1,0 +1,227 @@
+import pytest
+import torch
+from torch import nn
+
+from ppq_lightning.calibration import calibrate_sequentially, find_blocks
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.layers import weight_matrix
+from ppq_lightning.models import load_causal_lm
+from ppq_lightning.targets import resolve_targets
+
+ARCHS = {
+    "llama": (
+        {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "model.layers",
+    ),
+    "mistral": (
+        {
+            "model_type": "mistral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+        },
+        "model.layers",
+    ),
+    "qwen2": (
+        {
+            "model_type": "qwen2",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "model.layers",
+    ),
+    "opt": (
+        {
+            "model_type": "opt",
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 32,
+        },
+        "model.decoder.layers",
+    ),
+    "gpt2": (
+        {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0},
+        "transformer.h",
+    ),
+}
+
+
+def _model(arch: str, layers: int = 3) -> nn.Module:
+    config = dict(ARCHS[arch][0], vocab_size=384, num_hidden_layers=layers, n_layer=layers)
+    if arch != "gpt2":
+        config.pop("n_layer")
+    else:
+        config.pop("num_hidden_layers")
+    return load_causal_lm(config=config, seed=0)
+
+
+def _batches(n: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 384, (2, 16), generator=generator) for _ in range(n)]
+
+
+def _forward(model, batch):
+    return model(input_ids=batch, use_cache=False)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_blocks_are_found(arch):
+    name, blocks = find_blocks(_model(arch))
+    assert name == ARCHS[arch][1] and len(blocks) == 3
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_engine_statistics_equal_a_plain_forward(arch):
+    """Block by block with captured kwargs gives the same layer inputs as the whole model."""
+    model = _model(arch)
+    targets = resolve_targets(model)
+    assert len(targets) >= 12
+    expected = {name: torch.zeros(0) for name in targets}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, out, name=name: expected.__setitem__(
+                name, expected[name] + _gram(args[0]) if expected[name].numel() else _gram(args[0])
+            )
+        )
+        for name, m in targets.items()
+    ]
+    with torch.no_grad():
+        for batch in _batches():
+            _forward(model, batch)
+    for h in hooks:
+        h.remove()
+
+    seen: dict[str, torch.Tensor] = {}
+    compressed: list[str] = []
+
+    def observe(name, layer, x):
+        seen[name] = seen[name] + _gram(x) if name in seen else _gram(x)
+
+    report = calibrate_sequentially(
+        model,
+        targets,
+        _batches(),
+        observe,
+        lambda layers: compressed.extend(layers),
+        forward=_forward,
+    )
+    assert sorted(compressed) == sorted(targets)
+    for name in targets:
+        torch.testing.assert_close(seen[name], expected[name], rtol=1e-4, atol=1e-4)
+    assert report.n_blocks == 3 and report.block_passes == 5  # 2 passes per block, 1 for the last
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def _zero_first_half(layers):
+    for layer in layers.values():
+        w = weight_matrix(layer)
+        w[:, : w.shape[1] // 2] = 0
+
+
+def test_compressed_versus_original_calibration():
+    grams = {}
+    for source in ("compressed", "original"):
+        model = _model("llama")
+        targets = resolve_targets(model, targets=r"mlp\.down_proj")
+        seen = {}
+        report = calibrate_sequentially(
+            model,
+            targets,
+            _batches(),
+            lambda n, m, x: seen.setdefault(n, _gram(x)),
+            _zero_first_half,
+            calibrate_on=source,
+            forward=_forward,
+        )
+        grams[source] = seen
+        assert report.block_passes == (5 if source == "compressed" else 3)
+    first = "model.layers.0.mlp.down_proj"
+    last = "model.layers.2.mlp.down_proj"
+    torch.testing.assert_close(grams["compressed"][first], grams["original"][first])
+    assert not torch.allclose(grams["compressed"][last], grams["original"][last])
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+
+def test_generic_sequential_and_layers_outside_blocks():
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Sequential(Block(), Block(), Block()), nn.Linear(8, 2)
+    )
+    targets = resolve_targets(model)
+    order = []
+    report = calibrate_sequentially(
+        model,
+        targets,
+        [torch.randn(5, 4)],
+        lambda *a: None,
+        lambda layers: order.append(sorted(layers)),
+    )
+    assert order == [["1.0.fc"], ["1.1.fc"], ["1.2.fc"], ["0", "2"]]
+    assert report.model_passes == 1
+
+
+def test_hooks_are_removed_when_a_step_raises():
+    model = _model("llama", layers=2)
+    targets = resolve_targets(model)
+
+    def fail(layers):
+        raise RuntimeError("solver failed")
+
+    with pytest.raises(RuntimeError, match="solver failed"):
+        calibrate_sequentially(model, targets, _batches(1), lambda *a: None, fail, forward=_forward)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_nan_activations_name_the_layer():
+    model = _model("llama", layers=2)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PPQConfigError, match=r"NaN or Inf .*(mlp|layers\.0)"):
+        calibrate_sequentially(
+            model,
+            resolve_targets(model),
+            _batches(1),
+            lambda *a: None,
+            lambda layers: None,
+            forward=_forward,
+        )
+
+
+def test_empty_calibration_and_bad_source():
+    model = _model("llama", layers=2)
+    with pytest.raises(PPQConfigError, match="calibration dataloader is empty"):
+        calibrate_sequentially(
+            model, resolve_targets(model), [], lambda *a: None, lambda layers: None
+        )
+    with pytest.raises(PPQConfigError, match="calibrate_on='dense'"):
+        calibrate_sequentially(
+            model,
+            resolve_targets(model),
+            _batches(1),
+            lambda *a: None,
+            lambda layers: None,
+            calibrate_on="dense",
+        )

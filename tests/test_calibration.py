@@ -144,7 +144,7 @@ def test_compressed_versus_original_calibration():
             model,
             targets,
             _batches(),
-            lambda n, m, x: seen.setdefault(n, _gram(x)),
+            lambda n, m, x, seen=seen: seen.setdefault(n, _gram(x)),
             _zero_first_half,
             calibrate_on=source,
             forward=_forward,

@@ -116,9 +116,12 @@ class TextDataModule(L.LightningDataModule):
     Single-corpus sources (``pydoc``, ``files``) are tokenised once and split by position: the
     first ``1 - eval_fraction`` of the tokens feed calibration and training, the rest
     evaluation, so the two never overlap. ``wikitext2`` and ``c4`` use their own train and
-    evaluation splits, as the GPTQ/SparseGPT scripts do. Evaluation windows are consecutive,
-    non-overlapping, ``seqlen`` long; calibration windows are ``num_calibration_samples`` random
-    ``seqlen`` slices of the train part (seeded). Batches are ``{"input_ids": (B, seqlen)}``.
+    evaluation splits, as the GPTQ/SparseGPT scripts do (``c4``: the first shard of each split;
+    evaluation on its first 1100 documents, calibration and training on its first 5000 train
+    documents joined, where GPTQ draws each sample from one random document). Evaluation
+    windows are consecutive, non-overlapping, ``seqlen`` long; calibration windows are
+    ``num_calibration_samples`` random ``seqlen`` slices of the train part (seeded).
+    Batches are ``{"input_ids": (B, seqlen)}``.
 
     Args:
         source: ``pydoc`` (CPython's documentation text, offline), ``files``, ``wikitext2`` or
@@ -220,14 +223,12 @@ class TextDataModule(L.LightningDataModule):
                 tokenizer, self.calibration_source, self.calibration_paths, "calibration_"
             )
         n_eval = len(held_out) // self.seqlen
-        for part, tokens in (("evaluation", held_out), ("calibration", train)):
-            if len(tokens) < self.seqlen:
-                raise PPQConfigError(
-                    f"the corpus is too short for seqlen={self.seqlen}: its {part} part has "
-                    f"{len(tokens)} tokens ({len(held_out)} evaluation, {len(train)} "
-                    "calibration/training); use a shorter seqlen, more text, or another "
-                    "eval_fraction."
-                )
+        if min(len(held_out), len(train)) < self.seqlen:
+            raise PPQConfigError(
+                f"the corpus is too short for seqlen={self.seqlen}: {len(held_out)} evaluation "
+                f"and {len(train)} calibration/training tokens, each part needs at least "
+                f"{self.seqlen}; use a shorter seqlen, more text, or another eval_fraction."
+            )
         if self.max_eval_windows is not None:
             n_eval = min(n_eval, self.max_eval_windows)
         self.eval_windows = held_out[: n_eval * self.seqlen].reshape(n_eval, self.seqlen)

@@ -40,3 +40,36 @@ def test_from_model_wraps_a_built_model(tiny_data):
     assert wrapped.evaluate(tiny_data.val_dataloader()) == module.evaluate(
         tiny_data.val_dataloader()
     )
+
+
+def test_tensor_batches_loss_and_in_place_weight_changes(tmp_path, tiny_lm, tiny_data):
+    windows = tiny_data.eval_windows
+    tensors = torch.utils.data.DataLoader(windows, batch_size=3)  # batches of plain tensors
+    result = make_trainer(tmp_path).validate(tiny_lm, dataloaders=tensors, verbose=False)[0]
+    evaluated = tiny_lm.evaluate(tiny_data.val_dataloader())
+    assert result["val/ppl"] == pytest.approx(evaluated["ppl"], rel=1e-5)
+    assert result["val/loss"] == pytest.approx(math.log(result["val/ppl"]), rel=1e-4)
+    assert evaluated["loss"] == pytest.approx(math.log(evaluated["ppl"]))
+    with torch.no_grad():  # what a compression callback does: edit weights in place
+        tiny_lm.model.model.layers[0].mlp.down_proj.weight.mul_(50.0)
+    changed = tiny_lm.evaluate(tensors)["ppl"]
+    assert changed != pytest.approx(evaluated["ppl"], rel=1e-3)
+    result = make_trainer(tmp_path).validate(tiny_lm, dataloaders=tensors, verbose=False)[0]
+    assert result["val/ppl"] == pytest.approx(changed, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
+def test_training_step_and_evaluate_keep_the_mode(tiny_data):
+    module = CausalLMModule(model_config=TINY_LLAMA).train()
+    loss = module.training_step(next(iter(tiny_data.train_dataloader())), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    module.evaluate(tiny_data.val_dataloader())
+    assert module.training
+    assert CausalLMModule.metric_name == "ppl" and CausalLMModule.higher_is_better is False
+
+
+def test_bad_dtype_is_a_config_error():
+    from ppq_lightning.errors import PPQConfigError
+
+    with pytest.raises(PPQConfigError, match="dtype='int8'"):
+        CausalLMModule(model_config=TINY_LLAMA, dtype="int8")

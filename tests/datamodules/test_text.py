@@ -1,7 +1,11 @@
+import importlib.util
+import sys
+
 import pytest
 import torch
 
 from ppq_lightning.datamodules import TextDataModule
+from ppq_lightning.datamodules.text import pydoc_text
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models import load_tokenizer
 
@@ -62,6 +66,11 @@ def test_local_files_and_a_different_calibration_corpus(tmp_path):
         ({"num_calibration_samples": 0}, "num_calibration_samples=0"),
         ({"max_eval_windows": 0}, "max_eval_windows=0"),
         ({"eval_fraction": 1.0}, "eval_fraction=1.0"),
+        ({"eval_fraction": 0}, "eval_fraction=0"),
+        ({"max_eval_windows": 2.5}, "max_eval_windows=2.5"),
+        ({"source": "files"}, "paths=None"),
+        ({"source": "files", "paths": "a.txt"}, "paths='a.txt'"),
+        ({"calibration_source": "files"}, "calibration_paths=None"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -74,17 +83,92 @@ def test_missing_files(tmp_path):
         TextDataModule(source="files", tokenizer="bytes").setup()
     with pytest.raises(PPQConfigError, match="existing text files"):
         TextDataModule(source="files", paths=[str(tmp_path / "x")], tokenizer="bytes").setup()
+    with pytest.raises(PPQConfigError, match=r"calibration_paths=\[.*existing text files"):
+        TextDataModule(calibration_source="files", calibration_paths=[str(tmp_path / "y")])
 
 
 def test_corpus_too_short(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("tiny")
-    with pytest.raises(PPQConfigError, match="too short for seqlen=64"):
+    with pytest.raises(
+        PPQConfigError, match="too short for seqlen=64: 1 evaluation and 3 calibration"
+    ):
         TextDataModule(source="files", paths=[str(short)], tokenizer="bytes", seqlen=64).setup()
+    text = tmp_path / "text.txt"
+    text.write_text("x" * 1000)  # 100 evaluation tokens; calibration: int(0.9 * (10 * 4 + 9 * 2))
+    with pytest.raises(PPQConfigError, match="100 evaluation and 52 calibration"):
+        TextDataModule(
+            source="files",
+            paths=[str(text)],
+            tokenizer="bytes",
+            seqlen=64,
+            calibration_source="files",
+            calibration_paths=[str(short)] * 10,
+        ).setup()
 
 
-def test_hub_corpus_offline_is_a_clear_error(monkeypatch):
+def test_eval_part_follows_train_part_and_window_counts(tiny_data):
+    full = torch.tensor(
+        load_tokenizer("bytes").encode(pydoc_text(), add_special_tokens=False, verbose=False)
+    )
+    cut = int(len(full) * 0.9)
+    assert torch.equal(tiny_data.train_tokens, full[:cut])
+    assert torch.equal(tiny_data.eval_windows.flatten(), full[cut : cut + 4 * 64])
+    for window in tiny_data.calibration_windows():  # at positions < cut only: disjoint
+        starts = _positions(full, window)
+        assert starts and all(start + 64 <= cut for start in starts)
+    train = torch.cat([batch["input_ids"] for batch in tiny_data.train_dataloader()])
+    assert train.shape == (cut // 64, 64)
+    assert torch.equal(train.sort(dim=0).values, full[: cut // 64 * 64].view(-1, 64).sort(0).values)
+    assert len(tiny_data.test_dataloader()) == len(tiny_data.val_dataloader()) == 4
+
+
+def test_all_eval_windows_and_lazy_calibration_dataloader():
+    data = TextDataModule(
+        tokenizer="bytes",
+        seqlen=256,
+        max_eval_windows=None,
+        num_calibration_samples=3,
+        batch_size=2,
+    )
+    batches = list(data.calibration_dataloader())  # no setup() call before
+    assert [b["input_ids"].shape for b in batches] == [(2, 256), (1, 256)]
+    held_out = len(data.train_tokens) / 0.9 * 0.1
+    assert data.eval_windows.shape[0] == pytest.approx(held_out / 256, abs=1)
+
+
+def test_training_order_is_seeded(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("".join(chr(97 + i % 26) * 3 for i in range(2000)))
+
+    def order(seed):
+        data = TextDataModule(source="files", paths=[str(text)], tokenizer="bytes", seed=seed)
+        return torch.cat([b["input_ids"][:, :8] for b in data.train_dataloader()])
+
+    assert torch.equal(order(0), order(0)) and not torch.equal(order(0), order(1))
+
+
+def _offline(monkeypatch):
+    """Offline hub: the env vars alone are too late once huggingface_hub has been imported."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PPQConfigError, match=r"source='wikitext2'.*offline"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "c4"])
+def test_hub_corpus_offline_is_a_clear_error(monkeypatch, source):
+    _offline(monkeypatch)
+    with pytest.raises(PPQConfigError, match=rf"source='{source}'.*pip install datasets.*'pydoc'"):
+        TextDataModule(source=source, tokenizer="bytes").setup()
+
+
+def test_missing_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(PPQConfigError, match=r"source='wikitext2'.*pip install datasets"):
         TextDataModule(source="wikitext2", tokenizer="bytes").setup()

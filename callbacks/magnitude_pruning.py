@@ -17,7 +17,7 @@ from ppq_lightning.ops.masks import (
     row_mask,
     unstructured_mask,
 )
-from ppq_lightning.state import current_mask, record_mask
+from ppq_lightning.state import current_mask, record_mask, record_stage
 
 SCOPES = ("layer", "row", "global")
 
@@ -105,6 +105,7 @@ class MagnitudePruning(CompressionCallback):
         entry = self.history_entry()
         layers = {}
         for name, module in modules.items():
-            state = record_mask(module, masks[name], dict(entry))
+            state = record_mask(module, masks[name])
+            record_stage(module, entry)
             layers[name] = {"sparsity": 1 - state.mask.float().mean().item()}
         return layers

@@ -9,7 +9,7 @@ from torch import nn
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.layers import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
-from ppq_lightning.state import record_grid
+from ppq_lightning.state import record_grid, record_stage
 
 
 class RTNQuantization(CompressionCallback):
@@ -71,6 +71,7 @@ class RTNQuantization(CompressionCallback):
             q = grid.fake_quantize(w)
             error = ((q - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-12)).item()
             set_weight_matrix(module, q)
-            record_grid(module, grid, dict(entry))
+            record_grid(module, grid)
+            record_stage(module, entry)
             layers[name] = {"bits": float(self.bits), "weight_error": error}
         return layers

@@ -120,13 +120,19 @@ def current_grid(module: nn.Module) -> QuantGrid | None:
     return None if state is None else state.grid
 
 
-def record_mask(module: nn.Module, mask: Tensor, entry: dict[str, Any]) -> CompressionState:
+def record_stage(module: nn.Module, entry: dict[str, Any]) -> CompressionState:
+    """Append a stage's record to the history of ``module`` (once per stage and module)."""
+    state = ensure_state(module)
+    state.history.append(dict(entry))
+    return state
+
+
+def record_mask(module: nn.Module, mask: Tensor) -> CompressionState:
     """Zero the pruned weights of ``module`` and record ``mask`` (combined with any older one).
 
     Args:
         module: the compressed layer.
         mask: bool, True = kept, in the ``(out, in)`` matrix layout of ``weight_matrix``.
-        entry: the stage's history record.
     """
     state = ensure_state(module)
     mask = to_weight_layout(module, mask.to(device=module.weight.device, dtype=torch.bool))
@@ -134,17 +140,15 @@ def record_mask(module: nn.Module, mask: Tensor, entry: dict[str, Any]) -> Compr
         mask = mask & state.mask
     module.weight.data.mul_(mask)
     state.mask = mask.contiguous()
-    state.history.append(entry)
     return state
 
 
-def record_grid(module: nn.Module, grid: QuantGrid, entry: dict[str, Any]) -> CompressionState:
+def record_grid(module: nn.Module, grid: QuantGrid) -> CompressionState:
     """Record ``grid`` as the module's quantization grid (replacing an older one)."""
     state = ensure_state(module)
     state.scale = grid.scale.to(module.weight.device, torch.float32)
     state.zero = grid.zero.to(module.weight.device, torch.float32)
     state.bits, state.group_size, state.symmetric = grid.bits, grid.group_size, grid.symmetric
-    state.history.append(entry)
     return state
 
 

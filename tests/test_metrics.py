@@ -11,7 +11,7 @@ from ppq_lightning.metrics import (
 )
 from ppq_lightning.ops.masks import nm_mask, unstructured_mask
 from ppq_lightning.ops.quant_grid import compute_grid
-from ppq_lightning.state import record_grid, record_mask
+from ppq_lightning.state import record_grid, record_mask, record_stage
 
 
 def test_nominal_rates():
@@ -37,7 +37,8 @@ def test_quantized_layer_counts_values_scales_and_zeros():
     layer = nn.Linear(128, 4, bias=False)
     grid = compute_grid(layer.weight.data, 4, group_size=32)
     layer.weight.data = grid.fake_quantize(layer.weight.data)
-    record_grid(layer, grid, {"stage": "q", "kind": "Q", "bits": 4})
+    record_grid(layer, grid)
+    record_stage(layer, {"stage": "q", "kind": "Q", "bits": 4})
     s = compression_summary(layer)
     stored = 512 * 4 + 16 * (16 + 4)  # values + per-group fp16 scale and 4-bit zero
     assert s.nominal_C == pytest.approx(4.0)
@@ -47,14 +48,12 @@ def test_quantized_layer_counts_values_scales_and_zeros():
 
 def test_pruned_quantized_layer_pays_for_its_mask():
     layer = nn.Linear(64, 8, bias=False)
-    record_mask(
-        layer,
-        unstructured_mask(layer.weight.abs(), 0.5),
-        {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "unstructured"},
-    )
+    record_mask(layer, unstructured_mask(layer.weight.abs(), 0.5))
+    record_stage(layer, {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "unstructured"})
     grid = compute_grid(layer.weight.data, 4, symmetric=True)
     layer.weight.data = grid.fake_quantize(layer.weight.data)
-    record_grid(layer, grid, {"stage": "q", "kind": "Q", "bits": 4})
+    record_grid(layer, grid)
+    record_stage(layer, {"stage": "q", "kind": "Q", "bits": 4})
     s = compression_summary(layer)
     nonzero = int((layer.weight != 0).sum())
     stored = nonzero * 4 + 512 + 8 * 16  # values, 1-bit mask, fp16 scale per row (symmetric)
@@ -65,11 +64,8 @@ def test_pruned_quantized_layer_pays_for_its_mask():
 
 def test_nm_index_overhead():
     layer = nn.Linear(64, 8, bias=False)
-    record_mask(
-        layer,
-        nm_mask(layer.weight.abs(), 2, 4),
-        {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "2:4"},
-    )
+    record_mask(layer, nm_mask(layer.weight.abs(), 2, 4))
+    record_stage(layer, {"stage": "p", "kind": "P", "sparsity": 0.5, "pattern": "2:4"})
     s = compression_summary(layer)
     assert s.measured_C == pytest.approx(16 * 512 / (256 * 16 + 256 * 2))
     assert s.nominal_C == pytest.approx(2.0)
@@ -79,5 +75,6 @@ def test_sparse_storage_only_when_smaller():
     layer = nn.Linear(64, 8, bias=False)
     with torch.no_grad():
         layer.weight[0, 0] = 0.0
-    record_mask(layer, layer.weight != 0, {"stage": "p", "kind": "P", "sparsity": 0.0})
+    record_mask(layer, layer.weight != 0)
+    record_stage(layer, {"stage": "p", "kind": "P", "sparsity": 0.0})
     assert compression_summary(layer).measured_C == pytest.approx(1.0)

@@ -10,6 +10,7 @@ already-compressed model never applies it twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -125,7 +126,7 @@ class CompressionCallback(FiresOnce):
     """
 
     label: ClassVar[str] = "stage"
-    kind: ClassVar[str] = "?"
+    kind: str = "?"
 
     def __init__(
         self,
@@ -152,8 +153,11 @@ class CompressionCallback(FiresOnce):
         """The arguments that define this stage (recorded in each module's history)."""
         raise NotImplementedError
 
-    def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
-        """Compress ``modules`` in place and record their state; return per-layer metrics."""
+    def compress(
+        self, model: nn.Module, modules: dict[str, nn.Module]
+    ) -> dict[str, dict[str, float]]:
+        """Compress ``modules`` of ``model`` in place, record their state, and return per-layer
+        metrics ``{module name: {metric: value}}``."""
         raise NotImplementedError
 
     # -- shared machinery ---------------------------------------------------------------------
@@ -175,7 +179,11 @@ class CompressionCallback(FiresOnce):
         }
 
     def apply(
-        self, model: nn.Module, trainer: L.Trainer | None = None, index: int = 1
+        self,
+        model: nn.Module,
+        trainer: L.Trainer | None = None,
+        index: int = 1,
+        dataloader: Iterable[Any] | None = None,
     ) -> StageResult:
         """Compress ``model`` now (usable without a Trainer) and return what was done.
 
@@ -183,15 +191,16 @@ class CompressionCallback(FiresOnce):
             model: the model (or LightningModule) to compress in place.
             trainer: the running Trainer, if any (gives methods access to calibration data).
             index: position of this stage in the compression order, for metric keys.
+            dataloader: calibration data for methods that need it, instead of the trainer's.
 
         Raises:
             PPQConfigError: when ``targets``/``ignore`` select no module.
         """
-        self.trainer = trainer
+        self.trainer, self.dataloader = trainer, dataloader
         modules = resolve_targets(model, self.targets, self.ignore)
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
-            layers = self.compress(modules)
+            layers = self.compress(model, modules)
         seconds = time.perf_counter() - start
         summary = compression_summary(model, self.b_orig)
         self.result = StageResult(

@@ -22,6 +22,29 @@ from ppq_lightning.state import current_mask, record_mask, record_stage
 SCOPES = ("layer", "row", "global")
 
 
+def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple[int, int] | None]:
+    """Validate a pruning target: ``(sparsity, (N, M) or None)``.
+
+    ``N:M`` implies ``sparsity = 1 - N/M``; a given sparsity must agree with it.
+
+    Raises:
+        PPQConfigError: on a bad pattern, a sparsity outside [0, 1), a missing sparsity for
+            unstructured pruning, or one that contradicts N:M.
+    """
+    nm = parse_pattern(pattern)
+    if nm is None:
+        if sparsity is None:
+            raise PPQConfigError(
+                'sparsity=None is not allowed for pattern="unstructured": '
+                "expected a number in [0, 1)."
+            )
+        return check_sparsity(sparsity), None
+    implied = 1 - nm[0] / nm[1]
+    if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+        raise bad_value("sparsity", sparsity, f"None or {implied:g} for pattern {pattern}")
+    return implied, nm
+
+
 class MagnitudePruning(CompressionCallback):
     """Prune the weights of smallest magnitude ``|W|``.
 
@@ -64,31 +87,18 @@ class MagnitudePruning(CompressionCallback):
         scope: str = "layer",
         **kwargs: Any,
     ) -> None:
-        nm = parse_pattern(pattern)
-        if nm is not None:
-            implied = 1 - nm[0] / nm[1]
-            if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
-                raise bad_value("sparsity", sparsity, f"None or {implied:g} for pattern {pattern}")
-            sparsity = implied
-        elif sparsity is None:
-            raise PPQConfigError(
-                'sparsity=None is not allowed for pattern="unstructured": '
-                "expected a number in [0, 1)."
-            )
+        sparsity, nm = resolve_sparsity(sparsity, pattern)
         if scope not in SCOPES:
             raise bad_value("scope", scope, f"one of {', '.join(SCOPES)}")
         super().__init__(**kwargs)
-        self.sparsity, self.pattern, self.scope, self._nm = (
-            check_sparsity(sparsity),
-            pattern,
-            scope,
-            nm,
-        )
+        self.sparsity, self.pattern, self.scope, self._nm = sparsity, pattern, scope, nm
 
     def stage_config(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}
 
-    def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+    def compress(
+        self, model: nn.Module, modules: dict[str, nn.Module]
+    ) -> dict[str, dict[str, float]]:
         scores = {n: weight_matrix(m).abs() for n, m in modules.items()}  # (out, in)
         keeps = {n: current_mask(m) for n, m in modules.items()}
         if self._nm is not None:

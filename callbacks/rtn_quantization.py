@@ -56,7 +56,9 @@ class RTNQuantization(CompressionCallback):
     def stage_config(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
-    def compress(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+    def compress(
+        self, model: nn.Module, modules: dict[str, nn.Module]
+    ) -> dict[str, dict[str, float]]:
         if self.bits == OFF_BITS:
             return {}
         for name, module in modules.items():  # check every layer before touching any

@@ -65,7 +65,7 @@ class LayerCost:
 def _nominal_sparsity(state: CompressionState) -> float:
     sparsity = 0.0
     for entry in state.history:
-        if entry.get("kind") != "P":
+        if "P" not in entry.get("kind", ""):
             continue
         nm = parse_pattern(entry.get("pattern", "unstructured"))
         target = 1 - nm[0] / nm[1] if nm else entry.get("sparsity", 0.0)
@@ -75,7 +75,7 @@ def _nominal_sparsity(state: CompressionState) -> float:
 
 def _nm_of(state: CompressionState) -> tuple[int, int] | None:
     for entry in reversed(state.history):
-        if entry.get("kind") == "P" and entry.get("pattern", "unstructured") != "unstructured":
+        if "P" in entry.get("kind", "") and entry.get("pattern", "unstructured") != "unstructured":
             return parse_pattern(entry["pattern"])
     return None
 

@@ -1,0 +1,68 @@
+"""Where calibration batches come from when a compression callback runs inside a Trainer."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+
+from ppq_lightning.errors import PPQConfigError, bad_value
+
+
+def check_num_batches(value: int) -> int:
+    """Validate ``num_calibration_batches``: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_value("num_calibration_batches", value, "an integer >= 1")
+    return value
+
+
+def _running_loader(trainer: L.Trainer) -> tuple[Any, str]:
+    fn = trainer.state.fn
+    if fn == TrainerFn.FITTING:
+        if trainer.datamodule is not None:
+            return trainer.datamodule.train_dataloader(), "the datamodule's train_dataloader()"
+        source = trainer.fit_loop._data_source  # the dataloaders given to fit()
+        return (source.dataloader() if source.is_defined() else None), "the train dataloader"
+    if fn == TrainerFn.VALIDATING:
+        return trainer.val_dataloaders, "the validation dataloader"
+    if fn == TrainerFn.TESTING:
+        return trainer.test_dataloaders, "the test dataloader"
+    if fn == TrainerFn.PREDICTING:
+        return trainer.predict_dataloaders, "the predict dataloader"
+    return None, "no dataloader"
+
+
+def calibration_batches(trainer: L.Trainer | None, num_batches: int) -> list[Any]:
+    """The first ``num_batches`` calibration batches for a callback running in ``trainer``.
+
+    Taken from ``trainer.datamodule.calibration_dataloader()`` when the datamodule has one, else
+    from the running loop's dataloader (the train dataloader in ``fit``, the validation one in
+    ``validate``, ...), so that the callbacks work with a user's own plain dataloaders.
+
+    Raises:
+        PPQConfigError: when there is no trainer, no dataloader, or it is empty.
+    """
+    check_num_batches(num_batches)
+    if trainer is None:
+        raise PPQConfigError(
+            "this method needs calibration data: call apply(model, "
+            "dataloader=...) or run it as a callback of a Trainer."
+        )
+    datamodule = trainer.datamodule
+    if datamodule is not None and callable(getattr(datamodule, "calibration_dataloader", None)):
+        loader, origin = datamodule.calibration_dataloader(), "datamodule.calibration_dataloader()"
+    else:
+        loader, origin = _running_loader(trainer)
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if loader is None:
+        raise PPQConfigError(
+            "no calibration data: give the datamodule a calibration_dataloader() "
+            "or pass dataloaders to the Trainer call."
+        )
+    batches = list(itertools.islice(loader, num_batches))
+    if not batches:
+        raise PPQConfigError(f"the calibration dataloader ({origin}) is empty.")
+    return batches

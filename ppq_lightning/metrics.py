@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.layers import is_compressible
 from ppq_lightning.ops.masks import parse_pattern
 from ppq_lightning.state import CompressionState, compressed_modules
+from ppq_lightning.targets import resolve_targets
 
 SCALE_BITS = 16  # scales are stored in fp16
 
@@ -80,7 +83,7 @@ def _nm_of(state: CompressionState) -> tuple[int, int] | None:
     return None
 
 
-def layer_cost(module: nn.Module, state: CompressionState, b_orig: int = 16) -> LayerCost:
+def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 16) -> LayerCost:
     """Bits that the real tensors of one compressed module need.
 
     Values: ``bits`` of the recorded grid, or ``b_orig`` when not quantized. Grid overhead: an
@@ -90,6 +93,8 @@ def layer_cost(module: nn.Module, state: CompressionState, b_orig: int = 16) -> 
     """
     weight = module.weight.detach()
     numel, nonzero = weight.numel(), int((weight != 0).sum())
+    if state is None:  # an uncompressed layer: dense at the original precision
+        return LayerCost(numel, nonzero, b_orig, numel * b_orig, 0.0, 0.0)
     bits = state.bits if state.bits is not None else b_orig
     overhead = 0.0
     if state.scale is not None:
@@ -111,11 +116,16 @@ def layer_cost(module: nn.Module, state: CompressionState, b_orig: int = 16) -> 
 
 @dataclass(frozen=True)
 class CompressionSummary:
-    """Compression of every module of a model that carries a compression state.
+    """Compression of a model's compressible weights.
+
+    Counted: every linear/conv layer that a stage would target by default (embeddings and the
+    LM head excluded), every layer that carries a compression state, and the weights of blocks
+    or channels removed by structured pruning (stored in 0 bits). Uncompressed layers count at
+    ``B_orig`` bits.
 
     Attributes:
-        n_layers: compressed modules counted.
-        n_weights: their weights.
+        n_layers: layers that carry a compression state.
+        n_weights: original number of weights counted.
         sparsity: measured fraction of exactly-zero weights.
         avg_bits: mean value bits per weight (``B_orig`` for unquantized layers).
         nominal_C: ``B_orig / ((1 - p) * B_Q)`` from the stages' targets, weighted by size.
@@ -138,21 +148,31 @@ class CompressionSummary:
 def compression_summary(model: nn.Module, b_orig: int = 16) -> CompressionSummary:
     """Measure the compression of ``model`` from its tensors and recorded states.
 
-    Returns a summary with all rates 1.0 when nothing is compressed.
+    All rates are 1.0 for an uncompressed model.
     """
-    costs = [layer_cost(module, state, b_orig) for _, module, state in compressed_modules(model)]
-    n = sum(c.numel for c in costs)
+    try:
+        layers = dict(resolve_targets(model))
+    except PPQConfigError:
+        layers = {}
+    states = {name: state for name, _, state in compressed_modules(model)}
+    layers.update({n: m for n, m in model.named_modules() if n in states and is_compressible(m)})
+    costs = [layer_cost(m, states.get(n), b_orig) for n, m in layers.items()]
+    removed = sum(
+        int(entry.get("removed_weights", 0)) for state in states.values() for entry in state.history
+    )
+    n = sum(c.numel for c in costs) + removed
     if n == 0:
         return CompressionSummary(0, 0, 0.0, float(b_orig), 1.0, 1.0, float(b_orig))
     stored = sum(c.payload_bits + c.overhead_bits for c in costs)
     nominal_bits = sum(c.numel * (1 - c.nominal_sparsity) * c.value_bits for c in costs)
+    kept = n - removed
     return CompressionSummary(
-        n_layers=len(costs),
+        n_layers=sum(1 for name in layers if name in states),
         n_weights=n,
         sparsity=1 - sum(c.nonzero for c in costs) / n,
-        avg_bits=sum(c.numel * c.value_bits for c in costs) / n,
-        nominal_C=b_orig * n / nominal_bits,
-        measured_C=b_orig * n / stored,
+        avg_bits=sum(c.numel * c.value_bits for c in costs) / max(kept, 1),
+        nominal_C=b_orig * n / nominal_bits if nominal_bits else float("inf"),
+        measured_C=b_orig * n / stored if stored else float("inf"),
         bits_per_weight=stored / n,
     )
 

@@ -102,8 +102,10 @@ def ensure_state(module: nn.Module) -> CompressionState:
     """The :class:`CompressionState` of ``module``, created if missing."""
     state = get_state(module)
     if state is None:
-        weight = module.weight
-        state = CompressionState().to(weight.device)
+        tensor = next(module.parameters(), None)
+        state = CompressionState()
+        if tensor is not None:
+            state = state.to(tensor.device)
         module.add_module(STATE_NAME, state)
     return state
 

@@ -212,13 +212,26 @@ def check_invariants(model: nn.Module) -> int:
     return checked
 
 
+def _replay_structure(
+    model: nn.Module, owner: str, target: nn.Module, history: list[dict[str, Any]]
+) -> None:
+    """Re-apply recorded structural edits (removed blocks) to a fresh model before loading."""
+    from ppq_lightning.structure import remove_blocks
+
+    done = set(get_state(target).stages) if get_state(target) is not None else set()
+    for entry in history:
+        if "removed" in entry and "container" in entry and entry["stage"] not in done:
+            remove_blocks(model, f"{owner}.{entry['container']}", entry["removed"])
+
+
 def enable_state_loading(model: nn.Module) -> None:
     """Let ``model.load_state_dict`` create the ``ppq_state`` children its input needs.
 
     A fresh model has no compression state, so the keys ``...q_proj.ppq_state.mask`` of a
     compressed checkpoint would be unexpected. This registers (once) a pre-hook on ``model``
-    that attaches an empty :class:`CompressionState` wherever the state dict has one; the
-    normal loading then fills it.
+    that attaches an empty :class:`CompressionState` wherever the state dict has one (and
+    first removes the blocks that a recorded block removal deleted); the normal loading then
+    fills it.
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
@@ -231,6 +244,9 @@ def enable_state_loading(model: nn.Module) -> None:
                 target = module.get_submodule(owner)
             except AttributeError:
                 continue  # reported by load_state_dict as unexpected keys
+            extra = state_dict.get(f"{prefix}{owner}{marker}_extra_state")
+            if isinstance(extra, dict):
+                _replay_structure(module, owner, target, extra.get("history", []))
             ensure_state(target)
 
     model.register_load_state_dict_pre_hook(attach_states)

@@ -3,12 +3,14 @@ compression order."""
 
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
 from ppq_lightning.callbacks.block_removal import BlockRemoval
+from ppq_lightning.callbacks.channel_pruning import ChannelPruning
 from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
 from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.schedule import CompressionSchedule
 
 __all__ = [
     "BlockRemoval",
+    "ChannelPruning",
     "CompressionCallback",
     "CompressionSchedule",
     "MagnitudePruning",

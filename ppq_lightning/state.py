@@ -215,13 +215,20 @@ def check_invariants(model: nn.Module) -> int:
 def _replay_structure(
     model: nn.Module, owner: str, target: nn.Module, history: list[dict[str, Any]]
 ) -> None:
-    """Re-apply recorded structural edits (removed blocks) to a fresh model before loading."""
-    from ppq_lightning.structure import remove_blocks
+    """Re-apply recorded structural edits (removed blocks, pruned channels) to a fresh model
+    before loading."""
+    from ppq_lightning.structure import remove_blocks, select_columns, select_rows
 
     done = set(get_state(target).stages) if get_state(target) is not None else set()
     for entry in history:
-        if "removed" in entry and "container" in entry and entry["stage"] not in done:
+        if entry["stage"] in done:
+            continue
+        if "removed" in entry and "container" in entry:
             remove_blocks(model, f"{owner}.{entry['container']}", entry["removed"])
+        if "kept_rows" in entry:
+            select_rows(target, torch.tensor(entry["kept_rows"]))
+        if "kept_cols" in entry:
+            select_columns(target, torch.tensor(entry["kept_cols"]))
 
 
 def enable_state_loading(model: nn.Module) -> None:

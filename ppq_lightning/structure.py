@@ -1,13 +1,14 @@
-"""Structural edits of a model: removing whole blocks (and keeping its config consistent)."""
+"""Structural edits of a model: removing whole blocks (keeping its config consistent) and
+removing rows/columns of layers (channels, heads), with their recorded state."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
-from ppq_lightning.layers import is_compressible
+from ppq_lightning.layers import as_matrix, is_compressible, weight_matrix
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -82,3 +83,67 @@ def remove_blocks(model: nn.Module, name: str, indices: list[int]) -> int:
     _set_depth(model, len(container), keep)
     _renumber(getattr(parent, attribute))
     return removed
+
+
+def _slice_state(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
+    from ppq_lightning.errors import PPQConfigError
+    from ppq_lightning.state import get_state
+
+    state = get_state(module)
+    if state is None:
+        return
+    if state.mask is not None:
+        mask = as_matrix(module, state.mask)
+        mask = mask[rows] if rows is not None else mask
+        mask = mask[:, cols] if cols is not None else mask
+        state.mask = mask
+    if state.scale is not None:
+        if cols is not None and state.group_size is not None:
+            raise PPQConfigError(
+                "channel pruning cannot remove input columns of a layer quantized with "
+                f"group_size={state.group_size}: prune channels before quantizing, or quantize "
+                "per channel."
+            )
+        if rows is not None:
+            state.scale, state.zero = state.scale[rows], state.zero[rows]
+
+
+def select_rows(module: nn.Module, rows: Tensor) -> None:
+    """Keep only the output rows ``rows`` of a layer (its weight matrix, bias, recorded state)."""
+    matrix = weight_matrix(module)[rows].clone()  # (kept, in)
+    module.weight = nn.Parameter(
+        to_weight_layout_shape(module, matrix), requires_grad=module.weight.requires_grad
+    )
+    if getattr(module, "bias", None) is not None:
+        module.bias = nn.Parameter(
+            module.bias.data[rows].clone(), requires_grad=module.bias.requires_grad
+        )
+    _set_features(module)
+    _slice_state(module, rows, None)
+
+
+def select_columns(module: nn.Module, cols: Tensor) -> None:
+    """Keep only the input columns ``cols`` of a layer (weight matrix and recorded state)."""
+    matrix = weight_matrix(module)[:, cols].clone()  # (out, kept)
+    module.weight = nn.Parameter(
+        to_weight_layout_shape(module, matrix), requires_grad=module.weight.requires_grad
+    )
+    _set_features(module)
+    _slice_state(module, None, cols)
+
+
+def to_weight_layout_shape(module: nn.Module, matrix: Tensor) -> Tensor:
+    """An ``(out, in)`` matrix in the storage layout of ``module`` (Linear or GPT-2 Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return matrix.contiguous()
+    if type(module).__name__ == "Conv1D":
+        return matrix.t().contiguous()
+    raise TypeError(f"channel pruning supports nn.Linear and GPT-2 Conv1D, not {type(module)}")
+
+
+def _set_features(module: nn.Module) -> None:
+    out_features, in_features = weight_matrix(module).shape
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = out_features, in_features
+    else:  # GPT-2 Conv1D
+        module.nf, module.nx = out_features, in_features

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo_order_study.py --output outputs/demo
+	$(BIN)/python scripts/demo_order_study.py --config configs/demo/magnitude_rtn.yaml --output outputs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,58 +1,64 @@
 """The demo: prune-then-quantize vs quantize-then-prune on SmolLM2-135M, offline.
 
-Runs ``Trainer.validate`` on the dense model, each method alone, and both orders for
-{50% unstructured, 2:4} magnitude pruning x {4-bit, 8-bit} per-channel RTN, on CPython's offline
-English text, and writes ``order_study.{csv,json,png}`` to ``--output``.
+Runs ``Trainer.validate`` on the dense model, each method alone, and both orders for every
+(pruning, quantization) pair of the config (default ``configs/demo/magnitude_rtn.yaml``:
+{50% unstructured, 2:4} magnitude pruning x {4-bit, 8-bit} per-channel RTN), on CPython's
+offline English text, and writes ``order_study.{csv,json,png}`` to ``--output``.
 
 Caveat: the offline SmolLM2 weights come from a Q4_1 GGUF file (4-bit grid per block of 32), so
 4-bit quantization with group size 32 would be nearly free; the demo therefore quantizes per
 output channel.
 
     python scripts/demo_order_study.py --output outputs/demo
+    python scripts/demo_order_study.py --config configs/demo/sparsegpt_gptq.yaml
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from pathlib import Path
 
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
-from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+from ppq_lightning.callbacks import CompressionCallback
 from ppq_lightning.datamodules import TextDataModule
 from ppq_lightning.lm import CausalLMModule
 from ppq_lightning.study import OrderStudy
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2-135m", help="HF id, local dir or smollm2-135m")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--model", default="smollm2-135m", help="HF id, local dir, smollm2-135m")
     parser.add_argument("--output", default="outputs/demo")
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=12)
-    args = parser.parse_args()
+    parser.add_argument("--eval_windows", type=int, default=12)
+    parser.add_argument("--calibration_samples", type=int, default=32)
+    parser.add_argument("--pruning", type=list[CompressionCallback], required=True)
+    parser.add_argument("--quantization", type=list[CompressionCallback], required=True)
+    default_config = Path(__file__).parents[1] / "configs" / "demo" / "magnitude_rtn.yaml"
+    parser.default_config_files = [str(default_config)]
+    args = parser.instantiate_classes(parser.parse_args())
 
     start = time.perf_counter()
     module = CausalLMModule(model=args.model)
     data = TextDataModule(
-        source="pydoc", tokenizer=args.model, seqlen=args.seqlen, max_eval_windows=args.eval_windows
+        source="pydoc",
+        tokenizer=args.model,
+        seqlen=args.seqlen,
+        max_eval_windows=args.eval_windows,
+        num_calibration_samples=args.calibration_samples,
     )
-    pruning = [
-        MagnitudePruning(sparsity=0.5, name="P50%"),
-        MagnitudePruning(pattern="2:4", name="P2:4"),
-    ]
-    quantization = [RTNQuantization(bits=4, name="Q4"), RTNQuantization(bits=8, name="Q8")]
     study = OrderStudy(
         module,
         data,
         metric="val/ppl",
         output_dir=args.output,
-        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": True},
+        trainer_kwargs={"accelerator": "auto", "enable_progress_bar": True},
     )
-    results = study.study([(p, q) for p in pruning for q in quantization])
+    results = study.study([(p, q) for p in args.pruning for q in args.quantization])
 
     table = Table(
         title=f"Order study on {args.model} (val ppl, {args.eval_windows}x{args.seqlen} "

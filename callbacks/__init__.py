@@ -3,17 +3,25 @@ compression order."""
 
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
 from ppq_lightning.callbacks.block_removal import BlockRemoval
+from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.callbacks.channel_pruning import ChannelPruning
+from ppq_lightning.callbacks.gptq import GPTQ
 from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
 from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.schedule import CompressionSchedule
+from ppq_lightning.callbacks.sparsegpt import SparseGPT
+from ppq_lightning.callbacks.wanda import Wanda
 
 __all__ = [
+    "GPTQ",
     "BlockRemoval",
+    "CalibratedCompression",
     "ChannelPruning",
     "CompressionCallback",
     "CompressionSchedule",
     "MagnitudePruning",
     "RTNQuantization",
+    "SparseGPT",
     "StageResult",
+    "Wanda",
 ]

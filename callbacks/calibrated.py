@@ -1,0 +1,123 @@
+"""Base class of the methods that need activation statistics from calibration data."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ppq_lightning.calibration import calibrate_sequentially, check_calibrate_on
+from ppq_lightning.calibration_data import calibration_batches, check_num_batches
+from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.layers import weight_matrix
+from ppq_lightning.ops.hessian import accumulate_hessian
+from ppq_lightning.ops.reconstruction import relative_output_error
+from ppq_lightning.ops.wanda import accumulate_act_norms
+
+
+def layer_input_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The input of ``layer`` as rows matching the columns of its weight matrix: ``(n, in)``.
+
+    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``).
+
+    Raises:
+        PPQConfigError: for grouped convolutions, which have no single weight matrix.
+    """
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise PPQConfigError(
+                f"grouped convolutions (groups={layer.groups}) cannot be "
+                "compressed by calibrated methods yet; list them in `ignore`."
+            )
+        patches = nn.functional.unfold(
+            x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        )  # (B, C*kh*kw, L)
+        return patches.transpose(1, 2).flatten(0, 1)
+    return x.flatten(0, -2)
+
+
+class CalibratedCompression(CompressionCallback):
+    """A compression method that solves a layer-wise problem from calibration statistics.
+
+    Runs the sequential layer-wise engine (``ppq_lightning.calibration``): block by block, the
+    target layers' inputs are accumulated into a Hessian ``2 X^T X / N`` (or, for Wanda, the
+    mean squared input norms), then :meth:`compress_layer` solves each layer.
+
+    Args:
+        num_calibration_batches: batches taken from the calibration dataloader
+            (``datamodule.calibration_dataloader()``, else the running loop's dataloader).
+        calibrate_on: ``"compressed"`` (statistics from the model as compressed so far) or
+            ``"original"`` (from the dense model).
+        device: where each block runs during calibration (e.g. ``"cuda"``); None keeps the
+            model's placement.
+        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``.
+
+    Raises:
+        PPQConfigError: on a bad ``num_calibration_batches`` or ``calibrate_on``; at run time
+            on missing or empty calibration data, or NaN/Inf activations.
+    """
+
+    statistic: ClassVar[str] = "hessian"
+
+    def __init__(
+        self,
+        *,
+        num_calibration_batches: int = 128,
+        calibrate_on: str = "compressed",
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_calibration_batches = check_num_batches(num_calibration_batches)
+        self.calibrate_on = check_calibrate_on(calibrate_on)
+        self.device = device
+        self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
+        self.calibration_report = None
+
+    def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
+        """Compress one layer from its statistic, record its state; return its metrics."""
+        raise NotImplementedError
+
+    def compress(
+        self, model: nn.Module, modules: dict[str, nn.Module]
+    ) -> dict[str, dict[str, float]]:
+        accumulate = accumulate_hessian if self.statistic == "hessian" else accumulate_act_norms
+        stats: dict[str, tuple[Tensor | None, int]] = {}
+        metrics: dict[str, dict[str, float]] = {}
+
+        def observe(name: str, layer: nn.Module, x: Tensor) -> None:
+            acc, seen = stats.get(name, (None, 0))
+            stats[name] = accumulate(acc, layer_input_rows(layer, x).float(), seen)
+
+        def solve(layers: dict[str, nn.Module]) -> None:
+            for name, layer in layers.items():
+                statistic, _ = stats.pop(name)
+                before = weight_matrix(layer).float().clone()  # (out, in)
+                start = time.perf_counter()
+                values = self.compress_layer(name, layer, statistic)
+                values["seconds"] = time.perf_counter() - start
+                if self.statistic == "hessian":
+                    after = weight_matrix(layer).float()
+                    values["relative_error"] = relative_output_error(before, after, statistic)
+                metrics[name] = values
+
+        if self.dataloader is not None:
+            batches = list(itertools.islice(self.dataloader, self.num_calibration_batches))
+        else:
+            batches = calibration_batches(self.trainer, self.num_calibration_batches)
+        self.calibration_report = calibrate_sequentially(
+            model,
+            modules,
+            batches,
+            observe,
+            solve,
+            self.calibrate_on,
+            self.device,
+            self.forward_fn,
+            desc=self.display_label,
+        )
+        return metrics

@@ -1,0 +1,69 @@
+"""Wanda: pruning by weight magnitude times input activation norm (Sun et al., 2023)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ppq_lightning.callbacks.calibrated import CalibratedCompression
+from ppq_lightning.callbacks.magnitude_pruning import resolve_sparsity
+from ppq_lightning.layers import weight_matrix
+from ppq_lightning.ops.wanda import wanda_mask
+from ppq_lightning.state import current_mask, record_mask, record_stage
+
+
+class Wanda(CalibratedCompression):
+    """Prune the weights with the smallest ``|W_ij| * ||X_j||`` in each output row (or N:M
+    group), with no weight update.
+
+    Fires once, before the first evaluation or at fit start, block by block. Survivors are not
+    changed, so on a quantized layer they stay on the recorded grid; weights pruned before stay
+    pruned and count towards ``sparsity``.
+
+    Args:
+        sparsity: target fraction of zeros per output row, in [0, 1); optional for ``N:M``.
+        pattern: ``"unstructured"`` (per output row, as Wanda compares) or ``"N:M"``.
+        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``, ``targets``,
+            ``ignore``, ``name``, ``b_orig``, ``log_layers``.
+
+    Raises:
+        PPQConfigError: bad sparsity or pattern.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: ppq_lightning.callbacks.Wanda
+              init_args: {sparsity: 0.5, num_calibration_batches: 128}
+    """
+
+    label = "wanda"
+    kind = "P"
+    statistic: ClassVar[str] = "act_norm"
+
+    def __init__(
+        self, sparsity: float | None = None, pattern: str = "unstructured", **kwargs: Any
+    ) -> None:
+        self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
+        super().__init__(**kwargs)
+        self.pattern = pattern
+
+    def stage_config(self) -> dict[str, Any]:
+        return {
+            "sparsity": self.sparsity,
+            "pattern": self.pattern,
+            "calibrate_on": self.calibrate_on,
+        }
+
+    def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
+        mask = wanda_mask(
+            weight_matrix(layer).float(),
+            statistic,
+            sparsity=None if self._nm else self.sparsity,
+            nm=self._nm,
+            keep=current_mask(layer),
+        )
+        state = record_mask(layer, mask)
+        record_stage(layer, self.history_entry())
+        return {"sparsity": 1 - state.mask.float().mean().item()}

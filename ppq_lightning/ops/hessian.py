@@ -1,0 +1,70 @@
+"""Layer Hessians ``H = 2 X^T X / N`` from calibration inputs, and their damped inverse."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ppq_lightning.errors import bad_value
+
+
+class HessianError(RuntimeError):
+    """The Hessian stays non positive definite even with the largest damping tried."""
+
+
+class PreparedHessian(NamedTuple):
+    """The upper Cholesky factor of ``H^-1`` as GPTQ/SparseGPT use it.
+
+    Attributes:
+        hinv: ``(cols, cols)`` upper-triangular factor of the damped inverse.
+        damp: relative damping finally used.
+        retries: how many times the damping was raised.
+        dead: ``(cols,)`` bool, inputs that were always zero (their weights must be zeroed).
+    """
+
+    hinv: Tensor
+    damp: float
+    retries: int
+    dead: Tensor
+
+
+def accumulate_hessian(h: Tensor | None, x: Tensor, n_seen: int) -> tuple[Tensor, int]:
+    """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (n, cols)
+    n_new = n_seen + x.shape[0]
+    if h is None:
+        h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    h = h * (n_seen / n_new)
+    x = x * (2.0 / n_new) ** 0.5
+    return h + x.T @ x, n_new
+
+
+def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> PreparedHessian:
+    """Damp ``H`` (``damp * mean(diag H)`` on the diagonal), invert it and factor the inverse.
+
+    Dead inputs (zero diagonal) get a unit diagonal. When a Cholesky factorisation fails the
+    damping is multiplied by 10, as long as it stays <= ``max_damp``.
+
+    Raises:
+        PPQConfigError: when ``damp`` is not positive.
+        HessianError: when no damping tried makes ``H`` positive definite.
+    """
+    if not isinstance(damp, (int, float)) or not damp > 0:
+        raise bad_value("damp", damp, "a number > 0")
+    h = h.float().clone()  # float32, as the reference implementations factor it
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.diag(h).mean()
+    current, retry = float(damp), 0
+    while retry == 0 or current <= max_damp:
+        damped = h + current * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return PreparedHessian(upper, current, retry, dead)
+        current, retry = current * 10, retry + 1
+    raise HessianError(f"the Hessian is not positive definite even with damp={current / 10:g}.")

@@ -1,0 +1,129 @@
+"""SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh, 2023).
+
+In each block of columns the mask is chosen by the saliency ``w^2 / [H^-1]_ii^2``; then, column
+by column, pruned weights become 0 (and, in joint mode or on an existing grid, survivors are
+quantized) and the error is spread over the columns not yet processed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.ops.gptq import ColumnGrid, check_matrices
+from ppq_lightning.ops.hessian import prepare_hessian
+from ppq_lightning.ops.masks import check_sparsity
+from ppq_lightning.ops.quant_grid import QuantGrid, check_bits, check_group_size
+
+
+class SparseGPTResult(NamedTuple):
+    """Outcome of :func:`sparsegpt`: the weight, its mask (True = kept) and grid (or None)."""
+
+    weight: Tensor
+    mask: Tensor
+    grid: QuantGrid | None
+    loss: float
+    damp: float
+    retries: int
+
+
+def sparsegpt(
+    w: Tensor,
+    h: Tensor,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    keep: Tensor | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    grid: QuantGrid | None = None,
+) -> SparseGPTResult:
+    """Prune ``w`` (rows, cols) with SparseGPT given the layer Hessian ``h``.
+
+    Args:
+        w: weight matrix.
+        h: Hessian ``2 X^T X / N`` of the layer inputs.
+        sparsity: fraction pruned in every block of columns (unstructured); or
+        nm: ``(N, M)``: keep N of every M consecutive columns in each row.
+        block_size: columns per block (rounded down to a multiple of M for N:M).
+        damp: relative damping of the Hessian.
+        keep: existing mask; its pruned entries stay pruned and count towards the target.
+        bits, group_size, symmetric: joint mode, quantize the survivors onto a new grid.
+        grid: an existing grid: survivors are re-projected onto it (the layer stays quantized).
+
+    Raises:
+        PPQConfigError: unless exactly one of sparsity/nm is given, with both bits and grid, or
+            on bad shapes, block size, damping or pattern width.
+    """
+    check_matrices(w, h, block_size)
+    rows, cols = w.shape
+    if (sparsity is None) == (nm is None):
+        raise PPQConfigError(f"sparsity={sparsity!r}, pattern={nm!r}: give exactly one.")
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    else:
+        n, m = nm
+        if not 0 < n < m or cols % m:
+            raise bad_value("pattern", f"{n}:{m}", f"0 < N < M with M dividing {cols}")
+        block_size = max(m, block_size - block_size % m)
+    if bits is not None and grid is not None:
+        raise PPQConfigError("bits and grid are exclusive: joint mode makes a new grid.")
+    if bits is not None:
+        check_bits(bits)
+        check_group_size(group_size, cols)
+    if keep is not None and tuple(keep.shape) != (rows, cols):
+        raise bad_value("keep", tuple(keep.shape), f"a ({rows}, {cols}) bool mask")
+    w = w.detach().float().clone()
+    h = h.to(w.device)
+    w[:, torch.diag(h) == 0] = 0
+    quantizing = bits is not None or grid is not None
+    columns = ColumnGrid(w, bits, group_size, symmetric, grid) if quantizing else None
+    prep = prepare_hessian(h, damp)
+    hinv = prep.hinv.to(w.device)
+    kept = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    keep = keep.to(w.device) if keep is not None else None
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        saliency = w1**2 / torch.diag(hinv1)[None, :] ** 2  # (rows, block)
+        if keep is not None:
+            saliency[~keep[:, i1:i2]] = -torch.inf
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        if sparsity is not None:
+            n_prune = round(sparsity * saliency.numel())
+            if keep is not None:
+                n_prune = max(n_prune, int((~keep[:, i1:i2]).sum()))
+            if n_prune:
+                pruned.view(-1)[torch.topk(saliency.flatten(), n_prune, largest=False).indices] = 1
+        else:
+            groups = saliency.reshape(rows, -1, m)  # (rows, block / M, M)
+            drop = torch.topk(groups, m - n, dim=2, largest=False).indices
+            pruned = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, drop, True)
+            pruned = pruned.reshape(rows, -1)
+            if keep is not None:
+                pruned |= ~keep[:, i1:i2]
+        for i in range(i2 - i1):
+            q = w1[:, i].clone()
+            if columns is not None:
+                upcoming = None
+                if columns.dynamic and (i1 + i) % columns.group_size == 0:
+                    upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : columns.group_size]
+                q = columns.quantize(i1 + i, q, upcoming)
+            q[pruned[:, i]] = 0
+            d = hinv1[i, i]
+            loss += float(((w1[:, i] - q) ** 2).sum() / d**2 / 2)
+            err = (w1[:, i] - q) / d
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            w1[:, i], err1[:, i] = q, err
+        w[:, i1:i2], kept[:, i1:i2] = w1, ~pruned
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return SparseGPTResult(
+        w, kept, columns.grid if columns else None, loss, prep.damp, prep.retries
+    )

@@ -1,0 +1,304 @@
+"""Benchmark every method: perplexity, compression wall time, peak memory, forward passes.
+
+Each method runs in its own subprocess (so peak memory is its own), on the same calibration and
+evaluation windows, saved once to ``OUTPUT/data.pt``. With ``--peer`` the same windows go to
+llm-compressor (run by ``.venv-peer/bin/python scripts/peer_llmcompressor.py``) and both rows
+are printed with their ratios. The floor of layer-wise calibration is one forward pass of every
+block over the calibration set: it is timed too, and each method's time is given as a multiple
+of it.
+
+    python scripts/bench_methods.py --output outputs/bench                   # SmolLM2, CPU
+    python scripts/bench_methods.py --device cuda --random-weights           # timing on a GPU
+    python scripts/bench_methods.py --methods gptq4 --depth 2                # 2x deeper model
+
+Caveat: SmolLM2's offline weights come from a Q4_1 GGUF (a 4-bit grid per block of 32), so
+4-bit quantization with small groups is nearly free on them; per-channel rows are the honest
+ones. Group size 64 stands for "g128" because 576 (SmolLM2's width) is not a multiple of 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = {
+    "dense": [],
+    "rtn4": [("RTNQuantization", {"bits": 4})],
+    "gptq4": [("GPTQ", {"bits": 4})],
+    "gptq3": [("GPTQ", {"bits": 3})],
+    "gptq4_g64": [("GPTQ", {"bits": 4, "group_size": 64})],
+    "magnitude50": [("MagnitudePruning", {"sparsity": 0.5})],
+    "wanda50": [("Wanda", {"sparsity": 0.5})],
+    "sparsegpt50": [("SparseGPT", {"sparsity": 0.5})],
+    "sparsegpt24": [("SparseGPT", {"pattern": "2:4"})],
+    "sparsegpt50>gptq4": [("SparseGPT", {"sparsity": 0.5}), ("GPTQ", {"bits": 4})],
+    "gptq4>sparsegpt50": [("GPTQ", {"bits": 4}), ("SparseGPT", {"sparsity": 0.5})],
+}
+CROSS_CORPUS = ("gptq4", "sparsegpt50", "wanda50")
+PEER = {
+    "gptq4": "gptq4",
+    "gptq3": "gptq3",
+    "gptq4_g64": "gptq4g64",
+    "sparsegpt50": "sparsegpt50",
+    "sparsegpt24": "sparsegpt24",
+    "wanda50": "wanda50",
+}
+OTHER_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "idlelib" / "NEWS.txt"
+
+
+def load_module(args: argparse.Namespace):
+    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import load_causal_lm
+
+    if not args.random_weights:
+        module = CausalLMModule(model=args.model)
+    else:  # SmolLM2-135M's architecture with random weights: for timings on machines without it
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(
+            "llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            num_hidden_layers=30,
+            tie_word_embeddings=True,
+        ).to_dict()
+        module = CausalLMModule.from_model(load_causal_lm(config={"model_type": "llama", **config}))
+    if args.depth > 1:  # same width, more blocks (copies): memory must not grow with depth
+        layers = module.model.model.layers
+        module.model.model.layers = torch.nn.ModuleList(
+            [copy.deepcopy(layers[i % len(layers)]) for i in range(len(layers) * args.depth)]
+        )
+        module.model.config.num_hidden_layers = len(module.model.model.layers)
+    return module
+
+
+def make_data(args: argparse.Namespace, path: Path) -> None:
+    from ppq_lightning.datamodules import TextDataModule
+
+    tokenizer = "bytes" if args.random_weights else args.model
+    kwargs = {
+        "tokenizer": tokenizer,
+        "seqlen": args.seqlen,
+        "num_calibration_samples": args.calibration_samples,
+        "max_eval_windows": args.eval_windows,
+    }
+    data = TextDataModule(source="pydoc", **kwargs)
+    other = TextDataModule(
+        source="pydoc", calibration_source="files", calibration_paths=[str(OTHER_CORPUS)], **kwargs
+    )
+    torch.save(
+        {
+            "calibration": data.calibration_windows(),
+            "evaluation": data.eval_windows,
+            "calibration_other": other.calibration_windows(),
+        },
+        path,
+    )
+
+
+def peak_memory_mib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Compress and evaluate one method in this process; print its JSON row."""
+    import ppq_lightning.callbacks as callbacks
+    from ppq_lightning import check_invariants, compression_summary
+    from ppq_lightning.calibration import find_blocks
+    from ppq_lightning.callbacks.calibrated import CalibratedCompression
+
+    data = torch.load(args.data)
+    name, _, corpus = args.one.partition("@")
+    calibration = data["calibration_other" if corpus == "news" else "calibration"]
+    module = load_module(args).to(args.device)
+    weights_mib = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    batches = [{"input_ids": w[None]} for w in calibration]
+    start = time.perf_counter()
+    passes = 0
+    for index, (cls_name, kwargs) in enumerate(METHODS[name], start=1):
+        cls = getattr(callbacks, cls_name)
+        if issubclass(cls, CalibratedCompression):
+            kwargs = {**kwargs, "num_calibration_batches": len(batches), "device": args.device}
+        stage = cls(**kwargs, log_layers=False, name=f"s{index}")
+        stage.apply(module, index=index, dataloader=batches)
+        report = getattr(stage, "calibration_report", None)
+        passes += report.block_passes if report is not None else 0
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = peak_memory_mib(args.device)
+    floor = None
+    if name == "dense":  # time one forward of every block over the calibration set: the floor
+        from ppq_lightning.calibration import calibrate_sequentially
+        from ppq_lightning.targets import resolve_targets
+
+        start = time.perf_counter()
+        calibrate_sequentially(
+            module,
+            resolve_targets(module),
+            batches,
+            lambda *a: None,
+            lambda layers: None,
+            calibrate_on="original",
+        )
+        floor = time.perf_counter() - start
+    check_invariants(module)
+    ppl = module.evaluate([{"input_ids": w[None]} for w in data["evaluation"]])["ppl"]
+    summary = compression_summary(module)
+    row = {
+        "method": args.one,
+        "ppl": ppl,
+        "seconds": seconds,
+        "peak_mem_mib": peak,
+        "weights_mib": weights_mib,
+        "block_passes": passes,
+        "n_blocks": len(find_blocks(module)[1]),
+        "measured_C": summary.measured_C,
+        "nominal_C": summary.nominal_C,
+        "floor_seconds": floor,
+    }
+    print(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--cross-corpus", action="store_true", help="also calibrate on NEWS.txt")
+    parser.add_argument("--peer", action="store_true", help="also run llm-compressor")
+    parser.add_argument("--output", default="outputs/bench")
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args)
+        return
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = out / "data.pt"
+    make_data(args, data_path)
+    runs = list(args.methods)
+    if args.cross_corpus:
+        runs += [f"{m}@news" for m in CROSS_CORPUS if m in args.methods]
+    rows = []
+    base = [
+        sys.executable,
+        __file__,
+        "--data",
+        str(data_path),
+        "--device",
+        args.device,
+        "--model",
+        args.model,
+        "--depth",
+        str(args.depth),
+    ]
+    base += ["--random-weights"] if args.random_weights else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for method in runs:
+        done = subprocess.run([*base, "--one", method], capture_output=True, text=True, env=env)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{method} failed")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(
+            f"{method:24s} ppl {rows[-1]['ppl']:10.3f}  {rows[-1]['seconds']:8.1f} s  "
+            f"{rows[-1]['peak_mem_mib']:8.0f} MiB  passes {rows[-1]['block_passes']}",
+            flush=True,
+        )
+    peer_rows = []
+    peer_python = Path(".venv-peer/bin/python")
+    if args.peer and peer_python.exists():
+        for method in (m for m in args.methods if m in PEER):
+            target = out / f"peer_{method}.json"
+            cmd = [
+                str(peer_python),
+                "scripts/peer_llmcompressor.py",
+                "--data",
+                str(data_path),
+                "--method",
+                PEER[method],
+                "--device",
+                args.device,
+                "--out",
+                str(target),
+            ]
+            cmd += ["--random-weights"] if args.random_weights else []
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode:
+                print(f"peer {method} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            peer_rows.append({"ours": method, **json.loads(target.read_text())})
+    write_report(out, rows, peer_rows, args)
+
+
+def write_report(out: Path, rows: list[dict], peer_rows: list[dict], args) -> None:
+    floor = next((r["floor_seconds"] for r in rows if r["floor_seconds"]), None)
+    lines = [
+        f"model: {'random ' if args.random_weights else ''}{args.model} x{args.depth} depth,"
+        f" device {args.device}, calibration {args.calibration_samples}x{args.seqlen}, "
+        f"evaluation {args.eval_windows}x{args.seqlen} tokens",
+        f"floor (one pass of every block over the calibration set): {floor:.2f} s" if floor else "",
+        "",
+        "| method | ppl | C nominal | C measured | time (s) | x floor | block passes |"
+        " peak MiB (weights) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        times_floor = f"{r['seconds'] / floor:.1f}" if floor and r["block_passes"] else "-"
+        lines.append(
+            f"| {r['method']} | {r['ppl']:.3f} | {r['nominal_C']:.2f} | "
+            f"{r['measured_C']:.2f} | {r['seconds']:.1f} | {times_floor} | "
+            f"{r['block_passes']} / {r['n_blocks']} | {r['peak_mem_mib']:.0f} "
+            f"({r['weights_mib']:.0f}) |"
+        )
+    if peer_rows:
+        ours = {r["method"]: r for r in rows}
+        lines += [
+            "",
+            "| method | ppl ours | ppl llm-compressor | time ours / peer | peak mem ours / peer |",
+            "|---|---|---|---|---|",
+        ]
+        for p in peer_rows:
+            o = ours[p["ours"]]
+            lines.append(
+                f"| {p['ours']} | {o['ppl']:.3f} | {p['ppl']:.3f} | "
+                f"{o['seconds']:.1f} / {p['seconds']:.1f} = "
+                f"{o['seconds'] / p['seconds']:.2f}x | {o['peak_mem_mib']:.0f} / "
+                f"{p['peak_mem_mib']:.0f} = {o['peak_mem_mib'] / p['peak_mem_mib']:.2f}x |"
+            )
+    text = "\n".join(lines)
+    (out / "bench.md").write_text(text + "\n")
+    (out / "bench.json").write_text(json.dumps({"rows": rows, "peer": peer_rows}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

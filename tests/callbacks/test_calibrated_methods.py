@@ -1,0 +1,111 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from ppq_lightning import check_invariants
+from ppq_lightning.callbacks import (
+    GPTQ,
+    MagnitudePruning,
+    RTNQuantization,
+    SparseGPT,
+    Wanda,
+)
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.lm import CausalLMModule
+from ppq_lightning.state import get_state
+from ppq_lightning.targets import resolve_targets
+from tests.helpers import TINY_LLAMA, make_trainer
+
+PRUNERS = {
+    "magnitude": lambda: MagnitudePruning(sparsity=0.5, name="P"),
+    "wanda": lambda: Wanda(sparsity=0.5, name="P", num_calibration_batches=2),
+    "sparsegpt": lambda: SparseGPT(sparsity=0.5, name="P", num_calibration_batches=2),
+    "2:4": lambda: SparseGPT(pattern="2:4", name="P", num_calibration_batches=2),
+}
+QUANTIZERS = {
+    "rtn": lambda: RTNQuantization(bits=4, name="Q"),
+    "gptq": lambda: GPTQ(bits=4, name="Q", num_calibration_batches=2),
+}
+
+
+@pytest.mark.parametrize(
+    ("pruner", "quantizer", "p_first"),
+    list(itertools.product(PRUNERS, QUANTIZERS, [True, False])),
+)
+def test_chaining_keeps_invariants_in_either_order(tmp_path, tiny_data, pruner, quantizer, p_first):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    stages = [PRUNERS[pruner](), QUANTIZERS[quantizer]()]
+    stages = stages if p_first else stages[::-1]
+    make_trainer(tmp_path, stages).validate(module, datamodule=tiny_data, verbose=False)
+    assert check_invariants(module) == 14
+    for layer in resolve_targets(module).values():
+        state = get_state(layer)
+        assert state.bits == 4 and state.mask is not None
+        assert (1 - state.mask.float().mean()).item() == pytest.approx(0.5, abs=0.02)
+    summary = stages[-1].result.summary
+    assert summary.nominal_C == pytest.approx(8.0, rel=0.05)
+
+
+def test_gptq_beats_rtn_on_the_tiny_model(tiny_data):
+    ppl = {}
+    for name, stage in (
+        ("rtn", RTNQuantization(bits=3)),
+        ("gptq", GPTQ(bits=3, num_calibration_batches=4)),
+    ):
+        module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+        result = stage.apply(module, dataloader=tiny_data.calibration_dataloader())
+        ppl[name] = module.evaluate(tiny_data.val_dataloader())["ppl"]
+        if name == "gptq":
+            layer = result.layers["model.model.layers.0.mlp.up_proj"]
+            assert {"relative_error", "damp", "damp_retries", "seconds", "bits"} <= set(layer)
+    assert ppl["gptq"] < ppl["rtn"]
+
+
+def test_calibration_from_the_validation_loader_without_a_calibration_method(tmp_path, tiny_data):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    stage = GPTQ(bits=4, num_calibration_batches=2)
+    make_trainer(tmp_path, [stage]).validate(module, tiny_data.val_dataloader(), verbose=False)
+    assert stage.calibration_report.n_batches == 2
+
+
+def test_missing_calibration_data(tiny_lm):
+    with pytest.raises(PPQConfigError, match="needs calibration data"):
+        GPTQ(bits=4).apply(tiny_lm)
+    with pytest.raises(PPQConfigError, match="calibration dataloader is empty"):
+        GPTQ(bits=4).apply(tiny_lm, dataloader=[])
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(2)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_conv2d_layers_through_gptq_and_sparsegpt():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    images = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    SparseGPT(sparsity=0.5, num_calibration_batches=3).apply(model, dataloader=images)
+    GPTQ(bits=4, num_calibration_batches=3).apply(model, dataloader=images)
+    assert check_invariants(model) == 4
+    conv = model.blocks[0]
+    assert (conv.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_bad_arguments():
+    with pytest.raises(PPQConfigError, match="calibrate_on='dense'"):
+        GPTQ(bits=4, calibrate_on="dense")
+    with pytest.raises(PPQConfigError, match="num_calibration_batches=0"):
+        Wanda(sparsity=0.5, num_calibration_batches=0)
+    with pytest.raises(PPQConfigError, match="damp=-1"):
+        SparseGPT(sparsity=0.5, damp=-1)
+    with pytest.raises(PPQConfigError, match=r"pattern='3:2'"):
+        SparseGPT(pattern="3:2")

@@ -96,17 +96,16 @@ def make_data(args: argparse.Namespace, path: Path) -> None:
         "max_eval_windows": args.eval_windows,
     }
     data = TextDataModule(source="pydoc", **kwargs)
-    other = TextDataModule(
-        source="pydoc", calibration_source="files", calibration_paths=[str(OTHER_CORPUS)], **kwargs
-    )
-    torch.save(
-        {
-            "calibration": data.calibration_windows(),
-            "evaluation": data.eval_windows,
-            "calibration_other": other.calibration_windows(),
-        },
-        path,
-    )
+    windows = {"calibration": data.calibration_windows(), "evaluation": data.eval_windows}
+    if args.cross_corpus:
+        other = TextDataModule(
+            source="pydoc",
+            calibration_source="files",
+            calibration_paths=[str(OTHER_CORPUS)],
+            **kwargs,
+        )
+        windows["calibration_other"] = other.calibration_windows()
+    torch.save(windows, path)
 
 
 def peak_memory_mib(device: str) -> float:

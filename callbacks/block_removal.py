@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -104,10 +103,7 @@ class BlockRemoval(CompressionCallback):
                 n,
                 f"an integer from 1 to {depth - 1} (the model has {depth} blocks in {name})",
             )
-        if self.dataloader is not None:
-            batches = list(itertools.islice(self.dataloader, self.num_calibration_batches))
-        else:
-            batches = calibration_batches(self.trainer, self.num_calibration_batches)
+        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
         removed: list[int] = []
         losses: list[float] = []
         for _ in tqdm(range(n), desc=self.display_label, unit="block", leave=False):

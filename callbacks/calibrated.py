@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -105,10 +104,7 @@ class CalibratedCompression(CompressionCallback):
                     values["relative_error"] = relative_output_error(before, after, statistic)
                 metrics[name] = values
 
-        if self.dataloader is not None:
-            batches = list(itertools.islice(self.dataloader, self.num_calibration_batches))
-        else:
-            batches = calibration_batches(self.trainer, self.num_calibration_batches)
+        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
         self.calibration_report = calibrate_sequentially(
             model,
             modules,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -159,10 +158,7 @@ class ChannelPruning(CompressionCallback):
             for name, layer in layers.items():
                 metrics[name] = self._prune(model, name, layer, stats.pop(name)[0])
 
-        if self.dataloader is not None:
-            batches = list(itertools.islice(self.dataloader, self.num_calibration_batches))
-        else:
-            batches = calibration_batches(self.trainer, self.num_calibration_batches)
+        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
         calibrate_sequentially(
             model,
             outputs,

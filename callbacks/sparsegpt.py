@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.callbacks.magnitude_pruning import resolve_sparsity
-from ppq_lightning.errors import bad_value
 from ppq_lightning.layers import set_weight_matrix, weight_matrix
+from ppq_lightning.ops.hessian import check_solver_args
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size
 from ppq_lightning.ops.sparsegpt import sparsegpt
 from ppq_lightning.state import current_grid, current_mask, record_grid, record_mask, record_stage
@@ -65,10 +65,7 @@ class SparseGPT(CalibratedCompression):
             check_bits(bits)
         if group_size is not None:
             check_group_size(group_size, group_size)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise bad_value("block_size", block_size, "an integer >= 1")
-        if not isinstance(damp, (int, float)) or not damp > 0:
-            raise bad_value("damp", damp, "a number > 0")
+        check_solver_args(block_size, damp)
         super().__init__(**kwargs)
         self.pattern, self.bits, self.group_size, self.symmetric = (
             pattern,

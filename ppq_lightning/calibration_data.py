@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -34,9 +35,12 @@ def _running_loader(trainer: L.Trainer) -> tuple[Any, str]:
     return None, "no dataloader"
 
 
-def calibration_batches(trainer: L.Trainer | None, num_batches: int) -> list[Any]:
+def calibration_batches(
+    trainer: L.Trainer | None, num_batches: int, dataloader: Iterable[Any] | None = None
+) -> list[Any]:
     """The first ``num_batches`` calibration batches for a callback running in ``trainer``.
 
+    An explicit ``dataloader`` (from ``stage.apply(model, dataloader=...)``) comes first.
     Taken from ``trainer.datamodule.calibration_dataloader()`` when the datamodule has one, else
     from the running loop's dataloader (the train dataloader in ``fit``, the validation one in
     ``validate``, ...), so that the callbacks work with a user's own plain dataloaders.
@@ -45,6 +49,8 @@ def calibration_batches(trainer: L.Trainer | None, num_batches: int) -> list[Any
         PPQConfigError: when there is no trainer, no dataloader, or it is empty.
     """
     check_num_batches(num_batches)
+    if dataloader is not None:
+        return list(itertools.islice(dataloader, num_batches))
     if trainer is None:
         raise PPQConfigError(
             "this method needs calibration data: call apply(model, "

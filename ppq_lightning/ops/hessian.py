@@ -30,6 +30,18 @@ class PreparedHessian(NamedTuple):
     dead: Tensor
 
 
+def check_solver_args(block_size: int, damp: float) -> None:
+    """Validate the block size and damping of the OBS solvers (GPTQ, SparseGPT).
+
+    Raises:
+        PPQConfigError: when ``block_size`` is not an integer >= 1 or ``damp`` is not > 0.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise bad_value("block_size", block_size, "an integer >= 1")
+    if not isinstance(damp, (int, float)) or not damp > 0:
+        raise bad_value("damp", damp, "a number > 0")
+
+
 def accumulate_hessian(h: Tensor | None, x: Tensor, n_seen: int) -> tuple[Tensor, int]:
     """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``."""
     x = x.reshape(-1, x.shape[-1]).float()  # (n, cols)

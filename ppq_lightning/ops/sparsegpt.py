@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.ops.gptq import ColumnGrid, check_matrices
 from ppq_lightning.ops.hessian import prepare_hessian
 from ppq_lightning.ops.masks import check_sparsity
+from ppq_lightning.ops.obs import ColumnGrid, check_matrices, walk_columns
 from ppq_lightning.ops.quant_grid import QuantGrid, check_bits, check_group_size
 
 
@@ -78,52 +78,48 @@ def sparsegpt(
         check_group_size(group_size, cols)
     if keep is not None and tuple(keep.shape) != (rows, cols):
         raise bad_value("keep", tuple(keep.shape), f"a ({rows}, {cols}) bool mask")
-    w = w.detach().float().clone()
-    h = h.to(w.device)
-    w[:, torch.diag(h) == 0] = 0
+    wt = w.detach().float().T.contiguous()  # (cols, rows): a copy, walked in place
+    h = h.to(wt.device)
+    wt[torch.diag(h) == 0] = 0
     quantizing = bits is not None or grid is not None
-    columns = ColumnGrid(w, bits, group_size, symmetric, grid) if quantizing else None
+    columns = ColumnGrid(wt, bits, group_size, symmetric, grid) if quantizing else None
     prep = prepare_hessian(h, damp)
-    hinv = prep.hinv.to(w.device)
-    kept = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
-    keep = keep.to(w.device) if keep is not None else None
-    loss = 0.0
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        saliency = w1**2 / torch.diag(hinv1)[None, :] ** 2  # (rows, block)
-        if keep is not None:
-            saliency[~keep[:, i1:i2]] = -torch.inf
-        pruned = torch.zeros_like(w1, dtype=torch.bool)
+    kept_t = torch.ones_like(wt, dtype=torch.bool)
+    fixed_pruned = ~keep.to(wt.device).T if keep is not None else None
+
+    def round_column(position: int, wt: Tensor) -> Tensor:
+        return columns(position, position, wt)
+
+    def prune_block(i1: int, i2: int, block: Tensor, hinv_block: Tensor) -> Tensor:
+        saliency = block**2 / torch.diagonal(hinv_block)[:, None] ** 2  # (block, rows)
+        fixed = fixed_pruned[i1:i2] if fixed_pruned is not None else None
+        if fixed is not None:
+            saliency[fixed] = -torch.inf
         if sparsity is not None:
+            pruned = torch.zeros_like(block, dtype=torch.bool)
             n_prune = round(sparsity * saliency.numel())
-            if keep is not None:
-                n_prune = max(n_prune, int((~keep[:, i1:i2]).sum()))
+            if fixed is not None:
+                n_prune = max(n_prune, int(fixed.sum()))
             if n_prune:
                 pruned.view(-1)[torch.topk(saliency.flatten(), n_prune, largest=False).indices] = 1
-        else:
-            groups = saliency.reshape(rows, -1, m)  # (rows, block / M, M)
+        else:  # N:M along the columns of each row: groups of M consecutive walk positions
+            groups = saliency.T.reshape(saliency.shape[1], -1, m)  # (rows, block / M, M)
             drop = torch.topk(groups, m - n, dim=2, largest=False).indices
             pruned = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, drop, True)
-            pruned = pruned.reshape(rows, -1)
-            if keep is not None:
-                pruned |= ~keep[:, i1:i2]
-        for i in range(i2 - i1):
-            q = w1[:, i].clone()
-            if columns is not None:
-                upcoming = None
-                if columns.dynamic and (i1 + i) % columns.group_size == 0:
-                    upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : columns.group_size]
-                q = columns.quantize(i1 + i, q, upcoming)
-            q[pruned[:, i]] = 0
-            d = hinv1[i, i]
-            loss += float(((w1[:, i] - q) ** 2).sum() / d**2 / 2)
-            err = (w1[:, i] - q) / d
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            w1[:, i], err1[:, i] = q, err
-        w[:, i1:i2], kept[:, i1:i2] = w1, ~pruned
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            pruned = pruned.reshape(saliency.shape[1], -1).T
+            if fixed is not None:
+                pruned = pruned | fixed
+        kept_t[i1:i2] = ~pruned
+        return pruned
+
+    loss = walk_columns(
+        wt, prep.hinv.to(wt.device), block_size, round_column if quantizing else None, prune_block
+    )
     return SparseGPTResult(
-        w, kept, columns.grid if columns else None, loss, prep.damp, prep.retries
+        wt.T.contiguous(),
+        kept_t.T.contiguous(),
+        columns.grid if columns else None,
+        loss,
+        prep.damp,
+        prep.retries,
     )

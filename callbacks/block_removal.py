@@ -11,22 +11,26 @@ from tqdm.auto import tqdm
 from ppq_lightning.calibration import batch_input, default_forward, find_blocks
 from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.distributed import all_reduce_mean, reduce_device
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.state import record_stage
 from ppq_lightning.structure import remove_blocks, without_blocks
 
 
 def causal_lm_loss(model: nn.Module, batches: list[Any], forward: Any = default_forward) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``batches`` (logits or ``.logits`` out)."""
-    total = 0.0
+    """Mean next-token cross-entropy of ``model`` over ``batches`` (logits or ``.logits`` out),
+    averaged over all ranks' batches under data-parallel calibration."""
+    total = torch.zeros((), dtype=torch.float64)
     for batch in batches:
         out = forward(model, batch)
         logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, vocab)
         ids = batch_input(batch).to(logits.device)
-        total += float(
-            nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
         )
-    return total / len(batches)
+        total += loss.detach().double().cpu()
+    mean, _ = all_reduce_mean((total / len(batches)).to(reduce_device()), len(batches))
+    return float(mean)
 
 
 class BlockRemoval(CompressionCallback):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ppq_lightning.calibration import calibrate_sequentially, check_calibrate_on
 from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.distributed import all_reduce_mean
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.hessian import accumulate_hessian
@@ -94,7 +95,7 @@ class CalibratedCompression(CompressionCallback):
 
         def solve(layers: dict[str, nn.Module]) -> None:
             for name, layer in layers.items():
-                statistic, _ = stats.pop(name)
+                statistic, _ = all_reduce_mean(*stats.pop(name))  # data-parallel: all ranks
                 before = weight_matrix(layer).float().clone()  # (out, in)
                 start = time.perf_counter()
                 values = self.compress_layer(name, layer, statistic)

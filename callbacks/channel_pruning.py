@@ -10,10 +10,12 @@ from torch import Tensor, nn
 from ppq_lightning.calibration import calibrate_sequentially, check_calibrate_on
 from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.distributed import all_reduce_mean
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.channels import channel_importance, keep_most_important
 from ppq_lightning.ops.masks import check_sparsity
+from ppq_lightning.ops.wanda import accumulate_act_norms
 from ppq_lightning.state import record_stage
 from ppq_lightning.structure import select_columns, select_rows
 
@@ -145,18 +147,17 @@ class ChannelPruning(CompressionCallback):
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
         outputs = self._outputs(model, modules)
-        stats: dict[str, tuple[Tensor, int]] = {}
+        stats: dict[str, tuple[Tensor | None, int]] = {}
         metrics: dict[str, dict[str, float]] = {}
 
         def observe(name: str, layer: nn.Module, x: Tensor) -> None:
-            rows = x.flatten(0, -2).float()  # (n, in)
-            acc, seen = stats.get(name, (torch.zeros(rows.shape[1], device=rows.device), 0))
-            total = seen + rows.shape[0]
-            stats[name] = (acc * (seen / total) + rows.pow(2).sum(0) / total, total)
+            acc, seen = stats.get(name, (None, 0))
+            stats[name] = accumulate_act_norms(acc, x.flatten(0, -2), seen)
 
         def solve(layers: dict[str, nn.Module]) -> None:
             for name, layer in layers.items():
-                metrics[name] = self._prune(model, name, layer, stats.pop(name)[0])
+                act, _ = all_reduce_mean(*stats.pop(name))  # data-parallel: all ranks
+                metrics[name] = self._prune(model, name, layer, act)
 
         batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
         calibrate_sequentially(

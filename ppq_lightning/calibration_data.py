@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ppq_lightning.distributed import shard, world
 from ppq_lightning.errors import PPQConfigError, bad_value
 
 
@@ -45,19 +46,29 @@ def calibration_batches(
     from the running loop's dataloader (the train dataloader in ``fit``, the validation one in
     ``validate``, ...), so that the callbacks work with a user's own plain dataloaders.
 
+    Data-parallel (a ``torch.distributed`` group, e.g. ``Trainer(strategy="ddp")``):
+    ``num_batches`` counts over all ranks. An explicit dataloader and the calibration dataloader
+    are the same on every rank, so each rank takes every ``world_size``-th of the first
+    ``num_batches``; the loop's dataloaders are already sharded by the strategy's sampler, so each
+    rank takes its first ``ceil(num_batches / world_size)``.
+
     Raises:
-        PPQConfigError: when there is no trainer, no dataloader, or it is empty.
+        PPQConfigError: when there is no trainer, no dataloader, it is empty, or it has fewer
+            batches than there are ranks.
     """
     check_num_batches(num_batches)
     if dataloader is not None:
-        return list(itertools.islice(dataloader, num_batches))
+        return shard(list(itertools.islice(dataloader, num_batches)))
     if trainer is None:
         raise PPQConfigError(
             "this method needs calibration data: call apply(model, "
             "dataloader=...) or run it as a callback of a Trainer."
         )
     datamodule = trainer.datamodule
-    if datamodule is not None and callable(getattr(datamodule, "calibration_dataloader", None)):
+    sharded = not (
+        datamodule is not None and callable(getattr(datamodule, "calibration_dataloader", None))
+    )
+    if not sharded:
         loader, origin = datamodule.calibration_dataloader(), "datamodule.calibration_dataloader()"
     else:
         loader, origin = _running_loader(trainer)
@@ -68,7 +79,8 @@ def calibration_batches(
             "no calibration data: give the datamodule a calibration_dataloader() "
             "or pass dataloaders to the Trainer call."
         )
-    batches = list(itertools.islice(loader, num_batches))
+    size = world()[1]
+    batches = list(itertools.islice(loader, -(-num_batches // size) if sharded else num_batches))
     if not batches:
         raise PPQConfigError(f"the calibration dataloader ({origin}) is empty.")
-    return batches
+    return batches if sharded else shard(batches)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ppq_lightning.errors import InvariantError
 from ppq_lightning.layers import as_matrix, to_weight_layout, weight_matrix
+from ppq_lightning.ops.masks import pack_mask, unpack_mask
 from ppq_lightning.ops.quant_grid import QuantGrid
 
 STATE_NAME = "ppq_state"
@@ -33,7 +34,8 @@ class CompressionState(nn.Module):
     """What compression stages did to the weight of the module that owns this child.
 
     Attributes:
-        mask: bool tensor shaped like the weight (True = kept), or None if never pruned.
+        mask: bool tensor shaped like the weight (True = kept), or None if never pruned;
+            stored packed, one bit per weight (buffer ``mask_bits``), and unpacked on access.
         scale, zero: grid parameters ``(rows, n_groups)`` of the last quantization, or None.
         bits, group_size, symmetric: settings of that grid.
         history: one dict per stage applied, in order: ``{"stage": state_key, "method": ...}``.
@@ -41,7 +43,8 @@ class CompressionState(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("mask", None)
+        self.register_buffer("mask_bits", None)
+        self.mask_shape: tuple[int, ...] | None = None
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
         self.bits: int | None = None
@@ -49,6 +52,17 @@ class CompressionState(nn.Module):
         self.symmetric: bool = False
         self.history: list[dict[str, Any]] = []
         self.register_load_state_dict_pre_hook(_materialize_buffers)
+
+    @property
+    def mask(self) -> Tensor | None:
+        if self.mask_bits is None or self.mask_shape is None:
+            return None
+        return unpack_mask(self.mask_bits, self.mask_shape)
+
+    @mask.setter
+    def mask(self, mask: Tensor | None) -> None:
+        self.mask_bits = None if mask is None else pack_mask(mask.bool())
+        self.mask_shape = None if mask is None else tuple(mask.shape)
 
     @property
     def grid(self) -> QuantGrid | None:
@@ -65,6 +79,7 @@ class CompressionState(nn.Module):
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
+            "mask_shape": list(self.mask_shape) if self.mask_shape is not None else None,
             "history": [dict(entry) for entry in self.history],
         }
 
@@ -72,6 +87,8 @@ class CompressionState(nn.Module):
         self.bits = state["bits"]
         self.group_size = state["group_size"]
         self.symmetric = state["symmetric"]
+        shape = state.get("mask_shape")
+        self.mask_shape = tuple(shape) if shape is not None else None
         self.history = [dict(entry) for entry in state["history"]]
 
     def extra_repr(self) -> str:
@@ -86,7 +103,7 @@ class CompressionState(nn.Module):
 
 def _materialize_buffers(module: CompressionState, state_dict: dict, prefix: str, *args) -> None:
     """Give still-empty buffers the shape of the tensors about to be loaded into them."""
-    for name in ("mask", "scale", "zero"):
+    for name in ("mask_bits", "scale", "zero"):
         key = prefix + name
         if key in state_dict and getattr(module, name) is None:
             module._buffers[name] = torch.empty_like(state_dict[key])

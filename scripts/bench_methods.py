@@ -35,6 +35,7 @@ METHODS = {
     "dense": [],
     "rtn4": [("RTNQuantization", {"bits": 4})],
     "gptq4": [("GPTQ", {"bits": 4})],
+    "gptq4_sym_act": [("GPTQ", {"bits": 4, "symmetric": True, "act_order": True})],
     "gptq3": [("GPTQ", {"bits": 3})],
     "gptq4_g64": [("GPTQ", {"bits": 4, "group_size": 64})],
     "magnitude50": [("MagnitudePruning", {"sparsity": 0.5})],
@@ -45,13 +46,17 @@ METHODS = {
     "gptq4>sparsegpt50": [("GPTQ", {"bits": 4}), ("SparseGPT", {"sparsity": 0.5})],
 }
 CROSS_CORPUS = ("gptq4", "sparsegpt50", "wanda50")
+# our method -> the llm-compressor run with the same settings (its GPTQ defaults are symmetric
+# with static activation order: gptq4_sym_act; ours are asymmetric in natural order)
+OUR_GPTQ = ["--asymmetric", "--actorder", "none"]
 PEER = {
-    "gptq4": "gptq4",
-    "gptq3": "gptq3",
-    "gptq4_g64": "gptq4g64",
-    "sparsegpt50": "sparsegpt50",
-    "sparsegpt24": "sparsegpt24",
-    "wanda50": "wanda50",
+    "gptq4": ["--method", "gptq4", *OUR_GPTQ],
+    "gptq4_sym_act": ["--method", "gptq4"],
+    "gptq3": ["--method", "gptq3", *OUR_GPTQ],
+    "gptq4_g64": ["--method", "gptq4g64", *OUR_GPTQ],
+    "sparsegpt50": ["--method", "sparsegpt50"],
+    "sparsegpt24": ["--method", "sparsegpt24"],
+    "wanda50": ["--method", "wanda50"],
 }
 OTHER_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "idlelib" / "NEWS.txt"
 
@@ -114,6 +119,30 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mib() -> float:
+    """This process's resident memory now (Linux VmRSS), MiB; 0 where unknown."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    return next(
+        (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")),
+        0.0,
+    )
+
+
+def reset_peak_memory(device: str) -> bool:
+    """Start a new peak: CUDA's allocator statistics, or this process's peak RSS (Linux)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM (ru_maxrss) := current RSS
+    except OSError:
+        return False
+    return True
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """Compress and evaluate one method in this process; print its JSON row."""
     import ppq_lightning.callbacks as callbacks
@@ -126,8 +155,9 @@ def run_one(args: argparse.Namespace) -> dict:
     calibration = data["calibration_other" if corpus == "news" else "calibration"]
     module = load_module(args).to(args.device)
     weights_mib = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    peak_before = peak_memory_mib(args.device)  # CPU: loading's peak RSS
+    rss_before = current_rss_mib()
+    reset = reset_peak_memory(args.device)
     batches = [{"input_ids": w[None]} for w in calibration]
     start = time.perf_counter()
     passes = 0
@@ -142,7 +172,8 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = peak_memory_mib(args.device)
+    peak_compress = peak_memory_mib(args.device) if reset else None
+    peak = max(peak_before, peak_compress or 0.0) if args.device == "cpu" else peak_compress
     floor = None
     if name == "dense":  # time one forward of every block over the calibration set: the floor
         from ppq_lightning.calibration import calibrate_sequentially
@@ -166,6 +197,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "ppl": ppl,
         "seconds": seconds,
         "peak_mem_mib": peak,
+        "peak_mem_compress_mib": peak_compress,
+        "rss_before_compress_mib": rss_before,
         "weights_mib": weights_mib,
         "block_passes": passes,
         "n_blocks": len(find_blocks(module)[1]),
@@ -237,25 +270,30 @@ def main() -> None:
     if args.peer and peer_python.exists():
         for method in (m for m in args.methods if m in PEER):
             target = out / f"peer_{method}.json"
-            cmd = [
-                str(peer_python),
-                "scripts/peer_llmcompressor.py",
-                "--data",
-                str(data_path),
-                "--method",
-                PEER[method],
-                "--device",
-                args.device,
-                "--out",
-                str(target),
-            ]
+            cmd = [str(peer_python), "scripts/peer_llmcompressor.py", "--data", str(data_path)]
+            cmd += [*PEER[method], "--device", args.device, "--out", str(target)]
+            cmd += ["--depth", str(args.depth), "--model", args.model]
             cmd += ["--random-weights"] if args.random_weights else []
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
                 print(f"peer {method} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
-            peer_rows.append({"ours": method, **json.loads(target.read_text())})
+            row = {
+                "ours": method,
+                "peer_args": " ".join(PEER[method]),
+                **json.loads(target.read_text()),
+            }
+            peer_rows.append(row)
+            print(f"peer {method}: ppl {row['ppl']:.3f}  {row['seconds']:.1f} s", flush=True)
     write_report(out, rows, peer_rows, args)
+
+
+def memory_use(row: dict, device: str) -> float:
+    """What compression itself costs: CUDA's peak allocation, or on CPU the peak RSS during the
+    call above the RSS before it (model loading's leftovers belong to neither tool)."""
+    if device == "cpu":
+        return max(row["peak_mem_compress_mib"] - row["rss_before_compress_mib"], 1.0)
+    return row["peak_mem_mib"]
 
 
 def write_report(out: Path, rows: list[dict], peer_rows: list[dict], args) -> None:
@@ -267,7 +305,7 @@ def write_report(out: Path, rows: list[dict], peer_rows: list[dict], args) -> No
         f"floor (one pass of every block over the calibration set): {floor:.2f} s" if floor else "",
         "",
         "| method | ppl | C nominal | C measured | time (s) | x floor | block passes |"
-        " peak MiB (weights) |",
+        " peak MiB: process / compression (weights) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -275,23 +313,25 @@ def write_report(out: Path, rows: list[dict], peer_rows: list[dict], args) -> No
         lines.append(
             f"| {r['method']} | {r['ppl']:.3f} | {r['nominal_C']:.2f} | "
             f"{r['measured_C']:.2f} | {r['seconds']:.1f} | {times_floor} | "
-            f"{r['block_passes']} / {r['n_blocks']} | {r['peak_mem_mib']:.0f} "
-            f"({r['weights_mib']:.0f}) |"
+            f"{r['block_passes']} / {r['n_blocks']} | {r['peak_mem_mib']:.0f} / "
+            f"{r['peak_mem_compress_mib'] or 0:.0f} ({r['weights_mib']:.0f}) |"
         )
     if peer_rows:
         ours = {r["method"]: r for r in rows}
         lines += [
             "",
-            "| method | ppl ours | ppl llm-compressor | time ours / peer | peak mem ours / peer |",
-            "|---|---|---|---|---|",
+            "| method | llm-compressor run (peer_llmcompressor.py) | ppl ours | ppl peer |"
+            " time ours / peer | memory for compression ours / peer (MiB) |",
+            "|---|---|---|---|---|---|",
         ]
         for p in peer_rows:
             o = ours[p["ours"]]
             lines.append(
-                f"| {p['ours']} | {o['ppl']:.3f} | {p['ppl']:.3f} | "
+                f"| {p['ours']} | `{p['peer_args']}` | {o['ppl']:.3f} | {p['ppl']:.3f} | "
                 f"{o['seconds']:.1f} / {p['seconds']:.1f} = "
-                f"{o['seconds'] / p['seconds']:.2f}x | {o['peak_mem_mib']:.0f} / "
-                f"{p['peak_mem_mib']:.0f} = {o['peak_mem_mib'] / p['peak_mem_mib']:.2f}x |"
+                f"{o['seconds'] / p['seconds']:.2f}x | {memory_use(o, args.device):.0f} / "
+                f"{memory_use(p, args.device):.0f} = "
+                f"{memory_use(o, args.device) / memory_use(p, args.device):.2f}x |"
             )
     text = "\n".join(lines)
     (out / "bench.md").write_text(text + "\n")

@@ -244,6 +244,18 @@ def compress(model, tokenizer, recipe, calibration, device: str):
     return model, seconds, peak
 
 
+def current_rss_mib() -> float:
+    """This process's resident memory now (Linux VmRSS), MiB; 0 where unknown."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    return next(
+        (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")),
+        0.0,
+    )
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS (VmHWM, and so ru_maxrss) to its current RSS (Linux)."""
     try:
@@ -324,9 +336,10 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args)
     peak_before = peak_memory_mib(args.device)  # CPU: model loading's peak, kept below
     if spec["kind"] == "dense":  # no compression: checks that the evaluation matches ours
-        seconds, peak_call, settings = 0.0, None, {}
+        seconds, peak_call, settings, rss_before = 0.0, None, {}, current_rss_mib()
     else:
         recipe, settings = make_recipe(spec, args, model)
+        rss_before = current_rss_mib()
         model, seconds, peak_call = compress(model, tokenizer, recipe, calibration, args.device)
     if args.device == "cuda":
         peak = peak_call if peak_call is not None else 0.0
@@ -340,6 +353,7 @@ def main() -> None:
         "seconds": seconds,
         "peak_mem_mib": peak,
         "peak_mem_compress_mib": peak_call,
+        "rss_before_compress_mib": rss_before,
         "peak_mem_before_mib": peak_before,
         "ppl": ppl,
         "llmcompressor_version": lc_version,

@@ -128,3 +128,22 @@ def global_masks(
         part.reshape(s.shape)
         for part, s in zip(mask.split([s.numel() for s in scores]), scores, strict=True)
     ]
+
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool mask of any shape into bits: uint8 ``(ceil(numel / 8),)``, 8x smaller."""
+    flat = mask.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_mask`: the bool mask of ``shape``."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return ((bits[:, None] & weights) != 0).flatten()[: math.prod(shape)].reshape(shape)

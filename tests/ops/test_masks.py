@@ -5,8 +5,10 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.ops.masks import (
     global_masks,
     nm_mask,
+    pack_mask,
     parse_pattern,
     row_mask,
+    unpack_mask,
     unstructured_mask,
 )
 
@@ -81,3 +83,11 @@ def test_nm_needs_divisible_width():
 def test_bad_sparsity(sparsity):
     with pytest.raises(PPQConfigError, match="sparsity"):
         unstructured_mask(torch.rand(2, 4), sparsity)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (16, 9), (2, 3, 3, 3)])
+def test_mask_packing_round_trip_and_size(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(bits, shape), mask)

@@ -16,6 +16,7 @@ from ppq_lightning.callbacks.base import CompressionCallback, FiresOnce, StageRe
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.metrics import compression_summary
+from ppq_lightning.order import arrange
 
 
 class CompressionSchedule(FiresOnce):
@@ -31,6 +32,10 @@ class CompressionSchedule(FiresOnce):
     Args:
         stages: the compression callbacks, in compression order (each is used through this
             schedule only: do not also pass it to the Trainer).
+        order: an order over the stages' names (``name``, else the method label), e.g.
+            ``"Q>P"`` or ``"P1>Q>P2"`` (see ``ppq_lightning.order``): the stages are applied in
+            that order instead of list order; stages it does not name are not applied. This is
+            the knob a sweep turns.
         evaluate_each_stage: evaluate after every stage (and before the first) on the running
             evaluation's dataloader or the datamodule's ``val_dataloader``.
         output_dir: where to write the report; None for the trainer's ``log_dir``.
@@ -38,7 +43,8 @@ class CompressionSchedule(FiresOnce):
 
     Raises:
         PPQConfigError: when ``stages`` is empty, holds something that is not a compression
-            callback, or two stages with the same state key.
+            callback, or two stages with the same state key; on a bad ``order`` (unknown or
+            repeated names, empty).
 
     Example (YAML)::
 
@@ -46,16 +52,18 @@ class CompressionSchedule(FiresOnce):
           callbacks:
             - class_path: ppq_lightning.callbacks.CompressionSchedule
               init_args:
+                order: Q>P
                 stages:
                   - class_path: ppq_lightning.callbacks.MagnitudePruning
-                    init_args: {sparsity: 0.5}
+                    init_args: {name: P, sparsity: 0.5}
                   - class_path: ppq_lightning.callbacks.RTNQuantization
-                    init_args: {bits: 4}
+                    init_args: {name: Q, bits: 4}
     """
 
     def __init__(
         self,
         stages: list[CompressionCallback],
+        order: str | None = None,
         evaluate_each_stage: bool = True,
         output_dir: str | None = None,
         log_layers: bool = True,
@@ -78,6 +86,8 @@ class CompressionSchedule(FiresOnce):
             raise PPQConfigError(
                 f"stages repeat {repeated[0]!r}: give repeated stages distinct `name` arguments."
             )
+        if order is not None:
+            stages = arrange(stages, [s.display_label for s in stages], order)
         self.stages = list(stages)
         self.evaluate_each_stage, self.output_dir, self.log_layers = (
             evaluate_each_stage,

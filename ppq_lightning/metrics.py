@@ -8,11 +8,16 @@
 - Performance gap ``G(f1, f2) = M(f1(phi)) - M(f2(phi))``.
 - Order advantage ``A(f1 -> f2) = M((f2 o f1)(phi)) - M((f1 o f2)(phi))``: positive when
   applying ``f1`` first is better.
+- Compression Equivalence Ratio ``C*_f``: the quantization ratio at which quantization alone
+  matches ``f`` (interpolated on a measured quantization-only curve).
+- Progressive Intensity Hypothesis: the best order applies the weaker perturbation first.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -193,3 +198,43 @@ def pih_order(single_stage_metric: dict[str, float]) -> list[str]:
         ties keep the given order.
     """
     return sorted(single_stage_metric, key=lambda name: -single_stage_metric[name])
+
+
+def compression_equivalence_ratio(curve: Sequence[tuple[float, float]], metric: float) -> float:
+    """The Compression Equivalence Ratio ``C*_f``: the quantization ratio ``C_Q`` at which
+    quantization alone reaches the metric ``M(f(phi)) = metric`` of a method ``f``.
+
+    Interpolated linearly in ``log C`` between the two measured points of the
+    quantization-only curve that bracket ``metric``, walking from the mildest point (usually
+    the dense model, ``C = 1``) towards stronger quantization.
+
+    Args:
+        curve: ``(C_Q, M)`` points of quantization alone (e.g. ``(1, M_dense)``,
+            ``(2, M_8bit)``, ... ``(8, M_2bit)``), in any order, at least two.
+        metric: ``M`` of the method, higher is better.
+
+    Returns:
+        ``C*_f``. At the ends: the mildest point's ``C`` when ``metric`` is at least as good as
+        it (``f`` costs nothing quantization would notice); ``math.inf`` when ``metric`` is
+        worse than the strongest point (``f`` hurts more than any quantization measured). On a
+        non-monotone curve, the first crossing from the mild end is returned.
+
+    Raises:
+        PPQConfigError: with fewer than two points, repeated ratios, or a non-finite value.
+    """
+    points = sorted((float(c), float(m)) for c, m in curve)
+    values = [v for point in points for v in point] + [float(metric)]
+    if len(points) < 2 or not all(math.isfinite(v) for v in values):
+        raise PPQConfigError(
+            f"curve={curve!r}, metric={metric!r}: the quantization-only curve needs at least "
+            "two finite (C_Q, M) points and a finite metric."
+        )
+    if len({c for c, _ in points}) < len(points) or points[0][0] <= 0:
+        raise PPQConfigError(f"curve={curve!r}: the ratios C_Q must be positive and distinct.")
+    if metric >= points[0][1]:
+        return points[0][0]
+    for (c1, m1), (c2, m2) in itertools.pairwise(points):
+        if m2 <= metric <= m1:  # the first segment that falls through the metric
+            t = (m1 - metric) / (m1 - m2) if m1 != m2 else 0.0
+            return math.exp(math.log(c1) + t * (math.log(c2) - math.log(c1)))
+    return math.inf

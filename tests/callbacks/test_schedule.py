@@ -134,3 +134,16 @@ def test_duplicate_callbacks_in_trainer_need_names(tmp_path):
     with pytest.raises(RuntimeError, match="state_key` must be unique"):
         make_trainer(tmp_path, [RTNQuantization(bits=4), RTNQuantization(bits=4)])
     make_trainer(tmp_path, [RTNQuantization(bits=4, name="a"), RTNQuantization(bits=4, name="b")])
+
+
+def test_order_string_rearranges_and_selects_stages(tmp_path, tiny_lm, tiny_data):
+    stages = _stages("PQ")
+    schedule = CompressionSchedule(stages=stages, order="Q>P", evaluate_each_stage=False)
+    assert schedule.order == "Q>P" and schedule.stages == stages[::-1]
+    make_trainer(tmp_path, [schedule]).validate(tiny_lm, datamodule=tiny_data, verbose=False)
+    layer = next(iter(resolve_targets(tiny_lm).values()))
+    assert get_state(layer).stages == [stages[1].state_key, stages[0].state_key]
+    only_q = CompressionSchedule(stages=_stages("PQ"), order="Q")
+    assert only_q.order == "Q" and len(only_q.stages) == 1
+    with pytest.raises(PPQConfigError, match="names 'X', which is not a configured stage"):
+        CompressionSchedule(stages=_stages("PQ"), order="P>X")

@@ -46,7 +46,7 @@ from ppq_lightning.metrics import (
     performance_gap,
     pih_order,
 )
-from ppq_lightning.order import NAME, all_orders, format_order
+from ppq_lightning.order import NAME, all_orders, format_order, parse_order
 from ppq_lightning.state import check_invariants
 
 SEARCH_MODES = ("exhaustive", "pih")
@@ -119,10 +119,15 @@ class StudyResult:
 
     def summary_row(self) -> dict[str, Any]:
         """One flat row for the study table (CSV/Markdown)."""
+        best = self.orders[self.best_order]
         row: dict[str, Any] = {
             "study": self.label,
-            "stages": ">".join(self.stages),
+            "stages": ",".join(self.stages),
             "search": self.search,
+            "best_order": self.best_order,
+            self.metric: best.value,
+            "nominal_C": best.nominal_C,
+            "measured_C": best.measured_C,
             "dense": self.dense.value,
         }
         row.update({f"alone[{name}]": cell.value for name, cell in self.singles.items()})
@@ -130,7 +135,6 @@ class StudyResult:
         row.update({f"C*[{name}]": value for name, value in self.cer.items()})
         row.update(self.pair)
         row.update(
-            best_order=self.best_order,
             pih_order=self.pih_order,
             pih_correct=self.pih_correct,
             evaluations=self.budget.evaluations,
@@ -162,12 +166,15 @@ class OrderStudy:
             ``[SparseGPT(sparsity=0.5, name="P"), GPTQ(bits=4, name="Q")]``.
         search: ``"exhaustive"`` (every permutation) or ``"pih"`` (only the order the
             Progressive Intensity Hypothesis predicts from the single-stage results).
+        order: evaluate only the dense model and this order (e.g. ``"Q>P"``; a sweep point):
+            no single stages, no curve, no search.
         curve: quantization-only stages for ``C*`` (default RTN 8, 6, 5, 4, 3, 2 bits per
             channel); ``[]`` skips the curve.
         metric: the key of the evaluation dict to compare (``"ppl"`` for ``CausalLMModule``,
             ``"loss"`` for a module evaluated through its ``validation_step``).
         higher_is_better: False for perplexity or loss (then ``M = -value``).
         output_dir: where cells and reports go; reusing it resumes a study.
+        cells_dir: where cells go instead of ``output_dir/cells`` (shared by sweep points).
         reuse_prefixes: apply shared prefixes once (False: every order from the dense model).
         label: the study's name in reports (default: its stages' state keys, shortened).
         logger: a Lightning logger (``WandbLogger``, ``CSVLogger``, ...) that receives every
@@ -193,10 +200,12 @@ class OrderStudy:
         datamodule: L.LightningDataModule,
         stages: Sequence[CompressionCallback],
         search: str = "exhaustive",
+        order: str | None = None,
         curve: Sequence[CompressionCallback] | None = None,
         metric: str = "ppl",
         higher_is_better: bool = False,
         output_dir: str | Path = "outputs/study",
+        cells_dir: str | Path | None = None,
         reuse_prefixes: bool = True,
         label: str | None = None,
         logger: Any | None = None,
@@ -228,6 +237,8 @@ class OrderStudy:
         self.curve = list(default_curve() if curve is None else curve)
         self.search, self.metric, self.higher_is_better = search, metric, higher_is_better
         self.output_dir = Path(output_dir)
+        self.cells_dir = Path(cells_dir) if cells_dir is not None else self.output_dir / "cells"
+        self.order = parse_order(order, names) if order is not None else None
         self.reuse_prefixes, self.logger = reuse_prefixes, logger
         self.label = label or "_".join(names)
         self.budget = Budget()
@@ -238,7 +249,7 @@ class OrderStudy:
     # -- the cells ------------------------------------------------------------------------------
     def _cell_path(self, keys: tuple[str, ...]) -> Path:
         digest = hashlib.sha1(json.dumps([self.metric, *keys]).encode()).hexdigest()[:16]
-        return self.output_dir / "cells" / f"{digest}.json"
+        return self.cells_dir / f"{digest}.json"
 
     def _cached(self, keys: tuple[str, ...]) -> Cell | None:
         if keys in self._cells:
@@ -374,6 +385,25 @@ class OrderStudy:
             raise PPQConfigError(f"a curve stage and a study stage are both named {clash[0]!r}.")
         all_stages = {**self.stages, **curve}
         requests: dict[tuple[str, ...], str] = {(): "dense"}
+        if self.order is not None:  # one order only (a sweep point)
+            cells = self.measure({**requests, self.order: "order"}, all_stages)
+            order = format_order(self.order)
+            return StudyResult(
+                label=self.label,
+                stages=names,
+                search="order",
+                metric=self.metric,
+                dense=cells[()],
+                singles={},
+                curve=[],
+                orders={order: cells[self.order]},
+                best_order=order,
+                pih_order="",
+                pih_correct=None,
+                cer={},
+                budget=self.budget,
+                kinds={n: s.kind for n, s in self.stages.items()},
+            )
         requests.update({(n,): "single" for n in names})
         requests.update({(n,): "curve" for n in curve})
         exhaustive = self.search == "exhaustive" and len(names) > 1
@@ -427,7 +457,6 @@ class OrderStudy:
         pair = {
             "G": performance_gap(singles[f1].M, singles[f2].M),
             "A": order_advantage(orders[f"{f1}>{f2}"].M, orders[f"{f2}>{f1}"].M),
-            "nominal_C": orders[f"{f1}>{f2}"].nominal_C,
         }
         kinds = {n: self.stages[n].kind for n in names}
         p = next((n for n in names if kinds[n] == "P"), None)
@@ -563,11 +592,14 @@ def run_study(
     datamodule: L.LightningDataModule,
     stages: list[CompressionCallback],
     search: str = "exhaustive",
+    order: str | None = None,
     curve_bits: list[int] | None = None,
     metric: str = "ppl",
     higher_is_better: bool = False,
     output_dir: str = "outputs/study",
+    cells_dir: str | None = None,
     reuse_prefixes: bool = True,
+    label: str | None = None,
     logger: Any | None = None,
 ) -> StudyResult:
     """Run one :class:`OrderStudy` and write its report to ``output_dir`` (what ``ppq study``
@@ -579,13 +611,49 @@ def run_study(
         datamodule,
         stages,
         search=search,
+        order=order,
         curve=curve,
         metric=metric,
         higher_is_better=higher_is_better,
         output_dir=output_dir,
+        cells_dir=cells_dir,
         reuse_prefixes=reuse_prefixes,
+        label=label,
         logger=logger,
     )
     result = study.run()
     write_report([result], output_dir)
+    log_result(result, logger, output_dir)
     return result
+
+
+def log_result(result: StudyResult, logger: Any | None, report_dir: str | Path) -> None:
+    """Send a study's outcome to a Lightning logger: ``result/<metric>`` etc. of its best (or
+    only) order as scalars (the key a W&B sweep optimises), and, on a ``WandbLogger``, the study
+    table and the plots of ``report_dir`` as ``wandb.Table`` / ``wandb.Image``."""
+    if logger is None:
+        return
+    best = result.orders[result.best_order]
+    scalars = {
+        f"result/{result.metric}": best.value,
+        "result/measured_C": best.measured_C,
+        "result/nominal_C": best.nominal_C,
+        "result/evaluations": float(result.budget.evaluations),
+        "result/applications": float(result.budget.applications),
+    }
+    scalars.update({f"result/{k}": float(v) for k, v in result.pair.items()})
+    if result.pih_correct is not None:
+        scalars["result/pih_correct"] = float(result.pih_correct)
+    logger.log_metrics(scalars)
+    if hasattr(logger, "log_table"):  # WandbLogger
+        rows = [asdict(c) | {"keys": ">".join(c.keys)} for c in result.cells()]
+        logger.log_table(
+            key=f"study/{result.label}/cells",
+            columns=list(rows[0]),
+            data=[list(r.values()) for r in rows],
+        )
+    if hasattr(logger, "log_image"):
+        images = sorted(Path(report_dir).glob("*.png"))
+        if images:
+            logger.log_image(key=f"study/{result.label}/plots", images=[str(p) for p in images])
+    logger.save()

@@ -96,7 +96,7 @@ def main() -> None:
         table.add_row(
             p,
             q,
-            f"{r.pair['nominal_C']:g} ({pq.measured_C:.2f})",
+            f"{pq.nominal_C:g} ({pq.measured_C:.2f})",
             f"{r.dense.value:.2f}",
             f"{r.singles[p].value:.2f}",
             f"{r.singles[q].value:.2f}",

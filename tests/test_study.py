@@ -26,7 +26,7 @@ def test_exhaustive_study_on_a_tiny_model(tmp_path, tiny_lm, tiny_data):
     assert result.best_order == max(m, key=m.get)
     assert result.pair["A"] == pytest.approx(m["P>Q"] - m["Q>P"])
     assert result.pair["G"] == pytest.approx(result.singles["P"].M - result.singles["Q"].M)
-    assert result.pair["nominal_C"] == pytest.approx(2 * 16 / 3)
+    assert result.orders["P>Q"].nominal_C == pytest.approx(2 * 16 / 3)
     weaker_first = "P>Q" if result.singles["P"].M > result.singles["Q"].M else "Q>P"
     assert result.pih_order == weaker_first
     assert result.pih_correct == (result.pih_order == result.best_order)

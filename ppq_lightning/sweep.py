@@ -1,0 +1,174 @@
+"""Run a W&B sweep file locally: one ``ppq study`` run per grid point, then one table.
+
+The same file works with ``wandb sweep configs/sweeps/order_grid.yaml`` + ``wandb agent``: its
+``command`` runs our CLI, and the parameters arrive as ``--order=P>Q --P.sparsity=0.5`` (W&B's
+``${args}``), which ``ppq study`` reads as the order and stage overrides. Without a W&B server,
+
+    ppq sweep configs/sweeps/smoke.yaml --output outputs/sweep_smoke
+
+expands the grid into exactly the commands an agent would run, runs them one after another
+(each point in ``OUTPUT/points/NNN``, all sharing the cell cache ``OUTPUT/cells``, so the dense
+model is evaluated once), and writes ``OUTPUT/sweep.csv``, ``sweep.json`` and ``sweep.md``: one
+row per point, its parameters and its results. Finished points are not run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.study import markdown_table
+
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read and check a W&B sweep file for local grid runs.
+
+    Raises:
+        PPQConfigError: when the file is missing, not a grid, or a parameter has no values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PPQConfigError(f"sweep file {str(path)!r} does not exist.")
+    sweep = yaml.safe_load(path.read_text()) or {}
+    if sweep.get("method") != "grid":
+        raise PPQConfigError(
+            f"{path}: method={sweep.get('method')!r}; the local runner runs method: grid "
+            "(random and bayes search need a W&B server: wandb sweep + wandb agent)."
+        )
+    parameters = sweep.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise PPQConfigError(f"{path}: `parameters` must map parameter names to values.")
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict) or not ("values" in spec or "value" in spec):
+            raise PPQConfigError(
+                f"{path}: parameter {name!r} needs `values: [...]` or `value: ...` for a grid "
+                f"(got {spec!r})."
+            )
+        if "values" in spec and not (isinstance(spec["values"], list) and spec["values"]):
+            raise PPQConfigError(f"{path}: parameter {name!r}: `values` must be a non-empty list.")
+    return sweep
+
+
+def grid_points(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the parameters' values, in file order (last parameter fastest)."""
+    names = list(sweep["parameters"])
+    choices = [
+        spec["values"] if "values" in spec else [spec["value"]]
+        for spec in sweep["parameters"].values()
+    ]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def _format(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def agent_command(sweep: dict[str, Any], point: dict[str, Any]) -> list[str]:
+    """The command a W&B agent runs for ``point``: ``command`` with its macros expanded.
+
+    Raises:
+        PPQConfigError: on a macro the local runner cannot expand.
+    """
+    command: list[str] = []
+    for item in sweep.get("command", DEFAULT_COMMAND):
+        item = str(item)
+        if item == "${env}":
+            command.append("/usr/bin/env")
+        elif item == "${interpreter}":
+            command.append("python")
+        elif item == "${program}":
+            if "program" not in sweep:
+                raise PPQConfigError("the sweep's command uses ${program} but it has no `program`.")
+            command.append(str(sweep["program"]))
+        elif item == "${args}":
+            command += [f"--{k}={_format(v)}" for k, v in point.items()]
+        elif item == "${args_no_hyphens}":
+            command += [f"{k}={_format(v)}" for k, v in point.items()]
+        elif item.startswith("${"):
+            raise PPQConfigError(
+                f"command macro {item} is not supported by the local runner; use ${{env}}, "
+                "${interpreter}, ${program}, ${args} or ${args_no_hyphens}."
+            )
+        else:
+            command.append(item)
+    if "study" not in command:
+        raise PPQConfigError(
+            "the local runner aggregates `ppq study` runs: the sweep's command must run "
+            f"`ppq study ...` (got {' '.join(command)!r})."
+        )
+    return command
+
+
+def run_sweep(path: str | Path, output: str | Path) -> list[dict[str, Any]]:
+    """Run every grid point of the sweep file ``path`` into ``output``; return the table rows.
+
+    Raises:
+        PPQConfigError: on a bad sweep file; SystemExit naming the failed points after all
+            points ran when some failed.
+    """
+    sweep = load_sweep(path)
+    output = Path(output)
+    points = grid_points(sweep)
+    env = dict(os.environ)
+    # the agent finds `ppq` on PATH; run the one of this Python's environment
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    rows, failed = [], []
+    for index, point in enumerate(tqdm(points, desc="sweep", unit="point")):
+        folder = output / "points" / f"{index:03d}"
+        report = folder / "report.json"
+        command = agent_command(sweep, point)
+        if not report.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            extra = ["--output_dir", str(folder), "--cells_dir", str(output / "cells")]
+            done = subprocess.run(command + extra, capture_output=True, text=True, env=env)
+            (folder / "command.txt").write_text(" ".join(command + extra) + "\n")
+            (folder / "log.txt").write_text(done.stdout + done.stderr)
+            if done.returncode:
+                failed.append(index)
+                rows.append({"point": index, **point, "error": done.stderr.strip()[-500:]})
+                continue
+        study = json.loads(report.read_text())["studies"][0]
+        rows.append({"point": index, **point, **study})
+    write_table(rows, output)
+    if failed:
+        raise SystemExit(
+            f"sweep points {failed} failed; their logs are in {output}/points/NNN/log.txt."
+        )
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], output: Path) -> None:
+    """``sweep.csv`` (one row per point), ``sweep.json`` and ``sweep.md`` in ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(output / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (output / "sweep.json").write_text(json.dumps(rows, indent=2, default=str))
+    (output / "sweep.md").write_text(markdown_table(rows, columns) + "\n")
+
+
+def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
+    """``ppq sweep SWEEP.yaml --output DIR``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ppq sweep", description=__doc__)
+    parser.add_argument("sweep", help="a W&B sweep YAML file (method: grid)")
+    parser.add_argument("--output", required=True, help="folder for points, cells and the table")
+    args = parser.parse_args(argv)
+    rows = run_sweep(args.sweep, args.output)
+    print(Path(args.output, "sweep.md").read_text())
+    return rows

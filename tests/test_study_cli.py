@@ -1,0 +1,90 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ppq_lightning.cli import main
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.loggers import WandbLogger
+from ppq_lightning.study_cli import apply_overrides, split_overrides
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny" / "study.yaml")
+
+
+def test_ppq_study_runs_a_config_and_writes_the_report(tmp_path):
+    result = main(
+        ["study", "--config", CONFIG, "--curve_bits", "[8, 2]", "--output_dir", str(tmp_path)]
+    )
+    assert set(result.orders) == {"P>Q", "Q>P"} and len(result.curve) == 2
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["studies"][0]["best_order"] == result.best_order
+    assert (tmp_path / "studies.md").exists() and (tmp_path / "heatmap.png").exists()
+
+
+def test_stage_overrides_change_arguments_and_methods():
+    rest, overrides = split_overrides(
+        ["--config", "x.yaml", "--P.sparsity=0.7", "--Q.bits", "3", "--data.seqlen", "8"]
+    )
+    assert rest == ["--config", "x.yaml", "--data.seqlen", "8"]  # the parser's own nested args
+    assert overrides == [("P", "sparsity", "0.7"), ("Q", "bits", "3")]
+    stages = [
+        {
+            "class_path": "ppq_lightning.callbacks.MagnitudePruning",
+            "init_args": {"name": "P", "sparsity": 0.5, "scope": "layer"},
+        },
+        {
+            "class_path": "ppq_lightning.callbacks.RTNQuantization",
+            "init_args": {"name": "Q", "bits": 4},
+        },
+    ]
+    apply_overrides(stages, [*overrides, ("P", "class_path", "Wanda")])
+    assert stages[0]["init_args"] == {"name": "P", "sparsity": 0.7}  # scope is not Wanda's
+    assert stages[0]["class_path"] == "ppq_lightning.callbacks.wanda.Wanda"
+    assert stages[1]["init_args"]["bits"] == 3
+    with pytest.raises(PPQConfigError, match="no stage is named 'X'; named stages: P, Q"):
+        apply_overrides(stages, [("X", "bits", "3")])
+    with pytest.raises(PPQConfigError, match="RTNQuantization has no argument 'sparsity'"):
+        apply_overrides(stages, [("Q", "sparsity", "0.5")])
+    with pytest.raises(PPQConfigError, match="is not a compression callback"):
+        apply_overrides(stages, [("Q", "class_path", "Nothing")])
+    with pytest.raises(PPQConfigError, match="needs a value"):
+        split_overrides(["--P.sparsity"])
+
+
+def test_a_bad_order_on_the_command_line_is_a_clear_error(tmp_path):
+    with pytest.raises(PPQConfigError, match="names 'X', which is not a configured stage"):
+        main(["study", "--config", CONFIG, "--order", "P>X", "--output_dir", str(tmp_path)])
+
+
+def test_study_streams_cells_table_and_plots_to_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = WandbLogger(project="ppq-test", save_dir=str(tmp_path))
+    from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+    from ppq_lightning.datamodules import TextDataModule
+    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.study import run_study
+    from tests.helpers import TINY_LLAMA
+
+    data = TextDataModule(source="pydoc", tokenizer="bytes", seqlen=64, max_eval_windows=2)
+    stages = [MagnitudePruning(sparsity=0.5, name="P"), RTNQuantization(bits=4, name="Q")]
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    result = run_study(
+        module, data, stages, curve_bits=[4], output_dir=str(tmp_path / "s"), logger=logger
+    )
+    summary = dict(logger.experiment.summary)
+    logger.experiment.finish()
+    expected = {
+        "result/ppl",
+        "result/A",
+        "result/G",
+        "result/pih_correct",
+        f"study/{result.label}/P>Q/ppl",
+        f"study/{result.label}/cells",
+        f"study/{result.label}/plots",
+    }
+    assert expected <= set(summary), sorted(summary)
+    assert summary["result/ppl"] == pytest.approx(result.orders[result.best_order].value)
+    runs = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

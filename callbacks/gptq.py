@@ -8,9 +8,15 @@ from torch import Tensor, nn
 
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.layers import set_weight_matrix, weight_matrix
+from ppq_lightning.mixed_precision import (
+    assign_bits,
+    check_layer_bits,
+    check_promote,
+    mixed_precision_config,
+)
 from ppq_lightning.ops.gptq import gptq
 from ppq_lightning.ops.hessian import check_solver_args
-from ppq_lightning.ops.quant_grid import check_bits, check_group_size
+from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size
 from ppq_lightning.state import current_mask, record_grid, record_stage
 
 
@@ -33,6 +39,8 @@ class GPTQ(CalibratedCompression):
             groups' grids are fixed up front so they stay contiguous).
         block_size: columns per lazy-update block (speed only; the result is the same).
         damp: damping, as a fraction of the mean Hessian diagonal, added before inversion.
+        layer_bits, promote: mixed precision by name (``{regex: bits}``) or by sensitivity
+            (``{"bits": B, "fraction": f}``), as in ``RTNQuantization``.
         **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``, ``targets``,
             ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
@@ -58,9 +66,13 @@ class GPTQ(CalibratedCompression):
         act_order: bool = False,
         block_size: int = 128,
         damp: float = 0.01,
+        layer_bits: dict[str, int] | None = None,
+        promote: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         check_bits(bits)
+        self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)
+        self._widths: dict[str, int] = {}
         if group_size is not None:
             check_group_size(group_size, group_size)
         check_solver_args(block_size, damp)
@@ -75,7 +87,7 @@ class GPTQ(CalibratedCompression):
             "symmetric": self.symmetric,
             "act_order": self.act_order,
             "calibrate_on": self.calibrate_on,
-        }
+        } | mixed_precision_config(self.layer_bits, self.promote)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -84,13 +96,19 @@ class GPTQ(CalibratedCompression):
             check_group_size(
                 self.group_size, weight_matrix(module).shape[1], f"group_size ({name})"
             )
+        self._widths = assign_bits(
+            modules, self.bits, self.layer_bits, self.promote, self.group_size, self.symmetric
+        )
         return super().compress(model, modules)
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
+        bits = self._widths.get(name, self.bits)
+        if bits == OFF_BITS:  # left unquantized by layer_bits
+            return {"bits": float(OFF_BITS)}
         result = gptq(
             weight_matrix(layer).float(),
             statistic,
-            self.bits,
+            bits,
             self.group_size,
             self.symmetric,
             self.act_order,
@@ -102,7 +120,7 @@ class GPTQ(CalibratedCompression):
         record_grid(layer, result.grid)
         record_stage(layer, self.history_entry())
         return {
-            "bits": float(self.bits),
+            "bits": float(bits),
             "damp": result.damp,
             "damp_retries": result.retries,
             "obs_loss": result.loss,

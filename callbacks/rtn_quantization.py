@@ -8,6 +8,12 @@ from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.layers import set_weight_matrix, weight_matrix
+from ppq_lightning.mixed_precision import (
+    assign_bits,
+    check_layer_bits,
+    check_promote,
+    mixed_precision_config,
+)
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
 from ppq_lightning.state import record_grid, record_stage
 
@@ -26,6 +32,11 @@ class RTNQuantization(CompressionCallback):
         group_size: consecutive input weights sharing one scale/zero; None for one per output
             channel. Must divide every targeted layer's input dimension.
         symmetric: a grid centred on zero (no stored zero point) instead of min-max.
+        layer_bits: mixed precision by name, ``{regex: bits}`` (16 leaves matched layers
+            unquantized; with ``bits=16`` only the matched layers are quantized).
+        promote: mixed precision by sensitivity, ``{"bits": B, "fraction": f}``: the most
+            sensitive layers (largest relative RTN error at ``bits``) holding a fraction ``f``
+            of the weights get ``B`` bits (``ppq_lightning.mixed_precision``).
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
             :class:`~ppq_lightning.callbacks.CompressionCallback`.
 
@@ -39,41 +50,59 @@ class RTNQuantization(CompressionCallback):
           callbacks:
             - class_path: ppq_lightning.callbacks.RTNQuantization
               init_args: {bits: 4, group_size: 128, symmetric: false}
+            - class_path: ppq_lightning.callbacks.RTNQuantization   # 3 bits, down_proj at 8,
+              init_args:                                            # the 10% most sensitive at 6
+                bits: 3
+                layer_bits: {"mlp\\.down_proj": 8}
+                promote: {bits: 6, fraction: 0.1}
     """
 
     label = "rtn"
     kind = "Q"
 
     def __init__(
-        self, bits: int, group_size: int | None = None, symmetric: bool = False, **kwargs: Any
+        self,
+        bits: int,
+        group_size: int | None = None,
+        symmetric: bool = False,
+        layer_bits: dict[str, int] | None = None,
+        promote: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         check_bits(bits, allow_off=True)
         if group_size is not None:
             check_group_size(group_size, group_size)
+        self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)
         super().__init__(**kwargs)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
 
     def stage_config(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        config = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return config | mixed_precision_config(self.layer_bits, self.promote)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
-        if self.bits == OFF_BITS:
+        if self.bits == OFF_BITS and self.layer_bits is None:
             return {}
         for name, module in modules.items():  # check every layer before touching any
             check_group_size(
                 self.group_size, weight_matrix(module).shape[1], f"group_size ({name})"
             )
+        widths = assign_bits(
+            modules, self.bits, self.layer_bits, self.promote, self.group_size, self.symmetric
+        )
         entry = self.history_entry()
         layers = {}
         for name, module in modules.items():
+            if widths[name] == OFF_BITS:
+                continue
             w = weight_matrix(module)  # (out, in * kernel)
-            grid = compute_grid(w, self.bits, self.group_size, self.symmetric)
+            grid = compute_grid(w, widths[name], self.group_size, self.symmetric)
             q = grid.fake_quantize(w)
             error = ((q - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-12)).item()
             set_weight_matrix(module, q)
             record_grid(module, grid)
             record_stage(module, entry)
-            layers[name] = {"bits": float(self.bits), "weight_error": error}
+            layers[name] = {"bits": float(widths[name]), "weight_error": error}
         return layers

@@ -206,6 +206,8 @@ def check_invariants(model: nn.Module) -> int:
     """
     checked = 0
     for name, module, state in compressed_modules(model):
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue  # a structural record (e.g. removed blocks on their container): no weight
         weight = module.weight.detach()
         if state.mask is not None:
             revived = int((weight[~state.mask] != 0).sum())

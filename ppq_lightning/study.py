@@ -99,7 +99,11 @@ class Budget:
 
 @dataclass
 class StudyResult:
-    """The outcome of one :class:`OrderStudy` run (one set of stages)."""
+    """The outcome of one :class:`OrderStudy` run (one set of stages).
+
+    ``best_order`` is the order with the highest ``M``; orders tied exactly are all named,
+    joined by ``=`` (``"P>Q=Q>P"``), and the PIH prediction is right if it is one of them.
+    """
 
     label: str
     stages: list[str]
@@ -119,7 +123,7 @@ class StudyResult:
 
     def summary_row(self) -> dict[str, Any]:
         """One flat row for the study table (CSV/Markdown)."""
-        best = self.orders[self.best_order]
+        best = self.orders[self.best_order.split("=")[0]]
         row: dict[str, Any] = {
             "study": self.label,
             "stages": ",".join(self.stages),
@@ -420,7 +424,9 @@ class OrderStudy:
                 self.measure({predicted: "order" if len(names) > 1 else "single"}, all_stages)
             )
         orders = {format_order(o): cells[o] for o in wanted}
-        best = max(orders, key=lambda o: orders[o].M)
+        best_m = max(c.M for c in orders.values())
+        tied = [o for o, c in orders.items() if best_m == c.M]  # equal metrics: every one is best
+        best = "=".join(tied)
         pih = format_order(predicted)
         curve_cells = [cells[(n,)] for n in curve]
         dense = cells[()]
@@ -442,7 +448,7 @@ class OrderStudy:
             orders=orders,
             best_order=best,
             pih_order=pih,
-            pih_correct=(best == pih) if self.search == "exhaustive" else None,
+            pih_correct=(pih in tied) if self.search == "exhaustive" else None,
             cer=cer,
             budget=self.budget,
             kinds={n: s.kind for n, s in self.stages.items()},
@@ -633,7 +639,7 @@ def log_result(result: StudyResult, logger: Any | None, report_dir: str | Path) 
     table and the plots of ``report_dir`` as ``wandb.Table`` / ``wandb.Image``."""
     if logger is None:
         return
-    best = result.orders[result.best_order]
+    best = result.orders[result.best_order.split("=")[0]]
     scalars = {
         f"result/{result.metric}": best.value,
         "result/measured_C": best.measured_C,

@@ -1,0 +1,78 @@
+"""The paper-experiment scripts run end to end on a tiny model and write their reports."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+TINY = ["--config", str(ROOT / "configs" / "experiments" / "tiny.yaml")]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_order_grid(tmp_path):
+    summary = _script("order_grid").main(
+        [
+            *TINY,
+            "--sparsities",
+            "[0.5]",
+            "--bits",
+            "[2, 8]",
+            "--curve_bits",
+            "[4]",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert summary["pairs"] == 2 and 0 <= summary["pih_correct"] <= 2
+    # dense + P + Q2 + Q8 + 1 curve point, then 2 orders per pair
+    assert summary["evaluations_exhaustive"] == 5 + 4 == summary["evaluations_this_run"]
+    assert summary["evaluations_pih"] == 5 + 2
+    assert summary["stage_applications_with_reuse"] < summary["stage_applications_without_reuse"]
+    assert "| P50_Q2 |" in (tmp_path / "README.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 2
+
+
+def test_order_grid_with_block_removal(tmp_path):
+    summary = _script("order_grid").main(
+        [
+            *TINY,
+            "--pruning",
+            "block_removal",
+            "--sparsities",
+            "[0.5]",
+            "--bits",
+            "[4]",
+            "--curve_bits",
+            "[4]",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert summary["pairs"] == 1
+
+
+def test_split_pruning(tmp_path):
+    rows = _script("split_pruning").main(
+        [*TINY, "--sparsities", "[0.5]", "--bits", "[4]", "--output", str(tmp_path)]
+    )
+    (row,) = rows
+    # equal total compression in all three schedules
+    assert row["C P>Q"] == pytest.approx(row["C P1>Q>P2"]) == pytest.approx(8.0)
+    assert row["best"] in ("P>Q", "Q>P", "P1>Q>P2")
+
+
+def test_mixed_precision_order(tmp_path):
+    rows = _script("mixed_precision_order").main([*TINY, "--output", str(tmp_path)])
+    by_order = {r["order"]: r for r in rows}
+    assert len(by_order) == 6
+    # progressive ends at 8/4/2 bits; regressive is re-quantized to 8 bits everywhere
+    assert by_order["Q2>Q4>Q8"]["avg_bits"] == 8
+    assert by_order["Q8>Q4>Q2"]["avg_bits"] < 5

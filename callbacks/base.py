@@ -73,6 +73,21 @@ def log_metrics(trainer: L.Trainer | None, metrics: dict[str, float]) -> None:
         logger.log_metrics(metrics, step=trainer.global_step)
 
 
+def log_layer_table(trainer: L.Trainer | None, result: StageResult) -> None:
+    """Send a stage's per-layer metrics as one table (``layers/<i>_<name>``: a row per module,
+    a column per metric) to the loggers that take tables (``WandbLogger``: a ``wandb.Table``);
+    other loggers get the same numbers as ``layer/...`` scalars from :func:`log_metrics`."""
+    if trainer is None or not trainer.is_global_zero or not result.layers:
+        return
+    columns = sorted({metric for values in result.layers.values() for metric in values})
+    data = [[name, *(values.get(c) for c in columns)] for name, values in result.layers.items()]
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_table"):
+            logger.log_table(
+                key=f"layers/{result.index}_{result.label}", columns=["module", *columns], data=data
+            )
+
+
 class FiresOnce(L.Callback):
     """A callback that runs :meth:`_fire` once, at the first of fit/validate/test/predict."""
 
@@ -221,6 +236,7 @@ class CompressionCallback(FiresOnce):
         stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
         result = self.apply(pl_module, trainer, index=stages.index(self) + 1)
         log_metrics(trainer, result.metrics(self.log_layers))
+        log_layer_table(trainer, result)
         rank_zero_info(
             f"[ppq] stage {result.index} {result.label}: sparsity {result.summary.sparsity:.3f}, "
             f"bits {result.summary.avg_bits:.2f}, measured C {result.summary.measured_C:.2f} "

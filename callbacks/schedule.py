@@ -12,7 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from ppq_lightning.callbacks.base import CompressionCallback, FiresOnce, StageResult, log_metrics
+from ppq_lightning.callbacks.base import (
+    CompressionCallback,
+    FiresOnce,
+    StageResult,
+    log_layer_table,
+    log_metrics,
+)
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.metrics import compression_summary
@@ -126,6 +132,7 @@ class CompressionSchedule(FiresOnce):
                 result.evaluation = evaluate_module(pl_module, loader)
             self.results.append(result)
             log_metrics(trainer, result.metrics(self.log_layers))
+            log_layer_table(trainer, result)
         self._report(trainer)
 
     def rows(self) -> list[dict[str, Any]]:

@@ -34,5 +34,8 @@ def test_wandb_goes_offline_without_credentials_and_writes_a_run(
     summary = dict(logger.experiment.summary)
     logger.experiment.finish()
     assert {"stage/1_P/ppl", "stage/2_Q/measured_C", "val/ppl"} <= set(summary)
+    # per-layer tables (a row per module: sparsity, bits, error ...) next to the scalars
+    assert {"layers/1_P", "layers/2_Q"} <= set(summary)
+    assert summary["layers/2_Q"]["_type"] == "table-file"
     runs = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -69,17 +69,34 @@ def all_orders(names: Sequence[str]) -> list[tuple[str, ...]]:
     return list(itertools.permutations(names))
 
 
+def check_stage_names(names: Sequence[str], grammar: bool = True) -> None:
+    """Stages used in orders need distinct names (and, with ``grammar``, names that an order
+    string can spell).
+
+    Raises:
+        PPQConfigError: on a repeated name or one that is not a letter followed by letters,
+            digits or ``_``.
+    """
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise PPQConfigError(
+            f"two stages are named {repeated[0]!r}: give every stage a distinct `name` "
+            "(its name in orders, e.g. P and Q)."
+        )
+    for name in names if grammar else ():
+        if not NAME.fullmatch(name):
+            raise PPQConfigError(
+                f"stage name {name!r} cannot appear in an order: use a letter, then letters, "
+                "digits or '_' (e.g. P50, Q4, P2_4)."
+            )
+
+
 def arrange(items: Sequence[T], names: Sequence[str], order: str) -> list[T]:
     """The ``items`` (named ``names``, in the same positions) in the sequence ``order`` gives.
 
     Raises:
         PPQConfigError: as :func:`parse_order` does, and when two items share a name.
     """
-    repeated = sorted({n for n in names if list(names).count(n) > 1})
-    if repeated:
-        raise PPQConfigError(
-            f"two stages are named {repeated[0]!r}: give every stage a distinct `name` to use "
-            "it in an order."
-        )
+    check_stage_names(names, grammar=False)
     by_name = dict(zip(names, items, strict=True))
     return [by_name[name] for name in parse_order(order, names)]

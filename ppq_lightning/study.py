@@ -46,7 +46,7 @@ from ppq_lightning.metrics import (
     performance_gap,
     pih_order,
 )
-from ppq_lightning.order import NAME, all_orders, format_order, parse_order
+from ppq_lightning.order import all_orders, check_stage_names, format_order, parse_order
 from ppq_lightning.state import check_invariants
 
 SEARCH_MODES = ("exhaustive", "pih")
@@ -220,18 +220,7 @@ class OrderStudy:
                 "callbacks, each with a distinct `name`."
             )
         names = [s.display_label for s in stages]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise PPQConfigError(
-                f"two stages are named {repeated[0]!r}: give every stage a distinct `name` "
-                "(its name in orders, e.g. P and Q)."
-            )
-        for name in names:
-            if not NAME.fullmatch(name):
-                raise PPQConfigError(
-                    f"stage name {name!r} cannot appear in an order: use a letter, then letters, "
-                    "digits or '_' (e.g. P50, Q4, P2_4)."
-                )
+        check_stage_names(names)
         if search not in SEARCH_MODES:
             raise PPQConfigError(
                 f"search={search!r} is not allowed: expected one of {SEARCH_MODES}."

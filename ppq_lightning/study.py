@@ -238,11 +238,35 @@ class OrderStudy:
         self._cells: dict[tuple[str, ...], Cell] = {}
         self._eval_loader: Any = None
         self._calibration: list[Any] | None = None
+        self._fingerprint: str | None = None
 
     # -- the cells ------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """What a cell's value depends on besides its stages: the dense weights, the evaluation
+        and calibration data, and the metric. Cells of another model or data never match."""
+        if self._fingerprint is None:
+            digest = hashlib.sha1(self.metric.encode())
+            with torch.no_grad():
+                for name, tensor in self.module.state_dict().items():
+                    if torch.is_tensor(tensor) and tensor.is_floating_point():
+                        t = tensor.detach().double()
+                        digest.update(
+                            f"{name}{tuple(t.shape)}{t.sum():.10e}{t.abs().sum():.10e}".encode()
+                        )
+            for batch in [*self._evaluation_data(), *self._calibration_data()]:
+                digest.update(_batch_bytes(batch))
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
     def _cell_path(self, keys: tuple[str, ...]) -> Path:
-        digest = hashlib.sha1(json.dumps([self.metric, *keys]).encode()).hexdigest()[:16]
+        digest = hashlib.sha1(json.dumps([self.fingerprint, *keys]).encode()).hexdigest()[:16]
         return self.cells_dir / f"{digest}.json"
+
+    def _evaluation_data(self) -> Any:
+        if self._eval_loader is None:
+            self._eval_loader = list(self.datamodule.val_dataloader())
+        return self._eval_loader
 
     def _cached(self, keys: tuple[str, ...]) -> Cell | None:
         if keys in self._cells:
@@ -268,9 +292,7 @@ class OrderStudy:
     ) -> Cell:
         start = time.perf_counter()
         check_invariants(model)
-        if self._eval_loader is None:
-            self._eval_loader = self.datamodule.val_dataloader()
-        results = evaluate_module(model, self._eval_loader)
+        results = evaluate_module(model, self._evaluation_data())
         if self.metric not in results:
             raise PPQConfigError(
                 f"metric={self.metric!r} is not among the evaluated metrics {sorted(results)}."
@@ -459,6 +481,17 @@ class OrderStudy:
         if p and q and cer:
             pair["C*_P - C_Q"] = cer[p] - singles[q].nominal_C
         return pair
+
+
+def _batch_bytes(batch: Any) -> bytes:
+    """The bytes of every tensor in a batch (tensor, dict, list or tuple), for fingerprints."""
+    if torch.is_tensor(batch):
+        return batch.detach().cpu().contiguous().numpy().tobytes()
+    if isinstance(batch, dict):
+        return b"".join(k.encode() + _batch_bytes(v) for k, v in sorted(batch.items()))
+    if isinstance(batch, (list, tuple)):
+        return b"".join(_batch_bytes(v) for v in batch)
+    return repr(batch).encode()
 
 
 def write_report(results: Sequence[StudyResult], folder: str | Path) -> Path:

@@ -64,6 +64,13 @@ def test_restarted_study_recomputes_nothing(tmp_path, tiny_lm, tiny_data):
     # another intensity in the same folder shares dense, P alone and the curve
     other = OrderStudy(tiny_lm, tiny_data, _stages(q_bits=8), curve=CURVE[:1], output_dir=tmp_path)
     assert other.run().budget.evaluations == 3  # Q alone and the two orders
+    # cells of another model (or other data) in the same folder are never reused
+    from ppq_lightning.lm import CausalLMModule
+    from tests.helpers import TINY_LLAMA
+
+    reseeded = CausalLMModule(model_config=TINY_LLAMA, seed=1)
+    fresh = OrderStudy(reseeded, tiny_data, _stages(), curve=CURVE[:1], output_dir=tmp_path).run()
+    assert fresh.budget.cached == 0 and fresh.budget.evaluations == 6
 
 
 def test_without_prefix_reuse_every_order_starts_from_dense(tmp_path, tiny_lm, tiny_data):

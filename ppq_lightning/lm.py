@@ -123,9 +123,10 @@ class CausalLMModule(L.LightningModule):
         self.eval()
         metric = Perplexity().to(device)
         try:
-            for batch in dataloader:
-                logits, targets = self._shifted(input_ids_of(batch).to(device))
-                metric.update(logits, targets)
+            with torch.no_grad():
+                for batch in dataloader:
+                    logits, targets = self._shifted(input_ids_of(batch).to(device))
+                    metric.update(logits, targets)
             ppl = float(metric.compute())
         finally:
             self.train(was_training)

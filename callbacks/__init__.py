@@ -6,6 +6,7 @@ from ppq_lightning.callbacks.block_removal import BlockRemoval
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.callbacks.channel_pruning import ChannelPruning
 from ppq_lightning.callbacks.gptq import GPTQ
+from ppq_lightning.callbacks.lora import LoRAFineTune
 from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
 from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.schedule import CompressionSchedule
@@ -19,6 +20,7 @@ __all__ = [
     "ChannelPruning",
     "CompressionCallback",
     "CompressionSchedule",
+    "LoRAFineTune",
     "MagnitudePruning",
     "RTNQuantization",
     "SparseGPT",

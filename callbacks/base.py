@@ -16,13 +16,15 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.metrics import CompressionSummary, compression_summary
-from ppq_lightning.state import applied_stages, enable_state_loading
+from ppq_lightning.state import applied_stages, enable_state_loading, get_state
 from ppq_lightning.targets import compile_patterns, resolve_targets
+from ppq_lightning.training import mask_gradients, project_onto_state
 
 
 @dataclass
@@ -89,7 +91,14 @@ def log_layer_table(trainer: L.Trainer | None, result: StageResult) -> None:
 
 
 class FiresOnce(L.Callback):
-    """A callback that runs :meth:`_fire` once, at the first of fit/validate/test/predict."""
+    """A callback that runs :meth:`_fire` once, at the first of fit/validate/test/predict.
+
+    In ``fit`` it fires at ``on_fit_start`` (subclasses may choose a later moment); the
+    validation loops inside ``fit`` never fire it. While ``fit`` trains, the first such callback
+    of the Trainer keeps every compressed layer on its mask and grid
+    (``ppq_lightning.training``): pruned gradients are zeroed before each optimizer step and
+    trainable compressed weights are projected back after it.
+    """
 
     def __init__(self) -> None:
         self._applied = False
@@ -104,13 +113,30 @@ class FiresOnce(L.Callback):
         self._fire(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._fire(trainer, pl_module)
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._fire(trainer, pl_module)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fire(trainer, pl_module)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fire(trainer, pl_module)
+
+    def _keeps_invariants(self, trainer: L.Trainer) -> bool:
+        """Whether this is the Trainer's first compression callback (it does the upkeep)."""
+        return next(cb for cb in trainer.callbacks if isinstance(cb, FiresOnce)) is self
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        if self._keeps_invariants(trainer):
+            mask_gradients(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if self._keeps_invariants(trainer):
+            project_onto_state(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied": self._applied}
@@ -134,14 +160,25 @@ class CompressionCallback(FiresOnce):
         b_orig: bits of an original weight, for compression rates (16 for LLMs, 32 for fp32
             vision models).
         log_layers: also log one metric per layer.
+        at_epoch: in ``fit``, fire at the start of this (0-based) training epoch instead of at
+            fit start; ignored by ``validate``/``test``/``predict``.
+        at_step: in ``fit``, fire before the training batch at this global step.
+
+    When ``fit`` has a training stage (``trains``: LoRA, QAT, CoDeQ) earlier in the Trainer's
+    callback list, a stage without ``at_epoch``/``at_step`` fires when training ends, after
+    that stage: ``callbacks=[Q, LoRA, P]`` is the order ``Q>L>P``.
 
     Raises:
-        PPQConfigError: on an invalid regex, a ``name`` that is not a non-empty string, or
-            ``b_orig`` not in {8, 16, 32}; at run time, when ``targets`` match nothing.
+        PPQConfigError: on an invalid regex, a ``name`` that is not a non-empty string,
+            ``b_orig`` not in {8, 16, 32}, an ``at_epoch``/``at_step`` that is not an integer
+            >= 0 or both given; at run time, when ``targets`` match nothing, when ``at_epoch``
+            is not below ``max_epochs`` (or ``at_step`` below ``max_steps``), or when a
+            training stage is used outside ``fit``.
     """
 
     label: ClassVar[str] = "stage"
     kind: str = "?"
+    trains: ClassVar[bool] = False  # acts during fit's training (LoRA, QAT, CoDeQ)
 
     def __init__(
         self,
@@ -151,8 +188,21 @@ class CompressionCallback(FiresOnce):
         name: str | None = None,
         b_orig: int = 16,
         log_layers: bool = True,
+        at_epoch: int | None = None,
+        at_step: int | None = None,
     ) -> None:
         super().__init__()
+        for argument, value in (("at_epoch", at_epoch), ("at_step", at_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad_value(argument, value, "None or an integer >= 0")
+            if value is not None and value < 0:
+                raise bad_value(argument, value, "None or an integer >= 0")
+        if at_epoch is not None and at_step is not None:
+            raise PPQConfigError(
+                f"at_epoch={at_epoch!r} and at_step={at_step!r} are not allowed together: "
+                "give one of them (or neither, to fire at fit start)."
+            )
+        self.at_epoch, self.at_step = at_epoch, at_step
         compile_patterns(targets, "targets")
         compile_patterns(ignore, "ignore")
         if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -213,6 +263,18 @@ class CompressionCallback(FiresOnce):
         """
         self.trainer, self.dataloader = trainer, dataloader
         modules = resolve_targets(model, self.targets, self.ignore)
+        adapted = [  # bases whose trained LoRA adapters were kept separate
+            name
+            for name, module in modules.items()
+            if name.endswith(".base_layer")
+            and any(e.get("kind") == "L" for e in getattr(get_state(module), "history", ()))
+        ]
+        if adapted and "P" in self.kind:
+            rank_zero_warn(
+                f"[ppq] {self.display_label} prunes the base weights of {len(adapted)} layer(s) "
+                "that carry unmerged LoRA adapters; the adapters stay dense, so the effective "
+                "weight W + BA is not sparse (merge them first: LoRAFineTune(merge='at_end'))."
+            )
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
             layers = self.compress(model, modules)
@@ -228,13 +290,67 @@ class CompressionCallback(FiresOnce):
         """Whether this stage is recorded in ``model`` (a resumed or reloaded run)."""
         return self._applied or self.state_key in applied_stages(model)
 
+    # -- when it fires in fit -------------------------------------------------------------
+    def fit_moment(self, trainer: L.Trainer) -> str:
+        """When this stage fires in ``fit``: ``"start"``, ``"epoch"``, ``"step"``, ``"end"``
+        (after a training stage listed before it) or ``"train"`` (it is the training stage)."""
+        if self.trains:
+            return "train"
+        if self.at_epoch is not None:
+            return "epoch"
+        if self.at_step is not None:
+            return "step"
+        stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        if self in stages and any(cb.trains for cb in stages[: stages.index(self)]):
+            return "end"
+        return "start"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != TrainerFn.FITTING:
+            return
+        epochs, steps = trainer.max_epochs, trainer.max_steps
+        if self.at_epoch is not None and epochs not in (None, -1) and self.at_epoch >= epochs:
+            raise bad_value("at_epoch", self.at_epoch, f"an epoch below max_epochs={epochs}")
+        if self.at_step is not None and steps not in (None, -1) and self.at_step >= steps:
+            raise bad_value("at_step", self.at_step, f"a step below max_steps={steps}")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fit_moment(trainer) == "start":
+            self._fire(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fit_moment(trainer) == "epoch" and trainer.current_epoch >= self.at_epoch:
+            self._fire(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.fit_moment(trainer) == "step" and trainer.global_step >= self.at_step:
+            self._fire(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fit_moment(trainer) == "end":
+            self._fire(trainer, pl_module)
+
     def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._applied:
+            return
         if self.already_applied(pl_module):
             self._applied = True
             rank_zero_info(f"[ppq] {self.state_key} is already applied to this model; skipped.")
             return
+        if self.trains:
+            raise PPQConfigError(
+                f"{type(self).__name__} trains: it belongs in `fit` (trainer.fit / ppq fit), "
+                f"not in `{trainer.state.fn}`."
+            )
         stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
         result = self.apply(pl_module, trainer, index=stages.index(self) + 1)
+        self.log_result(trainer, result)
+
+    def log_result(self, trainer: L.Trainer | None, result: StageResult) -> None:
+        """Log a finished stage: metrics, the per-layer table and one summary line."""
         log_metrics(trainer, result.metrics(self.log_layers))
         log_layer_table(trainer, result)
         rank_zero_info(

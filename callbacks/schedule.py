@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -94,6 +95,18 @@ class CompressionSchedule(FiresOnce):
             )
         if order is not None:
             stages = arrange(stages, [s.display_label for s in stages], order)
+        training = [s.display_label for s in stages if s.trains]
+        if len(training) > 1:
+            raise PPQConfigError(
+                f"stages train more than once ({', '.join(training)}): one training stage "
+                "(LoRA, QAT, CoDeQ) per fit; run a second fit for another."
+            )
+        timed = [s.display_label for s in stages if s.at_epoch is not None or s.at_step is not None]
+        if timed:
+            raise PPQConfigError(
+                f"stages {timed} set at_epoch/at_step: a schedule applies its stages in order "
+                "(at fit start, and after its training stage); pass timed stages to the Trainer."
+            )
         self.stages = list(stages)
         self.evaluate_each_stage, self.output_dir, self.log_layers = (
             evaluate_each_stage,
@@ -112,27 +125,99 @@ class CompressionSchedule(FiresOnce):
     def state_key(self) -> str:
         return self._generate_state_key(stages=[s.state_key for s in self.stages])
 
+    @property
+    def training_stage(self) -> CompressionCallback | None:
+        """The stage that trains in ``fit`` (LoRA, QAT, CoDeQ), if any."""
+        return next((s for s in self.stages if s.trains), None)
+
     def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the stages before the training stage (all of them when none trains)."""
         if self._applied:
             return
         self._applied = True
         self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
         if self.evaluate_each_stage:
-            loader = evaluation_dataloader(trainer)
-            self.dense_evaluation = evaluate_module(pl_module, loader)
+            self.dense_evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
             log_metrics(
                 trainer, {f"stage/0_dense/{k}": v for k, v in self.dense_evaluation.items()}
             )
-        for index, stage in enumerate(self.stages, start=1):
+        training = self.training_stage
+        if training is not None and trainer.state.fn != TrainerFn.FITTING:
+            if not training.already_applied(pl_module):
+                raise PPQConfigError(
+                    f"stage {training.display_label} ({type(training).__name__}) trains: a "
+                    f"schedule holding it belongs in `fit`, not in `{trainer.state.fn}`."
+                )
+            training = None
+        before = self.stages if training is None else self.stages[: self.stages.index(training)]
+        self._apply(trainer, pl_module, before)
+        if training is None:
+            self._report(trainer)
+        else:
+            training.on_fit_start(trainer, pl_module)
+
+    def _apply(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stages: list[CompressionCallback]
+    ) -> None:
+        for stage in stages:
+            index = self.stages.index(stage) + 1
             if stage.already_applied(pl_module):
                 rank_zero_info(f"[ppq] {stage.state_key} is already applied; skipped.")
                 continue
-            result = stage.apply(pl_module, trainer, index=index)
-            if self.evaluate_each_stage:
-                result.evaluation = evaluate_module(pl_module, loader)
-            self.results.append(result)
-            log_metrics(trainer, result.metrics(self.log_layers))
-            log_layer_table(trainer, result)
+            if stage.trains:
+                result = stage.finish(pl_module, index)
+            else:
+                result = stage.apply(pl_module, trainer, index=index)
+            self._record(trainer, pl_module, result)
+
+    def _record(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, result: StageResult
+    ) -> None:
+        if self.evaluate_each_stage:
+            result.evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
+        self.results.append(result)
+        log_metrics(trainer, result.metrics(self.log_layers))
+        log_layer_table(trainer, result)
+
+    # -- fit: the training stage's hooks, then the stages after it -------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.training_stage is not None:
+            self.training_stage.setup(trainer, pl_module, stage)
+
+    def _delegate(self, hook: str, trainer: L.Trainer, *args: Any) -> None:
+        training = self.training_stage
+        if training is not None and self._applied and not training._applied:
+            getattr(training, hook)(trainer, *args)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._delegate("on_train_epoch_start", trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._delegate("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._delegate("on_after_backward", trainer, pl_module)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._delegate("on_before_optimizer_step", trainer, pl_module, optimizer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+        self._delegate("on_train_batch_end", trainer, pl_module, outputs, batch, i)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        training = self.training_stage
+        if training is None or not self._applied:
+            return
+        self._apply(trainer, pl_module, self.stages[self.stages.index(training) :])
         self._report(trainer)
 
     def rows(self) -> list[dict[str, Any]]:

@@ -31,6 +31,9 @@ def compile_patterns(patterns: str | list[str] | None, argument: str) -> list[re
     return compiled
 
 
+ADAPTER = re.compile(r"(^|\.)lora_(A|B)(\.|$)")
+
+
 def _embedding_weights(model: nn.Module) -> set[int]:
     """Ids of weights that are embeddings: input embeddings, and output heads tied or declared."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -56,6 +59,9 @@ def resolve_targets(
             every linear and conv layer except embeddings and the LM head.
         ignore: regexes of module names to leave out, applied after ``targets``.
 
+    LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
+    layer they adapt is (``...q_proj.base_layer``).
+
     Raises:
         PPQConfigError: when a regex is invalid or nothing matches.
     """
@@ -64,7 +70,7 @@ def resolve_targets(
     embeddings = _embedding_weights(model) if not wanted else set()
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not is_compressible(module):
+        if not is_compressible(module) or ADAPTER.search(name):
             continue
         if wanted and not any(p.search(name) for p in wanted):
             continue

@@ -1,0 +1,211 @@
+"""LoRA fine-tuning (peft) over a compressed, frozen base: the stage ``L`` of an order."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.layers import as_matrix, set_weight_matrix, weight_matrix
+from ppq_lightning.metrics import compression_summary
+from ppq_lightning.state import current_grid, current_mask, record_stage
+from ppq_lightning.targets import resolve_targets
+
+MERGES = ("never", "at_end")
+ADAPTER = "default"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every peft LoRA layer of ``model``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class LoRAFineTune(CompressionCallback):
+    """Train LoRA adapters (peft) on a frozen, possibly pruned and quantized base in ``fit``.
+
+    At ``setup`` of ``fit`` the target layers get peft LoRA adapters (``lora_B`` starts at zero,
+    so the model is unchanged) and every other parameter is frozen: the compressed base stays
+    bit for bit as it was, with its zeros and on its grid, while the adapters train. Stages
+    listed before this one fire at fit start and compress the base (``...q_proj.base_layer``);
+    stages listed after it fire when training ends.
+
+    When training ends the adapters are either kept separate (``merge="never"``: the model
+    computes ``W x + B A x * alpha / r``; the adapter weights count in the measured C) or
+    merged (``merge="at_end"``): ``W + B A * alpha / r`` is re-projected onto the recorded mask
+    (pruned entries stay 0) and grid (rounded), the adapters are removed, and the share of the
+    adapter update that the projection lost is reported per layer (``projection_loss``,
+    ``||W + dW - proj(W + dW)||^2 / ||dW||^2``). A later pruning stage on a model with
+    unmerged adapters prunes the base only (with a warning: the adapters stay dense).
+
+    Args:
+        r: adapter rank, an integer >= 1.
+        alpha: LoRA scaling numerator (the update is scaled by ``alpha / r``), > 0.
+        dropout: dropout on the adapter input, in [0, 1).
+        target_modules: regex or list of regexes of the layers to adapt (``re.search`` on the
+            module name); None adapts every default target (all linear layers but embeddings and
+            the head).
+        merge: ``"never"`` or ``"at_end"``.
+        reproject: allow merging into a pruned or quantized base by re-projecting onto its mask
+            and grid. With ``False`` such a merge is refused at fit start (before training).
+        **kwargs: ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
+            :class:`~ppq_lightning.callbacks.CompressionCallback`.
+
+    Raises:
+        PPQConfigError: ``r`` not an integer >= 1, ``alpha`` <= 0, ``dropout`` outside [0, 1),
+            an unknown ``merge``, ``target_modules`` given with ``targets``; at run time,
+            ``target_modules`` that match nothing, layers that already carry adapters, a merge
+            into a compressed base with ``reproject=False``, or use outside ``fit``.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: ppq_lightning.callbacks.RTNQuantization
+              init_args: {name: Q, bits: 4}
+            - class_path: ppq_lightning.callbacks.LoRAFineTune
+              init_args: {name: L, r: 8, alpha: 16, target_modules: ["proj"], merge: never}
+    """
+
+    label = "lora"
+    kind = "L"
+    trains = True
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: str | list[str] | None = None,
+        merge: str = "never",
+        reproject: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise bad_value("r", r, "an integer >= 1")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+            raise bad_value("alpha", alpha, "a number > 0")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise bad_value("dropout", dropout, "a number in [0, 1)")
+        if merge not in MERGES:
+            raise bad_value("merge", merge, f"one of {', '.join(MERGES)}")
+        if target_modules is not None and kwargs.get("targets") is not None:
+            raise PPQConfigError(
+                f"target_modules={target_modules!r} and targets={kwargs['targets']!r} are not "
+                "allowed together: give target_modules only."
+            )
+        kwargs["targets"] = target_modules if target_modules is not None else kwargs.get("targets")
+        super().__init__(**kwargs)
+        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.merge, self.reproject = merge, reproject
+        self._trainable: list[str] = []
+        self._started = 0.0
+
+    def stage_config(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "merge": self.merge,
+            "reproject": self.reproject,
+        }
+
+    # -- fit: inject at setup (before the optimizer and any checkpoint restore) -----------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != TrainerFn.FITTING or self.already_applied(pl_module):
+            return
+        if lora_layers(pl_module):
+            raise PPQConfigError(
+                f"{self.display_label}: the model already carries LoRA adapters "
+                f"({', '.join(list(lora_layers(pl_module))[:3])}); one LoRA stage per model."
+            )
+        modules = resolve_targets(pl_module, self.targets, self.ignore)
+        self._trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(modules),
+            bias="none",
+        )
+        inject_adapter_in_model(config, pl_module, adapter_name=ADAPTER)
+        for name, parameter in pl_module.named_parameters():
+            parameter.requires_grad = ".lora_" in name
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse, before training, a merge that would break a compressed base."""
+        self._started = time.perf_counter()
+        if self.merge != "at_end" or self.reproject or self.already_applied(pl_module):
+            return
+        for name, layer in lora_layers(pl_module).items():
+            base = layer.get_base_layer()
+            if current_mask(base) is not None or current_grid(base) is not None:
+                raise PPQConfigError(
+                    f"merge='at_end' with reproject=False is not allowed for {name}: its base is "
+                    "pruned or quantized, and W + BA would leave its mask and grid. Use "
+                    "reproject=True (re-project onto them) or merge='never'."
+                )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._applied or self.already_applied(pl_module):
+            return
+        stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        index = stages.index(self) + 1 if self in stages else 1
+        self.log_result(trainer, self.finish(pl_module, index))
+
+    def finish(self, model: nn.Module, index: int = 1) -> StageResult:
+        """End the stage on ``model``: merge or keep the adapters, record, and summarise."""
+        entry = self.history_entry()
+        layers: dict[str, dict[str, float]] = {}
+        with torch.no_grad():
+            for name, layer in lora_layers(model).items():
+                base = layer.get_base_layer()
+                delta = as_matrix(base, layer.get_delta_weight(ADAPTER)).float()
+                w = weight_matrix(base).float()
+                metrics = {"delta_norm": (delta.norm() / w.norm().clamp_min(1e-12)).item()}
+                if self.merge == "at_end":
+                    merged = w + delta
+                    target = merged
+                    mask = current_mask(base)
+                    if mask is not None:
+                        target = target * mask.to(target.device)
+                    grid = current_grid(base)
+                    if grid is not None:
+                        target = grid.to(target.device).fake_quantize(target)
+                    lost = (merged - target).pow(2).sum() / delta.pow(2).sum().clamp_min(1e-30)
+                    metrics["projection_loss"] = lost.item()
+                    set_weight_matrix(base, target)
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+                    record_stage(base, entry)
+                else:
+                    adapter = sum(
+                        p.numel() for n, p in layer.named_parameters() if n.startswith("lora_")
+                    )
+                    record_stage(base, {**entry, "adapter_weights": adapter})
+                    metrics["adapter_params"] = float(adapter)
+                layers[name] = metrics
+        if self.merge == "at_end":
+            trainable = set(self._trainable)
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad = name in trainable
+        self._applied = True
+        seconds = time.perf_counter() - self._started if self._started else 0.0
+        self.result = StageResult(
+            index,
+            self.display_label,
+            self.kind,
+            self.stage_config(),
+            layers,
+            compression_summary(model, self.b_orig),
+            seconds,
+        )
+        return self.result

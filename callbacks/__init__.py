@@ -2,6 +2,7 @@
 compression order."""
 
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.callbacks.basis_sharing import BasisSharing
 from ppq_lightning.callbacks.block_removal import BlockRemoval
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.callbacks.channel_pruning import ChannelPruning
@@ -15,6 +16,7 @@ from ppq_lightning.callbacks.wanda import Wanda
 
 __all__ = [
     "GPTQ",
+    "BasisSharing",
     "BlockRemoval",
     "CalibratedCompression",
     "ChannelPruning",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import lightning as L
+import torch
+from torch import Tensor, nn
 
-from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.base import CompressionCallback, log_metrics
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.masks import (
@@ -18,6 +20,7 @@ from ppq_lightning.ops.masks import (
     unstructured_mask,
 )
 from ppq_lightning.state import current_mask, record_mask, record_stage
+from ppq_lightning.targets import resolve_targets
 
 SCOPES = ("layer", "row", "global")
 
@@ -45,6 +48,43 @@ def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple
     return implied, nm
 
 
+RAMP_KEYS = ("start_step", "end_step", "every", "initial_sparsity")
+
+
+def check_ramp(
+    ramp: dict[str, Any] | None,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    at_epoch: int | None,
+    at_step: int | None,
+) -> dict[str, Any] | None:
+    """Validate a gradual-pruning ramp; returns it with defaults filled in.
+
+    Raises:
+        PPQConfigError: see :class:`MagnitudePruning`.
+    """
+    if ramp is None:
+        return None
+    if not isinstance(ramp, dict) or set(ramp) - set(RAMP_KEYS) or "end_step" not in ramp:
+        raise bad_value("ramp", ramp, f"a dict with end_step and optionally {RAMP_KEYS}")
+    if nm is not None:
+        raise bad_value("ramp", ramp, "None with an N:M pattern (ramps are unstructured)")
+    if at_epoch is not None or at_step is not None:
+        raise bad_value("ramp", ramp, "None with at_epoch/at_step (the ramp says when)")
+    ramp = {"start_step": 0, "every": 1, "initial_sparsity": 0.0, **ramp}
+    for key in ("start_step", "end_step", "every"):
+        if isinstance(ramp[key], bool) or not isinstance(ramp[key], int) or ramp[key] < 0:
+            raise bad_value(f"ramp.{key}", ramp[key], "an integer >= 0")
+    if ramp["end_step"] <= ramp["start_step"]:
+        raise bad_value("ramp.end_step", ramp["end_step"], f"> start_step={ramp['start_step']}")
+    if ramp["every"] < 1:
+        raise bad_value("ramp.every", ramp["every"], "an integer >= 1")
+    initial = ramp["initial_sparsity"]
+    if not isinstance(initial, (int, float)) or not 0 <= initial < sparsity:
+        raise bad_value("ramp.initial_sparsity", initial, f"a number in [0, {sparsity:g})")
+    return ramp
+
+
 class MagnitudePruning(CompressionCallback):
     """Prune the weights of smallest magnitude ``|W|``.
 
@@ -61,13 +101,22 @@ class MagnitudePruning(CompressionCallback):
         scope: for unstructured pruning, where the threshold is taken: ``"layer"`` (each layer
             reaches ``sparsity``), ``"row"`` (each output row does), or ``"global"`` (one
             threshold across all targeted layers).
-        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
-            :class:`~ppq_lightning.callbacks.CompressionCallback`.
+        ramp: gradual magnitude pruning in ``fit`` (Zhu & Gupta, 2017): ``{"end_step": t1,
+            "start_step": t0 (0), "every": k (1), "initial_sparsity": s0 (0)}``. Every ``k``
+            optimizer steps from ``t0`` the layers are pruned to
+            ``s(t) = s + (s0 - s) (1 - (t - t0) / (t1 - t0))^3``, reaching ``sparsity`` at
+            ``t1``; masks only grow, and pruned weights stay 0 while training goes on. The stage
+            is recorded (and logged) when the ramp ends; a run resumed mid-ramp continues it.
+            Outside ``fit`` the final sparsity is applied at once.
+        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``,
+            ``at_epoch``, ``at_step`` of :class:`~ppq_lightning.callbacks.CompressionCallback`.
 
     Raises:
         PPQConfigError: sparsity outside [0, 1), a pattern other than "unstructured"/"N:M",
-            sparsity contradicting N:M, an unknown scope, or (at run time) an input dimension
-            that is not a multiple of M.
+            sparsity contradicting N:M, an unknown scope, a ramp with unknown keys, steps not
+            ordered ``0 <= start_step < end_step``, ``every`` < 1, ``initial_sparsity`` not in
+            [0, sparsity), an N:M pattern, or ``at_epoch``/``at_step``; at run time, an input
+            dimension that is not a multiple of M, or a ramp ending at or after ``max_steps``.
 
     Example (YAML)::
 
@@ -75,6 +124,8 @@ class MagnitudePruning(CompressionCallback):
           callbacks:
             - class_path: ppq_lightning.callbacks.MagnitudePruning
               init_args: {sparsity: 0.5, pattern: unstructured, scope: layer}
+            - class_path: ppq_lightning.callbacks.MagnitudePruning   # gradual, during fit
+              init_args: {sparsity: 0.7, ramp: {start_step: 100, end_step: 1000, every: 100}}
     """
 
     label = "magnitude"
@@ -85,6 +136,7 @@ class MagnitudePruning(CompressionCallback):
         sparsity: float | None = None,
         pattern: str = "unstructured",
         scope: str = "layer",
+        ramp: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         sparsity, nm = resolve_sparsity(sparsity, pattern)
@@ -92,26 +144,57 @@ class MagnitudePruning(CompressionCallback):
             raise bad_value("scope", scope, f"one of {', '.join(SCOPES)}")
         super().__init__(**kwargs)
         self.sparsity, self.pattern, self.scope, self._nm = sparsity, pattern, scope, nm
+        self.ramp = check_ramp(ramp, sparsity, nm, self.at_epoch, self.at_step)
 
     def stage_config(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}
+        config = {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}
+        return config if self.ramp is None else {**config, "ramp": dict(self.ramp)}
 
+    # -- gradual pruning in fit --------------------------------------------------------------
+    def fit_moment(self, trainer: L.Trainer) -> str:
+        return "ramp" if self.ramp is not None else super().fit_moment(trainer)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        steps = trainer.max_steps
+        ramp = self.ramp
+        if (
+            stage == "fit"
+            and ramp is not None
+            and steps not in (None, -1)
+            and ramp["end_step"] >= steps
+        ):
+            raise bad_value("ramp.end_step", ramp["end_step"], f"a step below max_steps={steps}")
+
+    def ramp_sparsity(self, step: int) -> float:
+        """The sparsity the ramp asks for at optimizer step ``step``."""
+        start, end = self.ramp["start_step"], self.ramp["end_step"]
+        progress = min(max((step - start) / (end - start), 0.0), 1.0)
+        initial = self.ramp["initial_sparsity"]
+        return self.sparsity + (initial - self.sparsity) * (1 - progress) ** 3
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.ramp is None:
+            return super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        step, start = trainer.global_step, self.ramp["start_step"]
+        if self._applied or step < start or self.already_applied(pl_module):
+            return
+        if step >= self.ramp["end_step"]:
+            self._fire(trainer, pl_module)  # the last step: the full stage, recorded and logged
+        elif (step - start) % self.ramp["every"] == 0:
+            modules = resolve_targets(pl_module, self.targets, self.ignore)
+            with torch.no_grad():
+                for name, mask in self.masks(modules, self.ramp_sparsity(step)).items():
+                    record_mask(modules[name], mask)
+            log_metrics(trainer, {f"ramp/{self.display_label}/sparsity": self.ramp_sparsity(step)})
+
+    # -- the pruning itself ------------------------------------------------------------------
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
-        scores = {n: weight_matrix(m).abs() for n, m in modules.items()}  # (out, in)
-        keeps = {n: current_mask(m) for n, m in modules.items()}
-        if self._nm is not None:
-            masks = {n: nm_mask(scores[n], *self._nm, keep=keeps[n]) for n in modules}
-        elif self.scope == "global":
-            names = list(modules)
-            found = global_masks(
-                [scores[n] for n in names], self.sparsity, [keeps[n] for n in names]
-            )
-            masks = dict(zip(names, found, strict=True))
-        else:
-            make = unstructured_mask if self.scope == "layer" else row_mask
-            masks = {n: make(scores[n], self.sparsity, keep=keeps[n]) for n in modules}
+        masks = self.masks(modules, self.sparsity)
         entry = self.history_entry()
         layers = {}
         for name, module in modules.items():
@@ -119,3 +202,18 @@ class MagnitudePruning(CompressionCallback):
             record_stage(module, entry)
             layers[name] = {"sparsity": 1 - state.mask.float().mean().item()}
         return layers
+
+    def masks(self, modules: dict[str, nn.Module], sparsity: float) -> dict[str, Tensor]:
+        """The masks (True = kept) that bring each of ``modules`` to ``sparsity``."""
+        scores = {n: weight_matrix(m).abs() for n, m in modules.items()}  # (out, in)
+        keeps = {n: current_mask(m) for n, m in modules.items()}
+        if self._nm is not None:
+            masks = {n: nm_mask(scores[n], *self._nm, keep=keeps[n]) for n in modules}
+        elif self.scope == "global":
+            names = list(modules)
+            found = global_masks([scores[n] for n in names], sparsity, [keeps[n] for n in names])
+            masks = dict(zip(names, found, strict=True))
+        else:
+            make = unstructured_mask if self.scope == "layer" else row_mask
+            masks = {n: make(scores[n], sparsity, keep=keeps[n]) for n in modules}
+        return masks

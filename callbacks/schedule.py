@@ -93,6 +93,24 @@ class CompressionSchedule(FiresOnce):
             raise PPQConfigError(
                 f"stages repeat {repeated[0]!r}: give repeated stages distinct `name` arguments."
             )
+        self.configured = list(stages)
+        self.set_order(order)
+        self.evaluate_each_stage, self.output_dir, self.log_layers = (
+            evaluate_each_stage,
+            output_dir,
+            log_layers,
+        )
+        self.results: list[StageResult] = []
+        self.dense_evaluation: dict[str, float] = {}
+
+    def set_order(self, order: str | None) -> None:
+        """Apply the configured stages in ``order`` (None: list order); see ``order`` above.
+
+        Raises:
+            PPQConfigError: on a bad order, more than one training stage, or a stage with
+                ``at_epoch``/``at_step``.
+        """
+        stages = self.configured
         if order is not None:
             stages = arrange(stages, [s.display_label for s in stages], order)
         training = [s.display_label for s in stages if s.trains]
@@ -108,13 +126,6 @@ class CompressionSchedule(FiresOnce):
                 "(at fit start, and after its training stage); pass timed stages to the Trainer."
             )
         self.stages = list(stages)
-        self.evaluate_each_stage, self.output_dir, self.log_layers = (
-            evaluate_each_stage,
-            output_dir,
-            log_layers,
-        )
-        self.results: list[StageResult] = []
-        self.dense_evaluation: dict[str, float] = {}
 
     @property
     def order(self) -> str:

@@ -119,6 +119,16 @@ def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 
     return LayerCost(numel, nonzero, bits, payload, overhead, _nominal_sparsity(state))
 
 
+def original_weights(module: nn.Module, state: CompressionState | None) -> int:
+    """How many weights of the original model a layer stands for: its own size, or, for a
+    factor of a low-rank factorisation (basis sharing), the ``original_weights`` its stage
+    recorded (a layer's original ``out * in`` on its coefficients, 0 on a shared basis)."""
+    for entry in reversed(state.history if state is not None else []):
+        if "original_weights" in entry:
+            return int(entry["original_weights"])
+    return module.weight.numel()
+
+
 @dataclass(frozen=True)
 class CompressionSummary:
     """Compression of a model's compressible weights.
@@ -126,13 +136,17 @@ class CompressionSummary:
     Counted: every linear/conv layer that a stage would target by default (embeddings and the
     LM head excluded), every layer that carries a compression state, and the weights of blocks
     or channels removed by structured pruning (stored in 0 bits). Uncompressed layers count at
-    ``B_orig`` bits.
+    ``B_orig`` bits. The factors of a shared-basis factorisation count as the original weights
+    they replace (:func:`original_weights`; a shared basis once) and are stored at their own
+    precision. Unmerged LoRA adapters add their weights at ``B_orig`` bits to the storage
+    (nominal and measured).
 
     Attributes:
         n_layers: layers that carry a compression state.
         n_weights: original number of weights counted.
-        sparsity: measured fraction of exactly-zero weights.
-        avg_bits: mean value bits per weight (``B_orig`` for unquantized layers).
+        sparsity: measured fraction of exactly-zero weights among the stored ones (removed
+            weights count as zeros).
+        avg_bits: mean value bits per stored weight (``B_orig`` for unquantized layers).
         nominal_C: ``B_orig / ((1 - p) * B_Q)`` from the stages' targets, weighted by size.
         measured_C: ``B_orig * n_weights`` / bits of values, scales, zeros and mask/index.
         bits_per_weight: measured storage bits per original weight, overhead included.
@@ -165,16 +179,20 @@ def compression_summary(model: nn.Module, b_orig: int = 16) -> CompressionSummar
     removed = sum(
         int(entry.get("removed_weights", 0)) for state in states.values() for entry in state.history
     )
-    n = sum(c.numel for c in costs) + removed
+    n = sum(original_weights(m, states.get(name)) for name, m in layers.items()) + removed
+    kept = sum(c.numel for c in costs)  # weights stored (factors included)
     if n == 0:
         return CompressionSummary(0, 0, 0.0, float(b_orig), 1.0, 1.0, float(b_orig))
-    stored = sum(c.payload_bits + c.overhead_bits for c in costs)
+    adapters = sum(  # unmerged LoRA adapters: extra weights at the original precision
+        int(entry.get("adapter_weights", 0)) for state in states.values() for entry in state.history
+    )
+    stored = sum(c.payload_bits + c.overhead_bits for c in costs) + adapters * b_orig
     nominal_bits = sum(c.numel * (1 - c.nominal_sparsity) * c.value_bits for c in costs)
-    kept = n - removed
+    nominal_bits += adapters * b_orig
     return CompressionSummary(
         n_layers=sum(1 for name in layers if name in states),
         n_weights=n,
-        sparsity=1 - sum(c.nonzero for c in costs) / n,
+        sparsity=1 - sum(c.nonzero for c in costs) / max(kept + removed, 1),
         avg_bits=sum(c.numel * c.value_bits for c in costs) / max(kept, 1),
         nominal_C=b_orig * n / nominal_bits if nominal_bits else float("inf"),
         measured_C=b_orig * n / stored if stored else float("inf"),

@@ -234,8 +234,9 @@ def check_invariants(model: nn.Module) -> int:
 def _replay_structure(
     model: nn.Module, owner: str, target: nn.Module, history: list[dict[str, Any]]
 ) -> None:
-    """Re-apply recorded structural edits (removed blocks, pruned channels) to a fresh model
-    before loading."""
+    """Re-apply recorded structural edits (removed blocks, pruned channels, layers replaced by
+    shared-basis factors) to a fresh model before loading."""
+    from ppq_lightning.sharing import replay_shared_basis
     from ppq_lightning.structure import remove_blocks, select_columns, select_rows
 
     done = set(get_state(target).stages) if get_state(target) is not None else set()
@@ -248,6 +249,8 @@ def _replay_structure(
             select_rows(target, torch.tensor(entry["kept_rows"]))
         if "kept_cols" in entry:
             select_columns(target, torch.tensor(entry["kept_cols"]))
+        if "shared_basis" in entry:
+            replay_shared_basis(model, owner, entry["shared_basis"])
 
 
 def enable_state_loading(model: nn.Module) -> None:
@@ -256,8 +259,8 @@ def enable_state_loading(model: nn.Module) -> None:
     A fresh model has no compression state, so the keys ``...q_proj.ppq_state.mask`` of a
     compressed checkpoint would be unexpected. This registers (once) a pre-hook on ``model``
     that attaches an empty :class:`CompressionState` wherever the state dict has one (and
-    first removes the blocks that a recorded block removal deleted); the normal loading then
-    fills it.
+    first replays the recorded structural edits: removed blocks, pruned channels, shared-basis
+    factors); the normal loading then fills it.
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
@@ -273,6 +276,7 @@ def enable_state_loading(model: nn.Module) -> None:
             extra = state_dict.get(f"{prefix}{owner}{marker}_extra_state")
             if isinstance(extra, dict):
                 _replay_structure(module, owner, target, extra.get("history", []))
+                target = module.get_submodule(owner)  # a replayed edit may have replaced it
             ensure_state(target)
 
     model.register_load_state_dict_pre_hook(attach_states)

@@ -70,15 +70,24 @@ def remove_blocks(model: nn.Module, name: str, indices: list[int]) -> int:
     updated to the new depth.
 
     Returns:
-        The number of weights of compressible layers removed.
+        The number of original weights of the compressible layers removed (a layer shared with
+        a kept block, such as a shared basis, stays and is not counted).
     """
+    from ppq_lightning.metrics import original_weights
+    from ppq_lightning.state import get_state
+
     parent, attribute = _parent(model, name)
     container = getattr(parent, attribute)
     drop = set(indices)
     keep = [i for i in range(len(container)) if i not in drop]
-    removed = sum(
-        m.weight.numel() for i in drop for m in container[i].modules() if is_compressible(m)
-    )
+    staying = {id(m) for i in keep for m in container[i].modules()}
+    gone = {
+        id(m): m
+        for i in sorted(drop)
+        for m in container[i].modules()
+        if is_compressible(m) and id(m) not in staying
+    }
+    removed = sum(original_weights(m, get_state(m)) for m in gone.values())
     setattr(parent, attribute, _subset(container, keep))
     _set_depth(model, len(container), keep)
     _renumber(getattr(parent, attribute))

@@ -1,4 +1,5 @@
-"""Run a W&B sweep file locally: one ``ppq study`` run per grid point, then one table.
+"""Run a W&B sweep file locally: one ``ppq study`` (or ``ppq fit|validate|test``) run per grid
+point, then one table.
 
 The same file works with ``wandb sweep configs/sweeps/order_grid.yaml`` + ``wandb agent``: its
 ``command`` runs our CLI, and the parameters arrive as ``--order=P>Q --P.sparsity=0.5`` (W&B's
@@ -10,6 +11,11 @@ expands the grid into exactly the commands an agent would run, runs them one aft
 (each point in ``OUTPUT/points/NNN``, all sharing the cell cache ``OUTPUT/cells``, so the dense
 model is evaluated once), and writes ``OUTPUT/sweep.csv``, ``sweep.json`` and ``sweep.md``: one
 row per point, its parameters and its results. Finished points are not run again.
+
+A point that runs ``ppq fit|validate|test`` (a config with a ``CompressionSchedule``; the
+parameters are LightningCLI arguments such as ``--order=Q>L>P``, ``--trainer.max_steps=60``)
+gets ``--report_dir OUTPUT/points/NNN``; its row is the schedule's final stage (ppl, C, ...)
+with the dense model's metrics as ``dense_*`` (``configs/sweeps/lora_orders.yaml``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.study import markdown_table
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+
+
+RUNS = ("fit", "validate", "test")
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
@@ -103,12 +112,31 @@ def agent_command(sweep: dict[str, Any], point: dict[str, Any]) -> list[str]:
             )
         else:
             command.append(item)
-    if "study" not in command:
+    if not set(command) & {"study", *RUNS}:
         raise PPQConfigError(
-            "the local runner aggregates `ppq study` runs: the sweep's command must run "
-            f"`ppq study ...` (got {' '.join(command)!r})."
+            "the local runner aggregates `ppq study` runs and `ppq fit|validate|test` runs of a "
+            f"CompressionSchedule: the sweep's command must run one (got {' '.join(command)!r})."
         )
     return command
+
+
+def point_row(command: list[str], folder: Path) -> tuple[list[str], Path, Any]:
+    """The extra arguments that send a point's report to ``folder``, the report's path, and
+    the function that turns the report into the point's result columns."""
+    if "study" in command:
+        return (
+            ["--output_dir", str(folder), "--cells_dir", str(folder.parent.parent / "cells")],
+            folder / "report.json",
+            lambda report: report["studies"][0],
+        )
+
+    def schedule_result(report: dict[str, Any]) -> dict[str, Any]:
+        last = report["stages"][-1]  # the model after the whole schedule
+        dense = report["stages"][0] if report["stages"][0]["stage"] == "0_dense" else {}
+        result = {"order": report["order"], **{f"dense_{k}": v for k, v in dense.items()}}
+        return {**result, **{k: v for k, v in last.items() if k != "stage"}}
+
+    return ["--report_dir", str(folder)], folder / "schedule.json", schedule_result
 
 
 def run_sweep(path: str | Path, output: str | Path) -> list[dict[str, Any]]:
@@ -127,11 +155,10 @@ def run_sweep(path: str | Path, output: str | Path) -> list[dict[str, Any]]:
     rows, failed = [], []
     for index, point in enumerate(tqdm(points, desc="sweep", unit="point")):
         folder = output / "points" / f"{index:03d}"
-        report = folder / "report.json"
         command = agent_command(sweep, point)
+        extra, report, result = point_row(command, folder)
         if not report.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            extra = ["--output_dir", str(folder), "--cells_dir", str(output / "cells")]
             done = subprocess.run(command + extra, capture_output=True, text=True, env=env)
             (folder / "command.txt").write_text(" ".join(command + extra) + "\n")
             (folder / "log.txt").write_text(done.stdout + done.stderr)
@@ -139,8 +166,7 @@ def run_sweep(path: str | Path, output: str | Path) -> list[dict[str, Any]]:
                 failed.append(index)
                 rows.append({"point": index, **point, "error": done.stderr.strip()[-500:]})
                 continue
-        study = json.loads(report.read_text())["studies"][0]
-        rows.append({"point": index, **point, **study})
+        rows.append({"point": index, **point, **result(json.loads(report.read_text()))})
     write_table(rows, output)
     if failed:
         raise SystemExit(

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# tiny models: one BLAS thread is faster than two fighting over small matrices (and than
+# oversubscription when subprocess tests run beside the main process)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

@@ -31,3 +31,21 @@ def test_bad_value_in_yaml_is_reported(tmp_path, capsys):
         )
     assert "pattern='3:2' is not allowed" in str(info.value) + capsys.readouterr().err
     assert not (tmp_path / "tiny_llama_p_then_q").exists()  # nothing half-written
+
+
+def test_order_flag_reorders_the_schedule_in_fit(tmp_path):
+    config = CONFIG.parent / "lora_orders.yaml"
+    main(["fit", "--config", str(config), "--order", "Q>L>P", "--report_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "schedule.json").read_text())
+    assert report["order"] == "Q>L>P"
+    assert [row["stage"] for row in report["stages"]] == ["0_dense", "1_Q", "2_L", "3_P"]
+
+
+def test_order_flag_without_a_schedule_is_refused(tmp_path):
+    from ppq_lightning.errors import PPQConfigError
+
+    config = tmp_path / "plain.yaml"
+    text = CONFIG.read_text()
+    config.write_text(text.split("  callbacks:")[0] + text[text.index("model:") :])
+    with pytest.raises(PPQConfigError, match="need a CompressionSchedule"):
+        main(["validate", "--config", str(config), "--order", "P>Q"])

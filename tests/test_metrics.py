@@ -84,6 +84,21 @@ def test_sparse_storage_only_when_smaller():
     assert compression_summary(layer).measured_C == pytest.approx(1.0)
 
 
+def test_factors_count_as_the_original_weights_they_replace():
+    # two (8, 32) layers replaced by a shared (4, 32) basis and two (8, 4) coefficient layers
+    basis, coefficients = nn.Linear(32, 4, bias=False), [nn.Linear(4, 8) for _ in range(2)]
+    record_stage(basis, {"stage": "s", "kind": "S", "original_weights": 0})
+    for layer in coefficients:
+        record_stage(layer, {"stage": "s", "kind": "S", "original_weights": 8 * 32})
+    model = nn.ModuleList([basis, *coefficients, basis])  # the basis is counted once
+    s = compression_summary(model)
+    factors = 4 * (32 + 2 * 8)
+    assert s.n_weights == 2 * 8 * 32
+    assert s.nominal_C == pytest.approx(2 * 8 * 32 / factors)
+    assert s.measured_C == pytest.approx(2 * 8 * 32 / factors)
+    assert s.avg_bits == 16 and s.sparsity == 0
+
+
 # M = -ppl: dense 10, 8-bit (C=2) 10.5, 4-bit (C=4) 20, 2-bit (C=8) 1000
 CURVE = [(1.0, -10.0), (2.0, -10.5), (4.0, -20.0), (8.0, -1000.0)]
 

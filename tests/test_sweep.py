@@ -53,8 +53,8 @@ def test_bad_commands(tmp_path):
     sweep = {"method": "grid", "parameters": {"a": {"value": 1}}}
     with pytest.raises(PPQConfigError, match=r"\$\{args_json\} is not supported"):
         agent_command({**sweep, "command": ["ppq", "study", "${args_json}"]}, {"a": 1})
-    with pytest.raises(PPQConfigError, match="must run `ppq study"):
-        agent_command({**sweep, "command": ["ppq", "validate", "${args}"]}, {"a": 1})
+    with pytest.raises(PPQConfigError, match="must run one"):
+        agent_command({**sweep, "command": ["ppq", "predict", "${args}"]}, {"a": 1})
     with pytest.raises(PPQConfigError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
 
@@ -85,3 +85,18 @@ def test_smoke_sweep_runs_locally_one_row_per_point(tmp_path, monkeypatch):
     )
     again = run_sweep(SMOKE, tmp_path)  # finished points are not run again
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]
+
+
+def test_fit_sweep_of_orders_with_fine_tuning_one_row_per_point(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    sweep = Path(__file__).parents[1] / "configs" / "sweeps" / "lora_orders.yaml"
+    command = agent_command(load_sweep(sweep), {"order": "Q>L>P"})
+    assert command[1:4] == ["ppq", "fit", "--config"] and command[-1] == "--order=Q>L>P"
+    rows = run_sweep(sweep, tmp_path)
+    assert [r["order"] for r in rows] == ["P>Q>L", "Q>L>P"]
+    assert all(r["kind"] in ("L", "P") and r["ppl"] > 1 and r["dense_ppl"] > 1 for r in rows)
+    assert rows[0]["kind"] == "L" and rows[1]["kind"] == "P"  # the last stage of each order
+    # same stages in both orders: the same base sparsity, bits and adapters, so equal C
+    assert rows[0]["measured_C"] == pytest.approx(rows[1]["measured_C"])
+    with open(tmp_path / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2

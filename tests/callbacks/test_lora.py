@@ -55,8 +55,8 @@ def compressed_stages(merge: str = "never", **lora):
 
 
 def test_lora_trains_adapters_over_a_frozen_compressed_base(tmp_path):
-    model, probe = module(), Probe()
-    trainer = make_trainer(tmp_path, [*compressed_stages(), probe], max_epochs=5)
+    model, probe, stages = module(), Probe(), compressed_stages()
+    trainer = make_trainer(tmp_path, [*stages, probe], max_epochs=5)
     trainer.fit(model, train_dataloaders=memorisable())
     layers = lora_layers(model)
     assert len(layers) == 14 and probe.bases.keys() == layers.keys()
@@ -73,6 +73,10 @@ def test_lora_trains_adapters_over_a_frozen_compressed_base(tmp_path):
     history = get_state(layers["model.model.layers.0.self_attn.q_proj"].get_base_layer()).history
     assert [h["kind"] for h in history] == ["P", "Q", "L"]
     assert history[-1]["adapter_weights"] == 4 * (64 + 64)
+    before, after = stages[1].result.summary, stages[2].result.summary
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    stored_before = 16 * before.n_weights / before.measured_C
+    assert after.measured_C == pytest.approx(16 * after.n_weights / (stored_before + 16 * adapters))
 
 
 def test_merge_reprojects_onto_mask_and_grid(tmp_path):

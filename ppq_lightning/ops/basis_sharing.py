@@ -1,0 +1,97 @@
+"""Basis sharing: one low-rank basis for the same projection of several layers.
+
+"Basis Sharing: Cross-Layer Parameter Sharing for Large Language Model Compression" (Wang et
+al., 2024). The weights ``W_1 .. W_g`` (each ``(out, in)``) of one projection in ``g`` layers are
+stacked along the output dimension and factorised by a truncated SVD::
+
+    W_stack = [W_1; ...; W_g] ~= U_k S_k V_k^T        # (g*out, in)
+    B = V_k^T                                         # (k, in), shared by the g layers
+    [C_1; ...; C_g] = U_k S_k                         # C_i: (out, k), one per layer
+    W_i ~= C_i B
+
+By Eckart-Young this is the best rank-``k`` approximation of the stack in Frobenius norm. It is
+calibration-free (plain SVD of the weights; the paper's whitening by calibration activations is
+not done here). The ``g`` layers together store ``k * (in + g*out)`` weights instead of
+``g * out * in``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ppq_lightning.errors import PPQConfigError, bad_value
+
+
+class SharedBasis(NamedTuple):
+    """A shared factorisation ``W_i ~= coefficients[i] @ basis``.
+
+    Attributes:
+        basis: ``(k, in)``, orthonormal rows (the top right singular vectors of the stack).
+        coefficients: one ``(out_i, k)`` matrix per layer (its rows of ``U_k S_k``).
+        singular_values: all singular values of the stacked weights, descending.
+        relative_errors: per layer, ``||W_i - C_i B||_F^2 / ||W_i||_F^2``.
+    """
+
+    basis: Tensor
+    coefficients: list[Tensor]
+    singular_values: Tensor
+    relative_errors: list[float]
+
+
+def factor_params(rank: int, in_features: int, out_features: Sequence[int]) -> int:
+    """Weights stored by a shared factorisation: ``k * (in + sum(out_i))`` (biases excluded)."""
+    return rank * (in_features + sum(out_features))
+
+
+def rank_for_ratio(ratio: float, group_size: int, out_features: int, in_features: int) -> int:
+    """The largest rank ``k`` whose factors keep at most ``ratio`` of the group's weights:
+    ``k = floor(ratio * g*out*in / (in + g*out))``."""
+    g_out = group_size * out_features
+    # a tiny epsilon so that e.g. ratio=0.5 at an exact integer is not lost to rounding
+    return math.floor(ratio * g_out * in_features / (in_features + g_out) + 1e-9)
+
+
+def max_rank(in_features: int, out_features: Sequence[int]) -> int:
+    """The rank of the stacked weights at most: ``min(in, sum(out_i))``."""
+    return min(in_features, sum(out_features))
+
+
+def shared_basis(weights: Sequence[Tensor], rank: int) -> SharedBasis:
+    """Factorise the weights of one projection in several layers with one shared basis.
+
+    Args:
+        weights: ``(out_i, in)`` matrices with the same ``in`` (one per layer of the group).
+        rank: ``k``, from 1 to ``min(in, sum(out_i))``.
+
+    Returns:
+        The :class:`SharedBasis` (float32 tensors on the weights' device).
+
+    Raises:
+        PPQConfigError: when ``weights`` is empty, the input dimensions differ, or ``rank`` is
+            out of range.
+    """
+    if not weights:
+        raise PPQConfigError("shared_basis needs at least one weight matrix; got none.")
+    in_features = weights[0].shape[1]
+    outs = [w.shape[0] for w in weights]
+    if any(w.dim() != 2 or w.shape[1] != in_features for w in weights):
+        shapes = [tuple(w.shape) for w in weights]
+        raise PPQConfigError(f"weights of shapes {shapes}: expected (out, in) with one `in`.")
+    top = max_rank(in_features, outs)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+        raise bad_value("rank", rank, f"an integer from 1 to {top} (min(in, sum of out))")
+    stack = torch.cat([w.float() for w in weights])  # (g*out, in)
+    u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (g*out, r), (r,), (r, in)
+    basis = vh[:rank].contiguous()  # (k, in)
+    coefficients = list((u[:, :rank] * s[:rank]).split(outs))  # g x (out_i, k)
+    errors = []
+    for w, c in zip(weights, coefficients, strict=True):
+        w = w.float()
+        residual = (w - c @ basis).pow(2).sum()
+        errors.append((residual / w.pow(2).sum().clamp_min(1e-30)).item())
+    return SharedBasis(basis, [c.contiguous() for c in coefficients], s, errors)

@@ -6,9 +6,11 @@ from ppq_lightning.callbacks.basis_sharing import BasisSharing
 from ppq_lightning.callbacks.block_removal import BlockRemoval
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.callbacks.channel_pruning import ChannelPruning
+from ppq_lightning.callbacks.dead_zone import DeadZoneQuantization
 from ppq_lightning.callbacks.gptq import GPTQ
 from ppq_lightning.callbacks.lora import LoRAFineTune
 from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
+from ppq_lightning.callbacks.qat import QuantizationAwareTraining
 from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.schedule import CompressionSchedule
 from ppq_lightning.callbacks.sparsegpt import SparseGPT
@@ -22,8 +24,10 @@ __all__ = [
     "ChannelPruning",
     "CompressionCallback",
     "CompressionSchedule",
+    "DeadZoneQuantization",
     "LoRAFineTune",
     "MagnitudePruning",
+    "QuantizationAwareTraining",
     "RTNQuantization",
     "SparseGPT",
     "StageResult",

@@ -278,7 +278,12 @@ class CompressionCallback(FiresOnce):
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
             layers = self.compress(model, modules)
-        seconds = time.perf_counter() - start
+        return self.conclude(model, index, layers, time.perf_counter() - start)
+
+    def conclude(
+        self, model: nn.Module, index: int, layers: dict[str, dict[str, float]], seconds: float
+    ) -> StageResult:
+        """Mark the stage applied and build its :class:`StageResult` (``self.result``)."""
         summary = compression_summary(model, self.b_orig)
         self.result = StageResult(
             index, self.display_label, self.kind, self.stage_config(), layers, summary, seconds
@@ -330,8 +335,18 @@ class CompressionCallback(FiresOnce):
             self._fire(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_moment(trainer) == "end":
+        moment = self.fit_moment(trainer)
+        if moment == "end":
             self._fire(trainer, pl_module)
+        elif moment == "train" and not (self._applied or self.already_applied(pl_module)):
+            stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+            index = stages.index(self) + 1 if self in stages else 1
+            self.log_result(trainer, self.finish(pl_module, index))
+
+    def finish(self, model: nn.Module, index: int = 1) -> StageResult:
+        """End a training stage (``trains``) on ``model`` when training ends: write and record
+        its result, and return it (see :meth:`conclude`). Training stages define it."""
+        raise NotImplementedError
 
     def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._applied:

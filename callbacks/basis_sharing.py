@@ -85,7 +85,7 @@ class BasisSharing(CompressionCallback):
 
         trainer:
           callbacks:
-            - class_path: ppq_lightning.callbacks.basis_sharing.BasisSharing
+            - class_path: ppq_lightning.callbacks.BasisSharing
               init_args: {group_size: 2, ratio: 0.6, projections: [q_proj, k_proj, v_proj]}
             - class_path: ppq_lightning.callbacks.RTNQuantization
               init_args: {bits: 4}

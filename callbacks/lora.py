@@ -15,7 +15,6 @@ from torch import nn
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import as_matrix, set_weight_matrix, weight_matrix
-from ppq_lightning.metrics import compression_summary
 from ppq_lightning.state import current_grid, current_mask, record_stage
 from ppq_lightning.targets import resolve_targets
 
@@ -154,13 +153,6 @@ class LoRAFineTune(CompressionCallback):
                     "reproject=True (re-project onto them) or merge='never'."
                 )
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._applied or self.already_applied(pl_module):
-            return
-        stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
-        index = stages.index(self) + 1 if self in stages else 1
-        self.log_result(trainer, self.finish(pl_module, index))
-
     def finish(self, model: nn.Module, index: int = 1) -> StageResult:
         """End the stage on ``model``: merge or keep the adapters, record, and summarise."""
         entry = self.history_entry()
@@ -197,15 +189,5 @@ class LoRAFineTune(CompressionCallback):
             trainable = set(self._trainable)
             for name, parameter in model.named_parameters():
                 parameter.requires_grad = name in trainable
-        self._applied = True
         seconds = time.perf_counter() - self._started if self._started else 0.0
-        self.result = StageResult(
-            index,
-            self.display_label,
-            self.kind,
-            self.stage_config(),
-            layers,
-            compression_summary(model, self.b_orig),
-            seconds,
-        )
-        return self.result
+        return self.conclude(model, index, layers, seconds)

@@ -201,8 +201,16 @@ class CompressionSchedule(FiresOnce):
         if training is not None and self._applied and not training._applied:
             getattr(training, hook)(trainer, *args)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._delegate("on_train_start", trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._delegate("on_train_epoch_start", trainer, pl_module)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._delegate("on_exception", trainer, pl_module, exception)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

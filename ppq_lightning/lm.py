@@ -133,6 +133,12 @@ class CausalLMModule(L.LightningModule):
         return {"ppl": ppl, "loss": math.log(ppl)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the parameters that require gradients."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.learning_rate)
+        """AdamW over the parameters that require gradients. The learnable parameters of a
+        training-time quantizer (CoDeQ's dead zones and bit widths: ``.ppq_`` in their name) get
+        no weight decay, which would pull them towards wider dead zones and fewer bits."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [  # always two groups, so checkpoints taken before/after such a stage match
+            {"params": [p for n, p in named if ".ppq_" not in n]},
+            {"params": [p for n, p in named if ".ppq_" in n], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.learning_rate)

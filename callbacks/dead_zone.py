@@ -1,0 +1,214 @@
+"""CoDeQ: joint pruning and quantization with a learned dead-zone quantizer, in ``fit``."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
+from ppq_lightning.errors import bad_value
+from ppq_lightning.fake_quant import WeightTransform
+from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout, weight_matrix
+from ppq_lightning.ops.dead_zone import DeadZoneQuantizer, dead_zone_grid
+from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS, check_bits
+from ppq_lightning.state import current_mask, record_grid, record_mask, record_stage
+
+QUANTIZER_NAME = "ppq_dead_zone"  # the child module holding a layer's learnable parameters
+
+
+def codeq_weight(module: nn.Module, weight: Tensor) -> Tensor:
+    """The weight CoDeQ's forward uses: ``q(weight)`` of the layer's dead-zone quantizer, in
+    the layout and dtype of ``module.weight``."""
+    quantizer = module.get_submodule(QUANTIZER_NAME)
+    return to_weight_layout(module, quantizer(as_matrix(module, weight)).to(weight.dtype))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class DeadZoneQuantization(FakeQuantStage):
+    """CoDeQ: learn per layer how much to prune (a dead zone) and, optionally, how many bits.
+
+    Every target layer computes with ``q(W)`` of a symmetric per-channel dead-zone quantizer
+    (``ppq_lightning.ops.dead_zone``): per output row, step ``s = max|w| / (2**(b-1) - 1)`` and
+    dead zone ``d = sigmoid(theta) * max|w|``; ``q(w) = 0`` for ``|w| <= d``, else
+    ``s * round(w / s)``. Weights inside the dead zone are exactly zero: magnitude pruning
+    inside the quantizer. ``theta`` (one per layer, i.e. one dead-zone fraction per layer) is
+    learned by backpropagation: rounding uses a straight-through gradient, and the hard gate
+    ``1[|w| > d]`` is differentiated as ``sigmoid((|w| - d) / (temperature * max|w|))``. With
+    ``learn_bits`` a continuous bit width per layer, clamped to [2, 8] and rounded (STE), is
+    learned too. The step and ``max|w|`` are recomputed from the latent weights every forward.
+
+    A callback cannot change the model's loss, so the regulariser is added to the gradients in
+    ``on_after_backward``: ``sparsity_weight * keep + bits_weight * avg_bits``, where ``keep``
+    is the soft fraction of kept weights and ``avg_bits`` the continuous bit width, both
+    averaged over all target weights (layers weighted by size). It acts on ``theta`` and the
+    bit widths only. Logged every step: ``codeq/regulariser``, ``codeq/sparsity`` (measured)
+    and ``codeq/avg_bits`` (``codeq`` is the stage's ``name`` when given).
+
+    The parameters live in a child ``ppq_dead_zone`` of each target layer, created at ``setup``
+    so that the optimizer trains them and checkpoints save them (a resumed run continues
+    exactly). When training ends the weight becomes ``q(W)``, the grid (symmetric, per channel,
+    the learned bits) and the mask ``q(W) != 0`` (combined with any earlier mask) are recorded,
+    and the children are removed. Per-layer metrics: ``sparsity``, ``bits``, ``dead_zone``
+    (``d / max|w|``) and ``weight_error`` (``||q(W) - W||^2 / ||W||^2``).
+
+    Args:
+        bits: bit width, 2 to 8 (the initial one when ``learn_bits``).
+        learn_bits: learn a bit width per layer.
+        sparsity_weight: weight of the sparsity regulariser (lambda), >= 0; larger prunes more.
+        bits_weight: weight of the average-bits regulariser, >= 0; needs ``learn_bits``.
+        init_dead_zone: initial ``d / max|w|``, in [0, 1) (0 starts at 1e-4); None starts at
+            half a step, where the quantizer equals plain symmetric rounding.
+        temperature: width of the soft gate that gives ``theta`` its gradient, in units of
+            ``max|w|`` of the row, > 0.
+        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
+            :class:`~ppq_lightning.callbacks.CompressionCallback`.
+
+    Raises:
+        PPQConfigError: bits outside 2-8, ``learn_bits`` not a bool, a negative or non-numeric
+            ``sparsity_weight``/``bits_weight``, ``bits_weight > 0`` without ``learn_bits``,
+            ``init_dead_zone`` outside [0, 1), ``temperature <= 0``; at ``setup``, a layer
+            already trained by another stage; use outside ``fit`` (the stage trains).
+
+    Example (YAML)::
+
+        trainer:
+          max_steps: 2000
+          callbacks:
+            - class_path: ppq_lightning.callbacks.DeadZoneQuantization
+              init_args: {bits: 4, sparsity_weight: 1.0, learn_bits: true, bits_weight: 0.05}
+    """
+
+    label = "codeq"
+    kind = "PQ"
+
+    def __init__(
+        self,
+        bits: int = 4,
+        learn_bits: bool = False,
+        sparsity_weight: float = 0.0,
+        bits_weight: float = 0.0,
+        init_dead_zone: float | None = None,
+        temperature: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        check_bits(bits)
+        if not isinstance(learn_bits, bool):
+            raise bad_value("learn_bits", learn_bits, "true or false")
+        for argument, value in (("sparsity_weight", sparsity_weight), ("bits_weight", bits_weight)):
+            if not _number(value) or not value >= 0:
+                raise bad_value(argument, value, "a number >= 0")
+        if bits_weight > 0 and not learn_bits:
+            raise bad_value("bits_weight", bits_weight, "0 unless learn_bits=True")
+        if init_dead_zone is not None and (
+            not _number(init_dead_zone) or not 0 <= init_dead_zone < 1
+        ):
+            raise bad_value("init_dead_zone", init_dead_zone, "None or a number in [0, 1)")
+        if not _number(temperature) or not temperature > 0:
+            raise bad_value("temperature", temperature, "a number > 0")
+        super().__init__(**kwargs)
+        self.bits, self.learn_bits = bits, learn_bits
+        self.sparsity_weight, self.bits_weight = float(sparsity_weight), float(bits_weight)
+        self.init_dead_zone = None if init_dead_zone is None else float(init_dead_zone)
+        self.temperature = float(temperature)
+
+    def stage_config(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "learn_bits": self.learn_bits,
+            "sparsity_weight": self.sparsity_weight,
+            "bits_weight": self.bits_weight,
+            "init_dead_zone": self.init_dead_zone,
+            "temperature": self.temperature,
+        }
+
+    # -- setup and the end ------------------------------------------------------------------
+    def prepare(self, name: str, module: nn.Module) -> WeightTransform:
+        quantizer = DeadZoneQuantizer(
+            self.bits, self.init_dead_zone, self.temperature, self.learn_bits
+        )
+        module.add_module(QUANTIZER_NAME, quantizer.to(module.weight.device))
+        return partial(codeq_weight, module)
+
+    def remove_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        quantizer = module._modules.pop(QUANTIZER_NAME, None)
+        return [] if quantizer is None else list(quantizer.parameters())
+
+    def after_step(self) -> None:
+        for module in self._layers.values():
+            module.get_submodule(QUANTIZER_NAME).project()
+
+    def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
+        quantizer = module.get_submodule(QUANTIZER_NAME)
+        w = weight_matrix(module).float()  # (out, in): the final latent weights
+        mask = current_mask(module)
+        if mask is not None:  # already 0 after every step; kept exact whatever happened since
+            w = w * mask.to(w.device)
+        bits = quantizer.integer_bits()
+        q = quantizer(w)  # exactly 0 in the dead zone, on the grid outside
+        error = ((q - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)).item()
+        set_weight_matrix(module, q)
+        record_grid(module, dead_zone_grid(w, bits))
+        state = record_mask(module, q != 0)
+        sparsity = 1 - state.mask.float().mean().item()
+        record_stage(module, {**self.history_entry(), "sparsity": sparsity})
+        return {
+            "sparsity": sparsity,
+            "bits": float(bits),
+            "dead_zone": quantizer.dead_zone(),
+            "weight_error": error,
+        }
+
+    # -- the regulariser, added to the gradients after every backward ------------------------
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._layers:
+            return
+        total = sum(module.weight.numel() for module in self._layers.values())
+        keep, kept, avg_bits, soft_bits = 0.0, 0.0, 0.0, 0.0
+        parameters: list[nn.Parameter] = []
+        for module in self._layers.values():
+            quantizer = module.get_submodule(QUANTIZER_NAME)
+            share = module.weight.numel() / total
+            soft, hard = quantizer.keep_rates(as_matrix(module, module.weight))
+            keep, kept = keep + share * soft, kept + share * hard
+            avg_bits += share * quantizer.integer_bits()
+            if quantizer.bit_width is not None:
+                soft_bits = soft_bits + share * quantizer.bit_width.clamp(MIN_BITS, MAX_BITS)
+            parameters += list(quantizer.parameters())
+        regulariser = self.sparsity_weight * keep + self.bits_weight * soft_bits
+        if (self.sparsity_weight > 0 or self.bits_weight > 0) and regulariser.requires_grad:
+            _add_gradients(trainer, regulariser, parameters)
+        pl_module.log_dict(
+            {
+                f"{self.display_label}/regulariser": float(regulariser.detach()),
+                f"{self.display_label}/sparsity": 1 - float(kept),
+                f"{self.display_label}/avg_bits": float(avg_bits),
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+
+
+def _add_gradients(trainer: L.Trainer, loss: Tensor, parameters: list[nn.Parameter]) -> None:
+    """Accumulate the gradients of ``loss`` into ``parameters``, as the training loss' own
+    backward would have: divided over accumulated batches, scaled like the loss under fp16
+    AMP. ``torch.autograd.grad`` (not ``backward``) runs no DDP gradient hooks; ``loss`` is
+    the same on every rank, so no all-reduce is needed."""
+    loss = loss / trainer.accumulate_grad_batches
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    for parameter, grad in zip(parameters, grads, strict=True):
+        if grad is None:
+            continue
+        if parameter.grad is None:
+            parameter.grad = grad.detach().clone()
+        else:
+            parameter.grad.add_(grad)

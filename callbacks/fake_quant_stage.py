@@ -1,0 +1,193 @@
+"""What QAT and CoDeQ share: a stage that trains its layers through a fake-quantizing forward.
+
+Lifecycle in ``fit`` (the base class does not call ``compress`` for a training stage):
+
+- ``setup``: resolve the targets, check every layer, then attach the weight transform
+  (``ppq_lightning.fake_quant``) and create any learnable parameters, before Lightning builds
+  the optimizer and restores a checkpoint;
+- each step: gradients of weights pruned by earlier stages are zeroed before the optimizer
+  step, and the mask is re-applied to the latent weights after it (the mask is read at every
+  step, so a pruning stage that fires after ``setup`` is honoured);
+- ``on_train_end`` (or ``finish`` from a ``CompressionSchedule``): the quantized weights are
+  written into ``module.weight``, the grid, mask and history are recorded, the transform and
+  parameters are removed, and the stage is logged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.fake_quant import (
+    WeightTransform,
+    attach_weight_transform,
+    detach_weight_transform,
+    has_weight_transform,
+)
+from ppq_lightning.state import STATE_NAME, get_state
+from ppq_lightning.targets import resolve_targets
+
+
+class FakeQuantStage(CompressionCallback):
+    """Base of the training stages whose layers compute with ``fn(latent weight)``.
+
+    Subclasses define :meth:`check_layer`, :meth:`prepare` (returns the transform, may add
+    learnable child modules), :meth:`finalise` (writes and records one layer, returns its
+    metrics) and, if they add children, :meth:`remove_parameters`.
+    """
+
+    trains = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        for argument in ("at_epoch", "at_step"):
+            if kwargs.get(argument) is not None:
+                raise bad_value(
+                    argument, kwargs[argument], "None: a training stage trains for the whole fit"
+                )
+        super().__init__(**kwargs)
+        self._layers: dict[str, nn.Module] = {}
+        self._trainer: L.Trainer | None = None
+        self._load_hook: Any = None
+        self._started = 0.0
+
+    # -- what subclasses define -----------------------------------------------------------
+    def check_layer(self, name: str, module: nn.Module) -> None:
+        """Raise a ``PPQConfigError`` if the stage cannot train ``module``."""
+
+    def prepare(self, name: str, module: nn.Module) -> WeightTransform:
+        """Create the layer's learnable parameters (if any); return its weight transform."""
+        raise NotImplementedError
+
+    def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
+        """Write the quantized weight of ``module`` and record it; return its metrics."""
+        raise NotImplementedError
+
+    def compress(
+        self, model: nn.Module, modules: dict[str, nn.Module]
+    ) -> dict[str, dict[str, float]]:
+        raise PPQConfigError(
+            f"{type(self).__name__} trains: it belongs in `fit` (trainer.fit / ppq fit); "
+            "it cannot be applied to a model at once."
+        )
+
+    def remove_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """Remove the learnable parameters :meth:`prepare` added; return them."""
+        return []
+
+    # -- setup: before the optimizer is built and a checkpoint restored --------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != TrainerFn.FITTING or self._layers or self.already_applied(pl_module):
+            return  # outside fit, the base class refuses the stage once the model is restored
+        modules = resolve_targets(pl_module, self.targets, self.ignore)
+        for name, module in modules.items():  # check every layer before touching any
+            if has_weight_transform(module):
+                raise PPQConfigError(
+                    f"{self.display_label}: {name} already has a training-time weight "
+                    "transform (another QAT/CoDeQ stage): one training stage per fit."
+                )
+            self.check_layer(name, module)
+        for name, module in modules.items():
+            attach_weight_transform(module, self.prepare(name, module))
+        self._layers, self._trainer = modules, trainer
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._before_restore)
+
+    def _before_restore(self, model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Loading a checkpoint taken after this stage ended: undo ``setup`` before the load."""
+        for name in self._layers:
+            extra = state_dict.get(f"{prefix}{name}.{STATE_NAME}._extra_state")
+            history = extra.get("history", []) if isinstance(extra, dict) else []
+            if any(entry.get("stage") == self.state_key for entry in history):
+                self.release()
+                return
+
+    def release(self) -> list[nn.Parameter]:
+        """Detach every transform and remove the learnable parameters (nothing recorded)."""
+        removed: list[nn.Parameter] = []
+        for module in self._layers.values():
+            detach_weight_transform(module)
+            removed += self.remove_parameters(module)
+        self._layers = {}
+        return removed
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_load_hook()  # every checkpoint restore is done by now
+        if self.already_applied(pl_module) and self._layers:
+            _forget_parameters(trainer, self.release())
+
+    # -- every step: earlier masks stay exact ----------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        for module in self._layers.values():
+            state = get_state(module)
+            grad = module.weight.grad
+            if state is not None and state.mask is not None and grad is not None:
+                grad.mul_(state.mask.to(grad.device))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+        with torch.no_grad():
+            for module in self._layers.values():
+                state = get_state(module)
+                if state is not None and state.mask is not None:
+                    module.weight.mul_(state.mask.to(module.weight.device))
+            self.after_step()
+
+    def after_step(self) -> None:
+        """Projections of the stage's own parameters after an optimizer step."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_load_hook()
+        if not self._applied:
+            self.release()  # leave a plain model (latent weights), nothing recorded
+
+    # -- the end: write, record, log ------------------------------------------------------
+    def finish(self, model: nn.Module, index: int = 1) -> StageResult:
+        """End the stage on ``model``: write the quantized weights, record, and summarise."""
+        layers: dict[str, dict[str, float]] = {}
+        removed: list[nn.Parameter] = []
+        with torch.no_grad():
+            for name, module in self._layers.items():
+                detach_weight_transform(module)
+                layers[name] = self.finalise(name, module)
+                removed += self.remove_parameters(module)
+        self._layers = {}
+        self._remove_load_hook()
+        if self._trainer is not None:
+            _forget_parameters(self._trainer, removed)
+        seconds = time.perf_counter() - self._started if self._started else 0.0
+        return self.conclude(model, index, layers, seconds)
+
+
+def _forget_parameters(trainer: L.Trainer, parameters: list[nn.Parameter]) -> None:
+    """Drop removed parameters from the optimizers, so that a checkpoint saved later matches
+    the model that no longer has them."""
+    if not parameters:
+        return
+    ids = {id(p) for p in parameters}
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        for parameter in parameters:
+            optimizer.state.pop(parameter, None)

@@ -1,0 +1,105 @@
+"""Quantization-aware training: train through a fake-quantized forward, end on the grid."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+
+from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
+from ppq_lightning.fake_quant import WeightTransform, fake_quantize_ste
+from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout, weight_matrix
+from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
+from ppq_lightning.state import current_mask, record_grid, record_stage
+
+
+def qat_weight(
+    module: nn.Module, bits: int, group_size: int | None, symmetric: bool, weight: Tensor
+) -> Tensor:
+    """The weight QAT's forward uses: ``weight`` rounded onto the min-max grid of its current
+    values (straight-through gradient), in the layout of ``module.weight``."""
+    w = as_matrix(module, weight)  # (out, in)
+    grid = compute_grid(w, bits, group_size, symmetric)  # from the detached latent weights
+    return to_weight_layout(module, fake_quantize_ste(w, grid))
+
+
+class QuantizationAwareTraining(FakeQuantStage):
+    """Quantization-aware training (QAT) with a straight-through estimator, in ``fit``.
+
+    From ``setup`` of ``fit`` on, every target layer computes with ``fake_quantize(W)``: its
+    latent full-precision weight ``W`` rounded onto a min-max grid (per output channel or per
+    group, as :class:`~ppq_lightning.callbacks.RTNQuantization` builds it); the gradient passes
+    the rounding unchanged (STE) and updates ``W``. The grid is recomputed from the current
+    ``W`` at every forward, so it follows the weights as they move, no weight is ever clipped
+    (its gradient would vanish), and the forward of the last step is exactly the model that is
+    written at the end. Weights pruned by earlier stages stay 0: their gradients are zeroed and
+    the mask is re-applied after every optimizer step, and 0 is a point of every grid.
+
+    When training ends each layer's weight becomes ``fake_quantize(W)`` on the grid of the final
+    ``W``; that grid is recorded (replacing an earlier one) with the stage in the history.
+    Stages listed after this one in the Trainer fire then. Per-layer metrics: ``bits`` and
+    ``weight_error`` (``||Q(W) - W||^2 / ||W||^2`` against the final latent weights).
+
+    Args:
+        bits: bits per weight, 2 to 8.
+        group_size: consecutive input weights sharing one scale/zero; None for one per output
+            channel. Must divide every targeted layer's input dimension.
+        symmetric: a grid centred on zero (no stored zero point) instead of min-max.
+        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
+            :class:`~ppq_lightning.callbacks.CompressionCallback`.
+
+    Raises:
+        PPQConfigError: bits outside 2-8, a group size that is not a positive integer; at
+            ``setup``, a group size that does not divide a layer's input dimension (checked for
+            every layer before any is touched) or a layer already trained by another stage;
+            use outside ``fit`` (the stage trains).
+
+    Example (YAML)::
+
+        trainer:
+          max_steps: 1000
+          callbacks:
+            - class_path: ppq_lightning.callbacks.MagnitudePruning
+              init_args: {sparsity: 0.5}
+            - class_path: ppq_lightning.callbacks.QuantizationAwareTraining
+              init_args: {bits: 4, group_size: 32}
+    """
+
+    label = "qat"
+    kind = "Q"
+
+    def __init__(
+        self,
+        bits: int,
+        group_size: int | None = None,
+        symmetric: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        check_bits(bits)
+        if group_size is not None:
+            check_group_size(group_size, group_size)
+        super().__init__(**kwargs)
+        self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
+
+    def stage_config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def check_layer(self, name: str, module: nn.Module) -> None:
+        check_group_size(self.group_size, weight_matrix(module).shape[1], f"group_size ({name})")
+
+    def prepare(self, name: str, module: nn.Module) -> WeightTransform:
+        return partial(qat_weight, module, self.bits, self.group_size, self.symmetric)
+
+    def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
+        w = weight_matrix(module).float()  # (out, in): the final latent weights
+        mask = current_mask(module)
+        if mask is not None:  # already 0 after every step; kept exact whatever happened since
+            w = w * mask.to(w.device)
+        grid = compute_grid(w, self.bits, self.group_size, self.symmetric)
+        q = grid.fake_quantize(w)
+        error = ((q - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)).item()
+        set_weight_matrix(module, q)
+        record_grid(module, grid)
+        record_stage(module, self.history_entry())
+        return {"bits": float(self.bits), "weight_error": error}

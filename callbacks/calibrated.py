@@ -88,14 +88,35 @@ class CalibratedCompression(CompressionCallback):
         accumulate = accumulate_hessian if self.statistic == "hessian" else accumulate_act_norms
         stats: dict[str, tuple[Tensor | None, int]] = {}
         metrics: dict[str, dict[str, float]] = {}
+        # layers fed the very same input tensor (q/k/v, gate/up) share one statistic
+        shares: dict[str, str] = {}
+        last: list[Any] = [None, None, None]  # the last input accumulated, its layer and name
 
         def observe(name: str, layer: nn.Module, x: Tensor) -> None:
+            same = x is last[0] and isinstance(layer, nn.Linear) and type(layer) is type(last[1])
+            if name in shares or (same and name not in stats):
+                if not (same and shares.setdefault(name, last[2]) == last[2]):
+                    raise RuntimeError(
+                        f"{name}: its input was the input of {shares[name]} in an earlier "
+                        "calibration batch but not in this one; the model's forward is not "
+                        "deterministic in its module calls."
+                    )
+                return
             acc, seen = stats.get(name, (None, 0))
             stats[name] = accumulate(acc, layer_input_rows(layer, x).float(), seen)
+            last[:] = [x, layer, name]
 
         def solve(layers: dict[str, nn.Module]) -> None:
+            reduced: dict[str, Tensor] = {}
+            for name in layers:  # data-parallel: average over all ranks, once per statistic
+                source = shares.get(name, name)
+                if source not in reduced:
+                    reduced[source], _ = all_reduce_mean(*stats[source])
+            for name in layers:
+                stats.pop(name, None)
+            last[:] = [None, None, None]
             for name, layer in layers.items():
-                statistic, _ = all_reduce_mean(*stats.pop(name))  # data-parallel: all ranks
+                statistic = reduced[shares.get(name, name)]
                 before = weight_matrix(layer).float().clone()  # (out, in)
                 start = time.perf_counter()
                 values = self.compress_layer(name, layer, statistic)

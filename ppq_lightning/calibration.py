@@ -135,7 +135,7 @@ def observing(layers: dict[str, nn.Module], observe: Observer) -> Iterator[None]
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0].detach()
+            x = args[0]  # the very object (layers fed the same tensor may share statistics)
             _check_finite(x, f"the input of {name}")
             observe(name, module, x)
 

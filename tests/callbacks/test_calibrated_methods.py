@@ -109,3 +109,34 @@ def test_bad_arguments():
         SparseGPT(sparsity=0.5, damp=-1)
     with pytest.raises(PPQConfigError, match=r"pattern='3:2'"):
         SparseGPT(pattern="3:2")
+
+
+def test_layers_fed_one_input_share_one_hessian_and_match_their_own(monkeypatch):
+    """q/k/v (and gate/up) read the same tensor: one Hessian is accumulated for them, and each
+    layer's GPTQ result equals GPTQ with the Hessian of its own captured inputs."""
+    import ppq_lightning.callbacks.calibrated as calibrated
+    from ppq_lightning.ops.gptq import gptq
+
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    data = [
+        {"input_ids": torch.randint(0, 384, (1, 32), generator=torch.Generator().manual_seed(i))}
+        for i in range(3)
+    ]
+    block = module.model.model.layers[0]
+    captured: list[torch.Tensor] = []
+    handle = block.self_attn.k_proj.register_forward_hook(
+        lambda m, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for batch in data:
+            module(batch["input_ids"])
+    handle.remove()
+    x = torch.cat(captured)
+    expected = gptq(block.self_attn.k_proj.weight.detach(), 2 * x.T @ x / len(x), 4).weight
+
+    calls = []
+    real = calibrated.accumulate_hessian
+    monkeypatch.setattr(calibrated, "accumulate_hessian", lambda *a: calls.append(1) or real(*a))
+    GPTQ(bits=4, num_calibration_batches=3, log_layers=False).apply(module, dataloader=data)
+    assert len(calls) == 4 * 2 * 3  # q, o, gate, down per block and batch (not 7)
+    torch.testing.assert_close(block.self_attn.k_proj.weight, expected, rtol=0, atol=1e-6)

@@ -186,3 +186,21 @@ def test_target_modules_matching_nothing(tmp_path):
 def test_lora_outside_fit_is_an_error(tmp_path, tiny_data):
     with pytest.raises(PPQConfigError, match="belongs in `fit`"):
         make_trainer(tmp_path, [LoRAFineTune()]).validate(module(), datamodule=tiny_data)
+
+
+def test_split_pruning_around_fine_tuning_p1_q_l_p2(tmp_path, tiny_data):
+    stages = [
+        MagnitudePruning(sparsity=0.3, name="P1"),
+        MagnitudePruning(sparsity=0.6, name="P2"),
+        RTNQuantization(bits=4, name="Q"),
+        LoRAFineTune(r=2, name="L", merge="at_end"),
+    ]
+    schedule = CompressionSchedule(stages, order="P1>Q>L>P2", output_dir=str(tmp_path))
+    model = module()
+    make_trainer(tmp_path, [schedule], max_steps=2, limit_val_batches=1).fit(
+        model, datamodule=tiny_data
+    )
+    assert [r.label for r in schedule.results] == ["P1", "Q", "L", "P2"]
+    sparsity = [r.summary.sparsity for r in schedule.results]
+    assert sparsity[0] == pytest.approx(0.3, abs=0.01) and sparsity[-1] >= 0.6
+    assert check_invariants(model) == 14

@@ -193,9 +193,11 @@ class CompressionCallback(FiresOnce):
     ) -> None:
         super().__init__()
         for argument, value in (("at_epoch", at_epoch), ("at_step", at_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise bad_value(argument, value, "None or an integer >= 0")
-            if value is not None and value < 0:
+            if value is not None and self.trains:
+                raise bad_value(argument, value, "None: a training stage trains for the whole fit")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
                 raise bad_value(argument, value, "None or an integer >= 0")
         if at_epoch is not None and at_step is not None:
             raise PPQConfigError(
@@ -275,10 +277,15 @@ class CompressionCallback(FiresOnce):
                 "that carry unmerged LoRA adapters; the adapters stay dense, so the effective "
                 "weight W + BA is not sparse (merge them first: LoRAFineTune(merge='at_end'))."
             )
+        parameters = {id(p) for p in model.parameters()}
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
             layers = self.compress(model, modules)
-        return self.conclude(model, index, layers, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting and any(id(p) not in parameters for p in model.parameters()):
+            trainer.strategy.setup_optimizers(trainer)  # new parameters (factors): train them
+        return self.conclude(model, index, layers, seconds)
 
     def conclude(
         self, model: nn.Module, index: int, layers: dict[str, dict[str, float]], seconds: float
@@ -296,6 +303,15 @@ class CompressionCallback(FiresOnce):
         return self._applied or self.state_key in applied_stages(model)
 
     # -- when it fires in fit -------------------------------------------------------------
+    def _stages(self, trainer: L.Trainer) -> list[CompressionCallback]:
+        """The Trainer's compression callbacks, in list (= compression) order."""
+        return [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+
+    def _index(self, trainer: L.Trainer) -> int:
+        """This stage's 1-based position in the compression order (1 outside the list)."""
+        stages = self._stages(trainer)
+        return stages.index(self) + 1 if self in stages else 1
+
     def fit_moment(self, trainer: L.Trainer) -> str:
         """When this stage fires in ``fit``: ``"start"``, ``"epoch"``, ``"step"``, ``"end"``
         (after a training stage listed before it) or ``"train"`` (it is the training stage)."""
@@ -305,7 +321,7 @@ class CompressionCallback(FiresOnce):
             return "epoch"
         if self.at_step is not None:
             return "step"
-        stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        stages = self._stages(trainer)
         if self in stages and any(cb.trains for cb in stages[: stages.index(self)]):
             return "end"
         return "start"
@@ -325,13 +341,13 @@ class CompressionCallback(FiresOnce):
             self._fire(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_moment(trainer) == "epoch" and trainer.current_epoch >= self.at_epoch:
+        if self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
             self._fire(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.fit_moment(trainer) == "step" and trainer.global_step >= self.at_step:
+        if self.at_step is not None and trainer.global_step >= self.at_step:
             self._fire(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -339,9 +355,7 @@ class CompressionCallback(FiresOnce):
         if moment == "end":
             self._fire(trainer, pl_module)
         elif moment == "train" and not (self._applied or self.already_applied(pl_module)):
-            stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
-            index = stages.index(self) + 1 if self in stages else 1
-            self.log_result(trainer, self.finish(pl_module, index))
+            self.log_result(trainer, self.finish(pl_module, self._index(trainer)))
 
     def finish(self, model: nn.Module, index: int = 1) -> StageResult:
         """End a training stage (``trains``) on ``model`` when training ends: write and record
@@ -360,9 +374,7 @@ class CompressionCallback(FiresOnce):
                 f"{type(self).__name__} trains: it belongs in `fit` (trainer.fit / ppq fit), "
                 f"not in `{trainer.state.fn}`."
             )
-        stages = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
-        result = self.apply(pl_module, trainer, index=stages.index(self) + 1)
-        self.log_result(trainer, result)
+        self.log_result(trainer, self.apply(pl_module, trainer, index=self._index(trainer)))
 
     def log_result(self, trainer: L.Trainer | None, result: StageResult) -> None:
         """Log a finished stage: metrics, the per-layer table and one summary line."""

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ppq_lightning.calibration import find_blocks
-from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import is_compressible, weight_matrix
 from ppq_lightning.ops.basis_sharing import factor_params, max_rank, rank_for_ratio, shared_basis
@@ -233,19 +230,6 @@ class BasisSharing(CompressionCallback):
         return groups
 
     # -- the stage ---------------------------------------------------------------------------
-    def apply(
-        self,
-        model: nn.Module,
-        trainer: L.Trainer | None = None,
-        index: int = 1,
-        dataloader: Iterable[Any] | None = None,
-    ) -> StageResult:
-        result = super().apply(model, trainer, index, dataloader)
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            # the factors are new parameters: rebuild the optimizers so that fit trains them
-            trainer.strategy.setup_optimizers(trainer)
-        return result
-
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:

@@ -12,10 +12,11 @@ from torch import Tensor, nn
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.errors import bad_value
 from ppq_lightning.fake_quant import WeightTransform
-from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout, weight_matrix
+from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout
 from ppq_lightning.ops.dead_zone import DeadZoneQuantizer, dead_zone_grid
 from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS, check_bits
-from ppq_lightning.state import current_mask, record_grid, record_mask, record_stage
+from ppq_lightning.ops.reconstruction import relative_weight_error
+from ppq_lightning.state import record_grid, record_mask, record_stage
 
 QUANTIZER_NAME = "ppq_dead_zone"  # the child module holding a layer's learnable parameters
 
@@ -146,13 +147,10 @@ class DeadZoneQuantization(FakeQuantStage):
 
     def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
         quantizer = module.get_submodule(QUANTIZER_NAME)
-        w = weight_matrix(module).float()  # (out, in): the final latent weights
-        mask = current_mask(module)
-        if mask is not None:  # already 0 after every step; kept exact whatever happened since
-            w = w * mask.to(w.device)
+        w = self.latent_weight(module)
         bits = quantizer.integer_bits()
         q = quantizer(w)  # exactly 0 in the dead zone, on the grid outside
-        error = ((q - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)).item()
+        error = relative_weight_error(w, q)
         set_weight_matrix(module, q)
         record_grid(module, dead_zone_grid(w, bits))
         state = record_mask(module, q != 0)

@@ -21,17 +21,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
+from torch import Tensor, nn
 
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
-from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.fake_quant import (
     WeightTransform,
     attach_weight_transform,
     detach_weight_transform,
     has_weight_transform,
 )
-from ppq_lightning.state import STATE_NAME, get_state
+from ppq_lightning.layers import weight_matrix
+from ppq_lightning.state import STATE_NAME, current_mask, get_state
 from ppq_lightning.targets import resolve_targets
 
 
@@ -46,11 +47,6 @@ class FakeQuantStage(CompressionCallback):
     trains = True
 
     def __init__(self, **kwargs: Any) -> None:
-        for argument in ("at_epoch", "at_step"):
-            if kwargs.get(argument) is not None:
-                raise bad_value(
-                    argument, kwargs[argument], "None: a training stage trains for the whole fit"
-                )
         super().__init__(**kwargs)
         self._layers: dict[str, nn.Module] = {}
         self._trainer: L.Trainer | None = None
@@ -130,17 +126,7 @@ class FakeQuantStage(CompressionCallback):
         if self.already_applied(pl_module) and self._layers:
             _forget_parameters(trainer, self.release())
 
-    # -- every step: earlier masks stay exact ----------------------------------------------
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
-    ) -> None:
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        for module in self._layers.values():
-            state = get_state(module)
-            grad = module.weight.grad
-            if state is not None and state.mask is not None and grad is not None:
-                grad.mul_(state.mask.to(grad.device))
-
+    # -- every step: earlier masks stay exact (their gradients are zeroed by the base class) -
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
@@ -151,6 +137,14 @@ class FakeQuantStage(CompressionCallback):
                 if state is not None and state.mask is not None:
                     module.weight.mul_(state.mask.to(module.weight.device))
             self.after_step()
+
+    @staticmethod
+    def latent_weight(module: nn.Module) -> Tensor:
+        """The layer's final latent weight ``(out, in)``, float32, with the recorded mask's
+        zeros exact (they are re-applied after every step; kept whatever happened since)."""
+        w = weight_matrix(module).float()
+        mask = current_mask(module)
+        return w if mask is None else w * mask.to(w.device)
 
     def after_step(self) -> None:
         """Projections of the stage's own parameters after an optimizer step."""

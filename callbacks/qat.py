@@ -11,7 +11,8 @@ from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.fake_quant import WeightTransform, fake_quantize_ste
 from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout, weight_matrix
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
-from ppq_lightning.state import current_mask, record_grid, record_stage
+from ppq_lightning.ops.reconstruction import relative_weight_error
+from ppq_lightning.state import record_grid, record_stage
 
 
 def qat_weight(
@@ -92,13 +93,10 @@ class QuantizationAwareTraining(FakeQuantStage):
         return partial(qat_weight, module, self.bits, self.group_size, self.symmetric)
 
     def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
-        w = weight_matrix(module).float()  # (out, in): the final latent weights
-        mask = current_mask(module)
-        if mask is not None:  # already 0 after every step; kept exact whatever happened since
-            w = w * mask.to(w.device)
+        w = self.latent_weight(module)
         grid = compute_grid(w, self.bits, self.group_size, self.symmetric)
         q = grid.fake_quantize(w)
-        error = ((q - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)).item()
+        error = relative_weight_error(w, q)
         set_weight_matrix(module, q)
         record_grid(module, grid)
         record_stage(module, self.history_entry())

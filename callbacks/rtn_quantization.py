@@ -15,6 +15,7 @@ from ppq_lightning.mixed_precision import (
     mixed_precision_config,
 )
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
+from ppq_lightning.ops.reconstruction import relative_weight_error
 from ppq_lightning.state import record_grid, record_stage
 
 
@@ -100,7 +101,7 @@ class RTNQuantization(CompressionCallback):
             w = weight_matrix(module)  # (out, in * kernel)
             grid = compute_grid(w, widths[name], self.group_size, self.symmetric)
             q = grid.fake_quantize(w)
-            error = ((q - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-12)).item()
+            error = relative_weight_error(w, q)
             set_weight_matrix(module, q)
             record_grid(module, grid)
             record_stage(module, entry)

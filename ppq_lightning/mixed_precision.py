@@ -22,6 +22,7 @@ from torch import nn
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.quant_grid import check_bits, compute_grid
+from ppq_lightning.ops.reconstruction import relative_weight_error
 from ppq_lightning.targets import compile_patterns
 
 
@@ -66,7 +67,7 @@ def sensitivity(module: nn.Module, bits: int, group_size: int | None, symmetric:
     """Relative round-to-nearest error ``||W - Q(W)||^2 / ||W||^2`` of ``module`` at ``bits``."""
     w = weight_matrix(module).float()
     q = compute_grid(w, bits, group_size, symmetric).fake_quantize(w)
-    return ((q - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)).item()
+    return relative_weight_error(w, q)
 
 
 def assign_bits(

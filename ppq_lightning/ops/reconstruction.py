@@ -6,6 +6,12 @@ import torch
 from torch import Tensor
 
 
+def relative_weight_error(w: Tensor, w_hat: Tensor) -> float:
+    """``||W - W_hat||^2 / ||W||^2`` (0 for an all-zero ``W`` reproduced exactly)."""
+    w = w.float()
+    return float((w_hat.float() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12))
+
+
 def relative_output_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     """``||(W - W_hat) X^T||^2 / ||W X^T||^2`` computed from ``H`` proportional to ``X^T X``.
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppq_lightning.calibration import batch_input, default_forward, find_blocks
+from ppq_lightning.calibration import (
+    BlockInputs,
+    _first_output,
+    _no_cache,
+    batch_input,
+    capture_block_inputs,
+    default_forward,
+    find_blocks,
+    recording_block_inputs,
+)
 from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.distributed import all_reduce_mean, reduce_device
@@ -33,6 +43,44 @@ def causal_lm_loss(model: nn.Module, batches: list[Any], forward: Any = default_
     return float(mean)
 
 
+class _Replay(nn.Module):
+    """Stands in for a block: ignores its input and returns ``outputs[k]`` on its k-th call (one
+    call per calibration batch). Attributes a model reads from its blocks (``attention_type``,
+    ...) come from ``block``, which is not a submodule."""
+
+    def __init__(self, block: nn.Module, outputs: list[Any]) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls == len(self.outputs):
+            raise PPQConfigError(
+                "the model ran its blocks more than once per calibration batch; BlockRemoval "
+                "needs one pass through them per batch (check the callback's `forward_fn`)."
+            )
+        output = self.outputs[self.calls]
+        self.calls += 1
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_block" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_block"], name)
+
+
+def _with_hidden(hidden: Tensor, output: Any) -> Any:
+    """A block's output structure (a tensor, or a tuple/list led by one) led by ``hidden``."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
 class BlockRemoval(CompressionCallback):
     """Remove whole blocks, chosen greedily: at each step the block whose removal increases the
     calibration loss (next-token cross-entropy) the least goes, as SLEB does.
@@ -40,8 +88,14 @@ class BlockRemoval(CompressionCallback):
     Fires once, before the first evaluation or at fit start. The blocks are really deleted
     (the HF config's ``num_hidden_layers`` follows), their weights count as stored in 0 bits in
     the measured compression rate, and the removal is recorded on the blocks' parent module so
-    that a checkpoint of the pruned model loads into a fresh full-depth model. Cost: about
-    ``n_blocks x depth`` forward passes of the model over the calibration batches.
+    that a checkpoint of the pruned model loads into a fresh full-depth model.
+
+    Cost: a step with ``K`` blocks left scores the ``K`` candidates with about ``K²/2`` block
+    forwards over the calibration batches (plus ``K`` passes of the embeddings and head), half
+    of the ``K²`` of one model forward per candidate, with the same losses: the blocks before a
+    candidate compute what they compute in the current model, so one walk through the blocks
+    keeps the hidden states at the candidate's input and runs only the blocks after it (and the
+    head) from there. Memory: two sets of hidden states (one per calibration batch each).
 
     Args:
         n_blocks: how many blocks to remove; or
@@ -52,8 +106,8 @@ class BlockRemoval(CompressionCallback):
 
     Raises:
         PPQConfigError: when neither or both of ``n_blocks``/``ratio`` are given, or at run time
-            when ``n_blocks`` is not smaller than the number of blocks, or the model has no
-            repeated blocks.
+            when ``n_blocks`` is not smaller than the number of blocks, the model has no
+            repeated blocks, or its forward does not run them once per calibration batch.
 
     Example (YAML)::
 
@@ -111,10 +165,7 @@ class BlockRemoval(CompressionCallback):
         removed: list[int] = []
         losses: list[float] = []
         for _ in tqdm(range(n), desc=self.display_label, unit="block", leave=False):
-            scores = {}
-            for candidate in (i for i in range(depth) if i not in removed):
-                with without_blocks(model, name, {*removed, candidate}):
-                    scores[candidate] = causal_lm_loss(model, batches, self.forward_fn)
+            scores = self._candidate_losses(model, name, removed, batches)
             best = min(scores, key=scores.__getitem__)
             removed.append(best)
             losses.append(scores[best])
@@ -137,3 +188,63 @@ class BlockRemoval(CompressionCallback):
                 **{f"removed_{step}": float(i) for step, i in enumerate(removed)},
             }
         }
+
+    def _candidate_losses(
+        self, model: nn.Module, name: str, removed: list[int], batches: list[Any]
+    ) -> dict[int, float]:
+        """The calibration loss of ``model`` without the blocks ``removed`` and each other block,
+        by the index of that block (as if each were scored with a whole forward pass).
+
+        The kept blocks are walked in order, holding the hidden states at the input of the
+        current one (``inputs``: per batch, the arguments the model passes it). Its candidate
+        loss comes from a forward of the model whose block container holds a :class:`_Replay`
+        returning those hidden states, then the blocks after it: the model itself feeds them its
+        keyword arguments (masks of their ``layer_types``, position embeddings) and applies its
+        head. The arguments of the next block are recorded on the way; the hidden states then
+        advance through the current block (the last block is not run when there is another).
+
+        Raises:
+            PPQConfigError: when the model's forward does not run its blocks once per batch.
+        """
+        kept = [i for i in range(len(model.get_submodule(name))) if i not in removed]
+        scores: dict[int, float] = {}
+        with _no_cache(model), without_blocks(model, name, set(removed)):
+            blocks = model.get_submodule(name)
+            inputs = capture_block_inputs(model, blocks[0], batches, self.forward_fn)
+            outputs: list[Any] = []
+            for position, index in enumerate(kept):
+                last = position == len(kept) - 1
+                # the last block's output is unused but for its structure: the previous one's serves
+                if not last or not outputs:
+                    outputs = [
+                        blocks[position](*args, **kwargs)
+                        for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True)
+                    ]
+                replay = _Replay(
+                    blocks[position],
+                    [_with_hidden(a[0], o) for a, o in zip(inputs.args, outputs, strict=True)],
+                )
+                recording = (
+                    contextlib.nullcontext(BlockInputs())
+                    if last
+                    else recording_block_inputs(blocks[position + 1])
+                )
+                with (
+                    without_blocks(model, name, set(range(position)), {position: replay}),
+                    recording as following,
+                ):
+                    scores[index] = causal_lm_loss(model, batches, self.forward_fn)
+                if replay.calls != len(batches):
+                    raise PPQConfigError(
+                        f"the model ran its blocks on {replay.calls} of {len(batches)} "
+                        "calibration batches."
+                    )
+                if not last:
+                    inputs = BlockInputs(
+                        [
+                            (_first_output(o), *a[1:])
+                            for o, a in zip(outputs, following.args, strict=True)
+                        ],
+                        following.kwargs,
+                    )
+        return scores

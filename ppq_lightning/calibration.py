@@ -166,6 +166,34 @@ def _no_cache(model: nn.Module) -> Iterator[None]:
             c.use_cache = value
 
 
+def _record_call(captured: BlockInputs, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Append a block call's arguments to ``captured``, key/value caches left out."""
+    kwargs = dict(kwargs)
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    captured.args.append(tuple(args))
+    captured.kwargs.append(kwargs)
+
+
+@contextlib.contextmanager
+def recording_block_inputs(block: nn.Module) -> Iterator[BlockInputs]:
+    """Record what ``block`` receives on each call while in the context (the forward goes on,
+    unlike :func:`capture_block_inputs`); the hook is removed whatever happens."""
+    captured = BlockInputs()
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        _record_call(captured, args, kwargs)
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, batches: list[Any], forward: Callable[[nn.Module, Any], Any]
 ) -> BlockInputs:
@@ -173,14 +201,7 @@ def capture_block_inputs(
     captured = BlockInputs()
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        for key in _CACHE_KWARGS:
-            if key in kwargs:
-                kwargs[key] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        captured.args.append(tuple(args))
-        captured.kwargs.append(kwargs)
+        _record_call(captured, args, kwargs)
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

@@ -25,15 +25,28 @@ def _configs(model: nn.Module) -> list[object]:
     return list(seen.values())
 
 
+_DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
 def _set_depth(model: nn.Module, old: int, keep: list[int]) -> None:
     """Make HF configs agree with a block list of ``len(keep)`` blocks (was ``old``)."""
     for config in _configs(model):
-        for field in ("num_hidden_layers", "n_layer", "num_layers"):
+        for field in _DEPTH_FIELDS:
             if getattr(config, field, None) == old:
                 setattr(config, field, len(keep))
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, list) and len(layer_types) == old:
             config.layer_types = [layer_types[i] for i in keep]
+
+
+def _depth_fields(model: nn.Module) -> list[tuple[object, str, object]]:
+    """The HF config entries that :func:`_set_depth` may change, to put back as they were."""
+    return [
+        (config, field, getattr(config, field))
+        for config in _configs(model)
+        for field in (*_DEPTH_FIELDS, "layer_types")
+        if getattr(config, field, None) is not None
+    ]
 
 
 def _renumber(blocks: nn.Module) -> None:
@@ -44,22 +57,40 @@ def _renumber(blocks: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def without_blocks(model: nn.Module, name: str, drop: set[int]) -> Iterator[None]:
-    """Run ``model`` with the blocks ``drop`` of the container ``name`` left out, then restore."""
+def without_blocks(
+    model: nn.Module, name: str, drop: set[int], replace: dict[int, nn.Module] | None = None
+) -> Iterator[None]:
+    """Run ``model`` with the blocks ``drop`` of the container ``name`` left out, then restore.
+
+    The HF configs' depth (``num_hidden_layers``, ``layer_types``) follows while in the context;
+    the container and the configs are put back as they were whatever happens. Contexts nest
+    (indices then refer to the container of the enclosing context).
+
+    Args:
+        model: the model.
+        name: the name of the block container in ``model``.
+        drop: the indices of the blocks to leave out.
+        replace: modules to run in place of kept blocks, by index (their ``layer_types`` entry
+            stays that of the block they stand for).
+    """
     parent, attribute = _parent(model, name)
     container = getattr(parent, attribute)
     keep = [i for i in range(len(container)) if i not in drop]
-    setattr(parent, attribute, _subset(container, keep))
-    _set_depth(model, len(container), keep)
+    saved = _depth_fields(model)
+    setattr(parent, attribute, _subset(container, keep, replace))
     try:
+        _set_depth(model, len(container), keep)
         yield
     finally:
         setattr(parent, attribute, container)
-        _set_depth(model, len(keep), list(range(len(container))))
+        for config, field, value in saved:
+            setattr(config, field, value)
 
 
-def _subset(container: nn.Module, keep: list[int]) -> nn.Module:
-    blocks = [container[i] for i in keep]
+def _subset(
+    container: nn.Module, keep: list[int], replace: dict[int, nn.Module] | None = None
+) -> nn.Module:
+    blocks = [(replace or {}).get(i, container[i]) for i in keep]
     return nn.ModuleList(blocks) if isinstance(container, nn.ModuleList) else nn.Sequential(*blocks)
 
 

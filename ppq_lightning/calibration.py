@@ -166,9 +166,26 @@ def _no_cache(model: nn.Module) -> Iterator[None]:
             c.use_cache = value
 
 
+def _reuse_equal(value: Any, previous: Any) -> Any:
+    """``value``, or ``previous`` where it holds equal tensors: keyword arguments that are the
+    same for every batch (rotary embeddings, position ids, masks) are then stored once."""
+    if isinstance(value, Tensor) and isinstance(previous, Tensor):
+        same = (value.shape, value.dtype, value.device) == (
+            previous.shape,
+            previous.dtype,
+            previous.device,
+        )
+        return previous if same and torch.equal(value, previous) else value
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        items = tuple(_reuse_equal(v, p) for v, p in zip(value, previous, strict=True))
+        return previous if all(i is p for i, p in zip(items, previous, strict=True)) else items
+    return value
+
+
 def _record_call(captured: BlockInputs, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Append a block call's arguments to ``captured``, key/value caches left out."""
-    kwargs = dict(kwargs)
+    previous = captured.kwargs[-1] if captured.kwargs else {}
+    kwargs = {key: _reuse_equal(value, previous.get(key)) for key, value in kwargs.items()}
     for key in _CACHE_KWARGS:
         if key in kwargs:
             kwargs[key] = None
@@ -219,13 +236,16 @@ def capture_block_inputs(
     return captured
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs, name: str) -> list[Tensor]:
-    outputs = []
-    for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True):
-        out = _first_output(block(*args, **kwargs))
+def _run_block(block: nn.Module, inputs: BlockInputs, name: str, advance: bool) -> None:
+    """Run ``block`` on every calibration input; with ``advance``, each input is replaced by the
+    block's output as soon as it is computed, so only one set of activations is ever held."""
+    for k in range(len(inputs.args)):  # by index: no iterator keeps an old input alive
+        args = inputs.args[k]
+        out = _first_output(block(*args, **inputs.kwargs[k]))
         _check_finite(out, f"block {name}")
-        outputs.append(out)
-    return outputs
+        if advance:
+            inputs.args[k] = (out, *args[1:])
+        del args, out
 
 
 @dataclass
@@ -314,19 +334,18 @@ def calibrate_sequentially(
                 block_name = f"{found[0]}.{index}"
                 block.to(run_on)
                 layers = in_blocks.get(index, {})
+                # the next block's inputs come from the compressed block (a second pass) or,
+                # with "original", from this pass; the last block's outputs are not needed
+                rerun = bool(layers) and not original and index < last
                 with observing(layers, observe):
-                    outputs = _run_block(block, inputs, block_name)
+                    _run_block(block, inputs, block_name, advance=index < last and not rerun)
                 report.block_passes += 1
                 if layers:
                     compress(layers)
-                    if not original and index < last:
-                        outputs = _run_block(block, inputs, block_name)  # from the compressed block
+                    if rerun:
+                        _run_block(block, inputs, block_name, advance=True)
                         report.block_passes += 1
                 block.to(home)
-                inputs = BlockInputs(
-                    [(out, *args[1:]) for out, args in zip(outputs, inputs.args, strict=True)],
-                    inputs.kwargs,
-                )
             report.n_blocks = last + 1
         if rest and not original:
             observe_rest()  # on the model compressed so far

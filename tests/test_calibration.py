@@ -1,8 +1,10 @@
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
-from ppq_lightning.calibration import calibrate_sequentially, find_blocks
+from ppq_lightning.calibration import calibrate_sequentially, capture_block_inputs, find_blocks
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.layers import weight_matrix
 from ppq_lightning.models import load_causal_lm
@@ -181,6 +183,48 @@ def test_generic_sequential_and_layers_outside_blocks():
     )
     assert order == [["1.0.fc"], ["1.1.fc"], ["1.2.fc"], ["0", "2"]]
     assert report.model_passes == 1
+
+
+class CountingBlock(Block):
+    """A block that counts how many of the outputs it made are still alive."""
+
+    def __init__(self, alive: set[int], peak: list[int]):
+        super().__init__()
+        self.alive, self.peak = alive, peak
+
+    def forward(self, x):
+        y = super().forward(x)
+        key = id(y)
+        self.alive.add(key)
+        weakref.finalize(y, self.alive.discard, key)
+        self.peak[0] = max(self.peak[0], len(self.alive))
+        return y
+
+
+@pytest.mark.parametrize("calibrate_on", ["compressed", "original"])
+def test_one_set_of_activations_is_held(calibrate_on):
+    alive, peak, n = set(), [0], 4
+    blocks = nn.Sequential(*(CountingBlock(alive, peak) for _ in range(4)))
+    model = nn.Sequential(nn.Linear(4, 8), blocks, nn.Linear(8, 2))
+    report = calibrate_sequentially(
+        model,
+        {f"1.{i}.fc": blocks[i].fc for i in range(4)},
+        [torch.randn(5, 4) for _ in range(n)],
+        lambda *a: None,
+        lambda layers: None,
+        calibrate_on=calibrate_on,
+    )
+    # every block's outputs replace its inputs one by one: n alive, plus the one being made
+    assert peak[0] <= n + 1
+    assert report.block_passes == (7 if calibrate_on == "compressed" else 4)
+
+
+def test_keyword_arguments_equal_in_every_batch_are_stored_once():
+    model = _model("llama", layers=2)
+    inputs = capture_block_inputs(model, find_blocks(model)[1][0], _batches(3), _forward)
+    first, last = inputs.kwargs[0], inputs.kwargs[-1]
+    assert first["position_embeddings"] is last["position_embeddings"]
+    assert inputs.args[0][0] is not inputs.args[-1][0]
 
 
 def test_hooks_are_removed_when_a_step_raises():

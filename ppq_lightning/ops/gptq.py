@@ -78,7 +78,7 @@ def gptq(
     columns = ColumnGrid(
         w.T.masked_fill(dead[:, None], 0), bits, group_size, symmetric, grid, act_order
     )
-    prep = prepare_hessian(h[perm][:, perm], damp)
+    prep = prepare_hessian(h[perm][:, perm] if act_order else h, damp)
     order = perm.tolist()
 
     def round_column(position: int, wt: Tensor) -> Tensor:
@@ -92,6 +92,8 @@ def gptq(
             return pruned[i1:i2]
 
     loss = walk_columns(wt, prep.hinv.to(w.device), block_size, round_column, prune_block)
-    result = torch.empty_like(wt)
-    result[perm] = wt
-    return GPTQResult(result.T.contiguous(), columns.grid, loss, prep.damp, prep.retries)
+    if act_order:  # back to the natural column order
+        result = torch.empty_like(wt)
+        result[perm] = wt
+        wt = result
+    return GPTQResult(wt.T.contiguous(), columns.grid, loss, prep.damp, prep.retries)

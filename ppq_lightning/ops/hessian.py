@@ -71,11 +71,16 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
     mean_diag = torch.diag(h).mean()
     current, retry = float(damp), 0
     while retry == 0 or current <= max_damp:
-        damped = h + current * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        # at most three (cols, cols) matrices alive at a time: H, the factor and its product
+        damped = h.clone()
+        damped.diagonal().add_(current * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inverse = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return PreparedHessian(upper, current, retry, dead)
         current, retry = current * 10, retry + 1

@@ -110,6 +110,10 @@ def make_data(args: argparse.Namespace, path: Path) -> None:
             **kwargs,
         )
         windows["calibration_other"] = other.calibration_windows()
+    if args.shuffle_seed is not None:  # same windows, another order: a float-level perturbation
+        generator = torch.Generator().manual_seed(args.shuffle_seed)
+        for key in [k for k in windows if k.startswith("calibration")]:
+            windows[key] = windows[key][torch.randperm(len(windows[key]), generator=generator)]
     torch.save(windows, path)
 
 
@@ -224,6 +228,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--cross-corpus", action="store_true", help="also calibrate on NEWS.txt")
     parser.add_argument("--peer", action="store_true", help="also run llm-compressor")
+    parser.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=None,
+        help="permute the calibration windows (spread of a method under float-level changes)",
+    )
     parser.add_argument("--output", default="outputs/bench")
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)

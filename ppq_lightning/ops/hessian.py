@@ -65,15 +65,15 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
     """
     if not isinstance(damp, (int, float)) or not damp > 0:
         raise bad_value("damp", damp, "a number > 0")
-    h = h.float().clone()  # float32, as the reference implementations factor it
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = torch.diag(h).mean()
+    diagonal = torch.diag(h).float().masked_fill(dead, 1.0)
+    mean_diag = diagonal.mean()
     current, retry = float(damp), 0
     while retry == 0 or current <= max_damp:
-        # at most three (cols, cols) matrices alive at a time: H, the factor and its product
-        damped = h.clone()
-        damped.diagonal().add_(current * mean_diag)
+        # float32, as the reference implementations factor it; at most two (cols, cols)
+        # matrices besides the caller's H are alive at a time
+        damped = h.to(torch.float32, copy=True)
+        damped.diagonal().copy_(diagonal + current * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info == 0:

@@ -70,9 +70,9 @@ class ColumnGrid:
             ones = torch.ones(rows, n_groups, device=wt.device)
             self.grid = QuantGrid(ones, torch.zeros_like(ones), bits, group_size, symmetric)
         self.maxq = self.grid.maxq
-        # per-column copies (cols, rows), contiguous, so a column's scale is one row
-        self._scale = self.grid.scale.T.repeat_interleave(self.group_size, dim=0).contiguous()
-        self._zero = self.grid.zero.T.repeat_interleave(self.group_size, dim=0).contiguous()
+        # per-group copies (n_groups, rows), contiguous, so a column's scale is one row
+        self._scale = self.grid.scale.T.contiguous()
+        self._zero = self.grid.zero.T.contiguous()
 
     def __call__(self, column: int, position: int, wt: Tensor) -> Tensor:
         """The rounded copy of ``wt[position]``, which holds original column ``column``."""
@@ -82,9 +82,9 @@ class ColumnGrid:
                 wt[position : position + gs].T, self.grid.bits, None, self.grid.symmetric
             )
             self.grid.scale[:, g], self.grid.zero[:, g] = fresh.scale[:, 0], fresh.zero[:, 0]
-            self._scale[column : column + gs] = fresh.scale[:, 0]
-            self._zero[column : column + gs] = fresh.zero[:, 0]
-        scale, zero = self._scale[column], self._zero[column]
+            self._scale[g], self._zero[g] = fresh.scale[:, 0], fresh.zero[:, 0]
+        g = column // self.group_size
+        scale, zero = self._scale[g], self._zero[g]
         q = torch.round(wt[position] / scale).add_(zero).clamp_(0, self.maxq)
         return q.sub_(zero).mul_(scale)
 

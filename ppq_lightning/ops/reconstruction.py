@@ -20,10 +20,14 @@ def relative_output_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
         w_hat: compressed weight, ``(rows, cols)``.
         hessian: ``(cols, cols)``, any positive multiple of ``X^T X``.
     """
-    h = hessian.to(torch.float64)
-    delta = (w - w_hat).to(torch.float64)  # (rows, cols)
-    w = w.to(torch.float64)
-    denominator = ((w @ h) * w).sum()
+    h = hessian.float()
+
+    def quadratic(m: Tensor) -> Tensor:  # sum of the rows' m_r H m_r^T, accumulated in float64
+        return (m @ h).mul_(m).sum(dtype=torch.float64)
+
+    w = w.float()
+    numerator = quadratic(w - w_hat.float())
+    denominator = quadratic(w)
     if denominator <= 0:
-        return 0.0 if ((delta @ h) * delta).sum() <= 0 else float("inf")
-    return float(((delta @ h) * delta).sum() / denominator)
+        return 0.0 if numerator <= 0 else float("inf")
+    return float(numerator / denominator)

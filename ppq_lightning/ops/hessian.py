@@ -43,14 +43,18 @@ def check_solver_args(block_size: int, damp: float) -> None:
 
 
 def accumulate_hessian(h: Tensor | None, x: Tensor, n_seen: int) -> tuple[Tensor, int]:
-    """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``."""
+    """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``.
+
+    ``h`` is updated in place (one ``(cols, cols)`` product is the only temporary).
+    """
     x = x.reshape(-1, x.shape[-1]).float()  # (n, cols)
     n_new = n_seen + x.shape[0]
     if h is None:
         h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-    h = h * (n_seen / n_new)
+    h.mul_(n_seen / n_new)
     x = x * (2.0 / n_new) ** 0.5
-    return h + x.T @ x, n_new
+    h += x.T @ x
+    return h, n_new
 
 
 def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> PreparedHessian:

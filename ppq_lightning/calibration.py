@@ -120,7 +120,8 @@ def _first_output(output: Any) -> Tensor:
 
 
 def _check_finite(tensor: Tensor, where: str) -> None:
-    if not torch.isfinite(tensor).all():
+    # fast path: the sum of finite entries is finite (an overflow falls to the exact test)
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
         raise PPQConfigError(
             f"NaN or Inf in the activations of {where}; the model produces "
             "non-finite values on the calibration data (check its dtype)."
@@ -132,11 +133,14 @@ def observing(layers: dict[str, nn.Module], observe: Observer) -> Iterator[None]
     """Call ``observe(name, layer, input)`` on every forward of ``layers``; hooks are always
     removed on exit."""
     handles = []
+    checked: list[Tensor | None] = [None]  # layers fed the same tensor (q/k/v) check it once
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             x = args[0]  # the very object (layers fed the same tensor may share statistics)
-            _check_finite(x, f"the input of {name}")
+            if x is not checked[0]:
+                _check_finite(x, f"the input of {name}")
+                checked[0] = x
             observe(name, module, x)
 
         return hook
@@ -146,6 +150,7 @@ def observing(layers: dict[str, nn.Module], observe: Observer) -> Iterator[None]
             handles.append(layer.register_forward_hook(hook_for(name)))
         yield
     finally:
+        checked[0] = None
         for handle in handles:
             handle.remove()
 

@@ -10,8 +10,9 @@ rotary embeddings) of the first block of a model, then for every block:
    (``calibrate_on="compressed"``, the default) or, with ``"original"``, the outputs recorded in
    step 1 before compression (statistics then come from the dense model).
 
-Only one block's activations are held at a time, and a block can be moved to ``device`` while
-the rest of the model stays where it is. Blocks are found from the structure of the model (the
+One set of calibration activations is held at a time (a block's outputs replace its inputs
+batch by batch), and a block can be moved to ``device`` while the rest of the model stays where
+it is. Blocks are found from the structure of the model (the
 largest ``nn.ModuleList``/``nn.Sequential`` of identical blocks: HF Llama, Mistral, Qwen2, OPT,
 GPT-2, timm ViTs, ...); target layers outside the blocks are calibrated afterwards with one
 pass of the whole model. Hooks are removed whatever happens.

@@ -10,6 +10,12 @@ of it.
     python scripts/bench_methods.py --output outputs/bench                   # SmolLM2, CPU
     python scripts/bench_methods.py --device cuda --random-weights           # timing on a GPU
     python scripts/bench_methods.py --methods gptq4 --depth 2                # 2x deeper model
+    python scripts/bench_methods.py --methods gptq4 --peer --shuffle-seed 1  # windows reordered
+
+Memory is the peak resident memory during the compression call minus the resident memory
+before it (on CUDA: ``max_memory_allocated``). To make the CPU figure follow the live tensors
+rather than glibc's retained heap, run with ``MALLOC_MMAP_THRESHOLD_=65536`` in the
+environment (it reaches the peer's process too).
 
 Caveat: SmolLM2's offline weights come from a Q4_1 GGUF (a 4-bit grid per block of 32), so
 4-bit quantization with small groups is nearly free on them; per-channel rows are the honest

@@ -1,6 +1,10 @@
-"""Shared test helpers: a tiny Llama config and a quiet CPU Trainer."""
+"""Shared test helpers: tiny model configs, token batches and a quiet CPU Trainer."""
 
 import lightning as L
+import torch
+from torch import nn
+
+from ppq_lightning.models import load_causal_lm
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -12,6 +16,33 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
 }
+# width-32 OPT and GPT-2 (other families than Llama), with the name of their block container
+TINY_OPT = (
+    {
+        "model_type": "opt",
+        "hidden_size": 32,
+        "ffn_dim": 64,
+        "num_attention_heads": 4,
+        "word_embed_proj_dim": 32,
+    },
+    "model.decoder.layers",
+)
+TINY_GPT2 = (
+    {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0},
+    "transformer.h",
+)
+
+
+def tiny_causal_lm(config: dict, layers: int) -> nn.Module:
+    """A HF causal LM built from ``config`` with ``layers`` blocks and a 384-token vocabulary."""
+    depth_field = "n_layer" if config["model_type"] == "gpt2" else "num_hidden_layers"
+    return load_causal_lm(config={**config, "vocab_size": 384, depth_field: layers}, seed=0)
+
+
+def token_batches(n: int = 3) -> list[torch.Tensor]:
+    """``n`` random batches of 2 x 16 token ids (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 384, (2, 16), generator=generator) for _ in range(n)]
 
 
 def make_trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:

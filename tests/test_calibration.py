@@ -7,8 +7,8 @@ from torch import nn
 from ppq_lightning.calibration import calibrate_sequentially, capture_block_inputs, find_blocks
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.layers import weight_matrix
-from ppq_lightning.models import load_causal_lm
 from ppq_lightning.targets import resolve_targets
+from tests.helpers import TINY_GPT2, TINY_OPT, tiny_causal_lm, token_batches
 
 ARCHS = {
     "llama": (
@@ -42,35 +42,13 @@ ARCHS = {
         },
         "model.layers",
     ),
-    "opt": (
-        {
-            "model_type": "opt",
-            "hidden_size": 32,
-            "ffn_dim": 64,
-            "num_attention_heads": 4,
-            "word_embed_proj_dim": 32,
-        },
-        "model.decoder.layers",
-    ),
-    "gpt2": (
-        {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0},
-        "transformer.h",
-    ),
+    "opt": TINY_OPT,
+    "gpt2": TINY_GPT2,
 }
 
 
 def _model(arch: str, layers: int = 3) -> nn.Module:
-    config = dict(ARCHS[arch][0], vocab_size=384, num_hidden_layers=layers, n_layer=layers)
-    if arch != "gpt2":
-        config.pop("n_layer")
-    else:
-        config.pop("num_hidden_layers")
-    return load_causal_lm(config=config, seed=0)
-
-
-def _batches(n: int = 3) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 384, (2, 16), generator=generator) for _ in range(n)]
+    return tiny_causal_lm(ARCHS[arch][0], layers)
 
 
 def _forward(model, batch):
@@ -104,7 +82,7 @@ def test_engine_statistics_equal_a_plain_forward(arch):
         for name, m in targets.items()
     ]
     with torch.no_grad():
-        for batch in _batches():
+        for batch in token_batches():
             _forward(model, batch)
     for h in hooks:
         h.remove()
@@ -118,7 +96,7 @@ def test_engine_statistics_equal_a_plain_forward(arch):
     report = calibrate_sequentially(
         model,
         targets,
-        _batches(),
+        token_batches(),
         observe,
         lambda layers: compressed.extend(layers),
         forward=_forward,
@@ -145,7 +123,7 @@ def test_compressed_versus_original_calibration():
         report = calibrate_sequentially(
             model,
             targets,
-            _batches(),
+            token_batches(),
             lambda n, m, x, seen=seen: seen.setdefault(n, _gram(x)),
             _zero_first_half,
             calibrate_on=source,
@@ -221,7 +199,7 @@ def test_one_set_of_activations_is_held(calibrate_on):
 
 def test_keyword_arguments_equal_in_every_batch_are_stored_once():
     model = _model("llama", layers=2)
-    inputs = capture_block_inputs(model, find_blocks(model)[1][0], _batches(3), _forward)
+    inputs = capture_block_inputs(model, find_blocks(model)[1][0], token_batches(3), _forward)
     first, last = inputs.kwargs[0], inputs.kwargs[-1]
     assert first["position_embeddings"] is last["position_embeddings"]
     assert inputs.args[0][0] is not inputs.args[-1][0]
@@ -235,7 +213,9 @@ def test_hooks_are_removed_when_a_step_raises():
         raise RuntimeError("solver failed")
 
     with pytest.raises(RuntimeError, match="solver failed"):
-        calibrate_sequentially(model, targets, _batches(1), lambda *a: None, fail, forward=_forward)
+        calibrate_sequentially(
+            model, targets, token_batches(1), lambda *a: None, fail, forward=_forward
+        )
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
@@ -247,7 +227,7 @@ def test_nan_activations_name_the_layer():
         calibrate_sequentially(
             model,
             resolve_targets(model),
-            _batches(1),
+            token_batches(1),
             lambda *a: None,
             lambda layers: None,
             forward=_forward,
@@ -264,7 +244,7 @@ def test_empty_calibration_and_bad_source():
         calibrate_sequentially(
             model,
             resolve_targets(model),
-            _batches(1),
+            token_batches(1),
             lambda *a: None,
             lambda layers: None,
             calibrate_on="dense",

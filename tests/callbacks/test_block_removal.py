@@ -7,9 +7,16 @@ from ppq_lightning.calibration import _no_cache
 from ppq_lightning.callbacks import BlockRemoval
 from ppq_lightning.callbacks.block_removal import causal_lm_loss
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule, load_causal_lm
+from ppq_lightning.lm import CausalLMModule
 from ppq_lightning.structure import without_blocks
-from tests.helpers import TINY_LLAMA, make_trainer
+from tests.helpers import (
+    TINY_GPT2,
+    TINY_LLAMA,
+    TINY_OPT,
+    make_trainer,
+    tiny_causal_lm,
+    token_batches,
+)
 
 FOUR_LAYERS = {**TINY_LLAMA, "num_hidden_layers": 4}
 
@@ -75,20 +82,8 @@ def test_cannot_remove_every_block(tiny_lm, tiny_data):
 
 ARCHS = {
     "llama": ({**TINY_LLAMA, "hidden_size": 32, "intermediate_size": 64}, "model.layers"),
-    "opt": (
-        {
-            "model_type": "opt",
-            "hidden_size": 32,
-            "ffn_dim": 64,
-            "num_attention_heads": 4,
-            "word_embed_proj_dim": 32,
-        },
-        "model.decoder.layers",
-    ),
-    "gpt2": (
-        {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0},
-        "transformer.h",
-    ),
+    "opt": TINY_OPT,
+    "gpt2": TINY_GPT2,
     # layer_types ["full", "sliding", "sliding", ...]: blocks get different attention masks
     "qwen2-sliding": (
         {
@@ -107,14 +102,7 @@ ARCHS = {
 
 
 def _model(arch: str, layers: int) -> nn.Module:
-    depth_field = "n_layer" if arch == "gpt2" else "num_hidden_layers"
-    config = {**ARCHS[arch][0], "vocab_size": 384, depth_field: layers}
-    return load_causal_lm(config=config, seed=0)
-
-
-def _batches(n: int = 3) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 384, (2, 16), generator=generator) for _ in range(n)]
+    return tiny_causal_lm(ARCHS[arch][0], layers)
 
 
 def _whole_model_losses(model, name, removed, batches) -> dict[int, float]:
@@ -140,7 +128,7 @@ def _count_block_forwards(blocks) -> tuple[list[int], list]:
 @pytest.mark.parametrize("n_blocks", [2, 3])
 def test_shared_prefix_search_equals_the_whole_model_search(arch, n_blocks):
     depth = 5
-    model, name, batches = _model(arch, depth), ARCHS[arch][1], _batches()
+    model, name, batches = _model(arch, depth), ARCHS[arch][1], token_batches()
     blocks = list(model.get_submodule(name))
     config = model.config.to_dict()
     stage = BlockRemoval(n_blocks=n_blocks, num_calibration_batches=len(batches))
@@ -167,7 +155,7 @@ def test_shared_prefix_search_equals_the_whole_model_search(arch, n_blocks):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-sliding"])
 def test_model_is_restored_when_the_search_fails(arch):
-    model, name, batches = _model(arch, 4), ARCHS[arch][1], _batches()
+    model, name, batches = _model(arch, 4), ARCHS[arch][1], token_batches()
     container = model.get_submodule(name)
     blocks = list(container)
     config = model.config.to_dict()

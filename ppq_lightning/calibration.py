@@ -176,11 +176,7 @@ def _reuse_equal(value: Any, previous: Any) -> Any:
     """``value``, or ``previous`` where it holds equal tensors: keyword arguments that are the
     same for every batch (rotary embeddings, position ids, masks) are then stored once."""
     if isinstance(value, Tensor) and isinstance(previous, Tensor):
-        same = (value.shape, value.dtype, value.device) == (
-            previous.shape,
-            previous.dtype,
-            previous.device,
-        )
+        same = value.dtype == previous.dtype and value.device == previous.device
         return previous if same and torch.equal(value, previous) else value
     if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
         items = tuple(_reuse_equal(v, p) for v, p in zip(value, previous, strict=True))

@@ -69,8 +69,9 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
     """
     if not isinstance(damp, (int, float)) or not damp > 0:
         raise bad_value("damp", damp, "a number > 0")
-    dead = torch.diag(h) == 0
-    diagonal = torch.diag(h).float().masked_fill(dead, 1.0)
+    diagonal = torch.diag(h).float()
+    dead = diagonal == 0
+    diagonal = diagonal.masked_fill(dead, 1.0)
     mean_diag = diagonal.mean()
     current, retry = float(damp), 0
     while retry == 0 or current <= max_damp:

@@ -6,17 +6,20 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ppq_lightning.calibration import calibrate_sequentially, check_calibrate_on
 from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.distributed import all_reduce_mean
-from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.hessian import accumulate_hessian
 from ppq_lightning.ops.reconstruction import relative_output_error
 from ppq_lightning.ops.wanda import accumulate_act_norms
+
+STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def layer_input_rows(layer: nn.Module, x: Tensor) -> Tensor:
@@ -54,11 +57,18 @@ class CalibratedCompression(CompressionCallback):
             ``"original"`` (from the dense model).
         device: where each block runs during calibration (e.g. ``"cuda"``); None keeps the
             model's placement.
+        statistics_dtype: ``"float32"`` (as the reference implementations) or ``"float64"``:
+            the precision the statistics are summed in; the solvers always get them in float32.
+            In float64 the result no longer depends on the order or grouping of the calibration
+            batches (GPTQ's and SparseGPT's error feedback amplify float32's summation rounding
+            into perplexity differences of a few tenths on SmolLM2), at about twice the cost of
+            the accumulation matrix products (see docs/benchmarks.md).
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
-        PPQConfigError: on a bad ``num_calibration_batches`` or ``calibrate_on``; at run time
-            on missing or empty calibration data, or NaN/Inf activations.
+        PPQConfigError: on a bad ``num_calibration_batches``, ``calibrate_on`` or
+            ``statistics_dtype``; at run time on missing or empty calibration data, or NaN/Inf
+            activations.
     """
 
     statistic: ClassVar[str] = "hessian"
@@ -69,12 +79,16 @@ class CalibratedCompression(CompressionCallback):
         num_calibration_batches: int = 128,
         calibrate_on: str = "compressed",
         device: str | None = None,
+        statistics_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
+        if statistics_dtype not in STATISTICS_DTYPES:
+            raise bad_value("statistics_dtype", statistics_dtype, "float32 or float64")
         super().__init__(**kwargs)
         self.num_calibration_batches = check_num_batches(num_calibration_batches)
         self.calibrate_on = check_calibrate_on(calibrate_on)
         self.device = device
+        self.statistics_dtype = statistics_dtype
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
 
@@ -86,6 +100,7 @@ class CalibratedCompression(CompressionCallback):
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
         accumulate = accumulate_hessian if self.statistic == "hessian" else accumulate_act_norms
+        dtype = STATISTICS_DTYPES[self.statistics_dtype]
         stats: dict[str, tuple[Tensor | None, int]] = {}
         metrics: dict[str, dict[str, float]] = {}
         # layers fed the very same input tensor (q/k/v, gate/up) share one statistic
@@ -103,7 +118,7 @@ class CalibratedCompression(CompressionCallback):
                     )
                 return
             acc, seen = stats.get(name, (None, 0))
-            stats[name] = accumulate(acc, layer_input_rows(layer, x).float(), seen)
+            stats[name] = accumulate(acc, layer_input_rows(layer, x), seen, dtype)
             last[:] = [x, layer, name]
 
         def solve(layers: dict[str, nn.Module]) -> None:
@@ -116,7 +131,7 @@ class CalibratedCompression(CompressionCallback):
                 stats.pop(name, None)
             last[:] = [None, None, None]
             for name, layer in layers.items():
-                statistic = reduced[shares.get(name, name)]
+                statistic = reduced[shares.get(name, name)].float()
                 before = weight_matrix(layer).float().clone()  # (out, in)
                 start = time.perf_counter()
                 values = self.compress_layer(name, layer, statistic)

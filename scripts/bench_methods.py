@@ -11,6 +11,14 @@ of it.
     python scripts/bench_methods.py --device cuda --random-weights           # timing on a GPU
     python scripts/bench_methods.py --methods gptq4 --depth 2                # 2x deeper model
     python scripts/bench_methods.py --methods gptq4 --peer --shuffle-seed 1  # windows reordered
+    python scripts/bench_methods.py --methods gptq4 --peer --shuffle-seed none 1 2 3 4 5
+
+With several ``--shuffle-seed`` values the whole benchmark runs once per order of the same
+calibration windows (``OUTPUT/order_<seed>/``) and ``OUTPUT/spread.md`` gives each method's
+perplexity per order, mean and standard deviation, ours and the peer's, and how often ours was
+at least as good. Reordering changes nothing but float rounding, yet GPTQ's perplexity on
+SmolLM2 moves by +-0.3 with it (its massive activations make the column walk chaotic): compare
+tools on the spread, not on one draw.
 
 Memory is the peak resident memory during the compression call minus the resident memory
 before it (on CUDA: ``max_memory_allocated``). To make the CPU figure follow the live tensors
@@ -236,9 +244,11 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="also run llm-compressor")
     parser.add_argument(
         "--shuffle-seed",
-        type=int,
+        type=shuffle_seed,
+        nargs="+",
         default=None,
-        help="permute the calibration windows (spread of a method under float-level changes)",
+        help="permute the calibration windows with each seed ('none': original order); with "
+        "several, the benchmark runs once per order and OUTPUT/spread.md gives the spread",
     )
     parser.add_argument("--output", default="outputs/bench")
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -249,6 +259,44 @@ def main() -> None:
         return
 
     out = Path(args.output)
+    seeds = args.shuffle_seed or [None]
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--shuffle-seed {' '.join(map(order_name, seeds))}: repeated order")
+    if len(seeds) == 1:
+        args.shuffle_seed = seeds[0]
+        write_report(out, *run_bench(args, out), args)
+        return
+    runs = {}
+    for seed in seeds:  # the whole benchmark once per calibration order
+        args.shuffle_seed = seed
+        print(f"--- calibration order: {order_name(seed)}", flush=True)
+        runs[order_name(seed)] = run_bench(args, out / f"order_{order_name(seed)}")
+        write_report(out / f"order_{order_name(seed)}", *runs[order_name(seed)], args)
+    text = spread_report(runs)
+    (out / "spread.md").write_text(text + "\n")
+    (out / "spread.json").write_text(json.dumps(runs, indent=2))
+    print(text)
+
+
+def order_name(seed: int | None) -> str:
+    return "none" if seed is None else str(seed)
+
+
+def shuffle_seed(value: str) -> int | None:
+    """``--shuffle-seed`` values: an integer seed, or ``none`` for the windows' own order."""
+    if value == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shuffle-seed {value!r}: expected an integer seed or 'none' (original order)"
+        ) from None
+
+
+def run_bench(args: argparse.Namespace, out: Path) -> tuple[list[dict], list[dict]]:
+    """Our methods (each in its own subprocess) and, with ``--peer``, llm-compressor's, on the
+    windows written to ``out/data.pt``; returns ``(rows, peer_rows)``."""
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.pt"
     make_data(args, data_path)
@@ -301,7 +349,53 @@ def main() -> None:
             }
             peer_rows.append(row)
             print(f"peer {method}: ppl {row['ppl']:.3f}  {row['seconds']:.1f} s", flush=True)
-    write_report(out, rows, peer_rows, args)
+    return rows, peer_rows
+
+
+def spread_report(runs: dict[str, tuple[list[dict], list[dict]]]) -> str:
+    """Perplexity per method over calibration orders: every value, mean and sample standard
+    deviation, ours and llm-compressor's, and how often ours was at least as good (lower)."""
+    orders = list(runs)
+    lines = [
+        f"perplexity over {len(orders)} orders of the same calibration windows "
+        f"({', '.join(orders)}): float-level perturbations only",
+        "",
+        "| method | tool | ppl per order | mean | sd |",
+        "|---|---|---|---|---|",
+    ]
+    summary = [
+        "",
+        "| method | mean ours - peer | ours <= peer | time ours / peer |",
+        "|---|---|---|---|",
+    ]
+    methods = [r["method"] for r in runs[orders[0]][0]]
+    for method in methods:
+        ours = [next(r for r in runs[o][0] if r["method"] == method) for o in orders]
+        peer = [next((p for p in runs[o][1] if p["ours"] == method), None) for o in orders]
+        tools = [("ours", [r["ppl"] for r in ours])]
+        if all(p is not None for p in peer):
+            tools.append(("llm-compressor", [p["ppl"] for p in peer]))
+        for tool, values in tools:
+            mean, sd = _mean_sd(values)
+            shown = " / ".join(f"{v:.3f}" for v in values)
+            lines.append(f"| {method} | {tool} | {shown} | {mean:.3f} | {sd:.3f} |")
+        if len(tools) == 2:
+            diffs = [a - b for a, b in zip(tools[0][1], tools[1][1], strict=True)]
+            wins = sum(d <= 0 for d in diffs)
+            time_ratio = sum(r["seconds"] for r in ours) / sum(p["seconds"] for p in peer)
+            mean, sd = _mean_sd(diffs)
+            summary.append(
+                f"| {method} | {mean:+.3f} (sd {sd:.3f}) | {wins} of {len(diffs)} | "
+                f"{time_ratio:.2f}x |"
+            )
+    return "\n".join(lines + (summary if len(summary) > 3 else []))
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def memory_use(row: dict, device: str) -> float:

@@ -42,15 +42,19 @@ def check_solver_args(block_size: int, damp: float) -> None:
         raise bad_value("damp", damp, "a number > 0")
 
 
-def accumulate_hessian(h: Tensor | None, x: Tensor, n_seen: int) -> tuple[Tensor, int]:
+def accumulate_hessian(
+    h: Tensor | None, x: Tensor, n_seen: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, int]:
     """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``.
 
-    ``h`` is updated in place (one ``(cols, cols)`` product is the only temporary).
+    ``h`` is updated in place (one ``(cols, cols)`` product is the only temporary). In
+    ``float64`` the sum's rounding is far below float32's, so the Hessian, rounded to float32 for
+    the solvers, no longer depends on the order or grouping of the calibration batches.
     """
-    x = x.reshape(-1, x.shape[-1]).float()  # (n, cols)
+    x = x.reshape(-1, x.shape[-1]).to(dtype)  # (n, cols)
     n_new = n_seen + x.shape[0]
     if h is None:
-        h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        h = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=dtype)
     h.mul_(n_seen / n_new)
     x = x * (2.0 / n_new) ** 0.5
     h += x.T @ x

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ppq_lightning.ops.masks import nm_mask, row_mask
 
 
-def accumulate_act_norms(acc: Tensor | None, x: Tensor, n_seen: int) -> tuple[Tensor, int]:
-    """Running mean of ``x_j^2`` per input feature over the rows of ``x`` (``(n, cols)``)."""
-    x = x.reshape(-1, x.shape[-1]).float()
+def accumulate_act_norms(
+    acc: Tensor | None, x: Tensor, n_seen: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, int]:
+    """Running mean of ``x_j^2`` per input feature over the rows of ``x`` (``(n, cols)``),
+    accumulated in ``dtype``."""
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
     n_new = n_seen + x.shape[0]
     total = x.pow(2).sum(dim=0)  # (cols,)
     if acc is None:

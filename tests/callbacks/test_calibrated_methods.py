@@ -109,6 +109,35 @@ def test_bad_arguments():
         SparseGPT(sparsity=0.5, damp=-1)
     with pytest.raises(PPQConfigError, match=r"pattern='3:2'"):
         SparseGPT(pattern="3:2")
+    with pytest.raises(PPQConfigError, match=r"statistics_dtype='float16'.*float32 or float64"):
+        GPTQ(bits=4, statistics_dtype="float16")
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [(GPTQ, {"bits": 3}), (Wanda, {"sparsity": 0.5})])
+def test_float64_statistics_do_not_depend_on_the_batch_order(monkeypatch, cls, kwargs):
+    """Summed in float64, the statistic every layer is solved with is the same bit for bit
+    whatever the order of the calibration batches (in float32 most entries differ)."""
+    data = [
+        {"input_ids": torch.randint(0, 384, (1, 48), generator=torch.Generator().manual_seed(i))}
+        for i in range(6)
+    ]
+    seen: list[dict[str, torch.Tensor]] = []
+    real = cls.compress_layer
+
+    def spy(self, name, layer, statistic):
+        seen[-1][name] = statistic.clone()
+        assert statistic.dtype == torch.float32  # the solvers get float32
+        return real(self, name, layer, statistic)
+
+    monkeypatch.setattr(cls, "compress_layer", spy)
+    for batches in (data, data[::-1]):
+        seen.append({})
+        module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+        stage = cls(**kwargs, num_calibration_batches=6, statistics_dtype="float64")
+        stage.apply(module, dataloader=batches)
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) == 14
+    for name, statistic in seen[0].items():
+        assert torch.equal(statistic, seen[1][name]), name
 
 
 def test_layers_fed_one_input_share_one_hessian_and_match_their_own(monkeypatch):

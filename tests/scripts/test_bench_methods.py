@@ -4,6 +4,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).parents[2]
@@ -40,3 +41,33 @@ def test_shuffle_seed_reorders_the_same_calibration_windows(tmp_path):
     assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
     assert torch.equal(shuffled["calibration"], again["calibration"])
     assert torch.equal(plain["evaluation"], shuffled["evaluation"])
+
+
+def test_shuffle_seed_values_are_seeds_or_none():
+    bench = _bench()
+    assert bench.shuffle_seed("none") is None
+    assert bench.shuffle_seed("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'x'.*integer seed or 'none'"):
+        bench.shuffle_seed("x")
+
+
+def test_spread_report_gives_every_order_mean_sd_and_paired_wins():
+    bench = _bench()
+
+    def run(ours_ppl, peer_ppl):
+        rows = [{"method": "gptq4", "ppl": ours_ppl, "seconds": 2.0}]
+        return rows, [{"ours": "gptq4", "ppl": peer_ppl, "seconds": 4.0}]
+
+    text = bench.spread_report({"none": run(10.0, 11.0), "1": run(12.0, 11.0)})
+    assert "2 orders of the same calibration windows (none, 1)" in text
+    assert "| gptq4 | ours | 10.000 / 12.000 | 11.000 | 1.414 |" in text
+    assert "| gptq4 | llm-compressor | 11.000 / 11.000 | 11.000 | 0.000 |" in text
+    assert "| gptq4 | +0.000 (sd 1.414) | 1 of 2 | 0.50x |" in text
+
+
+def test_spread_report_without_the_peer_has_no_comparison():
+    bench = _bench()
+    rows = [{"method": "rtn4", "ppl": 20.0, "seconds": 1.0}]
+    text = bench.spread_report({"none": (rows, []), "1": (rows, [])})
+    assert "| rtn4 | ours | 20.000 / 20.000 | 20.000 | 0.000 |" in text
+    assert "ours <= peer" not in text

@@ -1,0 +1,40 @@
+"""Hessian accumulation: the running 2 X^T X / N, in float32 or float64."""
+
+import torch
+
+from ppq_lightning.ops.hessian import accumulate_hessian
+
+
+def _accumulate(chunks, dtype):
+    h, n = None, 0
+    for x in chunks:
+        h, n = accumulate_hessian(h, x, n, dtype)
+    return h, n
+
+
+def _batches(seed=0, n_batches=24, rows=64, cols=48):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g)
+    x = torch.randn(n_batches * rows, cols, generator=g) @ mix
+    x[:, 3] *= 300  # a massive-activation feature, as in real LLMs
+    return x, list(x.split(rows))
+
+
+def test_the_running_mean_is_2xtx_over_n():
+    x, chunks = _batches()
+    exact = 2 * x.double().T @ x.double() / len(x)
+    for dtype in (torch.float32, torch.float64):
+        h, n = _accumulate(chunks, dtype)
+        assert h.dtype == dtype and n == len(x)
+        torch.testing.assert_close(h.double(), exact, rtol=1e-5, atol=1e-3)
+
+
+def test_float64_sums_do_not_depend_on_the_order_or_grouping_of_batches():
+    x, chunks = _batches()
+    in_order, _ = _accumulate(chunks, torch.float64)
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled, _ = _accumulate([chunks[i] for i in order], torch.float64)
+    regrouped, _ = _accumulate(list(x.split(96)), torch.float64)
+    # what the solvers get: the float32 rounding of the sum
+    assert torch.equal(in_order.float(), shuffled.float())
+    assert torch.equal(in_order.float(), regrouped.float())

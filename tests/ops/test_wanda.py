@@ -1,0 +1,23 @@
+"""Wanda's activation statistic: the running mean of x_j^2 per input feature."""
+
+import torch
+
+from ppq_lightning.ops.wanda import accumulate_act_norms, wanda_mask
+
+
+def test_running_mean_of_squares_in_either_precision():
+    x = torch.randn(10 * 32, 16, generator=torch.Generator().manual_seed(0))
+    exact = x.double().pow(2).mean(dim=0)
+    for dtype in (torch.float32, torch.float64):
+        acc, n = None, 0
+        for chunk in x.split(32):
+            acc, n = accumulate_act_norms(acc, chunk, n, dtype)
+        assert acc.dtype == dtype and n == len(x)
+        torch.testing.assert_close(acc.double(), exact, rtol=1e-6, atol=0)
+
+
+def test_mask_keeps_the_largest_weight_times_norm_in_each_row():
+    w = torch.tensor([[1.0, -1.0, 3.0, 1.0], [4.0, 1.0, -1.0, 2.0]])
+    norms = torch.tensor([4.0, 1.0, 0.25, 16.0])  # mean x_j^2: scores |w| * (2, 1, 0.5, 4)
+    mask = wanda_mask(w, norms, sparsity=0.5)  # row 0 scores 2, 1, 1.5, 4: not |w|'s choice
+    assert mask.tolist() == [[True, False, False, True], [True, False, False, True]]

@@ -41,8 +41,9 @@ class GPTQ(CalibratedCompression):
         damp: damping, as a fraction of the mean Hessian diagonal, added before inversion.
         layer_bits, promote: mixed precision by name (``{regex: bits}``) or by sensitivity
             (``{"bits": B, "fraction": f}``), as in ``RTNQuantization``.
-        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``, ``targets``,
-            ``ignore``, ``name``, ``b_orig``, ``log_layers``.
+        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``,
+            ``statistics_dtype`` (see ``CalibratedCompression``), ``targets``, ``ignore``,
+            ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
         PPQConfigError: bits outside 2-8, a bad group size, block size or damping.

@@ -33,8 +33,9 @@ class SparseGPT(CalibratedCompression):
         block_size: columns per block: the unstructured mask is chosen per block, as in the
             reference (so per-layer sparsity is exact when the width is a multiple of it).
         damp: damping as a fraction of the mean Hessian diagonal.
-        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``, ``targets``,
-            ``ignore``, ``name``, ``b_orig``, ``log_layers``.
+        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``,
+            ``statistics_dtype`` (see ``CalibratedCompression``), ``targets``, ``ignore``,
+            ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
         PPQConfigError: bad sparsity/pattern/bits/group size/block size/damping.

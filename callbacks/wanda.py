@@ -24,8 +24,9 @@ class Wanda(CalibratedCompression):
     Args:
         sparsity: target fraction of zeros per output row, in [0, 1); optional for ``N:M``.
         pattern: ``"unstructured"`` (per output row, as Wanda compares) or ``"N:M"``.
-        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``, ``targets``,
-            ``ignore``, ``name``, ``b_orig``, ``log_layers``.
+        **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``,
+            ``statistics_dtype`` (see ``CalibratedCompression``), ``targets``, ``ignore``,
+            ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
         PPQConfigError: bad sparsity or pattern.

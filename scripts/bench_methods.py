@@ -49,6 +49,7 @@ METHODS = {
     "dense": [],
     "rtn4": [("RTNQuantization", {"bits": 4})],
     "gptq4": [("GPTQ", {"bits": 4})],
+    "gptq4_f64": [("GPTQ", {"bits": 4, "statistics_dtype": "float64"})],
     "gptq4_sym_act": [("GPTQ", {"bits": 4, "symmetric": True, "act_order": True})],
     "gptq3": [("GPTQ", {"bits": 3})],
     "gptq4_g64": [("GPTQ", {"bits": 4, "group_size": 64})],

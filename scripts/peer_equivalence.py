@@ -8,8 +8,16 @@ saves it with the calibration windows to a temporary folder, compresses it with 
 (4-bit, asymmetric, per channel, no activation ordering, damping 0.01, block 128) in this process
 and with llm-compressor's ``GPTQModifier`` (same settings; run by the peer virtualenv's python,
 ``--peer-python``, see ``scripts/peer_llmcompressor.py``), and prints, per layer, the share of
-weights that differ and the largest difference. Needs ``.venv-peer`` (``pip install
-llmcompressor`` in a separate virtualenv).
+weights that differ, the largest difference, and how far apart the two Hessians are (relative
+Frobenius norm after scaling to equal trace: llm-compressor divides by sequences, we by
+tokens); per block, how far apart the calibration inputs the block received are (relative norm
+over all windows). Needs ``.venv-peer`` (``pip install llmcompressor`` in a separate
+virtualenv).
+
+On SmolLM2 this shows where GPTQ's chaos starts: block 0's Hessians agree to float32 rounding
+and its weights differ only by rounding flips at near-ties, yet block 1's inputs already differ
+by ~0.4 % (the flips sit in columns fed by massive activations) and later blocks' weights by
+3-20 %.
 """
 
 from __future__ import annotations
@@ -27,9 +35,27 @@ import sys, torch, transformers
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
+import llmcompressor.modifiers.gptq.base as base
 folder = sys.argv[1]
 model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 calib = torch.load(folder + "/calibration.pt")
+names = {m: n for n, m in model.named_modules()}
+hessians, inputs = {}, {}
+prepare = base.prepare_batch
+def record_hessians(batch, qparams, hs, counts):
+    for m in batch:
+        hessians[names[m]] = hs[m] / counts[m]
+    return prepare(batch, qparams, hs, counts)
+base.prepare_batch = record_hessians
+def recorder(i):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen = inputs.setdefault(i, [])
+        if x.device.type != "meta" and len(seen) < len(calib):  # not tracing; calibration pass
+            seen.append(x.detach().clone())
+    return hook
+for i, layer in enumerate(model.model.layers):
+    layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
 data = Dataset.from_dict({"input_ids": calib.tolist(),
                           "attention_mask": torch.ones_like(calib).tolist()})
 weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}
@@ -40,6 +66,7 @@ model = oneshot(model=model, tokenizer=transformers.ByT5Tokenizer(), recipe=reci
                 shuffle_calibration_samples=False)
 torch.save({k: v for k, v in model.state_dict().items() if k.endswith("proj.weight")},
            folder + "/peer.pt")
+torch.save({"hessians": hessians, "inputs": inputs}, folder + "/peer_statistics.pt")
 """
 
 TINY = {
@@ -79,17 +106,48 @@ def build(args: argparse.Namespace, folder: Path) -> torch.Tensor:
     return calibration
 
 
-def ours(folder: Path, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+def ours(folder: Path, calibration: torch.Tensor) -> tuple[dict, dict, dict]:
+    """Our GPTQ weights, the Hessian each layer was solved with, and each block's inputs."""
     import transformers
 
     from ppq_lightning.callbacks import GPTQ
     from ppq_lightning.lm import CausalLMModule
 
+    hessians: dict[str, torch.Tensor] = {}
+    inputs: dict[int, list[torch.Tensor]] = {}
+
+    class RecordingGPTQ(GPTQ):
+        def compress_layer(self, name, layer, statistic):
+            hessians[name.removeprefix("model.")] = statistic.clone()
+            return super().compress_layer(name, layer, statistic)
+
+    def recorder(i: int):
+        def hook(module, args, kwargs):
+            seen = inputs.setdefault(i, [])
+            if len(seen) < len(calibration):  # the statistics pass (then the re-run)
+                seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+        return hook
+
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
     module = CausalLMModule.from_model(model.eval())
-    stage = GPTQ(bits=4, num_calibration_batches=len(calibration), log_layers=False)
+    stage = RecordingGPTQ(bits=4, num_calibration_batches=len(calibration), log_layers=False)
     stage.apply(module, dataloader=[{"input_ids": w[None]} for w in calibration])
-    return {k: v.detach() for k, v in module.model.named_parameters() if k.endswith("proj.weight")}
+    weights = {
+        k: v.detach() for k, v in module.model.named_parameters() if k.endswith("proj.weight")
+    }
+    return weights, hessians, inputs
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor, equal_trace: bool = False) -> float:
+    """``||a - b|| / ||b||`` in float64; with ``equal_trace``, ``a`` is first scaled to ``b``'s
+    trace (Hessians normalised by different counts)."""
+    a, b = a.double(), b.double()
+    if equal_trace:
+        a = a * (b.trace() / a.trace())
+    return float((a - b).norm() / b.norm())
 
 
 def main() -> None:
@@ -104,13 +162,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         calibration = build(args, folder)
-        mine = ours(folder, calibration)
+        mine, my_hessians, my_inputs = ours(folder, calibration)
         subprocess.run([args.peer_python, "-c", PEER, str(folder)], check=True)
         peer = torch.load(folder / "peer.pt")
-    print(f"{'layer':45s} {'differing':>10s} {'max |diff|':>11s}")
+        statistics = torch.load(folder / "peer_statistics.pt")
+    print(f"{'layer':45s} {'differing':>10s} {'max |diff|':>11s} {'H rel. diff':>12s}")
     for name, weight in mine.items():
         diff = (weight - peer[name].float()).abs()
-        print(f"{name:45s} {(diff > 1e-6).float().mean().item():10.5%} {diff.max().item():11.3g}")
+        layer = name.removesuffix(".weight")
+        h = relative_difference(my_hessians[layer], statistics["hessians"][layer], True)
+        print(
+            f"{name:45s} {(diff > 1e-6).float().mean().item():10.5%} "
+            f"{diff.max().item():11.3g} {h:12.2e}"
+        )
+    print(f"\n{'block':6s} {'inputs rel. diff':>17s}")
+    for index, theirs in sorted(statistics["inputs"].items()):
+        a, b = torch.cat(my_inputs[index]), torch.cat(theirs)
+        print(f"{index:<6d} {relative_difference(a, b):17.2e}")
 
 
 if __name__ == "__main__":

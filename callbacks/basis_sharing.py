@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from ppq_lightning.calibration import find_blocks
+from ppq_lightning.calibration import calibrate_sequentially, find_blocks
+from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.calibrated import layer_input_rows
+from ppq_lightning.distributed import all_reduce_mean
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import is_compressible, weight_matrix
 from ppq_lightning.ops.basis_sharing import factor_params, max_rank, rank_for_ratio, shared_basis
+from ppq_lightning.ops.hessian import accumulate_hessian, check_solver_args, whitening_factor
 from ppq_lightning.sharing import SharedBasisLinear, replace_module, sharing_record
 from ppq_lightning.state import get_state, record_stage
 from ppq_lightning.targets import compile_patterns
@@ -43,8 +48,11 @@ class BasisSharing(CompressionCallback):
     ``nn.Linear(k, out)`` coefficients (with the original bias), so later stages prune and
     quantize the factors like any ``nn.Linear``. A group stores ``k * (in + g*out)`` weights
     instead of ``g*out*in``; the compression rate counts the factors against the original
-    weights they replace (a shared basis once). Plain SVD of the weights: no calibration data
-    (the paper's whitening by activations is not done).
+    weights they replace (a shared basis once). By default a plain SVD of the weights (no
+    calibration data); with ``whiten=True`` the paper's whitening: the stack is factorised as
+    ``W S`` with ``S S^T`` the Hessian of the group's calibration inputs, so the error is
+    minimised on the layer outputs (statistics from the dense model, block by block through the
+    calibration engine; a group is factorised once its last block has been seen).
 
     Fires once, before the first evaluation or at fit start. The layers of a projection are
     grouped in block order; when their number is not a multiple of ``group_size``, the last
@@ -65,6 +73,11 @@ class BasisSharing(CompressionCallback):
             matches ``self_attn.q_proj``; ``"mlp\\..*_proj"`` every MLP projection). Every
             distinct layer name matched is shared separately. Default: the seven Llama-style
             projections ``q/k/v/o_proj``, ``gate/up/down_proj``.
+        whiten: factorise the activation-whitened weights (needs calibration data).
+        num_calibration_batches: calibration batches for ``whiten`` (as for ``GPTQ``).
+        damp: with ``whiten``, damping of the Hessian before its Cholesky factorisation, as a
+            fraction of its mean diagonal (raised x10 while the factorisation fails).
+        device: with ``whiten``, where each block runs during calibration (None: in place).
         **kwargs: ``targets``, ``ignore`` (restrict the candidate layers by full name; the
             selected layers of a projection are grouped in block order), ``name``, ``b_orig``,
             ``log_layers`` of :class:`~ppq_lightning.callbacks.CompressionCallback`.
@@ -72,18 +85,21 @@ class BasisSharing(CompressionCallback):
     Raises:
         PPQConfigError: ``group_size`` not an integer >= 2; neither or both of ``rank``/
             ``ratio``; ``rank`` not an integer >= 1; ``ratio`` not in (0, 1); ``projections``
-            empty or not regexes. At run time (before any layer is replaced): no repeated
-            blocks; ``group_size`` larger than the number of blocks; a projection regex that
-            matches no layer; a matched layer that is already factorised or already carries a
-            compression state; layers of one group with different shapes or bias; a rank above
-            ``min(in, g*out)`` of a group, or a ``ratio`` that gives rank 0.
+            empty or not regexes; ``whiten`` not a bool; a bad ``num_calibration_batches`` or
+            ``damp``. At run time (before any layer is replaced): no repeated blocks;
+            ``group_size`` larger than the number of blocks; a projection regex that matches no
+            layer; a matched layer that is already factorised or already carries a compression
+            state; layers of one group with different shapes or bias; a rank above
+            ``min(in, g*out)`` of a group, or a ``ratio`` that gives rank 0; with ``whiten``,
+            missing or empty calibration data, or a grouped layer that never runs.
 
     Example (YAML)::
 
         trainer:
           callbacks:
             - class_path: ppq_lightning.callbacks.BasisSharing
-              init_args: {group_size: 2, ratio: 0.6, projections: [q_proj, k_proj, v_proj]}
+              init_args: {group_size: 2, ratio: 0.6, projections: [q_proj, k_proj, v_proj],
+                          whiten: true, num_calibration_batches: 32}
             - class_path: ppq_lightning.callbacks.RTNQuantization
               init_args: {bits: 4}
     """
@@ -97,8 +113,16 @@ class BasisSharing(CompressionCallback):
         rank: int | None = None,
         ratio: float | None = None,
         projections: list[str] | None = None,
+        whiten: bool = False,
+        num_calibration_batches: int = 128,
+        damp: float = 0.01,
+        device: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(whiten, bool):
+            raise bad_value("whiten", whiten, "true or false")
+        check_num_batches(num_calibration_batches)
+        check_solver_args(1, damp)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
             raise bad_value("group_size", group_size, "an integer >= 2")
         if (rank is None) == (ratio is None):
@@ -118,6 +142,10 @@ class BasisSharing(CompressionCallback):
         self.group_size, self.rank, self.ratio = group_size, rank, ratio
         self.projections = list(projections)
         self._patterns = [re.compile(rf"(?:^|\.)(?:{p})$") for p in self.projections]
+        self.whiten, self.num_calibration_batches = whiten, num_calibration_batches
+        self.damp, self.device = damp, device
+        self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
+        self.calibration_report = None
 
     def stage_config(self) -> dict[str, Any]:
         return {
@@ -125,6 +153,7 @@ class BasisSharing(CompressionCallback):
             "rank": self.rank,
             "ratio": self.ratio,
             "projections": self.projections,
+            "whiten": self.whiten,
         }
 
     # -- planning: every check before any layer is replaced --------------------------------
@@ -236,15 +265,55 @@ class BasisSharing(CompressionCallback):
         groups = self._plan(model, modules)
         entry = self.history_entry()
         metrics: dict[str, dict[str, float]] = {}
-        for group in groups:
-            metrics.update(self._share(model, group, entry))
+        if not self.whiten:
+            for group in groups:
+                metrics.update(self._share(model, group, entry))
+            return metrics
+        # whitened: the Hessians of a group's layers, from the dense model block by block; the
+        # group is factorised (and its layers replaced) once its last block has been seen
+        targets = {n: m for g in groups for n, m in zip(g.names, g.layers, strict=True)}
+        stats: dict[str, tuple[Tensor | None, int]] = {}
+        pending = list(groups)
+
+        def observe(name: str, layer: nn.Module, x: Tensor) -> None:
+            h, seen = stats.get(name, (None, 0))
+            stats[name] = accumulate_hessian(h, layer_input_rows(layer, x), seen)
+
+        def solve(layers: dict[str, nn.Module]) -> None:
+            for group in [g for g in pending if all(n in stats for n in g.names)]:
+                hessian = sum(all_reduce_mean(*stats.pop(n))[0] for n in group.names)
+                factor = whitening_factor(hessian, self.damp)
+                metrics.update(self._share(model, group, entry, factor))
+                pending.remove(group)
+
+        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        self.calibration_report = calibrate_sequentially(
+            model,
+            targets,
+            batches,
+            observe,
+            solve,
+            "original",
+            self.device,
+            self.forward_fn,
+            desc=self.display_label,
+        )
+        if pending:
+            names = [n for g in pending for n in g.names if n not in metrics]
+            raise PPQConfigError(
+                f"the layers {names} never ran during calibration: whitening needs their inputs."
+            )
         return metrics
 
     def _share(
-        self, model: nn.Module, group: _Group, entry: dict[str, Any]
+        self,
+        model: nn.Module,
+        group: _Group,
+        entry: dict[str, Any],
+        whitening: Tensor | None = None,
     ) -> dict[str, dict[str, float]]:
         weights = [weight_matrix(m) for m in group.layers]  # g x (out, in)
-        factors = shared_basis(weights, group.rank)
+        factors = shared_basis(weights, group.rank, whitening)
         like = weights[0]
         out_features, in_features = like.shape
         basis = nn.Linear(in_features, group.rank, bias=False, device=like.device, dtype=like.dtype)

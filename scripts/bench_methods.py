@@ -59,6 +59,10 @@ METHODS = {
     "sparsegpt24": [("SparseGPT", {"pattern": "2:4"})],
     "sparsegpt50>gptq4": [("SparseGPT", {"sparsity": 0.5}), ("GPTQ", {"bits": 4})],
     "gptq4>sparsegpt50": [("GPTQ", {"bits": 4}), ("SparseGPT", {"sparsity": 0.5})],
+    "sharing90": [("BasisSharing", {"group_size": 2, "ratio": 0.9})],
+    "sharing90_whiten": [("BasisSharing", {"group_size": 2, "ratio": 0.9, "whiten": True})],
+    "sharing80": [("BasisSharing", {"group_size": 2, "ratio": 0.8})],
+    "sharing80_whiten": [("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True})],
 }
 CROSS_CORPUS = ("gptq4", "sparsegpt50", "wanda50")
 # our method -> the llm-compressor run with the same settings (its GPTQ defaults are symmetric
@@ -182,7 +186,7 @@ def run_one(args: argparse.Namespace) -> dict:
     passes = 0
     for index, (cls_name, kwargs) in enumerate(METHODS[name], start=1):
         cls = getattr(callbacks, cls_name)
-        if issubclass(cls, CalibratedCompression):
+        if issubclass(cls, CalibratedCompression) or kwargs.get("whiten"):
             kwargs = {**kwargs, "num_calibration_batches": len(batches), "device": args.device}
         stage = cls(**kwargs, log_layers=False, name=f"s{index}")
         stage.apply(module, index=index, dataloader=batches)

@@ -9,10 +9,16 @@ stacked along the output dimension and factorised by a truncated SVD::
     [C_1; ...; C_g] = U_k S_k                         # C_i: (out, k), one per layer
     W_i ~= C_i B
 
-By Eckart-Young this is the best rank-``k`` approximation of the stack in Frobenius norm. It is
-calibration-free (plain SVD of the weights; the paper's whitening by calibration activations is
-not done here). The ``g`` layers together store ``k * (in + g*out)`` weights instead of
-``g * out * in``.
+By Eckart-Young this is the best rank-``k`` approximation of the stack in Frobenius norm. With
+calibration activations (the paper's whitening, from SVD-LLM), the error is minimised on the
+layer outputs instead: given the Hessian ``H ~ X^T X`` of the group's inputs (the layers'
+inputs concatenated) and its Cholesky factor ``H = S S^T``::
+
+    W_stack S ~= U_k S_k V_k^T                        # truncated SVD of the whitened stack
+    B = V_k^T S^-1,   [C_1; ...; C_g] = U_k S_k
+
+which is the best rank-``k`` approximation in ``||(W_stack - C B) X^T||_F``. The ``g`` layers
+together store ``k * (in + g*out)`` weights instead of ``g * out * in``.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ class SharedBasis(NamedTuple):
     """A shared factorisation ``W_i ~= coefficients[i] @ basis``.
 
     Attributes:
-        basis: ``(k, in)``, orthonormal rows (the top right singular vectors of the stack).
+        basis: ``(k, in)``: orthonormal rows (the top right singular vectors of the stack), or
+            with whitening ``V_k^T S^-1``.
         coefficients: one ``(out_i, k)`` matrix per layer (its rows of ``U_k S_k``).
-        singular_values: all singular values of the stacked weights, descending.
-        relative_errors: per layer, ``||W_i - C_i B||_F^2 / ||W_i||_F^2``.
+        singular_values: all singular values of the (whitened) stacked weights, descending.
+        relative_errors: per layer, ``||W_i - C_i B||_F^2 / ||W_i||_F^2``, or with whitening
+            the output error ``||(W_i - C_i B) S||_F^2 / ||W_i S||_F^2``.
     """
 
     basis: Tensor
@@ -61,12 +69,17 @@ def max_rank(in_features: int, out_features: Sequence[int]) -> int:
     return min(in_features, sum(out_features))
 
 
-def shared_basis(weights: Sequence[Tensor], rank: int) -> SharedBasis:
+def shared_basis(
+    weights: Sequence[Tensor], rank: int, whitening: Tensor | None = None
+) -> SharedBasis:
     """Factorise the weights of one projection in several layers with one shared basis.
 
     Args:
         weights: ``(out_i, in)`` matrices with the same ``in`` (one per layer of the group).
         rank: ``k``, from 1 to ``min(in, sum(out_i))``.
+        whitening: ``(in, in)`` lower-triangular ``S`` with ``S S^T`` the (damped) Hessian of
+            the group's inputs (:func:`~ppq_lightning.ops.hessian.whitening_factor`); None for
+            the plain SVD of the weights.
 
     Returns:
         The :class:`SharedBasis` (float32 tensors on the weights' device).
@@ -85,13 +98,26 @@ def shared_basis(weights: Sequence[Tensor], rank: int) -> SharedBasis:
     top = max_rank(in_features, outs)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
         raise bad_value("rank", rank, f"an integer from 1 to {top} (min(in, sum of out))")
+    if whitening is not None and tuple(whitening.shape) != (in_features, in_features):
+        raise bad_value(
+            "whitening", tuple(whitening.shape), f"an ({in_features}, {in_features}) factor"
+        )
     stack = torch.cat([w.float() for w in weights])  # (g*out, in)
-    u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (g*out, r), (r,), (r, in)
-    basis = vh[:rank].contiguous()  # (k, in)
+    if whitening is None:
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (g*out, r), (r,), (r, in)
+        basis = vh[:rank].contiguous()  # (k, in)
+    else:  # SVD of W S in float64; B = V_k^T S^-1 by a triangular solve (S^T B^T = V_k)
+        factor = whitening.to(stack.device, torch.float64)
+        u, s, vh = torch.linalg.svd(stack.double() @ factor, full_matrices=False)
+        basis = torch.linalg.solve_triangular(factor.T, vh[:rank].T, upper=True).T
+        u, s, basis = u.float(), s.float(), basis.float().contiguous()
     coefficients = list((u[:, :rank] * s[:rank]).split(outs))  # g x (out_i, k)
     errors = []
     for w, c in zip(weights, coefficients, strict=True):
         w = w.float()
-        residual = (w - c @ basis).pow(2).sum()
-        errors.append((residual / w.pow(2).sum().clamp_min(1e-30)).item())
+        residual = w - c @ basis
+        if whitening is not None:  # in output space: ||D S||^2 / ||W S||^2
+            factor32 = whitening.to(w.device, torch.float32)
+            residual, w = residual @ factor32, w @ factor32
+        errors.append((residual.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item())
     return SharedBasis(basis, [c.contiguous() for c in coefficients], s, errors)

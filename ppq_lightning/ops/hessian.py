@@ -97,3 +97,30 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
                 return PreparedHessian(upper, current, retry, dead)
         current, retry = current * 10, retry + 1
     raise HessianError(f"the Hessian is not positive definite even with damp={current / 10:g}.")
+
+
+def whitening_factor(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Tensor:
+    """Lower Cholesky factor ``S`` of the damped ``H`` (``H + damp * mean(diag H) I = S S^T``),
+    in float64, as SVD-LLM and basis sharing whiten weights: ``||(W - W') S||_F^2`` is the
+    output error ``||(W - W') X^T||^2`` (up to the damping and the factor ``2/N``).
+
+    Dead inputs (zero diagonal) get a unit diagonal. When the factorisation fails the damping is
+    multiplied by 10, as long as it stays <= ``max_damp``.
+
+    Raises:
+        PPQConfigError: when ``damp`` is not positive.
+        HessianError: when no damping tried makes ``H`` positive definite.
+    """
+    if not isinstance(damp, (int, float)) or not damp > 0:
+        raise bad_value("damp", damp, "a number > 0")
+    h = h.double()
+    diagonal = torch.diag(h).masked_fill(torch.diag(h) == 0, 1.0)
+    current = float(damp)
+    while current <= max_damp:
+        damped = h.clone()
+        damped.diagonal().copy_(diagonal + current * diagonal.mean())
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            return factor
+        current *= 10
+    raise HessianError(f"the Hessian is not positive definite even with damp={current / 10:g}.")

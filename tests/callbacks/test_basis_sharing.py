@@ -249,3 +249,71 @@ def test_gpt2_conv1d_projections_are_shared():
     assert blocks[0].mlp.c_fc.out_features == 128  # Conv1D(128, 32) read as (out, in)
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, dense, atol=1e-4)  # full rank: min(32, 2*out)
+
+
+def _calibration() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(0, TINY_LLAMA["vocab_size"], (1, 24), generator=gen)}]
+
+
+def test_whitened_sharing_factorises_with_the_dense_inputs_of_the_group(tiny_lm):
+    """The basis equals the op's on the Hessian of the group's inputs, captured on the dense
+    model (both blocks' q_proj inputs), and the output error beats the plain SVD's."""
+    from ppq_lightning.ops.basis_sharing import shared_basis
+    from ppq_lightning.ops.hessian import accumulate_hessian, whitening_factor
+
+    data = _calibration() * 3
+    layers = [tiny_lm.model.model.layers[i].self_attn.q_proj for i in range(2)]
+    captured: list[list[torch.Tensor]] = [[], []]
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: captured[i].append(a[0].flatten(0, 1)))
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        for batch in data:
+            tiny_lm.model(batch["input_ids"])
+    for handle in handles:
+        handle.remove()
+    hessian = sum(accumulate_hessian(None, torch.cat(xs), 0)[0] for xs in captured)
+    weights = [layer.weight.detach().clone() for layer in layers]
+    expected = shared_basis(weights, 8, whitening_factor(hessian, damp=0.01))
+
+    stage = BasisSharing(group_size=2, rank=8, projections=["q_proj"], whiten=True)
+    stage.apply(tiny_lm, dataloader=data)
+    shared = [tiny_lm.model.model.layers[i].self_attn.q_proj for i in range(2)]
+    assert all(isinstance(m, SharedBasisLinear) for m in shared)
+    assert shared[0].basis is shared[1].basis
+    torch.testing.assert_close(shared[0].basis.weight, expected.basis, rtol=1e-4, atol=1e-5)
+    for layer, c in zip(shared, expected.coefficients, strict=True):
+        torch.testing.assert_close(layer.coefficients.weight, c, rtol=1e-4, atol=1e-5)
+    assert stage.calibration_report.n_batches == 3
+
+    def output_error(ws, xs, factors_of):
+        return sum(
+            float(((w - f) @ torch.cat(x).T).pow(2).sum())
+            for w, f, x in zip(ws, factors_of, xs, strict=True)
+        )
+
+    plain = shared_basis(weights, 8)
+    approx = [m.coefficients.weight @ m.basis.weight for m in shared]
+    plain_approx = [c @ plain.basis for c in plain.coefficients]
+    assert output_error(weights, captured, approx) < output_error(weights, captured, plain_approx)
+
+
+def test_whitened_sharing_needs_calibration_data(tiny_lm):
+    with pytest.raises(PPQConfigError, match="needs calibration data"):
+        BasisSharing(group_size=2, rank=8, whiten=True).apply(tiny_lm)
+    assert _no_sharing(tiny_lm)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"whiten": "yes"}, "whiten='yes' is not allowed: expected true or false"),
+        ({"whiten": True, "damp": 0}, "damp=0 is not allowed"),
+        ({"whiten": True, "num_calibration_batches": 0}, "num_calibration_batches=0"),
+    ],
+)
+def test_bad_whitening_arguments(kwargs, match):
+    with pytest.raises(PPQConfigError, match=match):
+        BasisSharing(group_size=2, rank=4, **kwargs)

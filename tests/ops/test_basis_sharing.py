@@ -6,6 +6,7 @@ from torch import nn
 
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.ops.basis_sharing import factor_params, rank_for_ratio, shared_basis
+from ppq_lightning.ops.hessian import accumulate_hessian, whitening_factor
 from ppq_lightning.sharing import SharedBasisLinear
 
 
@@ -84,3 +85,66 @@ def test_rank_out_of_range(rank, match):
 def test_input_dimensions_must_agree():
     with pytest.raises(PPQConfigError, match="one `in`"):
         shared_basis([torch.randn(4, 8), torch.randn(4, 9)], 2)
+
+
+def _group_inputs(g: int = 3, inp: int = 10, n: int = 200, seed: int = 1) -> list[torch.Tensor]:
+    """Correlated inputs with very unequal feature scales, one set per layer of the group."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1, 1.5, inp)
+    return [
+        (torch.randn(n, inp, generator=gen) @ torch.randn(inp, inp, generator=gen)) * scales
+        for _ in range(g)
+    ]
+
+
+def _whitening(xs: list[torch.Tensor]) -> torch.Tensor:
+    h, n = None, 0
+    for x in xs:
+        h, n = accumulate_hessian(h, x, n)
+    return whitening_factor(h, damp=1e-9)
+
+
+def _output_error(weights, factors, xs) -> float:
+    return sum(
+        float(((w - c @ factors.basis) @ x.T).pow(2).sum())
+        for w, c, x in zip(weights, factors.coefficients, xs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("rank", [2, 4, 7])
+def test_whitening_lowers_the_output_error_of_the_group(rank):
+    weights, xs = _weights(), _group_inputs()
+    plain = shared_basis(weights, rank)
+    whitened = shared_basis(weights, rank, _whitening(xs))
+    assert _output_error(weights, whitened, xs) < 0.9 * _output_error(weights, plain, xs)
+    # its reported errors are in output space: ||(W - CB) S||^2 / ||W S||^2
+    s = _whitening(xs).float()
+    for w, c, error in zip(weights, whitened.coefficients, whitened.relative_errors, strict=True):
+        expected = ((w - c @ whitened.basis) @ s).pow(2).sum() / (w @ s).pow(2).sum()
+        assert error == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_whitening_is_optimal_for_the_stacked_objective():
+    """||(W_stack - C B) S||_F^2 equals the sum of the discarded squared singular values."""
+    weights, xs = _weights(), _group_inputs()
+    s = _whitening(xs)
+    factors = shared_basis(weights, 4, s)
+    stack = torch.cat(weights) - torch.cat(factors.coefficients) @ factors.basis
+    residual = float((stack.double() @ s).pow(2).sum())
+    assert residual == pytest.approx(
+        float(factors.singular_values[4:].double().pow(2).sum()), rel=1e-4
+    )
+
+
+def test_identity_whitening_is_the_plain_svd():
+    weights = _weights()
+    plain, eye = shared_basis(weights, 5), shared_basis(weights, 5, torch.eye(10))
+    torch.testing.assert_close(
+        torch.cat(eye.coefficients) @ eye.basis, torch.cat(plain.coefficients) @ plain.basis
+    )
+    assert eye.relative_errors == pytest.approx(plain.relative_errors, rel=1e-5)
+
+
+def test_whitening_shape_must_match_the_input_width():
+    with pytest.raises(PPQConfigError, match=r"whitening=\(9, 9\).*\(10, 10\)"):
+        shared_basis(_weights(), 3, torch.eye(9))

@@ -1,8 +1,10 @@
 """Hessian accumulation: the running 2 X^T X / N, in float32 or float64."""
 
+import pytest
 import torch
 
-from ppq_lightning.ops.hessian import accumulate_hessian
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.ops.hessian import accumulate_hessian, whitening_factor
 
 
 def _accumulate(chunks, dtype):
@@ -38,3 +40,23 @@ def test_float64_sums_do_not_depend_on_the_order_or_grouping_of_batches():
     # what the solvers get: the float32 rounding of the sum
     assert torch.equal(in_order.float(), shuffled.float())
     assert torch.equal(in_order.float(), regrouped.float())
+
+
+def test_whitening_factor_is_the_cholesky_factor_of_the_damped_hessian():
+    x, _ = _batches()
+    h, _ = accumulate_hessian(None, x, 0)
+    s = whitening_factor(h, damp=0.01)
+    damped = h.double() + 0.01 * torch.diag(h).double().mean() * torch.eye(h.shape[0])
+    assert s.dtype == torch.float64 and torch.equal(s, s.tril())
+    torch.testing.assert_close(s @ s.T, damped)
+
+
+def test_whitening_factor_of_a_singular_hessian():
+    x = torch.randn(100, 6, generator=torch.Generator().manual_seed(0))
+    x[:, 2] = 0  # a dead input
+    x[:, 4] = x[:, 3]  # a duplicated one
+    h, _ = accumulate_hessian(None, x, 0)
+    s = whitening_factor(h, damp=1e-6)
+    assert torch.isfinite(s).all() and (torch.diagonal(s) > 0).all()
+    with pytest.raises(PPQConfigError, match="damp=0"):
+        whitening_factor(h, damp=0)

@@ -7,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ppq_lightning.calibration import calibrate_sequentially, find_blocks
 from ppq_lightning.calibration_data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
-from ppq_lightning.callbacks.calibrated import layer_input_rows
-from ppq_lightning.distributed import all_reduce_mean
+from ppq_lightning.callbacks.calibrated import LayerStatistics
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import is_compressible, weight_matrix
 from ppq_lightning.ops.basis_sharing import factor_params, max_rank, rank_for_ratio, shared_basis
@@ -272,16 +272,15 @@ class BasisSharing(CompressionCallback):
         # whitened: the Hessians of a group's layers, from the dense model block by block; the
         # group is factorised (and its layers replaced) once its last block has been seen
         targets = {n: m for g in groups for n, m in zip(g.names, g.layers, strict=True)}
-        stats: dict[str, tuple[Tensor | None, int]] = {}
+        statistics = LayerStatistics(accumulate_hessian, torch.float32)
         pending = list(groups)
 
-        def observe(name: str, layer: nn.Module, x: Tensor) -> None:
-            h, seen = stats.get(name, (None, 0))
-            stats[name] = accumulate_hessian(h, layer_input_rows(layer, x), seen)
-
         def solve(layers: dict[str, nn.Module]) -> None:
-            for group in [g for g in pending if all(n in stats for n in g.names)]:
-                hessian = sum(all_reduce_mean(*stats.pop(n))[0] for n in group.names)
+            statistics.end_block()
+            ready = [g for g in pending if all(statistics.has(n) for n in g.names)]
+            taken = statistics.take([n for g in ready for n in g.names])  # shared ones once
+            for group in ready:
+                hessian = sum(taken[n] for n in group.names)
                 factor = whitening_factor(hessian, self.damp)
                 metrics.update(self._share(model, group, entry, factor))
                 pending.remove(group)
@@ -291,7 +290,7 @@ class BasisSharing(CompressionCallback):
             model,
             targets,
             batches,
-            observe,
+            statistics.observe,
             solve,
             "original",
             self.device,

@@ -43,6 +43,64 @@ def layer_input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     return x.flatten(0, -2)
 
 
+class LayerStatistics:
+    """Per-layer statistics accumulated from calibration inputs (an engine ``Observer``).
+
+    Layers fed the very same input tensor (q/k/v, gate/up) share one statistic: it is
+    accumulated once, for the first of them.
+
+    Args:
+        accumulate: ``(acc, x, n_seen, dtype) -> (acc, n)``, e.g. ``accumulate_hessian``.
+        dtype: the precision the statistics are summed in.
+    """
+
+    def __init__(self, accumulate: Callable[..., tuple[Tensor, int]], dtype: torch.dtype) -> None:
+        self.accumulate, self.dtype = accumulate, dtype
+        self._stats: dict[str, tuple[Tensor | None, int]] = {}
+        self._shares: dict[str, str] = {}  # layer -> the layer whose statistic it shares
+        self._last: list[Any] = [None, None, None]  # last input accumulated, its layer, name
+
+    def observe(self, name: str, layer: nn.Module, x: Tensor) -> None:
+        """Accumulate ``layer``'s input ``x`` (called by the engine on every forward).
+
+        Raises:
+            RuntimeError: when a layer shares another's input in some batches only.
+        """
+        last = self._last
+        same = x is last[0] and isinstance(layer, nn.Linear) and type(layer) is type(last[1])
+        if name in self._shares or (same and name not in self._stats):
+            if not (same and self._shares.setdefault(name, last[2]) == last[2]):
+                raise RuntimeError(
+                    f"{name}: its input was the input of {self._shares[name]} in an earlier "
+                    "calibration batch but not in this one; the model's forward is not "
+                    "deterministic in its module calls."
+                )
+            return
+        acc, seen = self._stats.get(name, (None, 0))
+        self._stats[name] = self.accumulate(acc, layer_input_rows(layer, x), seen, self.dtype)
+        self._last[:] = [x, layer, name]
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` has (or shares) a statistic."""
+        return self._shares.get(name, name) in self._stats
+
+    def take(self, names: list[str]) -> dict[str, Tensor]:
+        """The float32 statistic of each of ``names``, averaged over data-parallel ranks (once
+        per shared statistic), and forget them."""
+        reduced: dict[str, Tensor] = {}
+        for name in names:
+            source = self._shares.get(name, name)
+            if source not in reduced:
+                reduced[source] = all_reduce_mean(*self._stats[source])[0].float()
+        for name in names:
+            self._stats.pop(name, None)
+        return {name: reduced[self._shares.get(name, name)] for name in names}
+
+    def end_block(self) -> None:
+        """Forget the last input seen (inputs of different blocks are never shared)."""
+        self._last[:] = [None, None, None]
+
+
 class CalibratedCompression(CompressionCallback):
     """A compression method that solves a layer-wise problem from calibration statistics.
 
@@ -100,38 +158,14 @@ class CalibratedCompression(CompressionCallback):
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
         accumulate = accumulate_hessian if self.statistic == "hessian" else accumulate_act_norms
-        dtype = STATISTICS_DTYPES[self.statistics_dtype]
-        stats: dict[str, tuple[Tensor | None, int]] = {}
+        statistics = LayerStatistics(accumulate, STATISTICS_DTYPES[self.statistics_dtype])
         metrics: dict[str, dict[str, float]] = {}
-        # layers fed the very same input tensor (q/k/v, gate/up) share one statistic
-        shares: dict[str, str] = {}
-        last: list[Any] = [None, None, None]  # the last input accumulated, its layer and name
-
-        def observe(name: str, layer: nn.Module, x: Tensor) -> None:
-            same = x is last[0] and isinstance(layer, nn.Linear) and type(layer) is type(last[1])
-            if name in shares or (same and name not in stats):
-                if not (same and shares.setdefault(name, last[2]) == last[2]):
-                    raise RuntimeError(
-                        f"{name}: its input was the input of {shares[name]} in an earlier "
-                        "calibration batch but not in this one; the model's forward is not "
-                        "deterministic in its module calls."
-                    )
-                return
-            acc, seen = stats.get(name, (None, 0))
-            stats[name] = accumulate(acc, layer_input_rows(layer, x), seen, dtype)
-            last[:] = [x, layer, name]
 
         def solve(layers: dict[str, nn.Module]) -> None:
-            reduced: dict[str, Tensor] = {}
-            for name in layers:  # data-parallel: average over all ranks, once per statistic
-                source = shares.get(name, name)
-                if source not in reduced:
-                    reduced[source], _ = all_reduce_mean(*stats[source])
-            for name in layers:
-                stats.pop(name, None)
-            last[:] = [None, None, None]
+            taken = statistics.take(list(layers))
+            statistics.end_block()
             for name, layer in layers.items():
-                statistic = reduced[shares.get(name, name)].float()
+                statistic = taken[name]
                 before = weight_matrix(layer).float().clone()  # (out, in)
                 start = time.perf_counter()
                 values = self.compress_layer(name, layer, statistic)
@@ -146,7 +180,7 @@ class CalibratedCompression(CompressionCallback):
             model,
             modules,
             batches,
-            observe,
+            statistics.observe,
             solve,
             self.calibrate_on,
             self.device,

@@ -317,3 +317,18 @@ def test_whitened_sharing_needs_calibration_data(tiny_lm):
 def test_bad_whitening_arguments(kwargs, match):
     with pytest.raises(PPQConfigError, match=match):
         BasisSharing(group_size=2, rank=4, **kwargs)
+
+
+def test_whitened_sharing_of_every_projection_accumulates_shared_inputs_once(tiny_lm, monkeypatch):
+    import ppq_lightning.callbacks.basis_sharing as basis_sharing
+
+    calls = []
+    real = basis_sharing.accumulate_hessian
+    monkeypatch.setattr(basis_sharing, "accumulate_hessian", lambda *a: calls.append(1) or real(*a))
+    data = _calibration() * 2
+    dense = _logits(tiny_lm)
+    BasisSharing(group_size=2, ratio=0.9, whiten=True).apply(tiny_lm, dataloader=data)
+    assert len(calls) == 4 * 2 * 2  # q (k, v), o, gate (up), down; 2 blocks, 2 batches
+    shared = [m for m in tiny_lm.modules() if isinstance(m, SharedBasisLinear)]
+    assert len(shared) == 14
+    assert torch.isfinite(_logits(tiny_lm)).all() and not torch.equal(_logits(tiny_lm), dense)

@@ -16,6 +16,7 @@ from ppq_lightning.layers import weight_matrix
 from ppq_lightning.ops.channels import channel_importance, keep_most_important
 from ppq_lightning.ops.masks import check_sparsity
 from ppq_lightning.ops.wanda import accumulate_act_norms
+from ppq_lightning.sharing import SharedBasisLinear
 from ppq_lightning.state import record_stage
 from ppq_lightning.structure import select_columns, select_rows
 
@@ -57,7 +58,8 @@ class ChannelPruning(CompressionCallback):
 
     Raises:
         PPQConfigError: bad ratio/structure, or at run time a model with none of the known
-            layouts, or a layer quantized with groups whose columns would be removed.
+            layouts, a layer of the pruned structure factorised by ``BasisSharing``, or a layer
+            quantized with groups whose columns would be removed.
 
     Example (YAML)::
 
@@ -90,8 +92,33 @@ class ChannelPruning(CompressionCallback):
     def stage_config(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "structure": self.structure, "calibrate_on": self.calibrate_on}
 
+    def _pruned_names(self) -> set[str]:
+        """Attribute names of the layers this structure shrinks (inputs and outputs)."""
+        names: set[str] = set()
+        if self.structure in ("mlp", "both"):
+            for inputs, output in MLP_LAYOUTS:
+                names.update((*inputs, output))
+        if self.structure in ("heads", "both"):
+            names.update((*HEAD_LAYOUT[0], *HEAD_LAYOUT[1], HEAD_LAYOUT[2]))
+        return names
+
     def _outputs(self, model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
         """The output projections whose input channels are pruned."""
+        shrunk = self._pruned_names()
+        shared = sorted(
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, SharedBasisLinear) and name.rpartition(".")[2] in shrunk
+        )
+        if shared:
+            raise PPQConfigError(
+                f"ChannelPruning(structure={self.structure!r}) cannot shrink {shared[:4]}"
+                f"{' ...' if len(shared) > 4 else ''}: BasisSharing factorised them, and a basis "
+                "shared across blocks has one set of input channels for all its blocks (nor can "
+                "sharing come after: it factorises dense weights only). Share and prune different "
+                "projections: e.g. BasisSharing(projections=['q_proj', 'k_proj', 'v_proj']) with "
+                "ChannelPruning(structure='mlp')."
+            )
         chosen = {}
         for name, module in modules.items():
             parent_name, _, attribute = name.rpartition(".")

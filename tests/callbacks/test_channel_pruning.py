@@ -97,6 +97,27 @@ def test_grouped_grid_blocks_column_removal(tiny_lm, tiny_data):
         ChannelPruning(ratio=0.5).apply(tiny_lm, dataloader=tiny_data.calibration_dataloader())
 
 
+def test_shared_basis_layers_of_the_pruned_structure_are_refused(tiny_data):
+    from ppq_lightning.callbacks import BasisSharing
+
+    data = tiny_data.calibration_dataloader()
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    BasisSharing(group_size=2, ratio=0.9, projections=["down_proj"]).apply(module)
+    weights = {n: p.clone() for n, p in module.named_parameters()}
+    with pytest.raises(PPQConfigError, match=r"cannot shrink \['model.model.layers.0.mlp.down"):
+        ChannelPruning(ratio=0.5).apply(module, dataloader=data)
+    assert all(torch.equal(p, weights[n]) for n, p in module.named_parameters())
+    # heads are another structure: a shared MLP projection does not stand in their way
+    ChannelPruning(ratio=0.5, structure="heads").apply(module, dataloader=data)
+    assert module.model.model.layers[0].self_attn.o_proj.in_features == 32
+    # and the documented split: attention shared, MLP channels pruned
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    BasisSharing(group_size=2, ratio=0.9, projections=["q_proj", "k_proj", "v_proj"]).apply(module)
+    ChannelPruning(ratio=0.5).apply(module, dataloader=data)
+    assert module.model.model.layers[0].mlp.down_proj.in_features == 64
+    assert check_invariants(module) > 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

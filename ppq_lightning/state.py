@@ -253,6 +253,23 @@ def _replay_structure(
             replay_shared_basis(model, owner, entry["shared_basis"])
 
 
+def _replay_adapters(model: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Re-inject unmerged LoRA adapters (``...q_proj.lora_A.default.weight`` keys) into a fresh
+    model, with the rank in the tensors and ``alpha``/``dropout`` recorded on the base layers."""
+    from ppq_lightning.callbacks.lora import replay_lora
+
+    marker = ".lora_A."
+    owners = sorted({key[len(prefix) :].split(marker)[0] for key in state_dict if marker in key})
+    missing = []
+    for owner in owners:
+        try:
+            model.get_submodule(f"{owner}.base_layer")
+        except AttributeError:
+            missing.append(owner)
+    if missing:
+        replay_lora(model, missing, state_dict, prefix)
+
+
 def enable_state_loading(model: nn.Module) -> None:
     """Let ``model.load_state_dict`` create the ``ppq_state`` children its input needs.
 
@@ -260,13 +277,14 @@ def enable_state_loading(model: nn.Module) -> None:
     compressed checkpoint would be unexpected. This registers (once) a pre-hook on ``model``
     that attaches an empty :class:`CompressionState` wherever the state dict has one (and
     first replays the recorded structural edits: removed blocks, pruned channels, shared-basis
-    factors); the normal loading then fills it.
+    factors, unmerged LoRA adapters); the normal loading then fills it.
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
     marker = f".{STATE_NAME}."
 
     def attach_states(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        _replay_adapters(module, state_dict, prefix)
         owners = {key[len(prefix) :].split(marker)[0] for key in state_dict if marker in key}
         for owner in sorted(owners):
             try:

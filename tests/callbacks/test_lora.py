@@ -204,3 +204,39 @@ def test_split_pruning_around_fine_tuning_p1_q_l_p2(tmp_path, tiny_data):
     sparsity = [r.summary.sparsity for r in schedule.results]
     assert sparsity[0] == pytest.approx(0.3, abs=0.01) and sparsity[-1] >= 0.6
     assert check_invariants(model) == 14
+
+
+def test_unmerged_adapters_load_into_a_fresh_model(tmp_path):
+    """A checkpoint with unmerged adapters loads (strict) into a fresh model outside fit: the
+    adapters are re-injected with the saved rank and the recorded alpha/dropout."""
+    from ppq_lightning.state import enable_state_loading
+
+    trained = module()
+    stages = compressed_stages(alpha=8.0)
+    make_trainer(tmp_path, stages, max_epochs=2).fit(trained, train_dataloaders=memorisable())
+    fresh = module()
+    enable_state_loading(fresh)
+    fresh.load_state_dict(trained.state_dict(), strict=True)
+    layers = lora_layers(fresh)
+    assert len(layers) == 14
+    layer = layers["model.model.layers.0.self_attn.q_proj"]
+    assert layer.r["default"] == 4 and layer.lora_alpha["default"] == 8.0
+    with torch.no_grad():
+        ids = WINDOWS[:1]
+        torch.testing.assert_close(fresh.model(ids).logits, trained.model(ids).logits)
+    assert check_invariants(fresh) == 14
+    assert compression_summary(fresh) == compression_summary(trained)
+
+
+def test_adapters_without_a_lora_record_are_refused():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ppq_lightning.state import enable_state_loading
+
+    foreign = module()
+    config = LoraConfig(r=2, target_modules=["q_proj"], bias="none")
+    inject_adapter_in_model(config, foreign, adapter_name="default")
+    fresh = module()
+    enable_state_loading(fresh)
+    with pytest.raises(PPQConfigError, match="no LoRAFineTune record"):
+        fresh.load_state_dict(foreign.state_dict())

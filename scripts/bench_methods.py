@@ -63,6 +63,14 @@ METHODS = {
     "sharing90_whiten": [("BasisSharing", {"group_size": 2, "ratio": 0.9, "whiten": True})],
     "sharing80": [("BasisSharing", {"group_size": 2, "ratio": 0.8})],
     "sharing80_whiten": [("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True})],
+    "sharing80_whiten>rtn4": [
+        ("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True}),
+        ("RTNQuantization", {"bits": 4}),
+    ],
+    "sharing80_whiten>gptq4": [
+        ("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True}),
+        ("GPTQ", {"bits": 4}),
+    ],
 }
 CROSS_CORPUS = ("gptq4", "sparsegpt50", "wanda50")
 # our method -> the llm-compressor run with the same settings (its GPTQ defaults are symmetric

@@ -16,7 +16,13 @@ from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.callbacks.calibrated import LayerStatistics
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import is_compressible, weight_matrix
-from ppq_lightning.ops.basis_sharing import factor_params, max_rank, rank_for_ratio, shared_basis
+from ppq_lightning.ops.basis_sharing import (
+    SPLITS,
+    factor_params,
+    max_rank,
+    rank_for_ratio,
+    shared_basis,
+)
 from ppq_lightning.ops.hessian import accumulate_hessian, check_solver_args, whitening_factor
 from ppq_lightning.sharing import SharedBasisLinear, replace_module, sharing_record
 from ppq_lightning.state import get_state, record_stage
@@ -40,8 +46,9 @@ class BasisSharing(CompressionCallback):
 
     For each projection (e.g. ``self_attn.q_proj``) the weights ``W_1..W_g`` of a group of
     ``g`` consecutive blocks are stacked along the output dimension and factorised by a
-    truncated SVD, ``[W_1; ..; W_g] ~= U_k S_k V_k^T``: the basis ``B = V_k^T`` (``k x in``) is
-    shared, layer ``i`` keeps its rows of ``U_k S_k`` as coefficients ``C_i`` (``out x k``), and
+    truncated SVD, ``[W_1; ..; W_g] ~= U_k S_k V_k^T``: the basis ``B = S_k^1/2 V_k^T``
+    (``k x in``) is shared, layer ``i`` keeps its rows of ``U_k S_k^1/2`` as coefficients
+    ``C_i`` (``out x k``; ``split`` can put all of ``S_k`` there instead), and
     ``W_i ~= C_i B`` (``ppq_lightning.ops.basis_sharing``). Each layer is replaced by a
     :class:`~ppq_lightning.sharing.SharedBasisLinear` holding the shared basis (the same
     ``nn.Linear(in, k, bias=False)`` object in every layer of the group) and its own
@@ -74,6 +81,8 @@ class BasisSharing(CompressionCallback):
             distinct layer name matched is shared separately. Default: the seven Llama-style
             projections ``q/k/v/o_proj``, ``gate/up/down_proj``.
         whiten: factorise the activation-whitened weights (needs calibration data).
+        split: ``"balanced"`` (``C = U_k S_k^1/2``, ``B = S_k^1/2 V_k^T``: factors that survive
+            later pruning/quantization far better) or ``"coefficients"`` (``C = U_k S_k``).
         num_calibration_batches: calibration batches for ``whiten`` (as for ``GPTQ``).
         damp: with ``whiten``, damping of the Hessian before its Cholesky factorisation, as a
             fraction of its mean diagonal (raised x10 while the factorisation fails).
@@ -114,6 +123,7 @@ class BasisSharing(CompressionCallback):
         ratio: float | None = None,
         projections: list[str] | None = None,
         whiten: bool = False,
+        split: str = "balanced",
         num_calibration_batches: int = 128,
         damp: float = 0.01,
         device: str | None = None,
@@ -121,6 +131,8 @@ class BasisSharing(CompressionCallback):
     ) -> None:
         if not isinstance(whiten, bool):
             raise bad_value("whiten", whiten, "true or false")
+        if split not in SPLITS:
+            raise bad_value("split", split, f"one of {', '.join(SPLITS)}")
         check_num_batches(num_calibration_batches)
         check_solver_args(1, damp)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
@@ -142,7 +154,8 @@ class BasisSharing(CompressionCallback):
         self.group_size, self.rank, self.ratio = group_size, rank, ratio
         self.projections = list(projections)
         self._patterns = [re.compile(rf"(?:^|\.)(?:{p})$") for p in self.projections]
-        self.whiten, self.num_calibration_batches = whiten, num_calibration_batches
+        self.whiten, self.split = whiten, split
+        self.num_calibration_batches = num_calibration_batches
         self.damp, self.device = damp, device
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
@@ -154,6 +167,7 @@ class BasisSharing(CompressionCallback):
             "ratio": self.ratio,
             "projections": self.projections,
             "whiten": self.whiten,
+            "split": self.split,
         }
 
     # -- planning: every check before any layer is replaced --------------------------------
@@ -312,7 +326,7 @@ class BasisSharing(CompressionCallback):
         whitening: Tensor | None = None,
     ) -> dict[str, dict[str, float]]:
         weights = [weight_matrix(m) for m in group.layers]  # g x (out, in)
-        factors = shared_basis(weights, group.rank, whitening)
+        factors = shared_basis(weights, group.rank, whitening, self.split)
         like = weights[0]
         out_features, in_features = like.shape
         basis = nn.Linear(in_features, group.rank, bias=False, device=like.device, dtype=like.dtype)

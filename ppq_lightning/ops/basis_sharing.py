@@ -2,7 +2,8 @@
 
 "Basis Sharing: Cross-Layer Parameter Sharing for Large Language Model Compression" (Wang et
 al., 2024). The weights ``W_1 .. W_g`` (each ``(out, in)``) of one projection in ``g`` layers are
-stacked along the output dimension and factorised by a truncated SVD::
+stacked along the output dimension and factorised by a truncated SVD (shown with
+``split="coefficients"``; the default splits ``S_k`` between the factors, see below)::
 
     W_stack = [W_1; ...; W_g] ~= U_k S_k V_k^T        # (g*out, in)
     B = V_k^T                                         # (k, in), shared by the g layers
@@ -19,6 +20,12 @@ inputs concatenated) and its Cholesky factor ``H = S S^T``::
 
 which is the best rank-``k`` approximation in ``||(W_stack - C B) X^T||_F``. The ``g`` layers
 together store ``k * (in + g*out)`` weights instead of ``g * out * in``.
+
+How the singular values are split between the factors does not change ``C B`` but decides how
+well the factors survive later pruning or quantization: ``split="balanced"`` (the default)
+puts ``S_k^1/2`` on each side (``C = U_k S_k^1/2``, ``B = S_k^1/2 V_k^T [S^-1]``), so neither
+factor mixes entries whose scales span the whole spectrum; ``"coefficients"`` keeps them all in
+the coefficients (``B = V_k^T``: orthonormal rows without whitening).
 """
 
 from __future__ import annotations
@@ -32,14 +39,17 @@ from torch import Tensor
 
 from ppq_lightning.errors import PPQConfigError, bad_value
 
+SPLITS = ("balanced", "coefficients")
+
 
 class SharedBasis(NamedTuple):
     """A shared factorisation ``W_i ~= coefficients[i] @ basis``.
 
     Attributes:
-        basis: ``(k, in)``: orthonormal rows (the top right singular vectors of the stack), or
-            with whitening ``V_k^T S^-1``.
-        coefficients: one ``(out_i, k)`` matrix per layer (its rows of ``U_k S_k``).
+        basis: ``(k, in)``: ``S_k^1/2 V_k^T`` (``split="balanced"``) or ``V_k^T``, times
+            ``S^-1`` with whitening.
+        coefficients: one ``(out_i, k)`` matrix per layer (its rows of ``U_k S_k^1/2`` or
+            ``U_k S_k``).
         singular_values: all singular values of the (whitened) stacked weights, descending.
         relative_errors: per layer, ``||W_i - C_i B||_F^2 / ||W_i||_F^2``, or with whitening
             the output error ``||(W_i - C_i B) S||_F^2 / ||W_i S||_F^2``.
@@ -70,7 +80,10 @@ def max_rank(in_features: int, out_features: Sequence[int]) -> int:
 
 
 def shared_basis(
-    weights: Sequence[Tensor], rank: int, whitening: Tensor | None = None
+    weights: Sequence[Tensor],
+    rank: int,
+    whitening: Tensor | None = None,
+    split: str = "balanced",
 ) -> SharedBasis:
     """Factorise the weights of one projection in several layers with one shared basis.
 
@@ -80,13 +93,14 @@ def shared_basis(
         whitening: ``(in, in)`` lower-triangular ``S`` with ``S S^T`` the (damped) Hessian of
             the group's inputs (:func:`~ppq_lightning.ops.hessian.whitening_factor`); None for
             the plain SVD of the weights.
+        split: ``"balanced"`` or ``"coefficients"``: where the singular values go.
 
     Returns:
         The :class:`SharedBasis` (float32 tensors on the weights' device).
 
     Raises:
-        PPQConfigError: when ``weights`` is empty, the input dimensions differ, or ``rank`` is
-            out of range.
+        PPQConfigError: when ``weights`` is empty, the input dimensions differ, ``rank`` is
+            out of range, or ``split`` is unknown.
     """
     if not weights:
         raise PPQConfigError("shared_basis needs at least one weight matrix; got none.")
@@ -98,6 +112,8 @@ def shared_basis(
     top = max_rank(in_features, outs)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
         raise bad_value("rank", rank, f"an integer from 1 to {top} (min(in, sum of out))")
+    if split not in SPLITS:
+        raise bad_value("split", split, f"one of {', '.join(SPLITS)}")
     if whitening is not None and tuple(whitening.shape) != (in_features, in_features):
         raise bad_value(
             "whitening", tuple(whitening.shape), f"an ({in_features}, {in_features}) factor"
@@ -111,7 +127,12 @@ def shared_basis(
         u, s, vh = torch.linalg.svd(stack.double() @ factor, full_matrices=False)
         basis = torch.linalg.solve_triangular(factor.T, vh[:rank].T, upper=True).T
         u, s, basis = u.float(), s.float(), basis.float().contiguous()
-    coefficients = list((u[:, :rank] * s[:rank]).split(outs))  # g x (out_i, k)
+    if split == "balanced":
+        root = s[:rank].sqrt()
+        basis = (basis * root[:, None]).contiguous()
+        coefficients = list((u[:, :rank] * root).split(outs))  # g x (out_i, k)
+    else:
+        coefficients = list((u[:, :rank] * s[:rank]).split(outs))
     errors = []
     for w, c in zip(weights, coefficients, strict=True):
         w = w.float()

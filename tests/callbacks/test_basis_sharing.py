@@ -310,6 +310,7 @@ def test_whitened_sharing_needs_calibration_data(tiny_lm):
     ("kwargs", "match"),
     [
         ({"whiten": "yes"}, "whiten='yes' is not allowed: expected true or false"),
+        ({"split": "even"}, "split='even' is not allowed: expected one of balanced, coefficients"),
         ({"whiten": True, "damp": 0}, "damp=0 is not allowed"),
         ({"whiten": True, "num_calibration_batches": 0}, "num_calibration_batches=0"),
     ],

@@ -31,7 +31,7 @@ def test_error_falls_strictly_as_rank_grows():
 
 def test_matches_the_truncated_svd_of_the_stack_and_shares_one_basis():
     weights = _weights()
-    factors = shared_basis(weights, 4)
+    factors = shared_basis(weights, 4, split="coefficients")
     assert factors.basis.shape == (4, 10)
     assert [c.shape for c in factors.coefficients] == [(6, 4)] * 3
     assert torch.allclose(factors.basis @ factors.basis.T, torch.eye(4), atol=1e-5)
@@ -148,3 +148,23 @@ def test_identity_whitening_is_the_plain_svd():
 def test_whitening_shape_must_match_the_input_width():
     with pytest.raises(PPQConfigError, match=r"whitening=\(9, 9\).*\(10, 10\)"):
         shared_basis(_weights(), 3, torch.eye(9))
+
+
+def test_balanced_split_has_the_same_product_and_equal_factor_scales():
+    weights = _weights()
+    plain = shared_basis(weights, 4, split="coefficients")
+    balanced = shared_basis(weights, 4)  # the default
+    torch.testing.assert_close(
+        torch.cat(balanced.coefficients) @ balanced.basis,
+        torch.cat(plain.coefficients) @ plain.basis,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    root = plain.singular_values[:4].sqrt()
+    torch.testing.assert_close(balanced.basis.norm(dim=1), root, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.cat(balanced.coefficients).norm(dim=0), root, rtol=1e-4, atol=1e-6
+    )
+    assert balanced.relative_errors == pytest.approx(plain.relative_errors, rel=1e-4)
+    with pytest.raises(PPQConfigError, match=r"split='halves'.*balanced, coefficients"):
+        shared_basis(weights, 4, split="halves")

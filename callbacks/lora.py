@@ -12,14 +12,14 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ppq_lightning.adapters import ADAPTER
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.layers import as_matrix, set_weight_matrix, weight_matrix
-from ppq_lightning.state import STATE_NAME, current_grid, current_mask, record_stage
+from ppq_lightning.state import current_grid, current_mask, record_stage
 from ppq_lightning.targets import resolve_targets
 
 MERGES = ("never", "at_end")
-ADAPTER = "default"
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -191,34 +191,3 @@ class LoRAFineTune(CompressionCallback):
                 parameter.requires_grad = name in trainable
         seconds = time.perf_counter() - self._started if self._started else 0.0
         return self.conclude(model, index, layers, seconds)
-
-
-def replay_lora(model: nn.Module, names: list[str], state_dict: dict, prefix: str = "") -> None:
-    """Inject the adapters of a checkpoint saved with unmerged LoRA adapters into ``model``
-    (a fresh one) so that its state dict loads: the rank is read from the ``lora_A`` tensors,
-    ``alpha`` and ``dropout`` from the ``LoRAFineTune`` entry recorded on the base layers.
-
-    Raises:
-        PPQConfigError: when the checkpoint's adapters disagree in rank or carry no record.
-    """
-    settings = set()
-    for name in names:
-        rank = state_dict[f"{prefix}{name}.lora_A.{ADAPTER}.weight"].shape[0]
-        extra = state_dict.get(f"{prefix}{name}.base_layer.{STATE_NAME}._extra_state")
-        history = extra.get("history", []) if isinstance(extra, dict) else []
-        entry = next((h for h in history if h.get("method") == "LoRAFineTune"), None)
-        if entry is None:
-            raise PPQConfigError(
-                f"the state dict has LoRA adapters on {name} but no LoRAFineTune record on its "
-                "base layer: it was not saved by this framework's LoRAFineTune stage."
-            )
-        settings.add((rank, entry["alpha"], entry["dropout"]))
-    if len(settings) != 1:
-        raise PPQConfigError(
-            f"the state dict's LoRA adapters disagree: (r, alpha, dropout) {settings}"
-        )
-    rank, alpha, dropout = settings.pop()
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names), bias="none"
-    )
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)

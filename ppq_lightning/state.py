@@ -256,7 +256,7 @@ def _replay_structure(
 def _replay_adapters(model: nn.Module, state_dict: dict, prefix: str) -> None:
     """Re-inject unmerged LoRA adapters (``...q_proj.lora_A.default.weight`` keys) into a fresh
     model, with the rank in the tensors and ``alpha``/``dropout`` recorded on the base layers."""
-    from ppq_lightning.callbacks.lora import replay_lora
+    from ppq_lightning.adapters import replay_lora
 
     marker = ".lora_A."
     owners = sorted({key[len(prefix) :].split(marker)[0] for key in state_dict if marker in key})

@@ -134,11 +134,11 @@ def shared_basis(
     else:
         coefficients = list((u[:, :rank] * s[:rank]).split(outs))
     errors = []
+    factor32 = None if whitening is None else whitening.to(basis.device, torch.float32)
     for w, c in zip(weights, coefficients, strict=True):
         w = w.float()
         residual = w - c @ basis
-        if whitening is not None:  # in output space: ||D S||^2 / ||W S||^2
-            factor32 = whitening.to(w.device, torch.float32)
+        if factor32 is not None:  # in output space: ||D S||^2 / ||W S||^2
             residual, w = residual @ factor32, w @ factor32
         errors.append((residual.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item())
     return SharedBasis(basis, [c.contiguous() for c in coefficients], s, errors)

@@ -3,8 +3,8 @@
 A :class:`CompressionCallback` compresses the modules chosen by ``targets``/``ignore`` once,
 before the first evaluation of ``validate``/``test``/``predict`` or at the start of ``fit``.
 In ``Trainer(callbacks=[...])`` the list order is the compression order. The stage is recorded
-on every module it touched (``ppq_lightning.state``), so a run resumed from a checkpoint of an
-already-compressed model never applies it twice.
+on every module it touched (``ppq_lightning.compressed``), so a run resumed from a checkpoint of
+an already-compressed model never applies it twice.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.metrics import CompressionSummary, compression_summary
-from ppq_lightning.state import applied_stages, enable_state_loading, get_state
-from ppq_lightning.targets import compile_patterns, resolve_targets
-from ppq_lightning.training import mask_gradients, project_onto_state
+from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
+from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
+from ppq_lightning.compressed.state import applied_stages, get_state
+from ppq_lightning.compressed.upkeep import mask_gradients, project_onto_state
+from ppq_lightning.edits.loading import enable_state_loading
+from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int
+from ppq_lightning.modules.targets import compile_patterns, resolve_targets
 
 
 @dataclass
@@ -33,8 +35,10 @@ class StageResult:
 
     Attributes:
         index: position of the stage in the compression order (1-based).
-        label: short name used in metric keys (``magnitude``, ``rtn``, or the user's ``name``).
-        kind: ``"P"`` (pruning), ``"Q"`` (quantization), ...
+        name: the stage's name (``magnitude``, ``rtn``, or the user's ``name``), used in
+            metric keys.
+        kind: the :class:`~ppq_lightning.compressed.history.StageKind` letter: ``"P"``
+            (pruning), ``"Q"`` (quantization), ...
         config: the arguments that define the stage.
         layers: per-layer metrics, ``{module name: {metric: value}}``.
         summary: compression of the whole model after the stage.
@@ -43,7 +47,7 @@ class StageResult:
     """
 
     index: int
-    label: str
+    name: str
     kind: str
     config: dict[str, Any]
     layers: dict[str, dict[str, float]]
@@ -53,7 +57,7 @@ class StageResult:
 
     @property
     def prefix(self) -> str:
-        return f"stage/{self.index}_{self.label}"
+        return f"stage/{self.index}_{self.name}"
 
     def metrics(self, log_layers: bool = True) -> dict[str, float]:
         """Flat, namespaced metrics for a Lightning logger."""
@@ -63,7 +67,7 @@ class StageResult:
         if log_layers:
             for name, values in self.layers.items():
                 for key, value in values.items():
-                    out[f"layer/{self.index}_{self.label}/{name}/{key}"] = float(value)
+                    out[f"layer/{self.index}_{self.name}/{name}/{key}"] = float(value)
         return out
 
 
@@ -86,7 +90,7 @@ def log_layer_table(trainer: L.Trainer | None, result: StageResult) -> None:
     for logger in trainer.loggers:
         if hasattr(logger, "log_table"):
             logger.log_table(
-                key=f"layers/{result.index}_{result.label}", columns=["module", *columns], data=data
+                key=f"layers/{result.index}_{result.name}", columns=["module", *columns], data=data
             )
 
 
@@ -148,15 +152,17 @@ class FiresOnce(L.Callback):
 class CompressionCallback(FiresOnce):
     """Base class of every compression method.
 
-    Subclasses set ``label`` and ``kind``, define :meth:`stage_config` (the arguments that
-    define the stage) and :meth:`compress` (the work on the chosen modules).
+    Subclasses set ``default_name`` and ``kind``, define :meth:`stage_config` (the arguments
+    that define the stage) and :meth:`compress` (the work on the chosen modules). A stage has
+    one name, :attr:`name` (the ``name`` argument, else ``default_name``), used in orders, logs
+    and reports, and one identity, :attr:`state_key` (its class and arguments).
 
     Args:
         targets: regex or list of regexes of module names to compress (``re.search``); default
             every ``nn.Linear``/``nn.Conv2d`` except embeddings and the LM head.
         ignore: regexes of module names to leave uncompressed.
-        name: a name for this stage, used in metric keys and its ``state_key``; needed when two
-            stages of the same class and arguments are in one run.
+        name: a name for this stage, used in orders, metric keys and its ``state_key``; needed
+            when two stages of the same class and arguments are in one run.
         b_orig: bits of an original weight, for compression rates (16 for LLMs, 32 for fp32
             vision models).
         log_layers: also log one metric per layer.
@@ -176,8 +182,8 @@ class CompressionCallback(FiresOnce):
             training stage is used outside ``fit``.
     """
 
-    label: ClassVar[str] = "stage"
-    kind: str = "?"
+    default_name: ClassVar[str] = "stage"
+    kind: StageKind
     trains: ClassVar[bool] = False  # acts during fit's training (LoRA, QAT, CoDeQ)
 
     def __init__(
@@ -195,10 +201,7 @@ class CompressionCallback(FiresOnce):
         for argument, value in (("at_epoch", at_epoch), ("at_step", at_step)):
             if value is not None and self.trains:
                 raise bad_value(argument, value, "None: a training stage trains for the whole fit")
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise bad_value(argument, value, "None or an integer >= 0")
+            check_int(argument, value, minimum=0, allow_none=True)
         if at_epoch is not None and at_step is not None:
             raise PPQConfigError(
                 f"at_epoch={at_epoch!r} and at_step={at_step!r} are not allowed together: "
@@ -209,9 +212,8 @@ class CompressionCallback(FiresOnce):
         compile_patterns(ignore, "ignore")
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise PPQConfigError(f"name={name!r} is not allowed: expected a non-empty string.")
-        if b_orig not in (8, 16, 32):
-            raise PPQConfigError(f"b_orig={b_orig!r} is not allowed: expected 8, 16 or 32.")
-        self.targets, self.ignore, self.name = targets, ignore, name
+        check_choice("b_orig", b_orig, (8, 16, 32))
+        self.targets, self.ignore, self._name = targets, ignore, name
         self.b_orig, self.log_layers = b_orig, log_layers
         self.result: StageResult | None = None
 
@@ -229,19 +231,21 @@ class CompressionCallback(FiresOnce):
 
     # -- shared machinery ---------------------------------------------------------------------
     @property
-    def display_label(self) -> str:
-        return self.name or self.label
+    def name(self) -> str:
+        """What the stage is called in orders, logs and reports: ``name``, else the method's."""
+        return self._name or self.default_name
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name, **self.stage_config())
+        """The stage's identity: its class and arguments (``name`` included when given)."""
+        return self._generate_state_key(name=self._name, **self.stage_config())
 
-    def history_entry(self) -> dict[str, Any]:
+    def history_entry(self) -> HistoryEntry:
         """The record appended to the history of every module this stage touches."""
         return {
             "stage": self.state_key,
             "method": type(self).__name__,
-            "kind": self.kind,
+            "kind": StageKind(self.kind).value,
             **self.stage_config(),
         }
 
@@ -269,11 +273,11 @@ class CompressionCallback(FiresOnce):
             name
             for name, module in modules.items()
             if name.endswith(".base_layer")
-            and any(e.get("kind") == "L" for e in getattr(get_state(module), "history", ()))
+            and any(kind_of(e) is StageKind.LORA for e in getattr(get_state(module), "history", ()))
         ]
-        if adapted and "P" in self.kind:
+        if adapted and StageKind(self.kind).prunes:
             rank_zero_warn(
-                f"[ppq] {self.display_label} prunes the base weights of {len(adapted)} layer(s) "
+                f"[ppq] {self.name} prunes the base weights of {len(adapted)} layer(s) "
                 "that carry unmerged LoRA adapters; the adapters stay dense, so the effective "
                 "weight W + BA is not sparse (merge them first: LoRAFineTune(merge='at_end'))."
             )
@@ -293,7 +297,13 @@ class CompressionCallback(FiresOnce):
         """Mark the stage applied and build its :class:`StageResult` (``self.result``)."""
         summary = compression_summary(model, self.b_orig)
         self.result = StageResult(
-            index, self.display_label, self.kind, self.stage_config(), layers, summary, seconds
+            index,
+            self.name,
+            StageKind(self.kind).value,
+            self.stage_config(),
+            layers,
+            summary,
+            seconds,
         )
         self._applied = True
         return self.result
@@ -381,7 +391,7 @@ class CompressionCallback(FiresOnce):
         log_metrics(trainer, result.metrics(self.log_layers))
         log_layer_table(trainer, result)
         rank_zero_info(
-            f"[ppq] stage {result.index} {result.label}: sparsity {result.summary.sparsity:.3f}, "
+            f"[ppq] stage {result.index} {result.name}: sparsity {result.summary.sparsity:.3f}, "
             f"bits {result.summary.avg_bits:.2f}, measured C {result.summary.measured_C:.2f} "
             f"({result.seconds:.1f}s)"
         )

@@ -10,13 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
 from ppq_lightning.errors import bad_value
-from ppq_lightning.fake_quant import WeightTransform
-from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout
+from ppq_lightning.modules.transforms import WeightTransform
+from ppq_lightning.modules.views import as_matrix, set_weight_matrix, to_weight_layout
 from ppq_lightning.ops.dead_zone import DeadZoneQuantizer, dead_zone_grid
 from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS, check_bits
 from ppq_lightning.ops.reconstruction import relative_weight_error
-from ppq_lightning.state import record_grid, record_mask, record_stage
 
 QUANTIZER_NAME = "ppq_dead_zone"  # the child module holding a layer's learnable parameters
 
@@ -86,8 +87,8 @@ class DeadZoneQuantization(FakeQuantStage):
               init_args: {bits: 4, sparsity_weight: 1.0, learn_bits: true, bits_weight: 0.05}
     """
 
-    label = "codeq"
-    kind = "PQ"
+    default_name = "codeq"
+    kind = StageKind.PRUNE_QUANTIZE
 
     def __init__(
         self,
@@ -184,9 +185,9 @@ class DeadZoneQuantization(FakeQuantStage):
             _add_gradients(trainer, regulariser, parameters)
         pl_module.log_dict(
             {
-                f"{self.display_label}/regulariser": float(regulariser.detach()),
-                f"{self.display_label}/sparsity": 1 - float(kept),
-                f"{self.display_label}/avg_bits": float(avg_bits),
+                f"{self.name}/regulariser": float(regulariser.detach()),
+                f"{self.name}/sparsity": 1 - float(kept),
+                f"{self.name}/avg_bits": float(avg_bits),
             },
             on_step=True,
             on_epoch=False,

@@ -24,16 +24,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.compressed.state import STATE_NAME, current_mask, get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.fake_quant import (
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.transforms import (
     WeightTransform,
     attach_weight_transform,
     detach_weight_transform,
     has_weight_transform,
 )
-from ppq_lightning.layers import weight_matrix
-from ppq_lightning.state import STATE_NAME, current_mask, get_state
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.modules.views import weight_matrix
 
 
 class FakeQuantStage(CompressionCallback):
@@ -86,7 +86,7 @@ class FakeQuantStage(CompressionCallback):
         for name, module in modules.items():  # check every layer before touching any
             if has_weight_transform(module):
                 raise PPQConfigError(
-                    f"{self.display_label}: {name} already has a training-time weight "
+                    f"{self.name}: {name} already has a training-time weight "
                     "transform (another QAT/CoDeQ stage): one training stage per fit."
                 )
             self.check_layer(name, module)

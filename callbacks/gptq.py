@@ -7,17 +7,18 @@ from typing import Any
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
-from ppq_lightning.layers import set_weight_matrix, weight_matrix
-from ppq_lightning.mixed_precision import (
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import current_mask, record_grid, record_stage
+from ppq_lightning.modules.mixed_precision import (
     assign_bits,
     check_layer_bits,
     check_promote,
     mixed_precision_config,
 )
+from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.gptq import gptq
 from ppq_lightning.ops.hessian import check_solver_args
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size
-from ppq_lightning.state import current_mask, record_grid, record_stage
 
 
 class GPTQ(CalibratedCompression):
@@ -56,8 +57,8 @@ class GPTQ(CalibratedCompression):
               init_args: {bits: 4, group_size: 128, act_order: true, num_calibration_batches: 128}
     """
 
-    label = "gptq"
-    kind = "Q"
+    default_name = "gptq"
+    kind = StageKind.QUANTIZE
 
     def __init__(
         self,

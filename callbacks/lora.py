@@ -9,22 +9,24 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ppq_lightning.adapters import ADAPTER
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
-from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.layers import as_matrix, set_weight_matrix, weight_matrix
-from ppq_lightning.state import current_grid, current_mask, record_stage
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import current_grid, current_mask, record_stage
+from ppq_lightning.edits.lora import (
+    ADAPTER,
+    LORA_ADAPTERS,
+    adapter_update,
+    adapter_weights,
+    lora_layers,
+    merge_adapter,
+)
+from ppq_lightning.errors import PPQConfigError, check_choice, check_int, check_number
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.views import weight_matrix
 
 MERGES = ("never", "at_end")
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Every peft LoRA layer of ``model``, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 class LoRAFineTune(CompressionCallback):
@@ -73,8 +75,8 @@ class LoRAFineTune(CompressionCallback):
               init_args: {name: L, r: 8, alpha: 16, target_modules: ["proj"], merge: never}
     """
 
-    label = "lora"
-    kind = "L"
+    default_name = "lora"
+    kind = StageKind.LORA
     trains = True
 
     def __init__(
@@ -87,14 +89,10 @@ class LoRAFineTune(CompressionCallback):
         reproject: bool = True,
         **kwargs: Any,
     ) -> None:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise bad_value("r", r, "an integer >= 1")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-            raise bad_value("alpha", alpha, "a number > 0")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise bad_value("dropout", dropout, "a number in [0, 1)")
-        if merge not in MERGES:
-            raise bad_value("merge", merge, f"one of {', '.join(MERGES)}")
+        check_int("r", r, minimum=1)
+        check_number("alpha", alpha, low=0, low_open=True)
+        check_number("dropout", dropout, 0, 1, high_open=True)
+        check_choice("merge", merge, MERGES)
         if target_modules is not None and kwargs.get("targets") is not None:
             raise PPQConfigError(
                 f"target_modules={target_modules!r} and targets={kwargs['targets']!r} are not "
@@ -123,7 +121,7 @@ class LoRAFineTune(CompressionCallback):
             return
         if lora_layers(pl_module):
             raise PPQConfigError(
-                f"{self.display_label}: the model already carries LoRA adapters "
+                f"{self.name}: the model already carries LoRA adapters "
                 f"({', '.join(list(lora_layers(pl_module))[:3])}); one LoRA stage per model."
             )
         modules = resolve_targets(pl_module, self.targets, self.ignore)
@@ -160,29 +158,14 @@ class LoRAFineTune(CompressionCallback):
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
                 base = layer.get_base_layer()
-                delta = as_matrix(base, layer.get_delta_weight(ADAPTER)).float()
-                w = weight_matrix(base).float()
+                delta, w = adapter_update(layer), weight_matrix(base).float()
                 metrics = {"delta_norm": (delta.norm() / w.norm().clamp_min(1e-12)).item()}
                 if self.merge == "at_end":
-                    merged = w + delta
-                    target = merged
-                    mask = current_mask(base)
-                    if mask is not None:
-                        target = target * mask.to(target.device)
-                    grid = current_grid(base)
-                    if grid is not None:
-                        target = grid.to(target.device).fake_quantize(target)
-                    lost = (merged - target).pow(2).sum() / delta.pow(2).sum().clamp_min(1e-30)
-                    metrics["projection_loss"] = lost.item()
-                    set_weight_matrix(base, target)
-                    parent_name, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+                    metrics["projection_loss"] = merge_adapter(model, name, layer)
                     record_stage(base, entry)
                 else:
-                    adapter = sum(
-                        p.numel() for n, p in layer.named_parameters() if n.startswith("lora_")
-                    )
-                    record_stage(base, {**entry, "adapter_weights": adapter})
+                    adapter = adapter_weights(layer)
+                    record_stage(base, {**entry, "edit": LORA_ADAPTERS, "adapter_weights": adapter})
                     metrics["adapter_params"] = float(adapter)
                 layers[name] = metrics
         if self.merge == "at_end":

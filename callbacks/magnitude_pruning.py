@@ -9,45 +9,20 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.base import CompressionCallback, log_metrics
-from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.layers import weight_matrix
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
+from ppq_lightning.errors import bad_value, check_choice, check_int, check_number
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.masks import (
-    check_sparsity,
     global_masks,
     nm_mask,
-    parse_pattern,
+    resolve_sparsity,
     row_mask,
     unstructured_mask,
 )
-from ppq_lightning.state import current_mask, record_mask, record_stage
-from ppq_lightning.targets import resolve_targets
 
 SCOPES = ("layer", "row", "global")
-
-
-def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple[int, int] | None]:
-    """Validate a pruning target: ``(sparsity, (N, M) or None)``.
-
-    ``N:M`` implies ``sparsity = 1 - N/M``; a given sparsity must agree with it.
-
-    Raises:
-        PPQConfigError: on a bad pattern, a sparsity outside [0, 1), a missing sparsity for
-            unstructured pruning, or one that contradicts N:M.
-    """
-    nm = parse_pattern(pattern)
-    if nm is None:
-        if sparsity is None:
-            raise PPQConfigError(
-                'sparsity=None is not allowed for pattern="unstructured": '
-                "expected a number in [0, 1)."
-            )
-        return check_sparsity(sparsity), None
-    implied = 1 - nm[0] / nm[1]
-    if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
-        raise bad_value("sparsity", sparsity, f"None or {implied:g} for pattern {pattern}")
-    return implied, nm
-
-
 RAMP_KEYS = ("start_step", "end_step", "every", "initial_sparsity")
 
 
@@ -73,15 +48,12 @@ def check_ramp(
         raise bad_value("ramp", ramp, "None with at_epoch/at_step (the ramp says when)")
     ramp = {"start_step": 0, "every": 1, "initial_sparsity": 0.0, **ramp}
     for key in ("start_step", "end_step", "every"):
-        if isinstance(ramp[key], bool) or not isinstance(ramp[key], int) or ramp[key] < 0:
-            raise bad_value(f"ramp.{key}", ramp[key], "an integer >= 0")
+        check_int(f"ramp.{key}", ramp[key], minimum=0)
     if ramp["end_step"] <= ramp["start_step"]:
         raise bad_value("ramp.end_step", ramp["end_step"], f"> start_step={ramp['start_step']}")
     if ramp["every"] < 1:
         raise bad_value("ramp.every", ramp["every"], "an integer >= 1")
-    initial = ramp["initial_sparsity"]
-    if not isinstance(initial, (int, float)) or not 0 <= initial < sparsity:
-        raise bad_value("ramp.initial_sparsity", initial, f"a number in [0, {sparsity:g})")
+    check_number("ramp.initial_sparsity", ramp["initial_sparsity"], 0, sparsity, high_open=True)
     return ramp
 
 
@@ -128,8 +100,8 @@ class MagnitudePruning(CompressionCallback):
               init_args: {sparsity: 0.7, ramp: {start_step: 100, end_step: 1000, every: 100}}
     """
 
-    label = "magnitude"
-    kind = "P"
+    default_name = "magnitude"
+    kind = StageKind.PRUNE
 
     def __init__(
         self,
@@ -140,8 +112,7 @@ class MagnitudePruning(CompressionCallback):
         **kwargs: Any,
     ) -> None:
         sparsity, nm = resolve_sparsity(sparsity, pattern)
-        if scope not in SCOPES:
-            raise bad_value("scope", scope, f"one of {', '.join(SCOPES)}")
+        check_choice("scope", scope, SCOPES)
         super().__init__(**kwargs)
         self.sparsity, self.pattern, self.scope, self._nm = sparsity, pattern, scope, nm
         self.ramp = check_ramp(ramp, sparsity, nm, self.at_epoch, self.at_step)
@@ -188,7 +159,7 @@ class MagnitudePruning(CompressionCallback):
             with torch.no_grad():
                 for name, mask in self.masks(modules, self.ramp_sparsity(step)).items():
                     record_mask(modules[name], mask)
-            log_metrics(trainer, {f"ramp/{self.display_label}/sparsity": self.ramp_sparsity(step)})
+            log_metrics(trainer, {f"ramp/{self.name}/sparsity": self.ramp_sparsity(step)})
 
     # -- the pruning itself ------------------------------------------------------------------
     def compress(

@@ -8,11 +8,18 @@ from typing import Any
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
-from ppq_lightning.fake_quant import WeightTransform, fake_quantize_ste
-from ppq_lightning.layers import as_matrix, set_weight_matrix, to_weight_layout, weight_matrix
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import record_grid, record_stage
+from ppq_lightning.modules.transforms import WeightTransform
+from ppq_lightning.modules.views import (
+    as_matrix,
+    set_weight_matrix,
+    to_weight_layout,
+    weight_matrix,
+)
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
 from ppq_lightning.ops.reconstruction import relative_weight_error
-from ppq_lightning.state import record_grid, record_stage
+from ppq_lightning.ops.ste import fake_quantize_ste
 
 
 def qat_weight(
@@ -67,8 +74,8 @@ class QuantizationAwareTraining(FakeQuantStage):
               init_args: {bits: 4, group_size: 32}
     """
 
-    label = "qat"
-    kind = "Q"
+    default_name = "qat"
+    kind = StageKind.QUANTIZE
 
     def __init__(
         self,

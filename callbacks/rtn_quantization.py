@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
-from ppq_lightning.layers import set_weight_matrix, weight_matrix
-from ppq_lightning.mixed_precision import (
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import record_grid, record_stage
+from ppq_lightning.modules.mixed_precision import (
     assign_bits,
     check_layer_bits,
     check_promote,
     mixed_precision_config,
 )
+from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
 from ppq_lightning.ops.reconstruction import relative_weight_error
-from ppq_lightning.state import record_grid, record_stage
+
+CURVE_BITS = (8, 6, 5, 4, 3, 2)  # the default quantization-only curve of an order study
 
 
 class RTNQuantization(CompressionCallback):
@@ -58,8 +62,8 @@ class RTNQuantization(CompressionCallback):
                 promote: {bits: 6, fraction: 0.1}
     """
 
-    label = "rtn"
-    kind = "Q"
+    default_name = "rtn"
+    kind = StageKind.QUANTIZE
 
     def __init__(
         self,
@@ -76,6 +80,12 @@ class RTNQuantization(CompressionCallback):
         self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)
         super().__init__(**kwargs)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+
+    @classmethod
+    def curve(cls, bits: Iterable[int] = CURVE_BITS) -> list[RTNQuantization]:
+        """Per-channel asymmetric RTN at each bit width, named ``RTN<bits>``: the
+        quantization-only curve an order study interpolates ``C*`` on."""
+        return [cls(bits=b, name=f"RTN{b}", log_layers=False) for b in bits]
 
     def stage_config(self) -> dict[str, Any]:
         config = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}

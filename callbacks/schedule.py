@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,11 @@ from ppq_lightning.callbacks.base import (
     log_layer_table,
     log_metrics,
 )
+from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.evaluation import evaluate_module, evaluation_dataloader
-from ppq_lightning.metrics import compression_summary
-from ppq_lightning.order import arrange
+from ppq_lightning.order.evaluation import evaluate_module, evaluation_dataloader
+from ppq_lightning.order.grammar import arrange
+from ppq_lightning.reports import columns_of, write_table
 
 
 class CompressionSchedule(FiresOnce):
@@ -112,14 +111,14 @@ class CompressionSchedule(FiresOnce):
         """
         stages = self.configured
         if order is not None:
-            stages = arrange(stages, [s.display_label for s in stages], order)
-        training = [s.display_label for s in stages if s.trains]
+            stages = arrange(stages, [s.name for s in stages], order)
+        training = [s.name for s in stages if s.trains]
         if len(training) > 1:
             raise PPQConfigError(
                 f"stages train more than once ({', '.join(training)}): one training stage "
                 "(LoRA, QAT, CoDeQ) per fit; run a second fit for another."
             )
-        timed = [s.display_label for s in stages if s.at_epoch is not None or s.at_step is not None]
+        timed = [s.name for s in stages if s.at_epoch is not None or s.at_step is not None]
         if timed:
             raise PPQConfigError(
                 f"stages {timed} set at_epoch/at_step: a schedule applies its stages in order "
@@ -130,7 +129,7 @@ class CompressionSchedule(FiresOnce):
     @property
     def order(self) -> str:
         """The compression order, e.g. ``"magnitude>rtn"``."""
-        return ">".join(stage.display_label for stage in self.stages)
+        return ">".join(stage.name for stage in self.stages)
 
     @property
     def state_key(self) -> str:
@@ -156,7 +155,7 @@ class CompressionSchedule(FiresOnce):
         if training is not None and trainer.state.fn != TrainerFn.FITTING:
             if not training.already_applied(pl_module):
                 raise PPQConfigError(
-                    f"stage {training.display_label} ({type(training).__name__}) trains: a "
+                    f"stage {training.name} ({type(training).__name__}) trains: a "
                     f"schedule holding it belongs in `fit`, not in `{trainer.state.fn}`."
                 )
             training = None
@@ -254,7 +253,7 @@ class CompressionSchedule(FiresOnce):
         for r in self.results:
             rows.append(
                 {
-                    "stage": f"{r.index}_{r.label}",
+                    "stage": f"{r.index}_{r.name}",
                     "kind": r.kind,
                     **r.summary.as_dict(),
                     "seconds": r.seconds,
@@ -269,22 +268,13 @@ class CompressionSchedule(FiresOnce):
         if not rows:
             return
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        with open(folder / "schedule.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        (folder / "schedule.json").write_text(
-            json.dumps(
-                {
-                    "order": self.order,
-                    "stages": rows,
-                    "layers": {f"{r.index}_{r.label}": r.layers for r in self.results},
-                },
-                indent=2,
-            )
-        )
+        report = {
+            "order": self.order,
+            "stages": rows,
+            "layers": {f"{r.index}_{r.name}": r.layers for r in self.results},
+        }
+        write_table(rows, folder, "schedule", json_data=report, formats=("csv", "json"))
+        columns = columns_of(rows)
         shown = [
             c
             for c in (

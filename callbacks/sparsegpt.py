@@ -7,12 +7,19 @@ from typing import Any
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
-from ppq_lightning.callbacks.magnitude_pruning import resolve_sparsity
-from ppq_lightning.layers import set_weight_matrix, weight_matrix
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import (
+    current_grid,
+    current_mask,
+    record_grid,
+    record_mask,
+    record_stage,
+)
+from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.hessian import check_solver_args
+from ppq_lightning.ops.masks import resolve_sparsity
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size
 from ppq_lightning.ops.sparsegpt import sparsegpt
-from ppq_lightning.state import current_grid, current_mask, record_grid, record_mask, record_stage
 
 
 class SparseGPT(CalibratedCompression):
@@ -48,7 +55,7 @@ class SparseGPT(CalibratedCompression):
               init_args: {sparsity: 0.5, pattern: unstructured, num_calibration_batches: 128}
     """
 
-    label = "sparsegpt"
+    default_name = "sparsegpt"
 
     def __init__(
         self,
@@ -75,7 +82,7 @@ class SparseGPT(CalibratedCompression):
             symmetric,
         )
         self.block_size, self.damp = block_size, float(damp)
-        self.kind = "P" if bits is None else "PQ"
+        self.kind = StageKind.PRUNE if bits is None else StageKind.PRUNE_QUANTIZE
 
     def stage_config(self) -> dict[str, Any]:
         return {

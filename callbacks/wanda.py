@@ -7,10 +7,11 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
-from ppq_lightning.callbacks.magnitude_pruning import resolve_sparsity
-from ppq_lightning.layers import weight_matrix
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
+from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.ops.masks import resolve_sparsity
 from ppq_lightning.ops.wanda import wanda_mask
-from ppq_lightning.state import current_mask, record_mask, record_stage
 
 
 class Wanda(CalibratedCompression):
@@ -39,8 +40,8 @@ class Wanda(CalibratedCompression):
               init_args: {sparsity: 0.5, num_calibration_batches: 128}
     """
 
-    label = "wanda"
-    kind = "P"
+    default_name = "wanda"
+    kind = StageKind.PRUNE
     statistic: ClassVar[str] = "act_norm"
 
     def __init__(

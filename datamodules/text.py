@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.models import OFFLINE_DEFAULT, load_tokenizer
+from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_tokenizer
 
 SOURCES = ("pydoc", "files", "wikitext2", "c4")
 _C4_SHARDS = {

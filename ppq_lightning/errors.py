@@ -1,13 +1,21 @@
-"""The project's error types.
+"""The project's error types and the argument checks every layer uses.
 
 Bad input raises :class:`PPQConfigError` (a ``ValueError``) naming the argument, the value given
 and what is allowed. A compressed state that breaks the invariants of ``shared/DESIGN.md``
 raises :class:`InvariantError`.
+
+The checks (:func:`check_int`, :func:`check_number`, :func:`check_choice`, :func:`check_bool`)
+return the value they accept, so a constructor reads ``self.r = check_int("r", r, minimum=1)``;
+booleans are never accepted as numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class PPQConfigError(ValueError):
@@ -30,3 +38,122 @@ def bad_value(argument: str, value: Any, allowed: str) -> PPQConfigError:
         A :class:`PPQConfigError` to ``raise``.
     """
     return PPQConfigError(f"{argument}={value!r} is not allowed: expected {allowed}.")
+
+
+def _int_range(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"an integer from {minimum} to {maximum}"
+    if minimum is not None:
+        return f"an integer >= {minimum}"
+    if maximum is not None:
+        return f"an integer <= {maximum}"
+    return "an integer"
+
+
+def check_int(
+    argument: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    allow_none: bool = False,
+    allowed: str | None = None,
+) -> Any:
+    """Accept an integer (not a bool) in ``[minimum, maximum]``.
+
+    Args:
+        argument: the argument's name, for the message.
+        value: the value given.
+        minimum, maximum: inclusive bounds; None for none.
+        allow_none: also accept None (returned as is).
+        allowed: the message's "expected ..." text instead of the generated one.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        PPQConfigError: naming ``argument``, ``value`` and the allowed range.
+    """
+    if allow_none and value is None:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        text = allowed or _int_range(minimum, maximum)
+        raise bad_value(argument, value, f"None or {text}" if allow_none and not allowed else text)
+    return value
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f"a number in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"a number {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"a number {'<' if high_open else '<='} {high:g}"
+    return "a finite number"
+
+
+def check_number(
+    argument: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+    allowed: str | None = None,
+) -> Any:
+    """Accept a real number (an int or float, not a bool, not NaN) within the given bounds.
+
+    Args:
+        argument: the argument's name, for the message.
+        value: the value given.
+        low, high: the bounds; None for none (an unbounded number must still be finite).
+        low_open, high_open: exclude the bound itself (``(0, 1)`` is ``low_open=high_open=True``).
+        allow_none: also accept None (returned as is).
+        allowed: the message's "expected ..." text instead of the generated one.
+
+    Returns:
+        ``value`` as given (the caller converts it when it needs a float).
+
+    Raises:
+        PPQConfigError: naming ``argument``, ``value`` and the allowed interval.
+    """
+    if allow_none and value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and not math.isnan(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok and low is None and high is None:
+        ok = math.isfinite(value)
+    if not ok:
+        text = allowed or _interval(low, high, low_open, high_open)
+        raise bad_value(argument, value, f"None or {text}" if allow_none and not allowed else text)
+    return value
+
+
+def check_choice(argument: str, value: T, choices: Iterable[Any]) -> T:
+    """Accept one of ``choices``.
+
+    Raises:
+        PPQConfigError: naming ``argument``, ``value`` and every choice.
+    """
+    choices = tuple(choices)
+    if not any(value == choice and type(value) is type(choice) for choice in choices):
+        raise bad_value(argument, value, f"one of {', '.join(str(c) for c in choices)}")
+    return value
+
+
+def check_bool(argument: str, value: Any) -> bool:
+    """Accept ``True`` or ``False`` only (not ``"false"``, not 0/1).
+
+    Raises:
+        PPQConfigError: naming ``argument`` and ``value``.
+    """
+    if not isinstance(value, bool):
+        raise bad_value(argument, value, "true or false")
+    return value

@@ -89,8 +89,8 @@ OTHER_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "idlelib" / "NEWS.txt"
 
 
 def load_module(args: argparse.Namespace):
-    from ppq_lightning.lm import CausalLMModule
-    from ppq_lightning.models import load_causal_lm
+    from ppq_lightning.models import CausalLMModule
+    from ppq_lightning.models.loading import load_causal_lm
 
     if not args.random_weights:
         module = CausalLMModule(model=args.model)
@@ -178,7 +178,7 @@ def run_one(args: argparse.Namespace) -> dict:
     """Compress and evaluate one method in this process; print its JSON row."""
     import ppq_lightning.callbacks as callbacks
     from ppq_lightning import check_invariants, compression_summary
-    from ppq_lightning.calibration import find_blocks
+    from ppq_lightning.calibration.blocks import find_blocks
     from ppq_lightning.callbacks.calibrated import CalibratedCompression
 
     data = torch.load(args.data)
@@ -207,8 +207,8 @@ def run_one(args: argparse.Namespace) -> dict:
     peak = max(peak_before, peak_compress or 0.0) if args.device == "cpu" else peak_compress
     floor = None
     if name == "dense":  # time one forward of every block over the calibration set: the floor
-        from ppq_lightning.calibration import calibrate_sequentially
-        from ppq_lightning.targets import resolve_targets
+        from ppq_lightning.calibration.engine import calibrate_sequentially
+        from ppq_lightning.modules.targets import resolve_targets
 
         start = time.perf_counter()
         calibrate_sequentially(

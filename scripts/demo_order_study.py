@@ -25,10 +25,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
-from ppq_lightning.callbacks import CompressionCallback
+from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
 from ppq_lightning.datamodules import TextDataModule
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.study import OrderStudy, default_curve, write_report
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.study.engine import OrderStudy
+from ppq_lightning.study.report import write_report
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
         max_eval_windows=args.eval_windows,
         num_calibration_samples=args.calibration_samples,
     )
-    curve = default_curve()
+    curve = RTNQuantization.curve()
     results = []
     for p in args.pruning:
         for q in args.quantization:

@@ -17,8 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from ppq_lightning.experiments import command_line, experiment_parser, instantiate, quantizer
-from ppq_lightning.study import OrderStudy, markdown_table, write_report
+from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate, quantizer
+from ppq_lightning.reports import markdown_table
+from ppq_lightning.study.engine import OrderStudy
+from ppq_lightning.study.report import write_report
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -24,14 +24,17 @@ import json
 import time
 from pathlib import Path
 
-from ppq_lightning.experiments import (
+from ppq_lightning.callbacks import RTNQuantization
+from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
     pruner,
     quantizer,
 )
-from ppq_lightning.study import OrderStudy, default_curve, markdown_table, write_report
+from ppq_lightning.reports import markdown_table
+from ppq_lightning.study.engine import OrderStudy
+from ppq_lightning.study.report import write_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     out = Path(args.output)
     n = args.num_calibration_batches
-    curve = default_curve(args.curve_bits)
+    curve = RTNQuantization.curve(args.curve_bits)
     results = []
     for sparsity in args.sparsities:
         p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n)

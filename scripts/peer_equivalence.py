@@ -84,7 +84,7 @@ def build(args: argparse.Namespace, folder: Path) -> torch.Tensor:
     """Save the model to compare into ``folder``; return the calibration windows."""
     import transformers
 
-    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import CausalLMModule
 
     generator = torch.Generator().manual_seed(0)
     if args.model == "tiny":
@@ -111,7 +111,7 @@ def ours(folder: Path, calibration: torch.Tensor) -> tuple[dict, dict, dict]:
     import transformers
 
     from ppq_lightning.callbacks import GPTQ
-    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import CausalLMModule
 
     hessians: dict[str, torch.Tensor] = {}
     inputs: dict[int, list[torch.Tensor]] = {}

@@ -15,14 +15,15 @@ import json
 import time
 from pathlib import Path
 
-from ppq_lightning.experiments import (
+from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
     pruner,
     quantizer,
 )
-from ppq_lightning.study import OrderStudy, markdown_table
+from ppq_lightning.reports import markdown_table
+from ppq_lightning.study.engine import OrderStudy
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -15,7 +15,7 @@ from tests.helpers import TINY_LLAMA
 
 @pytest.fixture
 def tiny_lm():
-    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import CausalLMModule
 
     return CausalLMModule(model_config=TINY_LLAMA, seed=0)
 

@@ -4,7 +4,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ppq_lightning.models import load_causal_lm
+from ppq_lightning.models.loading import load_causal_lm
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -4,10 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from ppq_lightning.calibration import calibrate_sequentially, capture_block_inputs, find_blocks
+from ppq_lightning.calibration.blocks import find_blocks
+from ppq_lightning.calibration.capture import capture_block_inputs
+from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.layers import weight_matrix
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.views import weight_matrix
 from tests.helpers import TINY_GPT2, TINY_OPT, tiny_causal_lm, token_batches
 
 ARCHS = {

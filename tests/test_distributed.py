@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ppq_lightning.distributed import all_reduce_mean, shard, world
+from ppq_lightning.calibration.distributed import all_reduce_mean, shard, world
 from ppq_lightning.errors import PPQConfigError
 from tests.helpers import TINY_LLAMA
 
@@ -24,7 +24,7 @@ def batches() -> list[dict]:
 
 def compress(method: str) -> dict:
     from ppq_lightning.callbacks import GPTQ, BlockRemoval, Wanda
-    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import CausalLMModule
 
     stage = {
         "gptq": lambda: GPTQ(bits=3, num_calibration_batches=N_BATCHES, log_layers=False),

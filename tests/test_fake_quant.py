@@ -9,14 +9,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.fake_quant import (
+from ppq_lightning.modules.transforms import (
+    TRANSFORM_ATTRIBUTE,
     attach_weight_transform,
     detach_weight_transform,
     has_weight_transform,
-    round_ste,
     transformed_weight,
 )
-from ppq_lightning.training import TRANSFORM_ATTRIBUTE
+from ppq_lightning.ops.ste import round_ste
 
 
 def coarse(weight: torch.Tensor, step: float = 0.25) -> torch.Tensor:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ppq_lightning.lm import CausalLMModule
+from ppq_lightning.models import CausalLMModule
 from tests.helpers import TINY_LLAMA, make_trainer
 
 

@@ -4,18 +4,17 @@ import pytest
 import torch
 from torch import nn
 
+from ppq_lightning.compressed.accounting import compression_summary, nominal_compression_rate
+from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.metrics import (
+from ppq_lightning.ops.masks import nm_mask, unstructured_mask
+from ppq_lightning.ops.quant_grid import compute_grid
+from ppq_lightning.order.metrics import (
     compression_equivalence_ratio,
-    compression_summary,
     metric_from_perplexity,
-    nominal_compression_rate,
     order_advantage,
     performance_gap,
 )
-from ppq_lightning.ops.masks import nm_mask, unstructured_mask
-from ppq_lightning.ops.quant_grid import compute_grid
-from ppq_lightning.state import record_grid, record_mask, record_stage
 
 
 def test_nominal_rates():

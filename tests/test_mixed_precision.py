@@ -3,10 +3,15 @@ import torch
 
 from ppq_lightning import compression_summary
 from ppq_lightning.callbacks import GPTQ, RTNQuantization
+from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.mixed_precision import assign_bits, check_layer_bits, check_promote, sensitivity
-from ppq_lightning.state import get_state
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.modules.mixed_precision import (
+    assign_bits,
+    check_layer_bits,
+    check_promote,
+    sensitivity,
+)
+from ppq_lightning.modules.targets import resolve_targets
 
 
 def test_layer_bits_by_regex_first_match_wins(tiny_lm):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.models import load_causal_lm, load_tokenizer, smollm2_gguf_path
+from ppq_lightning.models.loading import load_causal_lm, load_tokenizer, smollm2_gguf_path
 from tests.helpers import TINY_LLAMA
 
 

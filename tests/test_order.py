@@ -1,7 +1,7 @@
 import pytest
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.order import all_orders, arrange, format_order, parse_order
+from ppq_lightning.order.grammar import all_orders, arrange, format_order, parse_order
 
 
 @pytest.mark.parametrize("text", ["P>Q", "Q>P", "P1>Q>P2", "Q8>Q4>Q2", "S>P>Q>L", "A_1"])

@@ -2,8 +2,8 @@ import torch
 
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.state import get_state
+from ppq_lightning.compressed.state import get_state
+from ppq_lightning.models import CausalLMModule
 from tests.helpers import TINY_LLAMA, make_trainer
 
 

@@ -3,16 +3,16 @@ import torch
 from torch import nn
 
 from ppq_lightning import InvariantError, check_invariants
-from ppq_lightning.ops.quant_grid import compute_grid
-from ppq_lightning.sharing import SharedBasisLinear, sharing_record
-from ppq_lightning.state import (
+from ppq_lightning.compressed.state import (
     applied_stages,
-    enable_state_loading,
     get_state,
     record_grid,
     record_mask,
     record_stage,
 )
+from ppq_lightning.edits.loading import enable_state_loading
+from ppq_lightning.edits.sharing import SharedBasisLinear, sharing_record
+from ppq_lightning.ops.quant_grid import compute_grid
 
 
 def _quantized_pruned_linear() -> nn.Linear:

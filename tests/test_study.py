@@ -4,10 +4,11 @@ import json
 import pytest
 
 from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.metrics import compression_equivalence_ratio
-from ppq_lightning.state import get_state
-from ppq_lightning.study import OrderStudy, write_report
+from ppq_lightning.order.metrics import compression_equivalence_ratio
+from ppq_lightning.study.engine import OrderStudy
+from ppq_lightning.study.report import write_report
 
 
 def _stages(q_bits=3):
@@ -65,7 +66,7 @@ def test_restarted_study_recomputes_nothing(tmp_path, tiny_lm, tiny_data):
     other = OrderStudy(tiny_lm, tiny_data, _stages(q_bits=8), curve=CURVE[:1], output_dir=tmp_path)
     assert other.run().budget.evaluations == 3  # Q alone and the two orders
     # cells of another model (or other data) in the same folder are never reused
-    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import CausalLMModule
     from tests.helpers import TINY_LLAMA
 
     reseeded = CausalLMModule(model_config=TINY_LLAMA, seed=1)

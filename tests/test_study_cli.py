@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from ppq_lightning.cli import main
+from ppq_lightning.cli.study import apply_overrides, split_overrides
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.loggers import WandbLogger
-from ppq_lightning.study_cli import apply_overrides, split_overrides
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny" / "study.yaml")
 
@@ -62,9 +62,9 @@ def test_study_streams_cells_table_and_plots_to_wandb_offline(tmp_path, monkeypa
     monkeypatch.delenv("WANDB_MODE", raising=False)
     logger = WandbLogger(project="ppq-test", save_dir=str(tmp_path))
     from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+    from ppq_lightning.cli.study import run_study
     from ppq_lightning.datamodules import TextDataModule
-    from ppq_lightning.lm import CausalLMModule
-    from ppq_lightning.study import run_study
+    from ppq_lightning.models import CausalLMModule
     from tests.helpers import TINY_LLAMA
 
     data = TextDataModule(source="pydoc", tokenizer="bytes", seqlen=64, max_eval_windows=2)

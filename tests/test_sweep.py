@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.sweep import agent_command, grid_points, load_sweep, run_sweep
+from ppq_lightning.study.sweep import agent_command, grid_points, load_sweep, run_sweep
 
 SMOKE = Path(__file__).parents[1] / "configs" / "sweeps" / "smoke.yaml"
 

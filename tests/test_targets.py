@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.modules.targets import resolve_targets
 
 
 class Tiny(nn.Module):

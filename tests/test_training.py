@@ -1,9 +1,10 @@
 import torch
 from torch import nn
 
+from ppq_lightning.compressed.state import record_grid, record_mask
+from ppq_lightning.compressed.upkeep import mask_gradients, project_onto_state
+from ppq_lightning.modules.transforms import TRANSFORM_ATTRIBUTE
 from ppq_lightning.ops.quant_grid import compute_grid
-from ppq_lightning.state import record_grid, record_mask
-from ppq_lightning.training import TRANSFORM_ATTRIBUTE, mask_gradients, project_onto_state
 
 
 def compressed_linear() -> nn.Linear:

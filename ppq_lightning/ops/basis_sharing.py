@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.errors import PPQConfigError, bad_value, check_int
 
 SPLITS = ("balanced", "coefficients")
 
@@ -110,8 +110,7 @@ def shared_basis(
         shapes = [tuple(w.shape) for w in weights]
         raise PPQConfigError(f"weights of shapes {shapes}: expected (out, in) with one `in`.")
     top = max_rank(in_features, outs)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
-        raise bad_value("rank", rank, f"an integer from 1 to {top} (min(in, sum of out))")
+    check_int("rank", rank, 1, top, allowed=f"an integer from 1 to {top} (min(in, sum of out))")
     if split not in SPLITS:
         raise bad_value("split", split, f"one of {', '.join(SPLITS)}")
     if whitening is not None and tuple(whitening.shape) != (in_features, in_features):

@@ -38,3 +38,23 @@ def keep_most_important(scores: Tensor, ratio: float, group: int = 1) -> Tensor:
     n_keep = max(1, groups.numel() - round(ratio * groups.numel()))
     kept = torch.topk(groups, n_keep).indices.sort().values  # (n_keep,)
     return (kept[:, None] * group + torch.arange(group)).flatten()
+
+
+def kv_group_rows(kept: Tensor, group: int, head_dim: int) -> Tensor:
+    """The key/value rows that serve the kept query rows under grouped-query attention.
+
+    Query rows come in groups of ``group = (query heads per KV head) * head_dim`` consecutive
+    rows, one group per key/value head, and ``kept`` (from :func:`keep_most_important` with
+    that ``group``) keeps whole groups. Key/value head ``g`` is rows
+    ``g * head_dim ... (g + 1) * head_dim - 1`` of ``k_proj``/``v_proj``.
+
+    Args:
+        kept: sorted indices of the kept query rows (whole groups), ``(n_kept_groups * group,)``.
+        group: query rows per key/value head.
+        head_dim: rows per head.
+
+    Returns:
+        Sorted indices of the key/value rows to keep, ``(n_kept_groups * head_dim,)``.
+    """
+    groups = kept.reshape(-1, group)[:, 0] // group  # (n_kept_groups,) KV head indices
+    return (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import bad_value
+from ppq_lightning.errors import check_int, check_number
 
 
 class HessianError(RuntimeError):
@@ -36,10 +36,8 @@ def check_solver_args(block_size: int, damp: float) -> None:
     Raises:
         PPQConfigError: when ``block_size`` is not an integer >= 1 or ``damp`` is not > 0.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise bad_value("block_size", block_size, "an integer >= 1")
-    if not isinstance(damp, (int, float)) or not damp > 0:
-        raise bad_value("damp", damp, "a number > 0")
+    check_int("block_size", block_size, minimum=1)
+    check_number("damp", damp, low=0, low_open=True)
 
 
 def accumulate_hessian(
@@ -74,8 +72,7 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
         PPQConfigError: when ``damp`` is not positive.
         HessianError: when no damping tried makes ``H`` positive definite.
     """
-    if not isinstance(damp, (int, float)) or not damp > 0:
-        raise bad_value("damp", damp, "a number > 0")
+    check_number("damp", damp, low=0, low_open=True)
     diagonal = torch.diag(h).float()
     dead = diagonal == 0
     diagonal = diagonal.masked_fill(dead, 1.0)
@@ -111,8 +108,7 @@ def whitening_factor(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> T
         PPQConfigError: when ``damp`` is not positive.
         HessianError: when no damping tried makes ``H`` positive definite.
     """
-    if not isinstance(damp, (int, float)) or not damp > 0:
-        raise bad_value("damp", damp, "a number > 0")
+    check_number("damp", damp, low=0, low_open=True)
     h = h.double()
     diagonal = torch.diag(h).masked_fill(torch.diag(h) == 0, 1.0)
     current = float(damp)

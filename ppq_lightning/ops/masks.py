@@ -13,7 +13,7 @@ import re
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import bad_value
+from ppq_lightning.errors import PPQConfigError, bad_value, check_number
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -24,11 +24,7 @@ def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
     Raises:
         PPQConfigError: when ``sparsity`` is not a real number in [0, 1).
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise bad_value(argument, sparsity, "a number in [0, 1)")
-    if not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
-        raise bad_value(argument, sparsity, "a number in [0, 1)")
-    return float(sparsity)
+    return float(check_number(argument, sparsity, 0.0, 1.0, high_open=True))
 
 
 def parse_pattern(pattern: str, argument: str = "pattern") -> tuple[int, int] | None:
@@ -48,6 +44,29 @@ def parse_pattern(pattern: str, argument: str = "pattern") -> tuple[int, int] | 
     if not 0 < n < m:
         raise bad_value(argument, pattern, '"N:M" with integers 0 < N < M (e.g. "2:4")')
     return n, m
+
+
+def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple[int, int] | None]:
+    """Validate a pruning target: ``(sparsity, (N, M) or None)``.
+
+    ``N:M`` implies ``sparsity = 1 - N/M``; a given sparsity must agree with it.
+
+    Raises:
+        PPQConfigError: on a bad pattern, a sparsity outside [0, 1), a missing sparsity for
+            unstructured pruning, or one that contradicts N:M.
+    """
+    nm = parse_pattern(pattern)
+    if nm is None:
+        if sparsity is None:
+            raise PPQConfigError(
+                'sparsity=None is not allowed for pattern="unstructured": '
+                "expected a number in [0, 1)."
+            )
+        return check_sparsity(sparsity), None
+    implied = 1 - nm[0] / nm[1]
+    if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+        raise bad_value("sparsity", sparsity, f"None or {implied:g} for pattern {pattern}")
+    return implied, nm
 
 
 def _masked_scores(scores: Tensor, keep: Tensor | None) -> Tensor:

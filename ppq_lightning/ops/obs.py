@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import bad_value
+from ppq_lightning.errors import bad_value, check_int
 from ppq_lightning.ops.quant_grid import QuantGrid, compute_grid
 
 
@@ -31,8 +31,7 @@ def check_matrices(w: Tensor, h: Tensor, block_size: int) -> None:
         raise bad_value("W", tuple(w.shape), "a 2-D weight matrix (rows, cols)")
     if tuple(h.shape) != (w.shape[1], w.shape[1]):
         raise bad_value("H", tuple(h.shape), f"a ({w.shape[1]}, {w.shape[1]}) Hessian")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise bad_value("block_size", block_size, "an integer >= 1")
+    check_int("block_size", block_size, minimum=1)
 
 
 class ColumnGrid:

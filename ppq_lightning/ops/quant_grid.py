@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import bad_value
+from ppq_lightning.errors import bad_value, check_int
 
 MIN_BITS, MAX_BITS = 2, 8
 OFF_BITS = 16  # "no quantization": the bit width of an original LLM weight
@@ -41,8 +41,7 @@ def check_group_size(group_size: int | None, cols: int, argument: str = "group_s
     """
     if group_size is None:
         return cols
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise bad_value(argument, group_size, "None (per channel) or a positive integer")
+    check_int(argument, group_size, minimum=1, allowed="None (per channel) or a positive integer")
     if cols % group_size:
         raise bad_value(argument, group_size, f"a divisor of the input dimension {cols}")
     return group_size

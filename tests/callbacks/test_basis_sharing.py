@@ -5,11 +5,11 @@ from torch import nn
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import BlockRemoval, MagnitudePruning, RTNQuantization
 from ppq_lightning.callbacks.basis_sharing import BasisSharing
+from ppq_lightning.compressed.accounting import compression_summary
+from ppq_lightning.edits.loading import enable_state_loading
+from ppq_lightning.edits.sharing import SharedBasisLinear
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.metrics import compression_summary
-from ppq_lightning.sharing import SharedBasisLinear
-from ppq_lightning.state import enable_state_loading
+from ppq_lightning.models import CausalLMModule
 from tests.helpers import TINY_LLAMA, make_trainer
 
 # (out, in) of each projection of a TINY_LLAMA block
@@ -321,11 +321,11 @@ def test_bad_whitening_arguments(kwargs, match):
 
 
 def test_whitened_sharing_of_every_projection_accumulates_shared_inputs_once(tiny_lm, monkeypatch):
-    import ppq_lightning.callbacks.basis_sharing as basis_sharing
+    from ppq_lightning.calibration.statistics import ACCUMULATORS
 
     calls = []
-    real = basis_sharing.accumulate_hessian
-    monkeypatch.setattr(basis_sharing, "accumulate_hessian", lambda *a: calls.append(1) or real(*a))
+    real = ACCUMULATORS["hessian"]
+    monkeypatch.setitem(ACCUMULATORS, "hessian", lambda *a: calls.append(1) or real(*a))
     data = _calibration() * 2
     dense = _logits(tiny_lm)
     BasisSharing(group_size=2, ratio=0.9, whiten=True).apply(tiny_lm, dataloader=data)

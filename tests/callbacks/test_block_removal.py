@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 from ppq_lightning import check_invariants
-from ppq_lightning.calibration import _no_cache
+from ppq_lightning.calibration.blocks import without_blocks
+from ppq_lightning.calibration.capture import no_cache
+from ppq_lightning.calibration.scoring import candidate_losses, causal_lm_loss
 from ppq_lightning.callbacks import BlockRemoval
-from ppq_lightning.callbacks.block_removal import causal_lm_loss
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.structure import without_blocks
+from ppq_lightning.models import CausalLMModule
 from tests.helpers import (
     TINY_GPT2,
     TINY_LLAMA,
@@ -111,7 +111,7 @@ def _whole_model_losses(model, name, removed, batches) -> dict[int, float]:
     for candidate in range(len(model.get_submodule(name))):
         if candidate not in removed:
             # no KV cache: its layers are indexed by the blocks' original layer_idx
-            with _no_cache(model), without_blocks(model, name, {*removed, candidate}):
+            with no_cache(model), without_blocks(model, name, {*removed, candidate}):
                 losses[candidate] = causal_lm_loss(model, batches)
     return losses
 
@@ -137,7 +137,7 @@ def test_shared_prefix_search_equals_the_whole_model_search(arch, n_blocks):
         for _ in range(n_blocks):
             expected = _whole_model_losses(model, name, expected_removed, batches)
             count, handles = _count_block_forwards(blocks)
-            got = stage._candidate_losses(model, name, expected_removed, batches)
+            got = candidate_losses(model, name, expected_removed, batches)
             for handle in handles:
                 handle.remove()
             assert list(got) == list(expected)

@@ -12,10 +12,10 @@ from ppq_lightning.callbacks import (
     SparseGPT,
     Wanda,
 )
+from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.state import get_state
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.modules.targets import resolve_targets
 from tests.helpers import TINY_LLAMA, make_trainer
 
 PRUNERS = {
@@ -109,7 +109,9 @@ def test_bad_arguments():
         SparseGPT(sparsity=0.5, damp=-1)
     with pytest.raises(PPQConfigError, match=r"pattern='3:2'"):
         SparseGPT(pattern="3:2")
-    with pytest.raises(PPQConfigError, match=r"statistics_dtype='float16'.*float32 or float64"):
+    with pytest.raises(
+        PPQConfigError, match=r"statistics_dtype='float16'.*float32, float64"
+    ):
         GPTQ(bits=4, statistics_dtype="float16")
 
 
@@ -143,7 +145,7 @@ def test_float64_statistics_do_not_depend_on_the_batch_order(monkeypatch, cls, k
 def test_layers_fed_one_input_share_one_hessian_and_match_their_own(monkeypatch):
     """q/k/v (and gate/up) read the same tensor: one Hessian is accumulated for them, and each
     layer's GPTQ result equals GPTQ with the Hessian of its own captured inputs."""
-    import ppq_lightning.callbacks.calibrated as calibrated
+    from ppq_lightning.calibration.statistics import ACCUMULATORS
     from ppq_lightning.ops.gptq import gptq
 
     module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
@@ -164,8 +166,8 @@ def test_layers_fed_one_input_share_one_hessian_and_match_their_own(monkeypatch)
     expected = gptq(block.self_attn.k_proj.weight.detach(), 2 * x.T @ x / len(x), 4).weight
 
     calls = []
-    real = calibrated.accumulate_hessian
-    monkeypatch.setattr(calibrated, "accumulate_hessian", lambda *a: calls.append(1) or real(*a))
+    real = ACCUMULATORS["hessian"]
+    monkeypatch.setitem(ACCUMULATORS, "hessian", lambda *a: calls.append(1) or real(*a))
     GPTQ(bits=4, num_calibration_batches=3, log_layers=False).apply(module, dataloader=data)
     assert len(calls) == 4 * 2 * 3  # q, o, gate, down per block and batch (not 7)
     torch.testing.assert_close(block.self_attn.k_proj.weight, expected, rtol=0, atol=1e-6)

@@ -4,7 +4,7 @@ import torch
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import ChannelPruning, MagnitudePruning, RTNQuantization
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule
+from ppq_lightning.models import CausalLMModule
 from ppq_lightning.ops.channels import channel_importance
 from tests.helpers import TINY_LLAMA, make_trainer
 

@@ -7,12 +7,12 @@ from torch.utils.data import DataLoader
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import MagnitudePruning
 from ppq_lightning.callbacks.dead_zone import QUANTIZER_NAME, DeadZoneQuantization
+from ppq_lightning.compressed.state import current_grid, current_mask, get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.fake_quant import has_weight_transform
-from ppq_lightning.layers import weight_matrix
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.state import current_grid, current_mask, get_state
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.transforms import has_weight_transform
+from ppq_lightning.modules.views import weight_matrix
 from tests.helpers import TINY_LLAMA, make_trainer
 
 WINDOWS = (torch.arange(32) % 8 + 10).repeat(3, 1)

@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import LoRAFineTune, MagnitudePruning, RTNQuantization
+from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.state import get_state
+from ppq_lightning.models import CausalLMModule
 from tests.helpers import TINY_LLAMA, make_trainer
 
 LAYER = "model.model.layers.0.mlp.up_proj"

@@ -11,11 +11,11 @@ from ppq_lightning.callbacks import (
     MagnitudePruning,
     RTNQuantization,
 )
-from ppq_lightning.callbacks.lora import lora_layers
+from ppq_lightning.compressed.accounting import compression_summary
+from ppq_lightning.compressed.state import current_grid, current_mask, get_state
+from ppq_lightning.edits.lora import lora_layers
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.lm import CausalLMModule
-from ppq_lightning.metrics import compression_summary
-from ppq_lightning.state import current_grid, current_mask, get_state
+from ppq_lightning.models import CausalLMModule
 from tests.helpers import TINY_LLAMA, make_trainer
 
 # three windows of one short repeating phrase: a dataset a small LoRA memorises in a few steps
@@ -111,7 +111,7 @@ def test_order_q_then_l_then_p_in_a_schedule(tmp_path, tiny_data):
     schedule = CompressionSchedule(stages, order="Q>L>P", output_dir=str(tmp_path))
     trainer = make_trainer(tmp_path, [schedule], max_steps=4, limit_val_batches=1)
     trainer.fit(model, datamodule=tiny_data)
-    assert [r.label for r in schedule.results] == ["Q", "L", "P"]
+    assert [r.name for r in schedule.results] == ["Q", "L", "P"]
     assert all("ppl" in r.evaluation for r in schedule.results)
     assert check_invariants(model) == 14
     assert (tmp_path / "schedule.csv").read_text().count("\n") == 5  # header, dense, 3 stages
@@ -200,7 +200,7 @@ def test_split_pruning_around_fine_tuning_p1_q_l_p2(tmp_path, tiny_data):
     make_trainer(tmp_path, [schedule], max_steps=2, limit_val_batches=1).fit(
         model, datamodule=tiny_data
     )
-    assert [r.label for r in schedule.results] == ["P1", "Q", "L", "P2"]
+    assert [r.name for r in schedule.results] == ["P1", "Q", "L", "P2"]
     sparsity = [r.summary.sparsity for r in schedule.results]
     assert sparsity[0] == pytest.approx(0.3, abs=0.01) and sparsity[-1] >= 0.6
     assert check_invariants(model) == 14
@@ -209,7 +209,7 @@ def test_split_pruning_around_fine_tuning_p1_q_l_p2(tmp_path, tiny_data):
 def test_unmerged_adapters_load_into_a_fresh_model(tmp_path):
     """A checkpoint with unmerged adapters loads (strict) into a fresh model outside fit: the
     adapters are re-injected with the saved rank and the recorded alpha/dropout."""
-    from ppq_lightning.state import enable_state_loading
+    from ppq_lightning.edits.loading import enable_state_loading
 
     trained = module()
     stages = compressed_stages(alpha=8.0)
@@ -231,7 +231,7 @@ def test_unmerged_adapters_load_into_a_fresh_model(tmp_path):
 def test_adapters_without_a_lora_record_are_refused():
     from peft import LoraConfig, inject_adapter_in_model
 
-    from ppq_lightning.state import enable_state_loading
+    from ppq_lightning.edits.loading import enable_state_loading
 
     foreign = module()
     config = LoraConfig(r=2, target_modules=["q_proj"], bias="none")

@@ -3,9 +3,9 @@ import torch
 
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import MagnitudePruning
+from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.state import get_state
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.modules.targets import resolve_targets
 from tests.helpers import make_trainer
 
 

@@ -6,13 +6,13 @@ from torch.utils.data import DataLoader
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
 from ppq_lightning.callbacks.qat import QuantizationAwareTraining
+from ppq_lightning.compressed.state import current_grid, current_mask, get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.fake_quant import has_weight_transform, transformed_weight
-from ppq_lightning.layers import as_matrix, weight_matrix
-from ppq_lightning.lm import CausalLMModule
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.transforms import has_weight_transform, transformed_weight
+from ppq_lightning.modules.views import as_matrix, weight_matrix
 from ppq_lightning.ops.quant_grid import compute_grid
-from ppq_lightning.state import current_grid, current_mask, get_state
-from ppq_lightning.targets import resolve_targets
 from tests.helpers import TINY_LLAMA, make_trainer
 
 WINDOWS = (torch.arange(32) % 8 + 10).repeat(3, 1)
@@ -60,7 +60,7 @@ def test_qat_after_pruning_keeps_masks_and_ends_on_the_grid(tmp_path, tiny_lm, t
         assert (module.weight[~state.mask] == 0).all()
         assert not torch.equal(module.weight, start[name])  # trained (and quantized)
     layers = qat.result.layers
-    assert set(layers) == set(modules) and qat.result.label == "qat"
+    assert set(layers) == set(modules) and qat.result.name == "qat"
     assert all(v["bits"] == 4 and 0 < v["weight_error"] < 0.1 for v in layers.values())
     assert qat.result.index == 2 and qat.result.summary.avg_bits == 4
     assert qat.result.summary.sparsity >= 0.5
@@ -120,7 +120,7 @@ def test_qat_in_a_schedule_as_order_q_then_p(tmp_path, tiny_data):
     schedule = CompressionSchedule(stages, order="Q>P", output_dir=str(tmp_path))
     trainer = make_trainer(tmp_path, [schedule], max_steps=2, limit_val_batches=1)
     trainer.fit(model, datamodule=tiny_data)
-    assert [(r.label, r.kind) for r in schedule.results] == [("Q", "Q"), ("P", "P")]
+    assert [(r.name, r.kind) for r in schedule.results] == [("Q", "Q"), ("P", "P")]
     assert check_invariants(model) == 14  # pruning a QAT-quantized layer keeps it on its grid
     state = get_state(model.model.model.layers[0].mlp.gate_proj)
     assert [h["kind"] for h in state.history] == ["Q", "P"]

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
+from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.state import get_state
-from ppq_lightning.targets import resolve_targets
+from ppq_lightning.modules.targets import resolve_targets
 from tests.helpers import make_trainer
 
 
@@ -61,7 +61,7 @@ def test_invariants_and_report_after_either_order(tmp_path, tiny_lm, tiny_data, 
 
 
 def test_order_changes_the_result(tiny_data):
-    from ppq_lightning.lm import CausalLMModule
+    from ppq_lightning.models import CausalLMModule
     from tests.helpers import TINY_LLAMA
 
     weights = {}

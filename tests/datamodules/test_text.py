@@ -7,7 +7,7 @@ import torch
 from ppq_lightning.datamodules import TextDataModule
 from ppq_lightning.datamodules.text import pydoc_text
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.models import load_tokenizer
+from ppq_lightning.models.loading import load_tokenizer
 
 
 def _positions(haystack: torch.Tensor, needle: torch.Tensor) -> list[int]:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from ppq_lightning.edits.sharing import SharedBasisLinear
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.ops.basis_sharing import factor_params, rank_for_ratio, shared_basis
 from ppq_lightning.ops.hessian import accumulate_hessian, whitening_factor
-from ppq_lightning.sharing import SharedBasisLinear
 
 
 def _weights(g: int = 3, out: int = 6, inp: int = 10, seed: int = 0) -> list[torch.Tensor]:

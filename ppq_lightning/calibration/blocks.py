@@ -1,0 +1,114 @@
+"""The repeated blocks of a model: finding them, and running the model without some of them.
+
+Blocks are found from the structure of the model (the largest ``nn.ModuleList`` /
+``nn.Sequential`` of identical blocks: HF Llama, Mistral, Qwen2, OPT, GPT-2, timm ViTs, ...).
+A model's Hugging Face configs follow its depth (``num_hidden_layers``, ``layer_types``), so
+that its own forward builds the right masks for the blocks it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from ppq_lightning.modules.tree import parent_of
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The repeated blocks of ``model``: ``(name, container)`` or None when there are none.
+
+    The container is the ``nn.ModuleList``/``nn.Sequential`` with the most parameters among
+    those whose children (at least two) all have one class.
+    """
+    best: tuple[int, str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size and (best is None or size > best[0]):
+            best = (size, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def _configs(model: nn.Module) -> list[object]:
+    seen: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+_DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def set_depth(model: nn.Module, old: int, keep: list[int]) -> None:
+    """Make HF configs agree with a block list of ``len(keep)`` blocks (was ``old``)."""
+    for config in _configs(model):
+        for field in _DEPTH_FIELDS:
+            if getattr(config, field, None) == old:
+                setattr(config, field, len(keep))
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, list) and len(layer_types) == old:
+            config.layer_types = [layer_types[i] for i in keep]
+
+
+def _depth_fields(model: nn.Module) -> list[tuple[object, str, object]]:
+    """The HF config entries that :func:`set_depth` may change, to put back as they were."""
+    return [
+        (config, field, getattr(config, field))
+        for config in _configs(model)
+        for field in (*_DEPTH_FIELDS, "layer_types")
+        if getattr(config, field, None) is not None
+    ]
+
+
+def renumber_blocks(blocks: nn.Module) -> None:
+    """Give every block's modules with a ``layer_idx`` their block's new position."""
+    for index, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+
+
+@contextlib.contextmanager
+def without_blocks(
+    model: nn.Module, name: str, drop: set[int], replace: dict[int, nn.Module] | None = None
+) -> Iterator[None]:
+    """Run ``model`` with the blocks ``drop`` of the container ``name`` left out, then restore.
+
+    The HF configs' depth (``num_hidden_layers``, ``layer_types``) follows while in the context;
+    the container and the configs are put back as they were whatever happens. Contexts nest
+    (indices then refer to the container of the enclosing context).
+
+    Args:
+        model: the model.
+        name: the name of the block container in ``model``.
+        drop: the indices of the blocks to leave out.
+        replace: modules to run in place of kept blocks, by index (their ``layer_types`` entry
+            stays that of the block they stand for).
+    """
+    parent, attribute = parent_of(model, name)
+    container = getattr(parent, attribute)
+    keep = [i for i in range(len(container)) if i not in drop]
+    saved = _depth_fields(model)
+    setattr(parent, attribute, subset_blocks(container, keep, replace))
+    try:
+        set_depth(model, len(container), keep)
+        yield
+    finally:
+        setattr(parent, attribute, container)
+        for config, field, value in saved:
+            setattr(config, field, value)
+
+
+def subset_blocks(
+    container: nn.Module, keep: list[int], replace: dict[int, nn.Module] | None = None
+) -> nn.Module:
+    """A new container of the same kind holding the blocks ``keep`` (or their ``replace``)."""
+    blocks = [(replace or {}).get(i, container[i]) for i in keep]
+    return nn.ModuleList(blocks) if isinstance(container, nn.ModuleList) else nn.Sequential(*blocks)

@@ -1,0 +1,120 @@
+"""Capturing what a block of a model receives: its positional and keyword arguments per call.
+
+The calibration engine and block scoring run blocks on their own, so they need the arguments
+the model's forward hands each block (hidden states, attention masks, position ids, rotary
+embeddings). They are recorded by a forward pre-hook, with key/value caches left out; keyword
+arguments equal in every batch are stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppq_lightning.errors import PPQConfigError
+
+CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the model's forward at the first block."""
+
+
+@dataclass
+class BlockInputs:
+    """The calibration inputs of one block: per batch, positional and keyword arguments."""
+
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def first_output(output: Any) -> Tensor:
+    """The hidden states of a block's output (a tensor, or a tuple/list led by one)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """Turn off HF key/value caches while calibrating (they would grow across batches)."""
+    configs = [
+        m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "use_cache")
+    ]
+    previous = [c.use_cache for c in configs]
+    try:
+        for c in configs:
+            c.use_cache = False
+        yield
+    finally:
+        for c, value in zip(configs, previous, strict=True):
+            c.use_cache = value
+
+
+def _reuse_equal(value: Any, previous: Any) -> Any:
+    """``value``, or ``previous`` where it holds equal tensors: keyword arguments that are the
+    same for every batch (rotary embeddings, position ids, masks) are then stored once."""
+    if isinstance(value, Tensor) and isinstance(previous, Tensor):
+        same = value.dtype == previous.dtype and value.device == previous.device
+        return previous if same and torch.equal(value, previous) else value
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        items = tuple(_reuse_equal(v, p) for v, p in zip(value, previous, strict=True))
+        return previous if all(i is p for i, p in zip(items, previous, strict=True)) else items
+    return value
+
+
+def _record_call(captured: BlockInputs, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Append a block call's arguments to ``captured``, key/value caches left out."""
+    previous = captured.kwargs[-1] if captured.kwargs else {}
+    kwargs = {key: _reuse_equal(value, previous.get(key)) for key, value in kwargs.items()}
+    for key in CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    captured.args.append(tuple(args))
+    captured.kwargs.append(kwargs)
+
+
+@contextlib.contextmanager
+def recording_block_inputs(block: nn.Module) -> Iterator[BlockInputs]:
+    """Record what ``block`` receives on each call while in the context (the forward goes on,
+    unlike :func:`capture_block_inputs`); the hook is removed whatever happens."""
+    captured = BlockInputs()
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        _record_call(captured, args, kwargs)
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: list[Any], forward: Callable[[nn.Module, Any], Any]
+) -> BlockInputs:
+    """Run ``model`` on each batch up to ``block`` and record what ``block`` receives."""
+    captured = BlockInputs()
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        _record_call(captured, args, kwargs)
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                forward(model, batch)
+    finally:
+        handle.remove()
+    if len(captured.args) != len(batches):
+        raise PPQConfigError(
+            f"the model's forward did not reach its first block on "
+            f"{len(batches) - len(captured.args)} calibration batch(es)."
+        )
+    return captured

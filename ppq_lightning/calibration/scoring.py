@@ -1,0 +1,185 @@
+"""Scoring blocks for removal (SLEB, Song et al., 2024): the calibration loss of the model
+without each candidate block, and the greedy search built on it.
+
+A step with ``K`` blocks left scores the ``K`` candidates with about ``K²/2`` block forwards
+over the calibration batches (plus ``K`` passes of the embeddings and head), half of the ``K²``
+of one model forward per candidate, with the same losses: the blocks before a candidate compute
+what they compute in the current model, so one walk through the blocks keeps the hidden states
+at the candidate's input and runs only the blocks after it (and the head) from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ppq_lightning.calibration.blocks import without_blocks
+from ppq_lightning.calibration.capture import (
+    BlockInputs,
+    capture_block_inputs,
+    first_output,
+    no_cache,
+    recording_block_inputs,
+)
+from ppq_lightning.calibration.data import batch_input, default_forward
+from ppq_lightning.calibration.distributed import all_reduce_mean, reduce_device
+from ppq_lightning.errors import PPQConfigError
+
+
+def causal_lm_loss(model: nn.Module, batches: list[Any], forward: Any = default_forward) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``batches`` (logits or ``.logits`` out),
+    averaged over all ranks' batches under data-parallel calibration."""
+    total = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        out = forward(model, batch)
+        logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, vocab)
+        ids = batch_input(batch).to(logits.device)
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+        )
+        total += loss.detach().double().cpu()
+    mean, _ = all_reduce_mean((total / len(batches)).to(reduce_device()), len(batches))
+    return float(mean)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: ignores its input and returns ``outputs[k]`` on its k-th call (one
+    call per calibration batch). Attributes a model reads from its blocks (``attention_type``,
+    ...) come from ``block``, which is not a submodule."""
+
+    def __init__(self, block: nn.Module, outputs: list[Any]) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls == len(self.outputs):
+            raise PPQConfigError(
+                "the model ran its blocks more than once per calibration batch; BlockRemoval "
+                "needs one pass through them per batch (check the callback's `forward_fn`)."
+            )
+        output = self.outputs[self.calls]
+        self.calls += 1
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_block" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_block"], name)
+
+
+def _with_hidden(hidden: Tensor, output: Any) -> Any:
+    """A block's output structure (a tensor, or a tuple/list led by one) led by ``hidden``."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+def candidate_losses(
+    model: nn.Module,
+    name: str,
+    removed: list[int],
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+) -> dict[int, float]:
+    """The calibration loss of ``model`` without the blocks ``removed`` and each other block,
+    by the index of that block (as if each were scored with a whole forward pass).
+
+    The kept blocks are walked in order, holding the hidden states at the input of the
+    current one (``inputs``: per batch, the arguments the model passes it). Its candidate
+    loss comes from a forward of the model whose block container holds a :class:`_Replay`
+    returning those hidden states, then the blocks after it: the model itself feeds them its
+    keyword arguments (masks of their ``layer_types``, position embeddings) and applies its
+    head. The arguments of the next block are recorded on the way; the hidden states then
+    advance through the current block (the last block is not run when there is another).
+
+    Args:
+        model: the model (called as ``forward(model, batch)``; its output is logits or has
+            ``.logits``).
+        name: the name of its block container.
+        removed: indices of the blocks already removed.
+        batches: calibration batches.
+        forward: how to call the model on a batch.
+
+    Raises:
+        PPQConfigError: when the model's forward does not run its blocks once per batch.
+    """
+    kept = [i for i in range(len(model.get_submodule(name))) if i not in removed]
+    scores: dict[int, float] = {}
+    with no_cache(model), without_blocks(model, name, set(removed)):
+        blocks = model.get_submodule(name)
+        inputs = capture_block_inputs(model, blocks[0], batches, forward)
+        outputs: list[Any] = []
+        for position, index in enumerate(kept):
+            last = position == len(kept) - 1
+            # the last block's output is unused but for its structure: the previous one's serves
+            if not last or not outputs:
+                outputs = [
+                    blocks[position](*args, **kwargs)
+                    for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True)
+                ]
+            replay = _Replay(
+                blocks[position],
+                [_with_hidden(a[0], o) for a, o in zip(inputs.args, outputs, strict=True)],
+            )
+            recording = (
+                contextlib.nullcontext(BlockInputs())
+                if last
+                else recording_block_inputs(blocks[position + 1])
+            )
+            with (
+                without_blocks(model, name, set(range(position)), {position: replay}),
+                recording as following,
+            ):
+                scores[index] = causal_lm_loss(model, batches, forward)
+            if replay.calls != len(batches):
+                raise PPQConfigError(
+                    f"the model ran its blocks on {replay.calls} of {len(batches)} "
+                    "calibration batches."
+                )
+            if not last:
+                inputs = BlockInputs(
+                    [
+                        (first_output(o), *a[1:])
+                        for o, a in zip(outputs, following.args, strict=True)
+                    ],
+                    following.kwargs,
+                )
+    return scores
+
+
+def greedy_block_removal(
+    model: nn.Module,
+    name: str,
+    n_blocks: int,
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+    desc: str = "sleb",
+) -> tuple[list[int], list[float]]:
+    """Choose ``n_blocks`` blocks of the container ``name`` to remove, one at a time: at each
+    step the block whose removal raises the calibration loss least (the model is left as it was).
+
+    Returns:
+        The removed block indices in the order chosen, and the calibration loss after each step.
+
+    Raises:
+        PPQConfigError: as :func:`candidate_losses`.
+    """
+    removed: list[int] = []
+    losses: list[float] = []
+    for _ in tqdm(range(n_blocks), desc=desc, unit="block", leave=False):
+        scores = candidate_losses(model, name, removed, batches, forward)
+        best = min(scores, key=scores.__getitem__)
+        removed.append(best)
+        losses.append(scores[best])
+    return removed, losses

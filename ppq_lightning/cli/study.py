@@ -1,0 +1,204 @@
+"""``ppq study``: run an :class:`~ppq_lightning.study.OrderStudy` from YAML and the command line.
+
+    ppq study --config configs/study/smollm2_sparsegpt_gptq.yaml
+    ppq study --config configs/tiny/study.yaml --search pih --output_dir outputs/tiny_study
+    ppq study --config configs/tiny/study.yaml --order "Q>P" --P.sparsity 0.6 --Q.bits 3
+
+Besides the study's own arguments, ``--<Stage>.<argument> VALUE`` (or ``=VALUE``) sets an
+argument of the stage named ``<Stage>`` in ``stages`` (the value is read as YAML), and
+``--<Stage>.class_path NAME`` swaps its method (``Wanda`` or a full class path; the arguments the
+new method shares with the old one are kept). That is how sweep points vary intensities and
+methods without repeating the stage list: a W&B sweep parameter ``P.sparsity`` arrives as
+``--P.sparsity=0.5``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from typing import Any
+
+import lightning as L
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from ppq_lightning import callbacks
+from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
+
+OVERRIDE = re.compile(r"--([A-Za-z][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$", re.S)
+TOP_LEVEL = {"model", "data", "logger", "config"}
+
+
+def study_parser() -> ArgumentParser:
+    """The argument parser of ``ppq study``."""
+    parser = ArgumentParser(prog="ppq study", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these arguments")
+    parser.add_subclass_arguments(L.LightningModule, "model", help="the dense model")
+    parser.add_subclass_arguments(L.LightningDataModule, "data", help="evaluation/calibration data")
+    parser.add_argument("--stages", type=list[CompressionCallback], help="named stages")
+    parser.add_argument("--search", type=str, default="exhaustive", help=f"one of {SEARCH_MODES}")
+    parser.add_argument("--order", type=str | None, default=None, help="evaluate only this order")
+    parser.add_argument("--curve_bits", type=list[int] | None, default=None, help="RTN curve bits")
+    parser.add_argument("--metric", type=str, default="ppl")
+    parser.add_argument("--higher_is_better", type=bool, default=False)
+    parser.add_argument("--output_dir", type=str, default="outputs/study")
+    parser.add_argument("--cells_dir", type=str | None, default=None, help="shared cell cache")
+    parser.add_argument("--reuse_prefixes", type=bool, default=True)
+    parser.add_argument("--label", type=str | None, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything before the study")
+    parser.add_subclass_arguments(
+        L.pytorch.loggers.Logger, "logger", required=False, help="e.g. WandbLogger or CSVLogger"
+    )
+    return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Separate ``--<Stage>.<argument> VALUE`` overrides from the parser's own arguments.
+
+    Raises:
+        PPQConfigError: when an override has no value.
+    """
+    rest: list[str] = []
+    overrides: list[tuple[str, str, str]] = []
+    i = 0
+    while i < len(argv):
+        match = OVERRIDE.match(argv[i])
+        if match and match.group(1) not in TOP_LEVEL:
+            stage, argument, value = match.groups()
+            if value is None:
+                if i + 1 >= len(argv):
+                    raise PPQConfigError(f"{argv[i]} needs a value, e.g. {argv[i]}=0.5.")
+                value, i = argv[i + 1], i + 1
+            overrides.append((stage, argument, value))
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, overrides
+
+
+def _resolve_class(name: str) -> type:
+    if "." not in name:
+        found = getattr(callbacks, name, None)
+    else:
+        module, _, attribute = name.rpartition(".")
+        found = getattr(importlib.import_module(module), attribute, None)
+    if not (isinstance(found, type) and issubclass(found, CompressionCallback)):
+        raise PPQConfigError(
+            f"class_path={name!r} is not a compression callback; use a class of "
+            "ppq_lightning.callbacks (e.g. Wanda, SparseGPT, GPTQ) or a full class path."
+        )
+    return found
+
+
+def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str, str]]) -> None:
+    """Apply stage overrides to the stage dicts (``{"class_path", "init_args"}``) in place.
+
+    Raises:
+        PPQConfigError: when no stage has the name, or the method has no such argument.
+    """
+    by_name = {(s.get("init_args") or {}).get("name"): s for s in stages}
+    for stage_name, argument, text in overrides:
+        stage = by_name.get(stage_name)
+        if stage is None:
+            known = ", ".join(str(n) for n in by_name if n) or "none"
+            raise PPQConfigError(
+                f"--{stage_name}.{argument}: no stage is named {stage_name!r}; named stages: "
+                f"{known}."
+            )
+        value = yaml.safe_load(text)
+        if argument == "class_path":
+            cls = _resolve_class(str(value))
+            accepted = set(inspect.signature(cls.__init__).parameters) | set(
+                inspect.signature(CompressionCallback.__init__).parameters
+            )
+            stage["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
+            stage["init_args"] = {k: v for k, v in stage["init_args"].items() if k in accepted}
+            continue
+        cls = _resolve_class(stage["class_path"])
+        accepted = set(inspect.signature(cls.__init__).parameters) | set(
+            inspect.signature(CompressionCallback.__init__).parameters
+        )
+        if argument not in accepted - {"self", "kwargs"}:
+            raise PPQConfigError(
+                f"--{stage_name}.{argument}: {cls.__name__} has no argument {argument!r}; it "
+                f"takes {', '.join(sorted(accepted - {'self', 'kwargs'}))}."
+            )
+        stage["init_args"][argument] = value
+
+
+def run_study(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    stages: list[CompressionCallback],
+    search: str = "exhaustive",
+    order: str | None = None,
+    curve_bits: list[int] | None = None,
+    metric: str = "ppl",
+    higher_is_better: bool = False,
+    output_dir: str = "outputs/study",
+    cells_dir: str | None = None,
+    reuse_prefixes: bool = True,
+    label: str | None = None,
+    logger: Any | None = None,
+) -> StudyResult:
+    """Run one :class:`~ppq_lightning.study.OrderStudy` and write its report to ``output_dir``
+    (what ``ppq study`` calls); the outcome goes to ``logger``. ``curve_bits``: bit widths of
+    the per-channel RTN quantization-only curve (default 8, 6, 5, 4, 3, 2; ``[]`` skips it)."""
+    curve = RTNQuantization.curve() if curve_bits is None else RTNQuantization.curve(curve_bits)
+    study = OrderStudy(
+        module,
+        datamodule,
+        stages,
+        search=search,
+        order=order,
+        curve=curve,
+        metric=metric,
+        higher_is_better=higher_is_better,
+        output_dir=output_dir,
+        cells_dir=cells_dir,
+        reuse_prefixes=reuse_prefixes,
+        label=label,
+        logger=logger,
+    )
+    result = study.run()
+    write_report([result], output_dir)
+    log_result(result, logger, output_dir)
+    return result
+
+
+def study_main(argv: list[str]) -> StudyResult:
+    """Parse ``ppq study`` arguments (with stage overrides), run the study, write the report."""
+    rest, overrides = split_overrides(argv)
+    parser = study_parser()
+    cfg = parser.parse_args(rest)
+    if overrides:
+        data = parser.dump(cfg, format="parser_mode", skip_validation=True)
+        plain = yaml.safe_load(data) if isinstance(data, str) else data
+        apply_overrides(plain["stages"], overrides)
+        cfg = parser.parse_object(plain)
+    if not cfg.stages:
+        raise PPQConfigError("ppq study needs --stages (a list of named compression callbacks).")
+    init = (
+        parser.instantiate(cfg)
+        if hasattr(parser, "instantiate")
+        else parser.instantiate_classes(cfg)
+    )
+    L.seed_everything(init.seed, verbose=False)
+    return run_study(
+        init.model,
+        init.data,
+        init.stages,
+        search=init.search,
+        order=init.order,
+        curve_bits=init.curve_bits,
+        metric=init.metric,
+        higher_is_better=init.higher_is_better,
+        output_dir=init.output_dir,
+        cells_dir=init.cells_dir,
+        reuse_prefixes=init.reuse_prefixes,
+        label=init.label,
+        logger=init.logger,
+    )

@@ -1,0 +1,90 @@
+"""What a stage records on every module it touches: the kind of stage and its history entry.
+
+A history entry is a plain ``dict`` (it is saved as is in the module's extra state, so in every
+checkpoint); :class:`HistoryEntry` names its keys and their types. Every entry has the stage's
+``stage`` (its state key), ``method`` (the class name) and ``kind``, then the stage's arguments
+(``sparsity``, ``bits``, ...), then what the accounting of C and the structural edits need.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Any, TypedDict
+
+if sys.version_info >= (3, 11):
+    from typing import NotRequired
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import NotRequired
+
+
+class StageKind(str, enum.Enum):
+    """What a stage does to the weights; its value is the letter used in orders and reports."""
+
+    PRUNE = "P"
+    QUANTIZE = "Q"
+    PRUNE_QUANTIZE = "PQ"  # both at once (SparseGPT with bits, CoDeQ)
+    SHARE = "S"
+    LORA = "L"
+
+    @property
+    def prunes(self) -> bool:
+        """Whether the stage zeroes or removes weights."""
+        return self in (StageKind.PRUNE, StageKind.PRUNE_QUANTIZE)
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the stage puts weights on a grid."""
+        return self in (StageKind.QUANTIZE, StageKind.PRUNE_QUANTIZE)
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def kind_of(entry: dict[str, Any]) -> StageKind | None:
+    """The :class:`StageKind` of a history entry (None for an entry without a known kind)."""
+    try:
+        return StageKind(entry.get("kind"))
+    except ValueError:
+        return None
+
+
+class HistoryEntry(TypedDict):
+    """One stage's record on one module (``CompressionState.history`` holds one per stage).
+
+    Besides the keys below, an entry holds the stage's own arguments (``bits``, ``ratio``,
+    ``r``, ...), as its ``stage_config()`` returns them.
+
+    Keys:
+        stage: the stage's state key (what identifies it on resume).
+        method: the class of the stage, e.g. ``"GPTQ"``.
+        kind: a :class:`StageKind` value.
+        sparsity, pattern: a pruning stage's target (CoDeQ: the learned sparsity).
+        edit: the structural edit the entry records (``ppq_lightning.edits``), replayed when a
+            fresh model loads the state.
+        container, removed: block removal: the container's attribute on the recording module
+            and the removed block indices.
+        kept_rows, kept_cols: channel pruning: the rows / input columns the layer kept.
+        shared_basis: basis sharing: what rebuilds the factorised layer.
+        removed_weights: original weights the edit removed (stored in 0 bits).
+        original_weights: original weights a factor stands for (basis sharing).
+        adapter_weights: weights of unmerged LoRA adapters (stored at ``B_orig`` bits).
+    """
+
+    stage: str
+    method: str
+    kind: str
+    sparsity: NotRequired[float]
+    pattern: NotRequired[str]
+    edit: NotRequired[str]
+    container: NotRequired[str]
+    removed: NotRequired[list[int]]
+    kept_rows: NotRequired[list[int]]
+    kept_cols: NotRequired[list[int]]
+    shared_basis: NotRequired[dict[str, Any]]
+    removed_weights: NotRequired[int]
+    original_weights: NotRequired[int]
+    adapter_weights: NotRequired[int]

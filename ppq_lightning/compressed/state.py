@@ -1,0 +1,180 @@
+"""Compressed state recorded on modules: mask, quantization grid and stage history.
+
+Each compressed module (an ``nn.Linear`` or ``nn.Conv2d``) carries a child module
+``ppq_state`` (a :class:`CompressionState`). Its buffers (``mask_bits``, ``scale``, ``zero``)
+and its extra state (grid settings, history) travel with ``state_dict()`` and therefore with
+every Lightning checkpoint. A fresh model gets its ``ppq_state`` children (and the structural
+edits they record) when it loads such a state dict through
+``ppq_lightning.edits.enable_state_loading``; ``ppq_lightning.compressed.invariants`` checks
+the weights against the recorded state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.modules.views import as_matrix, to_weight_layout
+from ppq_lightning.ops.masks import pack_mask, unpack_mask
+from ppq_lightning.ops.quant_grid import QuantGrid
+
+STATE_NAME = "ppq_state"
+
+
+class CompressionState(nn.Module):
+    """What compression stages did to the weight of the module that owns this child.
+
+    Attributes:
+        mask: bool tensor shaped like the weight (True = kept), or None if never pruned;
+            stored packed, one bit per weight (buffer ``mask_bits``), and unpacked on access.
+        scale, zero: grid parameters ``(rows, n_groups)`` of the last quantization, or None.
+        bits, group_size, symmetric: settings of that grid.
+        history: one :class:`~ppq_lightning.compressed.history.HistoryEntry` per stage applied,
+            in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask_bits", None)
+        self.mask_shape: tuple[int, ...] | None = None
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+        self.bits: int | None = None
+        self.group_size: int | None = None
+        self.symmetric: bool = False
+        self.history: list[HistoryEntry] = []
+        self.register_load_state_dict_pre_hook(_materialize_buffers)
+
+    @property
+    def mask(self) -> Tensor | None:
+        if self.mask_bits is None or self.mask_shape is None:
+            return None
+        return unpack_mask(self.mask_bits, self.mask_shape)
+
+    @mask.setter
+    def mask(self, mask: Tensor | None) -> None:
+        self.mask_bits = None if mask is None else pack_mask(mask.bool())
+        self.mask_shape = None if mask is None else tuple(mask.shape)
+
+    @property
+    def grid(self) -> QuantGrid | None:
+        if self.scale is None or self.bits is None:
+            return None
+        return QuantGrid(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
+
+    @property
+    def stages(self) -> list[str]:
+        return [entry["stage"] for entry in self.history]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "mask_shape": list(self.mask_shape) if self.mask_shape is not None else None,
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bits = state["bits"]
+        self.group_size = state["group_size"]
+        self.symmetric = state["symmetric"]
+        shape = state.get("mask_shape")
+        self.mask_shape = tuple(shape) if shape is not None else None
+        self.history = [dict(entry) for entry in state["history"]]
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.mask is not None:
+            parts.append(f"sparsity={1 - self.mask.float().mean().item():.3f}")
+        if self.bits is not None:
+            parts.append(f"bits={self.bits}, group_size={self.group_size}")
+        parts.append(f"stages={self.stages}")
+        return ", ".join(parts)
+
+
+def _materialize_buffers(module: CompressionState, state_dict: dict, prefix: str, *args) -> None:
+    """Give still-empty buffers the shape of the tensors about to be loaded into them."""
+    for name in ("mask_bits", "scale", "zero"):
+        key = prefix + name
+        if key in state_dict and getattr(module, name) is None:
+            module._buffers[name] = torch.empty_like(state_dict[key])
+
+
+def get_state(module: nn.Module) -> CompressionState | None:
+    """The :class:`CompressionState` of ``module``, or None if it was never compressed."""
+    state = getattr(module, STATE_NAME, None)
+    return state if isinstance(state, CompressionState) else None
+
+
+def ensure_state(module: nn.Module) -> CompressionState:
+    """The :class:`CompressionState` of ``module``, created if missing."""
+    state = get_state(module)
+    if state is None:
+        tensor = next(module.parameters(), None)
+        state = CompressionState()
+        if tensor is not None:
+            state = state.to(tensor.device)
+        module.add_module(STATE_NAME, state)
+    return state
+
+
+def current_mask(module: nn.Module) -> Tensor | None:
+    """The recorded mask of ``module`` as an ``(out, in)`` matrix, or None if never pruned."""
+    state = get_state(module)
+    return None if state is None or state.mask is None else as_matrix(module, state.mask)
+
+
+def current_grid(module: nn.Module) -> QuantGrid | None:
+    """The recorded quantization grid of ``module``, or None if never quantized."""
+    state = get_state(module)
+    return None if state is None else state.grid
+
+
+def record_stage(module: nn.Module, entry: HistoryEntry) -> CompressionState:
+    """Append a stage's record to the history of ``module`` (once per stage and module)."""
+    state = ensure_state(module)
+    state.history.append(dict(entry))
+    return state
+
+
+def record_mask(module: nn.Module, mask: Tensor) -> CompressionState:
+    """Zero the pruned weights of ``module`` and record ``mask`` (combined with any older one).
+
+    Args:
+        module: the compressed layer.
+        mask: bool, True = kept, in the ``(out, in)`` matrix layout of ``weight_matrix``.
+    """
+    state = ensure_state(module)
+    mask = to_weight_layout(module, mask.to(device=module.weight.device, dtype=torch.bool))
+    if state.mask is not None:
+        mask = mask & state.mask
+    module.weight.data.mul_(mask)
+    state.mask = mask.contiguous()
+    return state
+
+
+def record_grid(module: nn.Module, grid: QuantGrid) -> CompressionState:
+    """Record ``grid`` as the module's quantization grid (replacing an older one)."""
+    state = ensure_state(module)
+    state.scale = grid.scale.to(module.weight.device, torch.float32)
+    state.zero = grid.zero.to(module.weight.device, torch.float32)
+    state.bits, state.group_size, state.symmetric = grid.bits, grid.group_size, grid.symmetric
+    return state
+
+
+def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, CompressionState]]:
+    """Every ``(name, module, state)`` of ``model`` that carries a compression state."""
+    for name, module in model.named_modules():
+        state = get_state(module)
+        if state is not None:
+            yield name, module, state
+
+
+def applied_stages(model: nn.Module) -> set[str]:
+    """The state keys of every stage recorded anywhere in ``model``."""
+    return {stage for _, _, state in compressed_modules(model) for stage in state.stages}

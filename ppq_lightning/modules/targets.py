@@ -1,0 +1,89 @@
+"""Choosing which modules a stage compresses, by name, as YAML can say it."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.modules.views import is_compressible
+
+
+def compile_patterns(patterns: str | list[str] | None, argument: str) -> list[re.Pattern]:
+    """Compile one regex or a list of regexes.
+
+    Raises:
+        PPQConfigError: when ``patterns`` is not a string or list of strings, or a regex is
+            invalid.
+    """
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise bad_value(argument, patterns, "a regex string or a list of regex strings")
+    compiled = []
+    for pattern in items:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise bad_value(argument, pattern, f"a valid regular expression ({err})") from err
+    return compiled
+
+
+ADAPTER = re.compile(r"(^|\.)lora_(A|B)(\.|$)")
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    """Ids of weights that are embeddings: input embeddings, and output heads tied or declared."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        get_output = getattr(module, "get_output_embeddings", None)
+        if callable(get_output):
+            head = get_output()
+            if isinstance(head, nn.Module) and hasattr(head, "weight"):
+                ids.add(id(head.weight))
+    return ids
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: str | list[str] | None = None,
+    ignore: str | list[str] | None = None,
+) -> dict[str, nn.Module]:
+    """The ``nn.Linear``/``nn.Conv2d``/GPT-2 ``Conv1D`` modules of ``model`` a stage compresses.
+
+    Args:
+        model: the module tree (names are relative to it, e.g. ``model.layers.0.mlp.up_proj``).
+        targets: regex or list of regexes searched (``re.search``) in module names; None means
+            every linear and conv layer except embeddings and the LM head.
+        ignore: regexes of module names to leave out, applied after ``targets``.
+
+    LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
+    layer they adapt is (``...q_proj.base_layer``).
+
+    Raises:
+        PPQConfigError: when a regex is invalid or nothing matches.
+    """
+    wanted = compile_patterns(targets, "targets")
+    unwanted = compile_patterns(ignore, "ignore")
+    embeddings = _embedding_weights(model) if not wanted else set()
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not is_compressible(module) or ADAPTER.search(name):
+            continue
+        if wanted and not any(p.search(name) for p in wanted):
+            continue
+        if not wanted and id(module.weight) in embeddings:
+            continue
+        if any(p.search(name) for p in unwanted):
+            continue
+        chosen[name] = module
+    if not chosen:
+        layers = [n for n, m in model.named_modules() if is_compressible(m)]
+        sample = ", ".join(layers[:5]) or "none"
+        raise PPQConfigError(
+            f"targets={targets!r} with ignore={ignore!r} matched no nn.Linear/nn.Conv2d module. "
+            f"The model has {len(layers)} such layers, e.g. {sample}. Please check `targets`."
+        )
+    return chosen

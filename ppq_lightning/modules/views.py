@@ -1,0 +1,92 @@
+"""Which modules can be compressed, and how their weight and input read as matrices.
+
+Every op works on a weight matrix ``W`` of shape ``(out_features, in_features)`` whose columns
+are the layer's inputs: ``nn.Linear.weight`` as is, ``nn.Conv2d.weight`` flattened to
+``(out_channels, in_channels * kh * kw)`` (the columns of the unfolded input), and the
+``Conv1D`` of Hugging Face GPT-2 (stored ``(in, out)``) transposed. A layer's input reads as
+rows ``(n, in_features)`` matching those columns (:func:`input_rows`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ppq_lightning.errors import PPQConfigError
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_compressible(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer the compression methods handle."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or _is_hf_conv1d(module)
+
+
+def as_matrix(module: nn.Module, tensor: Tensor) -> Tensor:
+    """View a tensor in the layout of ``module.weight`` (its mask, say) as ``(out, in)``."""
+    if _is_hf_conv1d(module):
+        return tensor.t()  # stored (in, out)
+    return tensor.flatten(1)
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """A view of the module's weight as ``(out, in)``; writing into it writes the weight."""
+    return as_matrix(module, module.weight.data)
+
+
+def to_weight_layout(module: nn.Module, matrix: Tensor) -> Tensor:
+    """Turn an ``(out, in)`` tensor (a mask, say) back into the layout of ``module.weight``."""
+    if _is_hf_conv1d(module):
+        return matrix.t()
+    return matrix.reshape(module.weight.shape)
+
+
+def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
+    """Write an ``(out, in)`` matrix into the module's weight (cast to its dtype)."""
+    weight_matrix(module).copy_(matrix.to(module.weight.dtype))
+
+
+def matrix_to_layout(module: nn.Module, matrix: Tensor) -> Tensor:
+    """An ``(out, in)`` matrix of any size in the storage layout of ``module``'s class (for a
+    layer whose shape changes: ``nn.Linear`` as is, GPT-2 ``Conv1D`` transposed).
+
+    Raises:
+        TypeError: for other layer types (a reshaped conv kernel needs its new channel count).
+    """
+    if isinstance(module, nn.Linear):
+        return matrix.contiguous()
+    if _is_hf_conv1d(module):
+        return matrix.t().contiguous()
+    raise TypeError(f"channel pruning supports nn.Linear and GPT-2 Conv1D, not {type(module)}")
+
+
+def set_features(module: nn.Module) -> None:
+    """Make a layer's size attributes agree with its (replaced) weight matrix."""
+    out_features, in_features = weight_matrix(module).shape
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = out_features, in_features
+    elif _is_hf_conv1d(module):
+        module.nf, module.nx = out_features, in_features
+
+
+def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The input of ``layer`` as rows matching the columns of its weight matrix: ``(n, in)``.
+
+    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``).
+
+    Raises:
+        PPQConfigError: for grouped convolutions, which have no single weight matrix.
+    """
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise PPQConfigError(
+                f"grouped convolutions (groups={layer.groups}) cannot be "
+                "compressed by calibrated methods yet; list them in `ignore`."
+            )
+        patches = nn.functional.unfold(
+            x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        )  # (B, C*kh*kw, L)
+        return patches.transpose(1, 2).flatten(0, 1)
+    return x.flatten(0, -2)

@@ -1,0 +1,72 @@
+"""Measuring the metric ``M`` of a LightningModule between compression stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import move_data_to_device
+
+from ppq_lightning.errors import PPQConfigError
+
+
+def evaluation_dataloader(trainer: L.Trainer) -> Iterable[Any]:
+    """The dataloader of the running evaluation, else the datamodule's validation one.
+
+    Raises:
+        PPQConfigError: when neither exists.
+    """
+    loaders = None
+    if trainer.state.fn == TrainerFn.TESTING:
+        loaders = trainer.test_dataloaders
+    elif trainer.state.fn == TrainerFn.VALIDATING:
+        loaders = trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None:
+        loaders = trainer.datamodule.val_dataloader()
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise PPQConfigError(
+            "evaluate_each_stage=True needs data to evaluate on: pass val dataloaders or a "
+            "datamodule with val_dataloader() to the Trainer, or set evaluate_each_stage=False."
+        )
+    return loaders
+
+
+def evaluate_module(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> dict[str, float]:
+    """Metrics of ``pl_module`` on ``dataloader``.
+
+    Uses ``pl_module.evaluate(dataloader) -> dict[str, float]`` when the module defines it
+    (``CausalLMModule`` does: perplexity), else averages the loss that ``validation_step``
+    returns (a tensor, or a dict with ``"loss"``) into ``{"loss": ...}``.
+
+    Raises:
+        PPQConfigError: when the module offers neither.
+    """
+    evaluate = getattr(pl_module, "evaluate", None)
+    if callable(evaluate):
+        return {k: float(v) for k, v in evaluate(dataloader).items()}
+    was_training = pl_module.training
+    pl_module.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch_idx, batch in enumerate(dataloader):
+                out = pl_module.validation_step(
+                    move_data_to_device(batch, pl_module.device), batch_idx
+                )
+                loss = out.get("loss") if isinstance(out, dict) else out
+                if not isinstance(loss, torch.Tensor):
+                    raise PPQConfigError(
+                        f"{type(pl_module).__name__}.validation_step returned "
+                        f"{type(out).__name__}; "
+                        "evaluating each stage needs it to return the loss (or a dict with "
+                        "'loss'), or the module to define evaluate(dataloader) -> dict."
+                    )
+                total, count = total + float(loss), count + 1
+    finally:
+        pl_module.train(was_training)
+    return {"loss": total / max(count, 1)}

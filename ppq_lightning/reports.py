@@ -1,0 +1,105 @@
+"""Result files: one writer for the CSV / JSON / Markdown tables of schedules, studies and sweeps.
+
+Every file is written atomically: the text goes to a temporary file with a unique name in the
+same folder, which then replaces the target (``os.replace``), so a reader (or a resumed run)
+sees the old file or the new one, never half of one, and two writers cannot collide.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    The folder is created if needed.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically (values JSON cannot hold become strings)."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every key of ``rows``, in the order of first appearance."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """``rows`` as CSV with a header (missing values empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or columns_of(rows)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table (floats to 4 significant digits)."""
+    columns = list(columns or columns_of(rows))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+FORMATS = ("csv", "json", "md")
+
+
+def write_table(
+    rows: Sequence[dict[str, Any]],
+    folder: str | Path,
+    stem: str,
+    json_data: Any = None,
+    formats: Sequence[str] = FORMATS,
+) -> dict[str, Path]:
+    """Write ``rows`` as ``<stem>.csv``, ``<stem>.json`` and ``<stem>.md`` in ``folder``.
+
+    Args:
+        rows: one dict per row; the columns are their keys in order of first appearance.
+        folder: where the files go (created if needed).
+        stem: the file name without extension (``"sweep"``, ``"schedule"``, ``"studies"``).
+        json_data: what the JSON file holds instead of the rows (e.g. the rows with metadata).
+        formats: which of ``"csv"``, ``"json"``, ``"md"`` to write.
+
+    Returns:
+        The written paths by extension (``{"csv": ..., "json": ..., "md": ...}``).
+    """
+    folder = Path(folder)
+    columns = columns_of(rows)
+    texts = {
+        "csv": lambda: csv_text(rows, columns),
+        "json": lambda: json.dumps(
+            list(rows) if json_data is None else json_data, indent=2, default=str
+        ),
+        "md": lambda: markdown_table(rows, columns) + "\n",
+    }
+    return {f: write_text_atomic(folder / f"{stem}.{f}", texts[f]()) for f in formats}

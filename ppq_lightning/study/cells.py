@@ -1,0 +1,114 @@
+"""The cells of a study: one evaluated order each, cached on disk.
+
+A cell is keyed by its stages' state keys and by the study's *fingerprint* (the dense weights,
+the evaluation and calibration data, the metric), so cells of another model or data never
+match, and studies sharing a folder (the points of a grid) share the dense model, the curve and
+single stages. A cell is written atomically as soon as it is measured: a restarted study
+recomputes none of the cells it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppq_lightning.reports import write_json
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluated order: the model after ``order`` (``"dense"`` for no stage).
+
+    Attributes:
+        order: stage names joined by ``>``.
+        kind: ``"dense"``, ``"single"``, ``"curve"`` (a quantization-only point) or ``"order"``.
+        keys: the state keys of the stages, in order (what identifies the cell on disk).
+        value: the evaluated metric as logged (e.g. perplexity).
+        M: the higher-is-better metric (``-ppl`` for perplexity).
+        nominal_C, measured_C, sparsity, avg_bits: from ``compression_summary``.
+        seconds: compression and evaluation wall time when it was computed.
+    """
+
+    order: str
+    kind: str
+    keys: tuple[str, ...]
+    value: float
+    M: float
+    nominal_C: float
+    measured_C: float
+    sparsity: float
+    avg_bits: float
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        """The cell as a flat row (``keys`` joined by ``>``)."""
+        return asdict(self) | {"keys": ">".join(self.keys)}
+
+
+def batch_bytes(batch: Any) -> bytes:
+    """The bytes of every tensor in a batch (tensor, dict, list or tuple), for fingerprints."""
+    if torch.is_tensor(batch):
+        return batch.detach().cpu().contiguous().numpy().tobytes()
+    if isinstance(batch, dict):
+        return b"".join(k.encode() + batch_bytes(v) for k, v in sorted(batch.items()))
+    if isinstance(batch, (list, tuple)):
+        return b"".join(batch_bytes(v) for v in batch)
+    return repr(batch).encode()
+
+
+def fingerprint(module: nn.Module, batches: Iterable[Any], metric: str) -> str:
+    """What a cell's value depends on besides its stages: the dense weights (their sums), the
+    evaluation and calibration batches, and the metric's name."""
+    digest = hashlib.sha1(metric.encode())
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                t = tensor.detach().double()
+                digest.update(f"{name}{tuple(t.shape)}{t.sum():.10e}{t.abs().sum():.10e}".encode())
+    for batch in batches:
+        digest.update(batch_bytes(batch))
+    return digest.hexdigest()[:16]
+
+
+class CellCache:
+    """The cells of studies with one fingerprint, in memory and in ``folder`` on disk.
+
+    Args:
+        folder: where cell files go (``<hash>.json``).
+        fingerprint: the study's fingerprint (see :func:`fingerprint`).
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+        self._cells: dict[tuple[str, ...], Cell] = {}
+
+    def path(self, keys: tuple[str, ...]) -> Path:
+        """The file of the cell with the state keys ``keys``."""
+        digest = hashlib.sha1(json.dumps([self.fingerprint, *keys]).encode()).hexdigest()[:16]
+        return self.folder / f"{digest}.json"
+
+    def get(self, keys: tuple[str, ...]) -> tuple[Cell | None, bool]:
+        """``(cell, read_from_disk)``: the cell of ``keys`` (None when not computed)."""
+        if keys in self._cells:
+            return self._cells[keys], False
+        path = self.path(keys)
+        if not path.exists():
+            return None, False
+        data = json.loads(path.read_text())
+        cell = Cell(**{**data, "keys": tuple(data["keys"])})
+        if cell.keys != keys:  # a hash collision: recompute rather than trust it
+            return None, False
+        self._cells[keys] = cell
+        return cell, True
+
+    def put(self, cell: Cell) -> None:
+        """Keep ``cell`` and write it (atomically: on disk whole or not at all)."""
+        write_json(self.path(cell.keys), asdict(cell))
+        self._cells[cell.keys] = cell

@@ -1,0 +1,357 @@
+"""Order studies: which order of compression stages is best, measured or predicted.
+
+For a model, evaluation data and a set of named stages, :class:`OrderStudy` evaluates
+
+(a) the dense model and each stage alone,
+(b) the quantization-only curve that the Compression Equivalence Ratio needs (given as
+    stages, e.g. ``RTNQuantization.curve()``: RTN at 8 ... 2 bits, per channel),
+(c) every permutation of the stages (``search="exhaustive"``) or only the order the Progressive
+    Intensity Hypothesis predicts from (a) (``search="pih"``: weaker stage first),
+
+and reports the best order, the PIH prediction and whether it matched, the performance gap ``G``,
+the order advantage ``A`` and ``C*_P - C_Q`` for two-stage studies, and the budget spent.
+
+Every evaluated order is a *cell* (``ppq_lightning.study.cells``), saved as soon as it is
+measured: a restarted study (or another study sharing the folder) recomputes none of them.
+Orders are applied depth first over their common prefixes: a compressed prefix is computed
+once and copied for each continuation (``reuse_prefixes=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from tqdm.auto import tqdm
+
+from ppq_lightning.compressed.accounting import compression_summary, nominal_compression_rate
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.invariants import check_invariants
+from ppq_lightning.errors import PPQConfigError, check_choice
+from ppq_lightning.order.evaluation import evaluate_module
+from ppq_lightning.order.grammar import all_orders, check_stage_names, format_order, parse_order
+from ppq_lightning.order.metrics import (
+    compression_equivalence_ratio,
+    metric_value,
+    order_advantage,
+    performance_gap,
+)
+from ppq_lightning.order.prediction import pih_order
+from ppq_lightning.order.stage import Stage
+from ppq_lightning.study.cells import Cell, CellCache, fingerprint
+from ppq_lightning.study.result import Budget, StudyResult
+
+SEARCH_MODES = ("exhaustive", "pih")
+
+
+class OrderStudy:
+    """Measure (or predict) the best order of a set of compression stages on one model.
+
+    Args:
+        module: the dense LightningModule; never modified (every order runs on a copy).
+        datamodule: gives ``val_dataloader()`` (evaluation) and, for calibrated stages,
+            ``calibration_dataloader()`` (else the validation data calibrates).
+        stages: the stages (:class:`~ppq_lightning.order.stage.Stage`, e.g. compression
+            callbacks), each with a distinct ``name`` (its name in orders), e.g.
+            ``[SparseGPT(sparsity=0.5, name="P"), GPTQ(bits=4, name="Q")]``.
+        search: ``"exhaustive"`` (every permutation) or ``"pih"`` (only the order the
+            Progressive Intensity Hypothesis predicts from the single-stage results).
+        order: evaluate only the dense model and this order (e.g. ``"Q>P"``; a sweep point):
+            no single stages, no curve, no search.
+        curve: quantization-only stages for ``C*``, from mildest to strongest, e.g.
+            ``RTNQuantization.curve()`` (per-channel RTN at 8, 6, 5, 4, 3, 2 bits, what
+            ``ppq study`` uses); empty (the default): no curve and no ``C*``.
+        metric: the key of the evaluation dict to compare (``"ppl"`` for ``CausalLMModule``,
+            ``"loss"`` for a module evaluated through its ``validation_step``).
+        higher_is_better: False for perplexity or loss (then ``M = -value``).
+        output_dir: where cells and reports go; reusing it resumes a study.
+        cells_dir: where cells go instead of ``output_dir/cells`` (shared by sweep points).
+        reuse_prefixes: apply shared prefixes once (False: every order from the dense model).
+        label: the study's name in reports (default: its stages' state keys, shortened).
+        logger: a Lightning logger (``WandbLogger``, ``CSVLogger``, ...) that receives every
+            cell's metrics as it is measured: ``study/<label>/<order>/<metric>``.
+
+    Raises:
+        PPQConfigError: on no stages, unnamed or repeated names, a bad ``search``, or an
+            evaluation that lacks ``metric``.
+
+    Example (YAML, for ``ppq study --config``)::
+
+        model: {class_path: ppq_lightning.models.CausalLMModule, init_args: {model: smollm2-135m}}
+        data: {class_path: ppq_lightning.datamodules.TextDataModule, init_args: {source: pydoc}}
+        search: exhaustive
+        stages:
+          - {class_path: ppq_lightning.callbacks.SparseGPT, init_args: {name: P, sparsity: 0.5}}
+          - {class_path: ppq_lightning.callbacks.GPTQ, init_args: {name: Q, bits: 4}}
+    """
+
+    def __init__(
+        self,
+        module: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        stages: Sequence[Stage],
+        search: str = "exhaustive",
+        order: str | None = None,
+        curve: Sequence[Stage] = (),
+        metric: str = "ppl",
+        higher_is_better: bool = False,
+        output_dir: str | Path = "outputs/study",
+        cells_dir: str | Path | None = None,
+        reuse_prefixes: bool = True,
+        label: str | None = None,
+        logger: Any | None = None,
+    ) -> None:
+        if not stages or not all(isinstance(s, Stage) for s in stages):
+            raise PPQConfigError(
+                f"stages={stages!r} is not allowed: expected a non-empty list of compression "
+                "callbacks, each with a distinct `name`."
+            )
+        names = [s.name for s in stages]
+        check_stage_names(names)
+        check_choice("search", search, SEARCH_MODES)
+        self.module, self.datamodule = module, datamodule
+        self.stages = {s.name: s for s in stages}
+        self.curve = list(curve)
+        self.search, self.metric, self.higher_is_better = search, metric, higher_is_better
+        self.output_dir = Path(output_dir)
+        self.cells_dir = Path(cells_dir) if cells_dir is not None else self.output_dir / "cells"
+        self.order = parse_order(order, names) if order is not None else None
+        self.reuse_prefixes, self.logger = reuse_prefixes, logger
+        self.label = label or "_".join(names)
+        self.budget = Budget()
+        self._cache: CellCache | None = None
+        self._eval_loader: Any = None
+        self._calibration: list[Any] | None = None
+
+    # -- the cells ------------------------------------------------------------------------------
+    @property
+    def cache(self) -> CellCache:
+        """The study's cells (keyed by the fingerprint of its model, data and metric)."""
+        if self._cache is None:
+            batches = [*self._evaluation_data(), *self._calibration_data()]
+            self._cache = CellCache(self.cells_dir, fingerprint(self.module, batches, self.metric))
+        return self._cache
+
+    @property
+    def fingerprint(self) -> str:
+        """What a cell's value depends on besides its stages (see ``study.cells.fingerprint``)."""
+        return self.cache.fingerprint
+
+    def _evaluation_data(self) -> Any:
+        if self._eval_loader is None:
+            self._eval_loader = list(self.datamodule.val_dataloader())
+        return self._eval_loader
+
+    def _calibration_data(self) -> list[Any]:
+        if self._calibration is None:
+            get = getattr(self.datamodule, "calibration_dataloader", None)
+            loader = get() if callable(get) else self.datamodule.val_dataloader()
+            self._calibration = list(loader)
+        return self._calibration
+
+    def _cached(self, keys: tuple[str, ...]) -> Cell | None:
+        cell, from_disk = self.cache.get(keys)
+        self.budget.cached += from_disk
+        return cell
+
+    def _evaluate(
+        self,
+        model: L.LightningModule,
+        names: tuple[str, ...],
+        kind: str,
+        keys: tuple[str, ...],
+        seconds: float,
+    ) -> Cell:
+        start = time.perf_counter()
+        check_invariants(model)
+        results = evaluate_module(model, self._evaluation_data())
+        if self.metric not in results:
+            raise PPQConfigError(
+                f"metric={self.metric!r} is not among the evaluated metrics {sorted(results)}."
+            )
+        b_orig = next(iter(self.stages.values())).b_orig
+        summary = compression_summary(model, b_orig)
+        value = float(results[self.metric])
+        cell = Cell(
+            order=format_order(names),
+            kind=kind,
+            keys=keys,
+            value=value,
+            M=metric_value(value, self.higher_is_better),
+            nominal_C=summary.nominal_C,
+            measured_C=summary.measured_C,
+            sparsity=summary.sparsity,
+            avg_bits=summary.avg_bits,
+            seconds=seconds + time.perf_counter() - start,
+        )
+        self.cache.put(cell)
+        self.budget.evaluations += 1
+        self.budget.applications_without_reuse += len(keys)
+        if self.logger is not None:
+            prefix = f"study/{self.label}/{cell.order}"
+            self.logger.log_metrics(
+                {
+                    f"{prefix}/{self.metric}": value,
+                    f"{prefix}/measured_C": cell.measured_C,
+                    f"{prefix}/nominal_C": cell.nominal_C,
+                },
+                step=self.budget.evaluations + self.budget.cached,
+            )
+        return cell
+
+    def _apply(self, model: L.LightningModule, stage: Stage) -> None:
+        copy.deepcopy(stage).apply(model, dataloader=self._calibration_data())
+        self.budget.applications += 1
+
+    def measure(
+        self, requests: dict[tuple[str, ...], str], stages: dict[str, Stage]
+    ) -> dict[tuple[str, ...], Cell]:
+        """Evaluate every requested order (names -> kind), depth first over shared prefixes.
+
+        Cached cells are read back, not recomputed; a prefix is applied only when some order
+        below it still needs computing.
+        """
+        key_of = {name: stage.state_key for name, stage in stages.items()}
+        keys = {names: tuple(key_of[n] for n in names) for names in requests}
+        todo = {names for names in requests if self._cached(keys[names]) is None}
+        progress = tqdm(total=len(todo), desc=f"study {self.label}", unit="cell", leave=False)
+
+        def visit(model: L.LightningModule, prefix: tuple[str, ...], seconds: float) -> None:
+            if prefix in todo:
+                self._evaluate(model, prefix, requests[prefix], keys[prefix], seconds)
+                progress.update()
+            children = sorted(
+                {
+                    n[len(prefix)]
+                    for n in todo
+                    if len(n) > len(prefix) and n[: len(prefix)] == prefix
+                }
+            )
+            for i, name in enumerate(children):
+                last = i == len(children) - 1
+                child = model if last and prefix else copy.deepcopy(model)
+                start = time.perf_counter()
+                self._apply(child, stages[name])
+                visit(child, (*prefix, name), time.perf_counter() - start)
+
+        with torch.no_grad():
+            if self.reuse_prefixes and todo:
+                visit(self.module, (), 0.0)
+            elif todo:
+                for names in sorted(todo, key=len):
+                    model = copy.deepcopy(self.module)
+                    start = time.perf_counter()
+                    for name in names:
+                        self._apply(model, stages[name])
+                    self._evaluate(
+                        model, names, requests[names], keys[names], time.perf_counter() - start
+                    )
+                    progress.update()
+        progress.close()
+        return {names: self._cached(keys[names]) for names in requests}
+
+    # -- the study ------------------------------------------------------------------------------
+    def run(self) -> StudyResult:
+        """Run the study (resuming from ``output_dir``) and return its result."""
+        names = list(self.stages)
+        curve = {s.name: s for s in self.curve}
+        clash = sorted(set(curve) & set(names))
+        if clash:
+            raise PPQConfigError(f"a curve stage and a study stage are both named {clash[0]!r}.")
+        all_stages = {**self.stages, **curve}
+        requests: dict[tuple[str, ...], str] = {(): "dense"}
+        if self.order is not None:  # one order only (a sweep point)
+            cells = self.measure({**requests, self.order: "order"}, all_stages)
+            order = format_order(self.order)
+            return StudyResult(
+                label=self.label,
+                stages=names,
+                search="order",
+                metric=self.metric,
+                dense=cells[()],
+                singles={},
+                curve=[],
+                orders={order: cells[self.order]},
+                best_order=order,
+                pih_order="",
+                pih_correct=None,
+                cer={},
+                budget=self.budget,
+                kinds=self._kinds(),
+            )
+        requests.update({(n,): "single" for n in names})
+        requests.update({(n,): "curve" for n in curve})
+        exhaustive = self.search == "exhaustive" and len(names) > 1
+        if exhaustive:  # one depth-first pass: every order reuses its single-stage prefix
+            requests.update({o: "order" for o in all_orders(names)})
+        cells = self.measure(requests, all_stages)
+        singles = {n: cells[(n,)] for n in names}
+        predicted = tuple(pih_order({n: c.M for n, c in singles.items()}))
+        if exhaustive:
+            wanted = all_orders(names)
+        else:  # PIH: the predicted order only, known once the singles are measured
+            wanted = [predicted]
+            cells.update(
+                self.measure({predicted: "order" if len(names) > 1 else "single"}, all_stages)
+            )
+        orders = {format_order(o): cells[o] for o in wanted}
+        best_m = max(c.M for c in orders.values())
+        tied = [o for o, c in orders.items() if best_m == c.M]  # equal metrics: every one is best
+        best = "=".join(tied)
+        pih = format_order(predicted)
+        curve_cells = [cells[(n,)] for n in curve]
+        dense = cells[()]
+        cer = {}
+        if curve_cells:
+            points = [(1.0, dense.M)] + [
+                (nominal_compression_rate(0.0, c.avg_bits, round(dense.avg_bits)), c.M)
+                for c in curve_cells
+            ]
+            cer = {n: compression_equivalence_ratio(points, c.M) for n, c in singles.items()}
+        return StudyResult(
+            label=self.label,
+            stages=names,
+            search=self.search,
+            metric=self.metric,
+            dense=dense,
+            singles=singles,
+            curve=curve_cells,
+            orders=orders,
+            best_order=best,
+            pih_order=pih,
+            pih_correct=(pih in tied) if self.search == "exhaustive" else None,
+            cer=cer,
+            budget=self.budget,
+            kinds=self._kinds(),
+            pair=self._pair_metrics(names, singles, orders, cer),
+        )
+
+    def _kinds(self) -> dict[str, str]:
+        return {n: str(StageKind(s.kind)) for n, s in self.stages.items()}
+
+    def _pair_metrics(
+        self,
+        names: list[str],
+        singles: dict[str, Cell],
+        orders: dict[str, Cell],
+        cer: dict[str, float],
+    ) -> dict[str, float]:
+        """G, A and C*_P - C_Q for a two-stage exhaustive study (first stage named first)."""
+        if len(names) != 2 or len(orders) != 2:
+            return {}
+        f1, f2 = names
+        pair = {
+            "G": performance_gap(singles[f1].M, singles[f2].M),
+            "A": order_advantage(orders[f"{f1}>{f2}"].M, orders[f"{f2}>{f1}"].M),
+        }
+        kinds = {n: StageKind(self.stages[n].kind) for n in names}
+        p = next((n for n in names if kinds[n] is StageKind.PRUNE), None)
+        q = next((n for n in names if kinds[n] is StageKind.QUANTIZE), None)
+        if p and q and cer:
+            pair["C*_P - C_Q"] = cer[p] - singles[q].nominal_C
+        return pair

@@ -1,5 +1,5 @@
 # make demo: set everything up and run the order study on SmolLM2-135M (offline, CPU ok).
-# make test: set everything up, lint, and run the test suite.
+# make test: set everything up, lint (ruff, the import-layer contracts), and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,6 +20,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/check_layers.py
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
-from ppq_lightning.errors import bad_value
+from ppq_lightning.errors import bad_value, check_bool, check_number
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import as_matrix, set_weight_matrix, to_weight_layout
 from ppq_lightning.ops.dead_zone import DeadZoneQuantizer, dead_zone_grid
@@ -27,10 +27,6 @@ def codeq_weight(module: nn.Module, weight: Tensor) -> Tensor:
     the layout and dtype of ``module.weight``."""
     quantizer = module.get_submodule(QUANTIZER_NAME)
     return to_weight_layout(module, quantizer(as_matrix(module, weight)).to(weight.dtype))
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class DeadZoneQuantization(FakeQuantStage):
@@ -101,19 +97,13 @@ class DeadZoneQuantization(FakeQuantStage):
         **kwargs: Any,
     ) -> None:
         check_bits(bits)
-        if not isinstance(learn_bits, bool):
-            raise bad_value("learn_bits", learn_bits, "true or false")
-        for argument, value in (("sparsity_weight", sparsity_weight), ("bits_weight", bits_weight)):
-            if not _number(value) or not value >= 0:
-                raise bad_value(argument, value, "a number >= 0")
+        check_bool("learn_bits", learn_bits)
+        check_number("sparsity_weight", sparsity_weight, low=0)
+        check_number("bits_weight", bits_weight, low=0)
         if bits_weight > 0 and not learn_bits:
             raise bad_value("bits_weight", bits_weight, "0 unless learn_bits=True")
-        if init_dead_zone is not None and (
-            not _number(init_dead_zone) or not 0 <= init_dead_zone < 1
-        ):
-            raise bad_value("init_dead_zone", init_dead_zone, "None or a number in [0, 1)")
-        if not _number(temperature) or not temperature > 0:
-            raise bad_value("temperature", temperature, "a number > 0")
+        check_number("init_dead_zone", init_dead_zone, 0, 1, high_open=True, allow_none=True)
+        check_number("temperature", temperature, low=0, low_open=True)
         super().__init__(**kwargs)
         self.bits, self.learn_bits = bits, learn_bits
         self.sparsity_weight, self.bits_weight = float(sparsity_weight), float(bits_weight)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_tokenizer
 
 SOURCES = ("pydoc", "files", "wikitext2", "c4")
@@ -163,22 +163,14 @@ class TextDataModule(L.LightningDataModule):
         calibration_paths: list[str] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("source", source), ("calibration_source", calibration_source)):
-            if value is not None and value not in SOURCES:
-                raise bad_value(name, value, f"one of {', '.join(SOURCES)}")
-        for name, value, low in (
-            ("seqlen", seqlen, 2),
-            ("batch_size", batch_size, 1),
-            ("num_calibration_samples", num_calibration_samples, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise bad_value(name, value, f"an integer >= {low}")
-        if max_eval_windows is not None and (
-            not isinstance(max_eval_windows, int) or max_eval_windows < 1
-        ):
-            raise bad_value("max_eval_windows", max_eval_windows, "None or an integer >= 1")
-        if not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
-            raise bad_value("eval_fraction", eval_fraction, "a number in (0, 1)")
+        check_choice("source", source, SOURCES)
+        if calibration_source is not None:
+            check_choice("calibration_source", calibration_source, SOURCES)
+        check_int("seqlen", seqlen, minimum=2)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("num_calibration_samples", num_calibration_samples, minimum=1)
+        check_int("max_eval_windows", max_eval_windows, minimum=1, allow_none=True)
+        check_number("eval_fraction", eval_fraction, 0, 1, low_open=True, high_open=True)
         if calibration_source == "files" and calibration_paths is None:
             calibration_paths = paths
         if source == "files":

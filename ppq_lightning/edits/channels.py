@@ -19,6 +19,7 @@ from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.edits.sharing import SharedBasisLinear
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import as_matrix, matrix_to_layout, set_features, weight_matrix
 from ppq_lightning.ops.channels import keep_most_important, kv_group_rows
 
@@ -138,8 +139,7 @@ def output_projections(
         )
     chosen = {}
     for name, module in modules.items():
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent, attribute = parent_of(model, name)
         mlp = structure in ("mlp", "both") and mlp_inputs(parent, attribute) is not None
         heads = structure in ("heads", "both") and is_attention_output(parent, attribute)
         if mlp or heads:

@@ -109,9 +109,7 @@ def test_bad_arguments():
         SparseGPT(sparsity=0.5, damp=-1)
     with pytest.raises(PPQConfigError, match=r"pattern='3:2'"):
         SparseGPT(pattern="3:2")
-    with pytest.raises(
-        PPQConfigError, match=r"statistics_dtype='float16'.*float32, float64"
-    ):
+    with pytest.raises(PPQConfigError, match=r"statistics_dtype='float16'.*float32, float64"):
         GPTQ(bits=4, statistics_dtype="float16")
 
 

@@ -1,0 +1,28 @@
+import pytest
+import torch
+from torch import nn
+
+from ppq_lightning import InvariantError, check_invariants
+from ppq_lightning.compressed.state import get_state
+from tests.compressed.helpers import quantized_pruned_linear
+
+
+def test_check_invariants_catches_revived_weight():
+    model = nn.Sequential(quantized_pruned_linear())
+    pruned = (~get_state(model[0]).mask).nonzero()[0]
+    model[0].weight.data[tuple(pruned)] = get_state(model[0]).scale[pruned[0], 0]
+    with pytest.raises(InvariantError, match=r"0: 1 pruned weight\(s\) are non-zero"):
+        check_invariants(model)
+
+
+def test_check_invariants_catches_off_grid_weight():
+    model = nn.Sequential(quantized_pruned_linear())
+    kept = get_state(model[0]).mask.nonzero()[0]
+    model[0].weight.data[tuple(kept)] += 0.37 * get_state(model[0]).scale[kept[0], 0]
+    with pytest.raises(InvariantError, match="off the 4-bit grid"):
+        check_invariants(model)
+
+
+def test_bfloat16_weights_pass_on_their_grid():
+    layer = quantized_pruned_linear().to(torch.bfloat16)
+    assert check_invariants(layer) == 1

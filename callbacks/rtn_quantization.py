@@ -41,7 +41,7 @@ class RTNQuantization(CompressionCallback):
             unquantized; with ``bits=16`` only the matched layers are quantized).
         promote: mixed precision by sensitivity, ``{"bits": B, "fraction": f}``: the most
             sensitive layers (largest relative RTN error at ``bits``) holding a fraction ``f``
-            of the weights get ``B`` bits (``ppq_lightning.mixed_precision``).
+            of the weights get ``B`` bits (``ppq_lightning.modules.mixed_precision``).
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers`` of
             :class:`~ppq_lightning.callbacks.CompressionCallback`.
 

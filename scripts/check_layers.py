@@ -5,7 +5,7 @@
 package is assembled as it installs (the mapping read from pyproject.toml) in a temporary
 folder, and the contracts are checked there. ``make lint`` (so ``make test``) runs it.
 
-    python scripts/check_layers.py
+    python scripts/check_layers.py [--verbose]
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ def main() -> int:
         # import-linter puts the working directory first on sys.path: there, the assembled
         # package is found before the source tree and the editable install's mapping
         os.chdir(folder)
-        return lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+        return lint_imports(
+            config_filename=str(ROOT / "pyproject.toml"),
+            no_cache=True,
+            verbose="--verbose" in sys.argv[1:],
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.edits.sharing import SharedBasisLinear
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.tree import parent_of
-from ppq_lightning.modules.views import as_matrix, matrix_to_layout, set_features, weight_matrix
+from ppq_lightning.modules.views import (
+    as_matrix,
+    matrix_to_layout,
+    set_features,
+    to_weight_layout,
+    weight_matrix,
+)
 from ppq_lightning.ops.channels import keep_most_important, kv_group_rows
 
 KEPT_ROWS, KEPT_COLUMNS = "select_rows", "select_columns"
@@ -39,24 +45,28 @@ class ChannelEdit(NamedTuple):
 
 
 # -- shrinking one layer ----------------------------------------------------------------------
+def _check_columns_removable(module: nn.Module) -> None:
+    state = get_state(module)
+    if state is not None and state.scale is not None and state.group_size is not None:
+        raise PPQConfigError(
+            "channel pruning cannot remove input columns of a layer quantized with "
+            f"group_size={state.group_size}: prune channels before quantizing, or quantize "
+            "per channel."
+        )
+
+
 def _slice_state(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
+    """Slice the recorded mask and grid of a layer whose weight was just sliced."""
     state = get_state(module)
     if state is None:
         return
     if state.mask is not None:
-        mask = as_matrix(module, state.mask)
+        mask = as_matrix(module, state.mask)  # (out, in) of the weight before slicing
         mask = mask[rows] if rows is not None else mask
         mask = mask[:, cols] if cols is not None else mask
-        state.mask = mask
-    if state.scale is not None:
-        if cols is not None and state.group_size is not None:
-            raise PPQConfigError(
-                "channel pruning cannot remove input columns of a layer quantized with "
-                f"group_size={state.group_size}: prune channels before quantizing, or quantize "
-                "per channel."
-            )
-        if rows is not None:
-            state.scale, state.zero = state.scale[rows], state.zero[rows]
+        state.mask = to_weight_layout(module, mask)  # the layout of the sliced weight
+    if state.scale is not None and rows is not None:
+        state.scale, state.zero = state.scale[rows], state.zero[rows]
 
 
 def select_rows(module: nn.Module, rows: Tensor) -> None:
@@ -74,7 +84,13 @@ def select_rows(module: nn.Module, rows: Tensor) -> None:
 
 
 def select_columns(module: nn.Module, cols: Tensor) -> None:
-    """Keep only the input columns ``cols`` of a layer (weight matrix and recorded state)."""
+    """Keep only the input columns ``cols`` of a layer (weight matrix and recorded state).
+
+    Raises:
+        PPQConfigError: when the layer is quantized with groups (a group would lose columns);
+            nothing is changed then.
+    """
+    _check_columns_removable(module)
     matrix = weight_matrix(module)[:, cols].clone()  # (out, kept)
     module.weight = nn.Parameter(
         matrix_to_layout(module, matrix), requires_grad=module.weight.requires_grad

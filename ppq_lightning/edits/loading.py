@@ -35,6 +35,26 @@ def replay_history(model: nn.Module, owner: str, history: list[HistoryEntry]) ->
             replay_entry(model, owner, entry, exists=target is not None)
 
 
+def state_path(owner: str) -> str:
+    """The state-dict path of the compression state of the module ``owner`` (``""``: the root)."""
+    return f"{owner}.{STATE_NAME}" if owner else STATE_NAME
+
+
+def state_owners(state_dict: dict, prefix: str = "") -> list[str]:
+    """The modules a state dict carries a compression state for, parents before children
+    (``""`` is the root module itself)."""
+    marker, owners = f".{STATE_NAME}.", set()
+    for key in state_dict:
+        if not key.startswith(prefix):
+            continue
+        relative = key[len(prefix) :]
+        if relative.startswith(STATE_NAME + "."):
+            owners.add("")
+        elif marker in relative:
+            owners.add(relative.split(marker)[0])
+    return sorted(owners)  # a parent's edits (removed blocks) before its children's
+
+
 def enable_state_loading(model: nn.Module) -> None:
     """Let ``model.load_state_dict`` create the ``ppq_state`` children its input needs.
 
@@ -50,13 +70,11 @@ def enable_state_loading(model: nn.Module) -> None:
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
-    marker = f".{STATE_NAME}."
 
     def attach_states(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         check_adapter_records(module, state_dict, prefix)
-        owners = {key[len(prefix) :].split(marker)[0] for key in state_dict if marker in key}
-        for owner in sorted(owners):  # a parent's edits (removed blocks) before its children's
-            extra = state_dict.get(f"{prefix}{owner}{marker}_extra_state")
+        for owner in state_owners(state_dict, prefix):
+            extra = state_dict.get(f"{prefix}{state_path(owner)}._extra_state")
             if isinstance(extra, dict):
                 replay_history(module, owner, extra.get("history", []))
             target = find_module(module, owner)  # a replayed edit may have replaced it

@@ -54,6 +54,11 @@ EDITS: dict[str, Edit] = {
 """Edit kind -> how to replay it."""
 
 
+def describe(replay: Replay) -> str:
+    """A replay function's name, for messages (any callable)."""
+    return getattr(replay, "__qualname__", None) or repr(replay)
+
+
 def register_edit(
     kind: str, replay: Replay, creates_owner: bool = False, replace: bool = False
 ) -> None:
@@ -74,7 +79,7 @@ def register_edit(
     edit = Edit(replay, creates_owner)
     if kind in EDITS and not replace and EDITS[kind] != edit:
         raise PPQConfigError(
-            f"edit kind {kind!r} is already registered ({EDITS[kind].replay.__qualname__}); "
+            f"edit kind {kind!r} is already registered ({describe(EDITS[kind].replay)}); "
             "pass replace=True to replace it."
         )
     EDITS[kind] = edit

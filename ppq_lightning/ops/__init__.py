@@ -1,4 +1,7 @@
-"""Pure tensor math: quantization grids, pruning masks. No Lightning, no logging."""
+"""Pure tensor math, one algorithm per file: quantization grids, pruning masks, Hessians, the
+OBS column walk (GPTQ, SparseGPT), Wanda, channel importance, basis sharing, CoDeQ's dead-zone
+quantizer, straight-through estimators, projection onto a mask and grid. Tensors in, tensors
+(or NamedTuples of them) out; no Lightning, no logging."""
 
 from ppq_lightning.ops.masks import (
     check_sparsity,

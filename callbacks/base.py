@@ -100,8 +100,8 @@ class FiresOnce(L.Callback):
     In ``fit`` it fires at ``on_fit_start`` (subclasses may choose a later moment); the
     validation loops inside ``fit`` never fire it. While ``fit`` trains, the first such callback
     of the Trainer keeps every compressed layer on its mask and grid
-    (``ppq_lightning.compressed.upkeep``): pruned gradients are zeroed before each optimizer step and
-    trainable compressed weights are projected back after it.
+    (``ppq_lightning.compressed.upkeep``): pruned gradients are zeroed before each optimizer
+    step and trainable compressed weights are projected back after it.
     """
 
     def __init__(self) -> None:

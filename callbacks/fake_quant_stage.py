@@ -3,8 +3,8 @@
 Lifecycle in ``fit`` (the base class does not call ``compress`` for a training stage):
 
 - ``setup``: resolve the targets, check every layer, then attach the weight transform
-  (``ppq_lightning.modules.transforms``) and create any learnable parameters, before Lightning builds
-  the optimizer and restores a checkpoint;
+  (``ppq_lightning.modules.transforms``) and create any learnable parameters, before Lightning
+  builds the optimizer and restores a checkpoint;
 - each step: gradients of weights pruned by earlier stages are zeroed before the optimizer
   step, and the mask is re-applied to the latent weights after it (the mask is read at every
   step, so a pruning stage that fires after ``setup`` is honoured);

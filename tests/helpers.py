@@ -39,6 +39,49 @@ def tiny_causal_lm(config: dict, layers: int) -> nn.Module:
     return load_causal_lm(config={**config, "vocab_size": 384, depth_field: layers}, seed=0)
 
 
+# tiny models of the decoder families the engine supports, with their block containers
+TINY_FAMILIES = {
+    "llama": (
+        {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "model.layers",
+    ),
+    "mistral": (
+        {
+            "model_type": "mistral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+        },
+        "model.layers",
+    ),
+    "qwen2": (
+        {
+            "model_type": "qwen2",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "model.layers",
+    ),
+    "opt": TINY_OPT,
+    "gpt2": TINY_GPT2,
+}
+
+
+def tiny_family(family: str, layers: int = 3) -> nn.Module:
+    """A tiny HF causal LM of ``family`` (a key of :data:`TINY_FAMILIES`)."""
+    return tiny_causal_lm(TINY_FAMILIES[family][0], layers)
+
+
 def token_batches(n: int = 3) -> list[torch.Tensor]:
     """``n`` random batches of 2 x 16 token ids (seeded)."""
     generator = torch.Generator().manual_seed(0)

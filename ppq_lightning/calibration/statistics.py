@@ -45,10 +45,13 @@ class LayerStatistics:
     Args:
         statistic: a key of :data:`ACCUMULATORS` (``"hessian"`` or ``"act_norm"``).
         dtype: the precision the statistics are summed in (a key of :data:`STATISTICS_DTYPES`).
+
+    Raises:
+        PPQConfigError: on an unknown statistic or dtype.
     """
 
     def __init__(self, statistic: str, dtype: str = "float32") -> None:
-        self.accumulate = ACCUMULATORS[statistic]
+        self.accumulate = ACCUMULATORS[check_choice("statistic", statistic, ACCUMULATORS)]
         self.dtype = STATISTICS_DTYPES[check_statistics_dtype(dtype)]
         self._stats: dict[str, tuple[Tensor | None, int]] = {}
         self._shares: dict[str, str] = {}  # layer -> the layer whose statistic it shares

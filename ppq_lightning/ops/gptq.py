@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ppq_lightning.errors import bad_value
 from ppq_lightning.ops.hessian import prepare_hessian
-from ppq_lightning.ops.obs import ColumnGrid, check_matrices, walk_columns
+from ppq_lightning.ops.obs import ColumnGrid, aligned_block_size, check_matrices, walk_columns
 from ppq_lightning.ops.quant_grid import QuantGrid, check_bits, check_group_size
 
 
@@ -48,7 +48,9 @@ def gptq(
         bits, group_size, symmetric: the grid (ignored when ``grid`` is given).
         act_order: walk the columns by decreasing Hessian diagonal; with groups the group grids
             are then computed up front, so groups stay contiguous in the original order.
-        block_size: columns per lazy-update block (speed only).
+        block_size: columns per lazy-update block (speed only: with dynamic group grids it is
+            lowered to a multiple of ``group_size`` when neither divides the other, see
+            ``obs.aligned_block_size``).
         damp: relative damping of the Hessian.
         mask: bool (rows, cols), True = kept: pruned entries quantize to exactly 0 and their
             error is propagated (GPTQ with a fixed mask).
@@ -91,6 +93,8 @@ def gptq(
         def prune_block(i1: int, i2: int, block: Tensor, hinv_block: Tensor) -> Tensor:
             return pruned[i1:i2]
 
+    if columns.dynamic:
+        block_size = aligned_block_size(block_size, columns.group_size)
     loss = walk_columns(wt, prep.hinv.to(w.device), block_size, round_column, prune_block)
     if act_order:  # back to the natural column order
         result = torch.empty_like(wt)

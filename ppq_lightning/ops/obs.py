@@ -88,6 +88,19 @@ class ColumnGrid:
         return q.sub_(zero).mul_(scale)
 
 
+def aligned_block_size(block_size: int, group_size: int | None) -> int:
+    """A lazy-update block size under which no quantization group starts inside one block and
+    ends in the next (``block_size`` itself when it is a multiple or a divisor of the group).
+
+    A group's grid is computed from the current weights when the walk reaches its first column;
+    the columns of a later block have not received the current block's error updates yet, so a
+    group straddling two blocks would get a grid that depends on the block size.
+    """
+    if group_size is None or block_size % group_size == 0 or group_size % block_size == 0:
+        return block_size
+    return group_size * max(1, block_size // group_size)
+
+
 def walk_columns(
     wt: Tensor,
     hinv: Tensor,

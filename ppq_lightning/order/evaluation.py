@@ -44,7 +44,8 @@ def evaluate_module(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> 
     returns (a tensor, or a dict with ``"loss"``) into ``{"loss": ...}``.
 
     Raises:
-        PPQConfigError: when the module offers neither.
+        PPQConfigError: when the module offers neither, or (for the ``validation_step`` path)
+            the dataloader yields no batch.
     """
     evaluate = getattr(pl_module, "evaluate", None)
     if callable(evaluate):
@@ -69,4 +70,9 @@ def evaluate_module(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> 
                 total, count = total + float(loss), count + 1
     finally:
         pl_module.train(was_training)
-    return {"loss": total / max(count, 1)}
+    if not count:
+        raise PPQConfigError(
+            "the evaluation dataloader yielded no batch: there is no metric to report "
+            "(check limit_val_batches, max_eval_windows or the dataset)."
+        )
+    return {"loss": total / count}

@@ -10,47 +10,9 @@ from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
-from tests.helpers import TINY_GPT2, TINY_OPT, tiny_causal_lm, token_batches
-
-ARCHS = {
-    "llama": (
-        {
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        "model.layers",
-    ),
-    "mistral": (
-        {
-            "model_type": "mistral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 8,
-        },
-        "model.layers",
-    ),
-    "qwen2": (
-        {
-            "model_type": "qwen2",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        "model.layers",
-    ),
-    "opt": TINY_OPT,
-    "gpt2": TINY_GPT2,
-}
-
-
-def _model(arch: str, layers: int = 3) -> nn.Module:
-    return tiny_causal_lm(ARCHS[arch][0], layers)
+from tests.helpers import TINY_FAMILIES as ARCHS
+from tests.helpers import tiny_family as _model
+from tests.helpers import token_batches
 
 
 def _forward(model, batch):

@@ -180,3 +180,8 @@ def test_conv_input_statistic_is_over_the_unfolded_patches():
         [x[0, :, i : i + 2, j : j + 2].reshape(-1) for i in range(2) for j in range(2)]
     )  # (4 positions, 2 * 2 * 2)
     torch.testing.assert_close(stats.take(["conv"])["conv"], patches.pow(2).mean(dim=0))
+
+
+def test_an_unknown_statistic_is_a_config_error():
+    with pytest.raises(PPQConfigError, match=r"statistic='bogus'.*hessian, act_norm"):
+        LayerStatistics("bogus")

@@ -237,7 +237,7 @@ def test_layers_of_a_group_must_agree_in_shape(tiny_lm):
 
 
 def test_gpt2_conv1d_projections_are_shared():
-    from tests.test_calibration import _model
+    from tests.helpers import tiny_family as _model
 
     model = _model("gpt2", layers=2).eval()
     tokens = _tokens()

@@ -77,7 +77,7 @@ def test_masks_are_sliced_and_checkpoint_replays_shapes(tmp_path, tiny_data):
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
 def test_other_mlp_layouts(arch, tiny_data):
-    from tests.test_calibration import _model
+    from tests.helpers import tiny_family as _model
 
     model = _model(arch, layers=2)
     mlp_out = (

@@ -6,7 +6,7 @@ import pytest
 from ppq_lightning import check_invariants
 from ppq_lightning.cli import main
 
-CONFIG = Path(__file__).parents[1] / "configs" / "tiny" / "llama_p_then_q.yaml"
+CONFIG = Path(__file__).parents[2] / "configs" / "tiny" / "llama_p_then_q.yaml"
 
 
 def test_validate_runs_a_yaml_schedule_end_to_end(tmp_path):

@@ -8,7 +8,7 @@ from ppq_lightning.cli.study import apply_overrides, split_overrides
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.loggers import WandbLogger
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny" / "study.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny" / "study.yaml")
 
 
 def test_ppq_study_runs_a_config_and_writes_the_report(tmp_path):

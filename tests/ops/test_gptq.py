@@ -149,12 +149,6 @@ def test_gptq_block_size_does_not_change_the_result(act_order, group_size, block
         assert eager.loss == pytest.approx(lazy.loss, rel=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gptq: with group_size=4 and a block_size neither a multiple nor a divisor of it "
-    "(3 or 5), a group straddles two lazy blocks and its grid is computed from columns of the "
-    "next block that have not yet received the current block's error updates",
-)
 @pytest.mark.parametrize("block_size", [3, 5])
 def test_gptq_block_size_does_not_change_the_result_when_groups_straddle_blocks(block_size):
     w, h = _weight(), _correlated_hessian()

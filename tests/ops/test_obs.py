@@ -123,3 +123,13 @@ def test_bad_inputs(call, match):
     w, h, _ = _problem()
     with pytest.raises(PPQConfigError, match=match):
         call(w, h)
+
+
+@pytest.mark.parametrize(
+    ("block", "group", "expected"),
+    [(128, None, 128), (128, 32, 128), (128, 256, 128), (128, 96, 96), (64, 96, 96), (3, 4, 4)],
+)
+def test_aligned_block_size_never_lets_a_group_straddle_two_blocks(block, group, expected):
+    from ppq_lightning.ops.obs import aligned_block_size
+
+    assert aligned_block_size(block, group) == expected

@@ -162,3 +162,8 @@ def test_evaluation_dataloader_without_evaluation_data_raises(tmp_path):
 def test_evaluation_dataloader_of_an_idle_trainer_raises(tmp_path):
     with pytest.raises(PPQConfigError, match="evaluate_each_stage=True needs data"):
         evaluation_dataloader(make_trainer(tmp_path))
+
+
+def test_an_empty_evaluation_dataloader_is_an_error_not_a_perfect_loss():
+    with pytest.raises(PPQConfigError, match="yielded no batch"):
+        evaluate_module(MeanModule(), [])

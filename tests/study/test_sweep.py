@@ -8,7 +8,7 @@ import yaml
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.study.sweep import agent_command, grid_points, load_sweep, run_sweep
 
-SMOKE = Path(__file__).parents[1] / "configs" / "sweeps" / "smoke.yaml"
+SMOKE = Path(__file__).parents[2] / "configs" / "sweeps" / "smoke.yaml"
 
 
 def test_grid_expands_into_the_commands_a_wandb_agent_runs():
@@ -60,7 +60,7 @@ def test_bad_commands(tmp_path):
 
 
 def test_smoke_sweep_runs_locally_one_row_per_point(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).parents[1])  # the sweep's command names a repo config
+    monkeypatch.chdir(Path(__file__).parents[2])  # the sweep's command names a repo config
     rows = run_sweep(SMOKE, tmp_path)
     assert [(r["order"], r["Q.bits"]) for r in rows] == [
         ("P>Q", 2),
@@ -88,8 +88,8 @@ def test_smoke_sweep_runs_locally_one_row_per_point(tmp_path, monkeypatch):
 
 
 def test_fit_sweep_of_orders_with_fine_tuning_one_row_per_point(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).parents[1])
-    sweep = Path(__file__).parents[1] / "configs" / "sweeps" / "lora_orders.yaml"
+    monkeypatch.chdir(Path(__file__).parents[2])
+    sweep = Path(__file__).parents[2] / "configs" / "sweeps" / "lora_orders.yaml"
     command = agent_command(load_sweep(sweep), {"order": "Q>L>P"})
     assert command[1:4] == ["ppq", "fit", "--config"] and command[-1] == "--order=Q>L>P"
     rows = run_sweep(sweep, tmp_path)

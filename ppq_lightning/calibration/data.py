@@ -47,6 +47,14 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     return model(move_data_to_device(batch_input(batch), device))
 
 
+def first_loader(loaders: Any) -> Any:
+    """The first of a Trainer's dataloaders (Lightning gives a list when there are several),
+    or None when there is none."""
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
 def _running_loader(trainer: L.Trainer) -> tuple[Any, str]:
     fn = trainer.state.fn
     if fn == TrainerFn.FITTING:
@@ -99,8 +107,7 @@ def calibration_batches(
         loader, origin = datamodule.calibration_dataloader(), "datamodule.calibration_dataloader()"
     else:
         loader, origin = _running_loader(trainer)
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
+    loader = first_loader(loader)
     if loader is None:
         raise PPQConfigError(
             "no calibration data: give the datamodule a calibration_dataloader() "

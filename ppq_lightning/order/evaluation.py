@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device
 
+from ppq_lightning.calibration.data import first_loader
 from ppq_lightning.errors import PPQConfigError
 
 
@@ -26,8 +27,7 @@ def evaluation_dataloader(trainer: L.Trainer) -> Iterable[Any]:
         loaders = trainer.val_dataloaders
     if loaders is None and trainer.datamodule is not None:
         loaders = trainer.datamodule.val_dataloader()
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
+    loaders = first_loader(loaders)
     if loaders is None:
         raise PPQConfigError(
             "evaluate_each_stage=True needs data to evaluate on: pass val dataloaders or a "

@@ -9,7 +9,8 @@ that its own forward builds the right masks for the blocks it runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -112,3 +113,112 @@ def subset_blocks(
     """A new container of the same kind holding the blocks ``keep`` (or their ``replace``)."""
     blocks = [(replace or {}).get(i, container[i]) for i in keep]
     return nn.ModuleList(blocks) if isinstance(container, nn.ModuleList) else nn.Sequential(*blocks)
+
+
+@dataclass(frozen=True)
+class BlockChain:
+    """The blocks a model runs one after the other, in execution order.
+
+    The calibration engine walks them one at a time; whatever the model computes before a block
+    (embeddings, masks, a stem) or between two blocks is run by the model's own forward when
+    each block's inputs are captured (``calibration.capture.capture_chain_inputs``).
+
+    Attributes:
+        names: each block's full name in the model (``"model.layers.3"``, ``"layer2.0"``).
+        blocks: the blocks.
+        family: the rule that found them (``"resnet"``, ``"timm-blocks"``, ``"repeated"``...).
+    """
+
+    names: tuple[str, ...]
+    blocks: tuple[nn.Module, ...]
+    family: str
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def index_of(self, layer: str) -> int | None:
+        """The index of the block holding the module named ``layer`` (None: outside blocks)."""
+        for index, name in enumerate(self.names):
+            if layer == name or layer.startswith(name + "."):
+                return index
+        return None
+
+
+def _flat(module: nn.Module, path: str) -> list[str]:
+    """The children of the container ``path`` of ``module``, plain ``nn.Sequential`` children
+    (stages of blocks) replaced by their own children."""
+    paths = []
+    for name, child in module.get_submodule(path).named_children():
+        child_path = f"{path}.{name}"
+        paths += _flat(module, child_path) if type(child) is nn.Sequential else [child_path]
+    return paths
+
+
+def _is_sequential(module: nn.Module, name: str) -> bool:
+    return isinstance(getattr(module, name, None), nn.Sequential)
+
+
+def _resnet(module: nn.Module) -> list[str] | None:
+    # torchvision and timm ResNets: layer1..layer4 of BasicBlock / Bottleneck (with downsample)
+    if all(_is_sequential(module, f"layer{i}") for i in range(1, 5)):
+        return [path for i in range(1, 5) for path in _flat(module, f"layer{i}")]
+    return None
+
+
+def _convnext(module: nn.Module) -> list[str] | None:
+    # timm ConvNeXt: stages, each a downsample then its blocks
+    stages = getattr(module, "stages", None)
+    if not isinstance(stages, nn.Sequential) or not all(
+        hasattr(s, "downsample") and _is_sequential(s, "blocks") for s in stages
+    ):
+        return None
+    return [
+        path
+        for i in range(len(stages))
+        for path in (f"stages.{i}.downsample", *_flat(module, f"stages.{i}.blocks"))
+    ]
+
+
+def _timm_blocks(module: nn.Module) -> list[str] | None:
+    # timm EfficientNet / MobileNetV3 (blocks = stages of MBConv blocks), ViT / DeiT (blocks)
+    if _is_sequential(module, "blocks") and len(_flat(module, "blocks")) >= 2:
+        return _flat(module, "blocks")
+    return None
+
+
+def _torchvision_features(module: nn.Module) -> list[str] | None:
+    # torchvision MobileNetV2/V3, EfficientNet: features (stem, MBConv stages, head conv)
+    if _is_sequential(module, "features") and hasattr(module, "classifier"):
+        return _flat(module, "features")
+    return None
+
+
+FAMILIES: tuple[tuple[str, Callable[[nn.Module], list[str] | None]], ...] = (
+    ("resnet", _resnet),
+    ("convnext", _convnext),
+    ("timm-blocks", _timm_blocks),
+    ("torchvision-features", _torchvision_features),
+)
+"""Block discovery per family: name -> rule giving the block paths of a module (or None)."""
+
+
+def find_block_chain(model: nn.Module) -> BlockChain | None:
+    """The blocks of ``model`` in execution order, or None when none are found.
+
+    The outermost module that a family rule of :data:`FAMILIES` recognises (ResNet stages,
+    ConvNeXt stages, timm ``blocks``, torchvision ``features``) gives its blocks; otherwise
+    the children of the largest container of identical blocks (:func:`find_blocks`: the
+    decoder layers of HF causal LMs, or any repeated blocks).
+    """
+    for prefix, module in model.named_modules():
+        for family, rule in FAMILIES:
+            paths = rule(module)
+            if paths:
+                names = tuple(f"{prefix}.{p}" if prefix else p for p in paths)
+                return BlockChain(names, tuple(model.get_submodule(n) for n in names), family)
+    found = find_blocks(model)
+    if found is None:
+        return None
+    name, container = found
+    names = tuple(f"{name}.{i}" if name else str(i) for i in range(len(container)))
+    return BlockChain(names, tuple(container), "repeated")

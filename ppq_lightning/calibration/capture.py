@@ -9,7 +9,7 @@ arguments equal in every batch are stored once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.tree import replace_module
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
@@ -118,3 +119,102 @@ def capture_block_inputs(
             f"{len(batches) - len(captured.args)} calibration batch(es)."
         )
     return captured
+
+
+class Replay(nn.Module):
+    """Stands in for a block: ignores its input and returns ``outputs[k]`` on its k-th call (one
+    call per calibration batch). Attributes a model reads from its blocks (``attention_type``,
+    ...) come from ``block``, which is not a submodule."""
+
+    def __init__(self, block: nn.Module, outputs: list[Any]) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls == len(self.outputs):
+            raise PPQConfigError(
+                "the model ran its blocks more than once per calibration batch; block-wise "
+                "calibration needs one pass through them per batch (check the stage's "
+                "`forward_fn`)."
+            )
+        output = self.outputs[self.calls]
+        self.calls += 1
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_block" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_block"], name)
+
+
+def with_hidden(hidden: Tensor, output: Any) -> Any:
+    """A block's output structure (a tensor, or a tuple/list led by one) led by ``hidden``."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+class PassThrough(nn.Module):
+    """Stands in for an earlier block while a later block's inputs are captured: returns its
+    own input hidden states in the block's output structure (``skeleton``, see
+    :func:`skeleton_of`), or zeros of the block's output shape when the block changes the
+    shape (so that whatever the model computes between blocks still runs). Its values never
+    reach the block being captured: the block just before it is a :class:`Replay` of the real
+    outputs. Attributes a model reads from its blocks come from ``block``."""
+
+    def __init__(self, block: nn.Module, skeleton: Any, tail: torch.Size) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.skeleton, self.tail = skeleton, tail
+
+    def forward(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if hidden.shape[1:] != self.tail:
+            hidden = hidden.new_zeros((hidden.shape[0], *self.tail))
+        return with_hidden(hidden, self.skeleton)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_block" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_block"], name)
+
+
+def skeleton_of(output: Any) -> Any:
+    """A block output's structure without its hidden states (``None`` for a plain tensor),
+    for :func:`with_hidden` to rebuild an output around other hidden states."""
+    return with_hidden(None, output)
+
+
+@contextlib.contextmanager
+def standing_in(
+    model: nn.Module,
+    names: Sequence[str],
+    blocks: Sequence[nn.Module],
+    outputs: list[Tensor],
+    skeletons: Sequence[Any],
+    tails: Sequence[torch.Size],
+) -> Iterator[None]:
+    """Replace the blocks ``names`` of ``model`` while in the context: the last by a
+    :class:`Replay` of ``outputs`` (its hidden states per calibration batch), the others by
+    :class:`PassThrough`; the blocks are put back whatever happens."""
+    replaced: list[int] = []
+    try:
+        for j, (name, block) in enumerate(zip(names, blocks, strict=True)):
+            if j == len(names) - 1:
+                stand_in: nn.Module = Replay(block, [with_hidden(o, skeletons[j]) for o in outputs])
+            else:
+                stand_in = PassThrough(block, skeletons[j], tails[j])
+            replace_module(model, name, stand_in)
+            replaced.append(j)
+        yield
+    finally:
+        for j in replaced:
+            replace_module(model, names[j], blocks[j])

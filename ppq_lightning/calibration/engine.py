@@ -1,20 +1,25 @@
 """Sequential layer-wise calibration: one block at a time, as GPTQ/SparseGPT run it.
 
-The engine captures the inputs (positional and keyword: attention masks, position ids,
-rotary embeddings) of the first block of a model, then for every block:
+The engine walks the model's blocks in execution order (``calibration.blocks.
+find_block_chain``: the decoder layers of a causal LM, the residual blocks of a ResNet's stages,
+the MBConv blocks of an EfficientNet, ...). For every block it
 
-1. hooks the block's target layers to accumulate their statistics (a Hessian ``2 X^T X / N``,
+1. captures the block's own call arguments, positional and keyword (attention masks and
+   position embeddings of the block's attention type, position ids, ...), from the model's own
+   forward: the blocks before it stand in for themselves (the one just before replays its
+   outputs, computed in step 3), so whatever the model computes per block or between blocks is
+   what a plain forward of the whole model would compute;
+2. hooks the block's target layers to accumulate their statistics (a Hessian ``2 X^T X / N``,
    activation norms, ...) while the block runs over every calibration input;
-2. compresses those layers (the caller's ``compress`` function);
-3. runs the block again to produce the next block's inputs — from the compressed block
+3. compresses those layers (the caller's ``compress`` function) and runs the block again to
+   produce its outputs for the next block — from the compressed block
    (``calibrate_on="compressed"``, the default) or, with ``"original"``, the outputs recorded in
-   step 1 before compression (statistics then come from the dense model).
+   step 2 before compression (statistics then come from the dense model).
 
 One set of calibration activations is held at a time (a block's outputs replace its inputs
 batch by batch), and a block can be moved to ``device`` while the rest of the model stays where
-it is. Blocks are found by ``ppq_lightning.calibration.blocks.find_blocks``; target layers
-outside the blocks are calibrated afterwards with one pass of the whole model. Hooks are
-removed whatever happens.
+it is. Target layers outside the blocks are calibrated afterwards with one pass of the whole
+model. Hooks and stand-ins are removed whatever happens.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppq_lightning.calibration.blocks import find_blocks
+from ppq_lightning.calibration.blocks import BlockChain, find_block_chain
 from ppq_lightning.calibration.capture import (
     BlockInputs,
     capture_block_inputs,
     first_output,
     no_cache,
+    skeleton_of,
+    standing_in,
 )
 from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.errors import PPQConfigError, check_choice
@@ -92,26 +99,69 @@ def observing(layers: dict[str, nn.Module], observe: Observer) -> Iterator[None]
             handle.remove()
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs, name: str, advance: bool) -> None:
+def _run_block(block: nn.Module, inputs: BlockInputs, name: str, advance: bool) -> Any:
     """Run ``block`` on every calibration input; with ``advance``, each input is replaced by the
-    block's output as soon as it is computed, so only one set of activations is ever held."""
+    block's output as soon as it is computed, so only one set of activations is ever held.
+
+    Returns:
+        The structure of the block's output without its hidden states (``skeleton_of``).
+    """
+    skeleton = None
     for k in range(len(inputs.args)):  # by index: no iterator keeps an old input alive
         args = inputs.args[k]
-        out = first_output(block(*args, **inputs.kwargs[k]))
+        output = block(*args, **inputs.kwargs[k])
+        out = first_output(output)
         _check_finite(out, f"block {name}")
+        if k == 0:
+            skeleton = skeleton_of(output)
         if advance:
             inputs.args[k] = (out, *args[1:])
-        del args, out
+        del args, out, output
+    return skeleton
+
+
+def _capture(
+    model: nn.Module,
+    chain: BlockChain,
+    index: int,
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    previous: BlockInputs | None,
+    skeletons: list[Any],
+    tails: list[torch.Size],
+) -> BlockInputs:
+    """The call arguments of block ``index`` per batch, from the model's own forward with the
+    blocks before it standing in (the last replaying ``previous``'s hidden states)."""
+    if index == 0:
+        return capture_block_inputs(model, chain.blocks[0], batches, forward)
+    outputs = [args[0] for args in previous.args]
+    with standing_in(model, chain.names[:index], chain.blocks[:index], outputs, skeletons, tails):
+        return capture_block_inputs(model, chain.blocks[index], batches, forward)
 
 
 @dataclass
 class CalibrationReport:
-    """What the engine did: blocks walked and forward passes made over the calibration set."""
+    """What the engine did: blocks walked and forward passes made over the calibration set.
+
+    ``block_passes`` counts block forwards over all batches; ``model_passes`` whole-model passes
+    (for layers outside the blocks); ``capture_passes`` the model forwards up to a block, with
+    the blocks before it standing in, that capture its call arguments (one per block after the
+    first: the embeddings and what the model computes per block, not the blocks themselves).
+    """
 
     n_blocks: int = 0
     block_passes: int = 0
     model_passes: int = 0
+    capture_passes: int = 0
     n_batches: int = 0
+
+
+def _device_of(blocks: tuple[nn.Module, ...], model: nn.Module) -> torch.device:
+    for module in (*blocks, model):
+        parameter = next(module.parameters(), None)
+        if parameter is not None:
+            return parameter.device
+    return torch.device("cpu")
 
 
 def calibrate_sequentially(
@@ -152,15 +202,12 @@ def calibrate_sequentially(
             "calibration_dataloader() with data, or raise num_calibration_batches."
         )
     report = CalibrationReport(n_batches=len(batches))
-    found = find_blocks(model)
-    names = {id(m): n for n, m in model.named_modules()}
+    chain = find_block_chain(model)
     in_blocks: dict[int, dict[str, nn.Module]] = {}
-    if found is not None:
-        prefix = names[id(found[1])]
-        for name, layer in targets.items():
-            if name.startswith(prefix + "."):
-                index = int(name[len(prefix) + 1 :].split(".")[0]) if prefix else 0
-                in_blocks.setdefault(index, {})[name] = layer
+    for name, layer in targets.items():
+        index = chain.index_of(name) if chain is not None else None
+        if index is not None:
+            in_blocks.setdefault(index, {})[name] = layer
     rest = {n: m for n, m in targets.items() if all(n not in g for g in in_blocks.values())}
 
     def observe_rest() -> None:
@@ -173,35 +220,45 @@ def calibrate_sequentially(
     with torch.no_grad(), no_cache(model):
         if rest and original:
             observe_rest()  # on the dense model, before anything is compressed
-        if in_blocks:
-            blocks = found[1]
-            inputs = capture_block_inputs(model, blocks[0], batches, forward)
+        inputs: BlockInputs | None = None
+        if in_blocks:  # captured before any layer outside the blocks (a stem) is compressed
+            inputs = _capture(model, chain, 0, batches, forward, None, [], [])
         if rest and original:
             compress(rest)
         if in_blocks:
-            home = next(blocks[0].parameters()).device
+            home = _device_of(chain.blocks, model)
             run_on = torch.device(device) if device is not None else home
-            inputs = BlockInputs(
-                [move_data_to_device(a, run_on) for a in inputs.args],
-                [move_data_to_device(k, run_on) for k in inputs.kwargs],
-            )
             last = max(in_blocks)
+            skeletons: list[Any] = []
+            tails: list[torch.Size] = []
             for index in tqdm(range(last + 1), desc=desc, unit="block", leave=False):
-                block = blocks[index]
-                block_name = f"{found[0]}.{index}"
+                if index:
+                    inputs = _capture(
+                        model, chain, index, batches, forward, inputs, skeletons, tails
+                    )
+                    report.capture_passes += 1
+                inputs = BlockInputs(
+                    [move_data_to_device(a, run_on) for a in inputs.args],
+                    [move_data_to_device(k, run_on) for k in inputs.kwargs],
+                )
+                block, block_name = chain.blocks[index], chain.names[index]
                 block.to(run_on)
                 layers = in_blocks.get(index, {})
                 # the next block's inputs come from the compressed block (a second pass) or,
                 # with "original", from this pass; the last block's outputs are not needed
                 rerun = bool(layers) and not original and index < last
                 with observing(layers, observe):
-                    _run_block(block, inputs, block_name, advance=index < last and not rerun)
+                    skeleton = _run_block(
+                        block, inputs, block_name, advance=index < last and not rerun
+                    )
                 report.block_passes += 1
                 if layers:
                     compress(layers)
                     if rerun:
-                        _run_block(block, inputs, block_name, advance=True)
+                        skeleton = _run_block(block, inputs, block_name, advance=True)
                         report.block_passes += 1
+                skeletons.append(skeleton)
+                tails.append(inputs.args[0][0].shape[1:])
                 block.to(home)
             report.n_blocks = last + 1
         if rest and not original:

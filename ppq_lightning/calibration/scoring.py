@@ -15,16 +15,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ppq_lightning.calibration.blocks import without_blocks
 from ppq_lightning.calibration.capture import (
     BlockInputs,
+    Replay,
     capture_block_inputs,
     first_output,
     no_cache,
     recording_block_inputs,
+    with_hidden,
 )
 from ppq_lightning.calibration.data import batch_input, default_forward
 from ppq_lightning.calibration.distributed import all_reduce_mean, reduce_device
@@ -47,44 +49,6 @@ def causal_lm_loss(model: nn.Module, batches: list[Any], forward: Any = default_
     return float(mean)
 
 
-class _Replay(nn.Module):
-    """Stands in for a block: ignores its input and returns ``outputs[k]`` on its k-th call (one
-    call per calibration batch). Attributes a model reads from its blocks (``attention_type``,
-    ...) come from ``block``, which is not a submodule."""
-
-    def __init__(self, block: nn.Module, outputs: list[Any]) -> None:
-        super().__init__()
-        self.__dict__["_block"] = block
-        self.outputs, self.calls = outputs, 0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.calls == len(self.outputs):
-            raise PPQConfigError(
-                "the model ran its blocks more than once per calibration batch; BlockRemoval "
-                "needs one pass through them per batch (check the callback's `forward_fn`)."
-            )
-        output = self.outputs[self.calls]
-        self.calls += 1
-        return output
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "_block" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_block"], name)
-
-
-def _with_hidden(hidden: Tensor, output: Any) -> Any:
-    """A block's output structure (a tensor, or a tuple/list led by one) led by ``hidden``."""
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    if isinstance(output, list):
-        return [hidden, *output[1:]]
-    return hidden
-
-
 def candidate_losses(
     model: nn.Module,
     name: str,
@@ -97,11 +61,12 @@ def candidate_losses(
 
     The kept blocks are walked in order, holding the hidden states at the input of the
     current one (``inputs``: per batch, the arguments the model passes it). Its candidate
-    loss comes from a forward of the model whose block container holds a :class:`_Replay`
-    returning those hidden states, then the blocks after it: the model itself feeds them its
-    keyword arguments (masks of their ``layer_types``, position embeddings) and applies its
-    head. The arguments of the next block are recorded on the way; the hidden states then
-    advance through the current block (the last block is not run when there is another).
+    loss comes from a forward of the model whose block container holds a
+    :class:`~ppq_lightning.calibration.capture.Replay` returning those hidden states, then the
+    blocks after it: the model itself feeds them its keyword arguments (masks of their
+    ``layer_types``, position embeddings) and applies its head. The arguments of the next block
+    are recorded on the way; the hidden states then advance through the current block (the
+    last block is not run when there is another).
 
     Args:
         model: the model (called as ``forward(model, batch)``; its output is logits or has
@@ -128,9 +93,9 @@ def candidate_losses(
                     blocks[position](*args, **kwargs)
                     for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True)
                 ]
-            replay = _Replay(
+            replay = Replay(
                 blocks[position],
-                [_with_hidden(a[0], o) for a, o in zip(inputs.args, outputs, strict=True)],
+                [with_hidden(a[0], o) for a, o in zip(inputs.args, outputs, strict=True)],
             )
             recording = (
                 contextlib.nullcontext(BlockInputs())

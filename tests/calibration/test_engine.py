@@ -11,8 +11,8 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 from tests.helpers import TINY_FAMILIES as ARCHS
+from tests.helpers import tiny_causal_lm, token_batches
 from tests.helpers import tiny_family as _model
-from tests.helpers import token_batches
 
 
 def _forward(model, batch):
@@ -213,3 +213,179 @@ def test_empty_calibration_and_bad_source():
             lambda layers: None,
             calibrate_on="dense",
         )
+
+
+# -- every block with its own call arguments: the engine equals a plain forward, exactly --------
+GEMMA3 = {  # mixed attention types: a sliding window (4) shorter than the sequence (16)
+    "model_type": "gemma3_text",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "sliding_window": 4,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+}
+QWEN2_SLIDING = {  # layer 0 full attention, the others a window of 4 (max_window_layers=1)
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "use_sliding_window": True,
+    "sliding_window": 4,
+    "max_window_layers": 1,
+}
+
+
+def _vision(name: str) -> nn.Module:
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    builders = {
+        "torchvision-resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+        "timm-resnet18": lambda: timm.create_model(
+            "resnet18", num_classes=10, channels=(16, 32, 64, 128), stem_width=16
+        ),
+        "timm-vit": lambda: timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10
+        ),
+        "timm-efficientnet-lite0": lambda: timm.create_model(
+            "tf_efficientnet_lite0", num_classes=10
+        ),
+        "torchvision-mobilenet-v2": lambda: torchvision.models.mobilenet_v2(
+            num_classes=10, width_mult=0.25
+        ),
+        "timm-convnext": lambda: timm.create_model("convnext_atto", num_classes=10),
+    }
+    return builders[name]().eval()
+
+
+FAMILY_MODELS = {
+    "gemma3": lambda: tiny_causal_lm(GEMMA3, 4),
+    "qwen2-sliding": lambda: tiny_causal_lm(QWEN2_SLIDING, 3),
+    "llama": lambda: _model("llama"),
+    "opt": lambda: _model("opt"),
+    "gpt2": lambda: _model("gpt2"),
+    **{
+        name: (lambda name=name: _vision(name))
+        for name in (
+            "torchvision-resnet18",
+            "timm-resnet18",
+            "timm-vit",
+            "timm-efficientnet-lite0",
+            "torchvision-mobilenet-v2",
+            "timm-convnext",
+        )
+    },
+}
+FAMILY_CHAINS = {
+    "gemma3": 4,
+    "qwen2-sliding": 3,
+    "llama": 3,
+    "opt": 3,
+    "gpt2": 3,
+    "torchvision-resnet18": 8,
+    "timm-resnet18": 8,
+    "timm-vit": 3,
+    "timm-efficientnet-lite0": 16,
+    "torchvision-mobilenet-v2": 19,
+    "timm-convnext": 16,
+}
+
+
+def _family_batches(model: nn.Module) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if hasattr(model, "config"):  # a causal LM: 3 batches of 2 x 16 token ids
+        return [torch.randint(0, 384, (2, 16), generator=generator) for _ in range(3)]
+    return [torch.randn(2, 3, 32, 32, generator=generator) for _ in range(3)]
+
+
+def _family_forward(model, batch):
+    return model(input_ids=batch, use_cache=False) if hasattr(model, "config") else model(batch)
+
+
+def _halve(layers: dict[str, nn.Module]) -> None:
+    """A stand-in compression: zero the first half of each layer's input columns."""
+    for layer in layers.values():
+        w = weight_matrix(layer)
+        w[:, : w.shape[1] // 2] = 0
+
+
+def _reference_inputs(model, targets, batches, compressed: bool) -> dict[str, list[torch.Tensor]]:
+    """The inputs of every target layer in plain forwards of the whole model: of the dense model
+    ("original"), or, block by block, of the model with the blocks before compressed."""
+    import copy
+
+    from ppq_lightning.calibration.blocks import find_block_chain
+
+    model = copy.deepcopy(model)
+    chain = find_block_chain(model)
+    names = list(targets)
+    by_block: dict[int, list[str]] = {}
+    for name in names:
+        by_block.setdefault(chain.index_of(name), []).append(name)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for index in sorted(by_block, key=lambda i: (i is None, i or 0)):
+        layers = {n: model.get_submodule(n) for n in by_block[index]}
+        hooks = [
+            layer.register_forward_hook(
+                lambda mod, args, out, name=name: seen[name].append(args[0].detach().clone())
+            )
+            for name, layer in layers.items()
+        ]
+        with torch.no_grad():
+            for batch in batches:
+                _family_forward(model, batch)
+        for hook in hooks:
+            hook.remove()
+        if compressed:
+            with torch.no_grad():
+                _halve(layers)
+    return seen
+
+
+@pytest.mark.parametrize("calibrate_on", ["compressed", "original"])
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_every_target_layer_sees_exactly_what_a_plain_forward_gives_it(family, calibrate_on):
+    model = FAMILY_MODELS[family]()
+    from ppq_lightning.calibration.blocks import find_block_chain
+
+    assert len(find_block_chain(model)) == FAMILY_CHAINS[family]
+    targets = resolve_targets(model)
+    batches = _family_batches(model)
+    expected = _reference_inputs(model, targets, batches, calibrate_on == "compressed")
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+
+    def observe(name, layer, x):
+        seen[name].append(x.detach().clone())
+
+    halve = _halve if calibrate_on == "compressed" else (lambda layers: None)
+    calibrate_sequentially(
+        model, targets, batches, observe, halve, calibrate_on=calibrate_on, forward=_family_forward
+    )
+    for name in targets:
+        assert len(seen[name]) == len(expected[name]) == len(batches), name
+        for got, want in zip(seen[name], expected[name], strict=True):
+            assert torch.equal(got, want), name
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_layers_of_different_attention_types_get_different_masks():
+    """Why each block needs its own call arguments: Gemma3's sliding and full layers differ."""
+    from ppq_lightning.calibration.blocks import find_block_chain
+    from ppq_lightning.calibration.capture import recording_block_inputs
+
+    model = tiny_causal_lm(GEMMA3, 4)
+    chain = find_block_chain(model)
+    batch = _family_batches(model)[0]
+    with (
+        recording_block_inputs(chain.blocks[0]) as sliding,
+        recording_block_inputs(chain.blocks[1]) as full,
+        torch.no_grad(),
+    ):
+        _family_forward(model, batch)
+    window, causal = sliding.kwargs[0]["attention_mask"], full.kwargs[0]["attention_mask"]
+    assert window is not None  # a banded mask; the full layer's is None (SDPA is_causal) or another
+    assert causal is None or not torch.equal(window, causal)

@@ -7,14 +7,36 @@ sees the old file or the new one, never half of one, and two writers cannot coll
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file (unique name, same folder) that replaces ``path`` when the block
+    ends without an error; on an error it is removed and ``path`` is left as it was.
+
+    Args:
+        path: the file to write (its folder is created if needed).
+        mode: ``"w"`` (text, no newline translation) or ``"wb"``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -25,17 +47,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

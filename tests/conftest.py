@@ -8,6 +8,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # oversubscription when subprocess tests run beside the main process)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import socket
+
 import pytest
 
 from tests.helpers import TINY_LLAMA
@@ -29,3 +31,15 @@ def tiny_data():
     )
     data.setup("validate")
     return data
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails at once (and loudly)."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

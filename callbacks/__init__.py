@@ -3,10 +3,12 @@ compression order."""
 
 from ppq_lightning.callbacks.base import CompressionCallback, StageResult
 from ppq_lightning.callbacks.basis_sharing import BasisSharing
+from ppq_lightning.callbacks.batchnorm import BatchNormRecalibration, FoldBatchNorm
 from ppq_lightning.callbacks.block_removal import BlockRemoval
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.callbacks.channel_pruning import ChannelPruning
 from ppq_lightning.callbacks.dead_zone import DeadZoneQuantization
+from ppq_lightning.callbacks.depgraph_pruning import DepGraphPruning
 from ppq_lightning.callbacks.gptq import GPTQ
 from ppq_lightning.callbacks.lora import LoRAFineTune
 from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
@@ -19,12 +21,15 @@ from ppq_lightning.callbacks.wanda import Wanda
 __all__ = [
     "GPTQ",
     "BasisSharing",
+    "BatchNormRecalibration",
     "BlockRemoval",
     "CalibratedCompression",
     "ChannelPruning",
     "CompressionCallback",
     "CompressionSchedule",
     "DeadZoneQuantization",
+    "DepGraphPruning",
+    "FoldBatchNorm",
     "LoRAFineTune",
     "MagnitudePruning",
     "QuantizationAwareTraining",

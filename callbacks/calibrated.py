@@ -65,8 +65,17 @@ class CalibratedCompression(CompressionCallback):
         self.calibration_report = None
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
-        """Compress one layer from its statistic, record its state; return its metrics."""
+        """Compress one layer from its statistic, record its state; return its metrics.
+
+        A grouped convolution's statistic is stacked per group (``grouped(layer)``); the
+        methods solve it group by group with ``ops.grouped.solve_by_groups``.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def grouped(layer: nn.Module) -> bool:
+        """Whether ``layer`` is a grouped (or depthwise) convolution, solved group by group."""
+        return isinstance(layer, nn.Conv2d) and layer.groups > 1
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

@@ -16,7 +16,8 @@ from ppq_lightning.modules.mixed_precision import (
     mixed_precision_config,
 )
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
-from ppq_lightning.ops.gptq import gptq
+from ppq_lightning.ops.gptq import GPTQResult, gptq
+from ppq_lightning.ops.grouped import solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size
 
@@ -107,16 +108,23 @@ class GPTQ(CalibratedCompression):
         bits = self._widths.get(name, self.bits)
         if bits == OFF_BITS:  # left unquantized by layer_bits
             return {"bits": float(OFF_BITS)}
-        result = gptq(
-            weight_matrix(layer).float(),
-            statistic,
-            bits,
-            self.group_size,
-            self.symmetric,
-            self.act_order,
-            self.block_size,
-            self.damp,
-            mask=current_mask(layer),
+        mask = current_mask(layer)
+
+        def solve(w: Tensor, h: Tensor, rows: slice) -> GPTQResult:
+            return gptq(
+                w,
+                h,
+                bits,
+                self.group_size,
+                self.symmetric,
+                self.act_order,
+                self.block_size,
+                self.damp,
+                mask=take_rows(mask, rows),
+            )
+
+        result = solve_by_groups(
+            solve, weight_matrix(layer).float(), statistic, self.grouped(layer)
         )
         set_weight_matrix(layer, result.weight)
         record_grid(layer, result.grid)

@@ -16,10 +16,11 @@ from ppq_lightning.compressed.state import (
     record_stage,
 )
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
+from ppq_lightning.ops.grouped import grid_rows, solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
 from ppq_lightning.ops.masks import resolve_sparsity
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size
-from ppq_lightning.ops.sparsegpt import sparsegpt
+from ppq_lightning.ops.sparsegpt import SparseGPTResult, sparsegpt
 
 
 class SparseGPT(CalibratedCompression):
@@ -96,18 +97,25 @@ class SparseGPT(CalibratedCompression):
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
         grid = current_grid(layer) if self.bits is None else None
-        result = sparsegpt(
-            weight_matrix(layer).float(),
-            statistic,
-            sparsity=None if self._nm else self.sparsity,
-            nm=self._nm,
-            block_size=self.block_size,
-            damp=self.damp,
-            keep=current_mask(layer),
-            bits=self.bits,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            grid=grid,
+        keep = current_mask(layer)
+
+        def solve(w: Tensor, h: Tensor, rows: slice) -> SparseGPTResult:
+            return sparsegpt(
+                w,
+                h,
+                sparsity=None if self._nm else self.sparsity,
+                nm=self._nm,
+                block_size=self.block_size,
+                damp=self.damp,
+                keep=take_rows(keep, rows),
+                bits=self.bits,
+                group_size=self.group_size,
+                symmetric=self.symmetric,
+                grid=grid_rows(grid, rows),
+            )
+
+        result = solve_by_groups(
+            solve, weight_matrix(layer).float(), statistic, self.grouped(layer)
         )
         set_weight_matrix(layer, result.weight)
         state = record_mask(layer, result.mask)

@@ -10,6 +10,7 @@ from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
 from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.ops.grouped import solve_by_groups, take_rows
 from ppq_lightning.ops.masks import resolve_sparsity
 from ppq_lightning.ops.wanda import wanda_mask
 
@@ -59,13 +60,13 @@ class Wanda(CalibratedCompression):
         }
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
-        mask = wanda_mask(
-            weight_matrix(layer).float(),
-            statistic,
-            sparsity=None if self._nm else self.sparsity,
-            nm=self._nm,
-            keep=current_mask(layer),
-        )
+        keep = current_mask(layer)
+
+        def solve(w: Tensor, norms: Tensor, rows: slice) -> Tensor:
+            sparsity = None if self._nm else self.sparsity
+            return wanda_mask(w, norms, sparsity=sparsity, nm=self._nm, keep=take_rows(keep, rows))
+
+        mask = solve_by_groups(solve, weight_matrix(layer).float(), statistic, self.grouped(layer))
         state = record_mask(layer, mask)
         record_stage(layer, self.history_entry())
         return {"sparsity": 1 - state.mask.float().mean().item()}

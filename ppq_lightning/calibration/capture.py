@@ -55,6 +55,19 @@ def no_cache(model: nn.Module) -> Iterator[None]:
             c.use_cache = value
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode while in the context (BatchNorm uses and keeps its running
+    statistics, dropout is off), then give every module back the mode it had."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _reuse_equal(value: Any, previous: Any) -> Any:
     """``value``, or ``previous`` where it holds equal tensors: keyword arguments that are the
     same for every batch (rotary embeddings, position ids, masks) are then stored once."""

@@ -38,6 +38,7 @@ from ppq_lightning.calibration.blocks import BlockChain, find_block_chain
 from ppq_lightning.calibration.capture import (
     BlockInputs,
     capture_block_inputs,
+    evaluating,
     first_output,
     no_cache,
     skeleton_of,
@@ -217,7 +218,7 @@ def calibrate_sequentially(
         report.model_passes += 1
 
     original = calibrate_on == "original"
-    with torch.no_grad(), no_cache(model):
+    with torch.no_grad(), no_cache(model), evaluating(model):
         if rest and original:
             observe_rest()  # on the dense model, before anything is compressed
         inputs: BlockInputs | None = None

@@ -23,6 +23,7 @@ from ppq_lightning.calibration.capture import (
     BlockInputs,
     Replay,
     capture_block_inputs,
+    evaluating,
     first_output,
     no_cache,
     recording_block_inputs,
@@ -81,7 +82,7 @@ def candidate_losses(
     """
     kept = [i for i in range(len(model.get_submodule(name))) if i not in removed]
     scores: dict[int, float] = {}
-    with no_cache(model), without_blocks(model, name, set(removed)):
+    with no_cache(model), evaluating(model), without_blocks(model, name, set(removed)):
         blocks = model.get_submodule(name)
         inputs = capture_block_inputs(model, blocks[0], batches, forward)
         outputs: list[Any] = []

@@ -23,7 +23,7 @@ ACCUMULATORS: dict[str, Callable[..., tuple[Tensor, int]]] = {
     "hessian": accumulate_hessian,
     "act_norm": accumulate_act_norms,
 }
-"""Statistic name -> ``(acc, x, n_seen, dtype) -> (acc, n)``."""
+"""Statistic name -> ``(acc, x, n_seen, dtype, grouped=) -> (acc, n)``."""
 STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -74,7 +74,9 @@ class LayerStatistics:
                 )
             return
         acc, seen = self._stats.get(name, (None, 0))
-        self._stats[name] = self.accumulate(acc, input_rows(layer, x), seen, self.dtype)
+        rows = input_rows(layer, x)
+        grouped = {"grouped": True} if isinstance(layer, nn.Conv2d) and layer.groups > 1 else {}
+        self._stats[name] = self.accumulate(acc, rows, seen, self.dtype, **grouped)
         self._last[:] = [x, layer, name]
 
     def has(self, name: str) -> bool:

@@ -26,6 +26,7 @@ class StageKind(str, enum.Enum):
     PRUNE_QUANTIZE = "PQ"  # both at once (SparseGPT with bits, CoDeQ)
     SHARE = "S"
     LORA = "L"
+    NORMALIZATION = "N"  # BatchNorm recalibration or folding: no weight is pruned or rounded
 
     @property
     def prunes(self) -> bool:

@@ -45,7 +45,7 @@ class ChannelEdit(NamedTuple):
 
 
 # -- shrinking one layer ----------------------------------------------------------------------
-def _check_columns_removable(module: nn.Module) -> None:
+def check_columns_removable(module: nn.Module) -> None:
     state = get_state(module)
     if state is not None and state.scale is not None and state.group_size is not None:
         raise PPQConfigError(
@@ -55,7 +55,7 @@ def _check_columns_removable(module: nn.Module) -> None:
         )
 
 
-def _slice_state(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
+def slice_state(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
     """Slice the recorded mask and grid of a layer whose weight was just sliced."""
     state = get_state(module)
     if state is None:
@@ -80,7 +80,7 @@ def select_rows(module: nn.Module, rows: Tensor) -> None:
             module.bias.data[rows].clone(), requires_grad=module.bias.requires_grad
         )
     set_features(module)
-    _slice_state(module, rows, None)
+    slice_state(module, rows, None)
 
 
 def select_columns(module: nn.Module, cols: Tensor) -> None:
@@ -90,13 +90,13 @@ def select_columns(module: nn.Module, cols: Tensor) -> None:
         PPQConfigError: when the layer is quantized with groups (a group would lose columns);
             nothing is changed then.
     """
-    _check_columns_removable(module)
+    check_columns_removable(module)
     matrix = weight_matrix(module)[:, cols].clone()  # (out, kept)
     module.weight = nn.Parameter(
         matrix_to_layout(module, matrix), requires_grad=module.weight.requires_grad
     )
     set_features(module)
-    _slice_state(module, None, cols)
+    slice_state(module, None, cols)
 
 
 # -- which layers form a structure ------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import NamedTuple
 from torch import nn
 
 from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.edits.batchnorm import FOLDED_BATCHNORM, replay_fold
 from ppq_lightning.edits.blocks import BLOCK_REMOVAL, replay_block_removal
 from ppq_lightning.edits.channels import (
     KEPT_COLUMNS,
@@ -25,6 +26,7 @@ from ppq_lightning.edits.channels import (
     replay_kept_columns,
     replay_kept_rows,
 )
+from ppq_lightning.edits.depgraph import DEPGRAPH_PRUNING, replay_depgraph
 from ppq_lightning.edits.lora import LORA_ADAPTERS, LORA_METHOD, replay_lora_adapter
 from ppq_lightning.edits.sharing import SHARED_BASIS, replay_shared_basis
 from ppq_lightning.errors import PPQConfigError
@@ -50,6 +52,8 @@ EDITS: dict[str, Edit] = {
     KEPT_COLUMNS: Edit(replay_kept_columns),
     SHARED_BASIS: Edit(replay_shared_basis),
     LORA_ADAPTERS: Edit(replay_lora_adapter, creates_owner=True),
+    FOLDED_BATCHNORM: Edit(replay_fold),
+    DEPGRAPH_PRUNING: Edit(replay_depgraph),
 }
 """Edit kind -> how to replay it."""
 

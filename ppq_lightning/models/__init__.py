@@ -1,7 +1,9 @@
 """Models: loading causal LMs and tokenizers (HF ids, local folders, configs, the offline
-SmolLM2 GGUF) and the LightningModule that evaluates them by perplexity."""
+SmolLM2 GGUF) and image classifiers (timm, torchvision, local weights, shipped models), and the
+LightningModules that evaluate them (perplexity, accuracy)."""
 
 from ppq_lightning.models.causal_lm import CausalLMModule
+from ppq_lightning.models.image_classifier import ImageClassifierModule
 from ppq_lightning.models.loading import (
     BYTE_TOKENIZER,
     OFFLINE_DEFAULT,
@@ -9,12 +11,15 @@ from ppq_lightning.models.loading import (
     load_tokenizer,
     smollm2_gguf_path,
 )
+from ppq_lightning.models.vision import load_image_classifier
 
 __all__ = [
     "BYTE_TOKENIZER",
     "OFFLINE_DEFAULT",
     "CausalLMModule",
+    "ImageClassifierModule",
     "load_causal_lm",
+    "load_image_classifier",
     "load_tokenizer",
     "smollm2_gguf_path",
 ]

@@ -56,7 +56,9 @@ def resolve_targets(
     Args:
         model: the module tree (names are relative to it, e.g. ``model.layers.0.mlp.up_proj``).
         targets: regex or list of regexes searched (``re.search``) in module names; None means
-            every linear and conv layer except embeddings and the LM head.
+            every linear and conv layer except embeddings and the LM head, and except the
+            names the model lists in its ``default_ignore`` attribute (an image classifier's
+            stem convolution and classifier, see ``ImageClassifierModule``).
         ignore: regexes of module names to leave out, applied after ``targets``.
 
     LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
@@ -68,13 +70,14 @@ def resolve_targets(
     wanted = compile_patterns(targets, "targets")
     unwanted = compile_patterns(ignore, "ignore")
     embeddings = _embedding_weights(model) if not wanted else set()
+    exempt = set(getattr(model, "default_ignore", None) or ()) if not wanted else set()
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_compressible(module) or ADAPTER.search(name):
             continue
         if wanted and not any(p.search(name) for p in wanted):
             continue
-        if not wanted and id(module.weight) in embeddings:
+        if not wanted and (id(module.weight) in embeddings or name in exempt):
             continue
         if any(p.search(name) for p in unwanted):
             continue

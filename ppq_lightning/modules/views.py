@@ -74,19 +74,32 @@ def set_features(module: nn.Module) -> None:
 def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     """The input of ``layer`` as rows matching the columns of its weight matrix: ``(n, in)``.
 
-    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``).
+    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``),
+    after the dynamic "same" padding of timm's ``Conv2dSame`` (TensorFlow-ported models). A
+    grouped convolution (depthwise included) has one input per group: the rows are then
+    ``(groups, n, in)``, group ``g``'s patches of its ``C / groups`` channels, matching the
+    columns of the weight rows of that group (``out / groups`` consecutive rows).
 
     Raises:
-        PPQConfigError: for grouped convolutions, which have no single weight matrix.
+        PPQConfigError: for a convolution with string padding (``"same"``) or a padding mode
+            other than zeros, which ``unfold`` cannot reproduce.
     """
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise PPQConfigError(
-                f"grouped convolutions (groups={layer.groups}) cannot be "
-                "compressed by calibrated methods yet; list them in `ignore`."
+                f"a Conv2d with padding={layer.padding!r}, padding_mode={layer.padding_mode!r} "
+                "cannot be calibrated (its input patches are not those of unfold); list it in "
+                "`ignore`."
             )
+        if type(layer).__name__ == "Conv2dSame":  # timm: pads in its forward, then convolves
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
         patches = nn.functional.unfold(
             x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
         )  # (B, C*kh*kw, L)
-        return patches.transpose(1, 2).flatten(0, 1)
+        rows = patches.transpose(1, 2).flatten(0, 1)  # (B*L, C*kh*kw)
+        if layer.groups == 1:
+            return rows
+        return rows.reshape(rows.shape[0], layer.groups, -1).transpose(0, 1)  # (g, n, cols)
     return x.flatten(0, -2)

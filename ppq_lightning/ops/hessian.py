@@ -41,9 +41,16 @@ def check_solver_args(block_size: int, damp: float) -> None:
 
 
 def accumulate_hessian(
-    h: Tensor | None, x: Tensor, n_seen: int, dtype: torch.dtype = torch.float32
+    h: Tensor | None,
+    x: Tensor,
+    n_seen: int,
+    dtype: torch.dtype = torch.float32,
+    grouped: bool = False,
 ) -> tuple[Tensor, int]:
     """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``.
+
+    With ``grouped``, ``x`` is ``(groups, n, cols)``, the inputs of each group of a grouped
+    convolution, and ``H`` is ``(groups, cols, cols)``: one Hessian per group.
 
     ``h`` is updated in place (one ``(cols, cols)`` product is the only temporary). With
     ``dtype=torch.float64`` the products and the sum are in float64, whose rounding is far below
@@ -52,13 +59,13 @@ def accumulate_hessian(
     float64 running mean are not enough: their rounding, rescaled at each batch's position and
     amplified where entries cancel, still flips 0.4 % of the float32 entries in the test's case.
     """
-    x = x.reshape(-1, x.shape[-1]).to(dtype)  # (n, cols)
-    n_new = n_seen + x.shape[0]
+    x = (x if grouped else x.reshape(-1, x.shape[-1])).to(dtype)  # ([groups,] n, cols)
+    n_new = n_seen + x.shape[-2]
     if h is None:
-        h = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=dtype)
+        h = torch.zeros(*x.shape[:-2], x.shape[-1], x.shape[-1], device=x.device, dtype=dtype)
     h.mul_(n_seen / n_new)
     x = x * (2.0 / n_new) ** 0.5
-    h += x.T @ x
+    h += x.mT @ x
     return h, n_new
 
 

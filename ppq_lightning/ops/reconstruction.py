@@ -18,9 +18,15 @@ def relative_output_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     Args:
         w: original weight, ``(rows, cols)``.
         w_hat: compressed weight, ``(rows, cols)``.
-        hessian: ``(cols, cols)``, any positive multiple of ``X^T X``.
+        hessian: ``(cols, cols)``, any positive multiple of ``X^T X``; or ``(g, cols, cols)``
+            for a grouped convolution (group ``j``'s Hessian for its ``rows / g`` rows).
     """
     h = hessian.float()
+    if h.dim() == 3:  # rows grouped: (g, rows/g, cols) against (g, cols, cols)
+        w, w_hat = (
+            w.reshape(h.shape[0], -1, w.shape[-1]),
+            w_hat.reshape(h.shape[0], -1, w.shape[-1]),
+        )
 
     def quadratic(m: Tensor) -> Tensor:  # sum of the rows' m_r H m_r^T, accumulated in float64
         return (m @ h).mul_(m).sum(dtype=torch.float64)

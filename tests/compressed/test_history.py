@@ -14,6 +14,7 @@ def test_stage_kind_values_are_the_letters_of_orders():
         "PRUNE_QUANTIZE": "PQ",
         "SHARE": "S",
         "LORA": "L",
+        "NORMALIZATION": "N",
     }
 
 

@@ -100,6 +100,8 @@ def test_the_table_holds_the_built_in_edits():
         "select_columns",
         "shared_basis",
         "lora_adapters",
+        "fold_batchnorm",
+        "depgraph_channels",
     }
     assert registry.EDITS["remove_blocks"] == Edit(replay_block_removal, False)
     assert registry.EDITS["lora_adapters"].creates_owner

@@ -166,7 +166,30 @@ def test_conv2d_input_rows_are_the_unfolded_patches(kwargs):
     assert torch.allclose(rows @ weight_matrix(conv).t(), expected, atol=1e-5)
 
 
-def test_input_rows_refuses_a_grouped_conv2d():
-    conv = nn.Conv2d(4, 4, 3, groups=2)
-    with pytest.raises(PPQConfigError, match=r"groups=2"):
+@pytest.mark.parametrize(("channels", "out", "groups"), [(4, 6, 2), (6, 6, 6), (6, 12, 6)])
+def test_input_rows_of_a_grouped_conv2d_are_per_group_and_reproduce_it(channels, out, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, out, 3, padding=1, stride=2, groups=groups, bias=False)
+    x = torch.randn(2, channels, 7, 7)
+    rows = input_rows(conv, x)  # (groups, n, channels / groups * 9)
+    assert rows.shape == (groups, 2 * 4 * 4, channels // groups * 9)
+    w = weight_matrix(conv).reshape(groups, out // groups, -1)  # each group's weight rows
+    y = torch.bmm(rows, w.mT).transpose(0, 1).reshape(rows.shape[1], out)  # (n, out)
+    reference = conv(x).permute(0, 2, 3, 1).reshape(-1, out)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_input_rows_refuses_a_conv2d_with_string_padding():
+    conv = nn.Conv2d(4, 4, 3, padding="same")
+    with pytest.raises(PPQConfigError, match=r"padding='same'"):
         input_rows(conv, torch.randn(1, 4, 5, 5))
+
+
+def test_input_rows_pads_timm_same_convolutions_as_their_forward():
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(3, 5, 3, stride=2, bias=False)
+    x = torch.randn(2, 3, 9, 9)
+    y = input_rows(conv, x) @ weight_matrix(conv).T
+    torch.testing.assert_close(y, conv(x).permute(0, 2, 3, 1).reshape(-1, 5), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,92 @@
+"""Structured channel (and attention-head) pruning of CNNs and ViTs through Torch-Pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ppq_lightning.calibration.data import batch_input, calibration_batches
+from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.edits.depgraph import prune_channels
+from ppq_lightning.errors import check_bool, check_int
+from ppq_lightning.modules.targets import compile_patterns
+from ppq_lightning.ops.masks import check_sparsity
+
+
+class DepGraphPruning(CompressionCallback):
+    """Remove a ``ratio`` of the channels of every coupled group of a CNN or ViT, really
+    shrinking its tensors (Torch-Pruning's dependency graph: a convolution's output channel
+    goes with its BatchNorm channel and the input channels of every layer reading it, residual
+    additions couple their branches), smallest group L2 norm first.
+
+    With ``prune_heads`` a timm ViT's attention heads are removed whole. The edit is recorded
+    on the model and replayed when a checkpoint loads into a fresh model; the removed weights
+    count as 0 bits in the measured C. Masks and per-channel grids of earlier stages are
+    sliced with the weights. Fires once, before the first evaluation or at fit start. The
+    model's classifier (``default_ignore`` of ``ImageClassifierModule``) and the layers named by
+    ``ignore`` keep their output channels.
+
+    Args:
+        ratio: fraction of each group's channels (or heads) removed, in [0, 1).
+        prune_heads: prune whole attention heads of timm ViTs (``qkv`` + ``num_heads``).
+        round_to: keep channel counts multiples of this (None: any).
+        **kwargs: ``ignore`` (regexes of layers whose output channels stay), ``name``,
+            ``b_orig``, ``log_layers``.
+
+    Raises:
+        PPQConfigError: bad ratio/round_to/prune_heads; at run time, no calibration batch (one
+            example input is traced), or a layer quantized with input groups that would lose
+            input channels (nothing is changed then).
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: ppq_lightning.callbacks.DepGraphPruning
+              init_args: {name: C, ratio: 0.3}
+    """
+
+    default_name = "depgraph"
+    kind = StageKind.PRUNE
+
+    def __init__(
+        self,
+        ratio: float,
+        prune_heads: bool = False,
+        round_to: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_sparsity(ratio, "ratio")
+        check_bool("prune_heads", prune_heads)
+        check_int("round_to", round_to, minimum=1, allow_none=True)
+        super().__init__(**kwargs)
+        self.ratio, self.prune_heads, self.round_to = float(ratio), prune_heads, round_to
+
+    def stage_config(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "prune_heads": self.prune_heads, "round_to": self.round_to}
+
+    def compress(
+        self, model: nn.Module, modules: dict[str, nn.Module]
+    ) -> dict[str, dict[str, float]]:
+        batch = calibration_batches(self.trainer, 1, self.dataloader)[0]
+        example = batch_input(batch)[:1]
+        device = next(model.parameters()).device
+        protected = set(getattr(model, "default_ignore", None) or ())
+        patterns = compile_patterns(self.ignore, "ignore")
+        ignored = [
+            m
+            for n, m in model.named_modules()
+            if n in protected or (patterns and any(p.search(n) for p in patterns))
+        ]
+        result = prune_channels(
+            model,
+            example.to(device),
+            self.ratio,
+            ignored,
+            self.history_entry(),
+            self.prune_heads,
+            self.round_to,
+        )
+        return {"model": result}

@@ -1,0 +1,192 @@
+"""Structured channel pruning of any CNN or ViT through Torch-Pruning's dependency graph (the
+edit of ``DepGraphPruning``; DepGraph, Fang et al., CVPR 2023).
+
+Removing an output channel of a convolution also removes the matching BatchNorm channel, the
+input channel of every layer that reads it and, through residual additions and
+concatenations, the coupled channels of other layers: Torch-Pruning traces those couplings once
+(``DependencyGraph``) and prunes each group of coupled channels together, so the network stays
+valid and really shrinks. Groups are ranked by the L2 norm of their weights. A ViT's attention
+heads are pruned whole (``num_heads``), and the attention modules learn their new head count.
+
+The pruning is recorded on the model (Torch-Pruning's own ``pruning_history``: module, kind,
+indices per step, with the shape of the example input), so that a fresh model is pruned the same
+way before a state dict of the pruned model is loaded into it. Layers compressed by earlier
+stages keep their mask and grid: the recorded state is sliced with the weights (a grid with
+input groups cannot lose input channels, as with ``ChannelPruning``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.compressed.state import get_state, record_stage
+from ppq_lightning.edits.channels import check_columns_removable, slice_state
+from ppq_lightning.modules.views import is_compressible, weight_matrix
+
+DEPGRAPH_PRUNING = "depgraph_channels"
+
+
+def _heads(model: nn.Module) -> dict[nn.Module, int]:
+    """The fused ``qkv`` projections of timm attention modules and their head counts."""
+    return {
+        m.qkv: m.num_heads
+        for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear)
+        and isinstance(getattr(m, "num_heads", None), int)
+    }
+
+
+def _set_heads(model: nn.Module, pruner: Any) -> dict[str, int]:
+    """Give timm attention modules their head count after pruning; returns it by module name."""
+    counts = {}
+    for name, m in model.named_modules():
+        qkv = getattr(m, "qkv", None)
+        if qkv is not None and qkv in pruner.num_heads:
+            _give_heads(m, pruner.num_heads[qkv])
+            counts[name] = m.num_heads
+    return counts
+
+
+def _give_heads(attention: nn.Module, count: int) -> None:
+    """A timm attention module's head count and the sizes derived from it."""
+    attention.num_heads = count
+    attention.head_dim = attention.qkv.out_features // (3 * count)
+    if hasattr(attention, "attn_dim"):
+        attention.attn_dim = count * attention.head_dim
+
+
+def _compressible_weights(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if is_compressible(m))
+
+
+def _kernel(module: nn.Module) -> int:
+    return module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+
+
+def _kept(size: int, pruned: list[int]) -> Tensor:
+    drop = set(pruned)
+    return torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long)
+
+
+def _slice_recorded(module: nn.Module, out_channel: bool, pruned: list[int], before: tuple) -> None:
+    """Slice the recorded mask and grid of a layer Torch-Pruning just shrank (``before``: its
+    weight matrix shape and, for a conv, its kernel size before pruning). A depthwise conv's
+    channels are its rows whichever side is pruned."""
+    rows, cols = before[0]
+    if out_channel or (isinstance(module, nn.Conv2d) and module.groups > 1):
+        slice_state(module, _kept(rows, pruned), None)
+        return
+    kernel = before[1]
+    channels = _kept(cols // kernel, pruned)  # input channels kept
+    columns = (channels[:, None] * kernel + torch.arange(kernel)).flatten()
+    slice_state(module, None, columns)
+
+
+def prune_channels(
+    model: nn.Module,
+    example: Tensor,
+    ratio: float,
+    ignored: list[nn.Module],
+    entry: HistoryEntry,
+    prune_heads: bool = False,
+    round_to: int | None = None,
+) -> dict[str, float]:
+    """Remove ``ratio`` of the channels of every prunable group of ``model`` (smallest group
+    L2 norm first), record the edit on ``model``, and return what was removed.
+
+    Args:
+        model: the model (its forward is traced once on ``example``).
+        example: an input batch (one sample is enough).
+        ratio: fraction of each group's channels (or, with ``prune_heads``, of each attention
+            module's heads) to remove, in [0, 1).
+        ignored: modules whose output channels are never pruned (the classifier).
+        entry: the stage's history entry.
+        prune_heads: prune whole attention heads of timm ViTs.
+        round_to: keep channel counts multiples of this (hardware-friendly widths).
+
+    Raises:
+        PPQConfigError: when a layer quantized with input groups would lose input channels.
+    """
+    with torch.enable_grad():  # Torch-Pruning traces the forward through autograd
+        return _prune_channels(model, example, ratio, ignored, entry, prune_heads, round_to)
+
+
+def _prune_channels(
+    model: nn.Module,
+    example: Tensor,
+    ratio: float,
+    ignored: list[nn.Module],
+    entry: HistoryEntry,
+    prune_heads: bool = False,
+    round_to: int | None = None,
+) -> dict[str, float]:
+    import torch_pruning as tp
+
+    heads = _heads(model) if prune_heads else {}
+    before = _compressible_weights(model)
+    shapes = {  # layers with a recorded state: their matrix shape and kernel size
+        m: (tuple(weight_matrix(m).shape), _kernel(m))
+        for m in model.modules()
+        if is_compressible(m) and get_state(m) is not None
+    }
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        num_heads=heads,
+        prune_num_heads=bool(heads),
+        prune_head_dims=not heads,
+        head_pruning_ratio=ratio if heads else 0.0,
+        round_to=round_to,
+    )
+    out_channel_fn = pruner.DG.is_out_channel_pruning_fn
+    groups = list(pruner.step(interactive=True))
+    for group in groups:  # every check before anything changes
+        for item in group:
+            module = item.dep.target.module
+            if module in shapes and not out_channel_fn(item.dep.handler):
+                check_columns_removable(module)
+    for group in groups:
+        recorded = [
+            (item.dep.target.module, out_channel_fn(item.dep.handler), list(item.idxs))
+            for item in group
+            if item.dep.target.module in shapes
+        ]
+        group.prune()
+        for module, out_channel, pruned in recorded:
+            _slice_recorded(module, out_channel, pruned, shapes[module])
+            shapes[module] = (tuple(weight_matrix(module).shape), _kernel(module))
+    head_counts = _set_heads(model, pruner) if heads else {}
+    removed = before - _compressible_weights(model)
+    record_stage(
+        model,
+        {
+            **entry,
+            "edit": DEPGRAPH_PRUNING,
+            "input_shape": [1, *example.shape[1:]],
+            "pruning_history": pruner.DG.pruning_history(),
+            "num_heads": head_counts,
+            "removed_weights": removed,
+        },
+    )
+    return {"removed_weights": float(removed), "groups": float(len(groups))}
+
+
+def replay_depgraph(model: nn.Module, owner: str, entry: HistoryEntry) -> None:
+    """Prune a fresh ``model`` (its module ``owner``) as the recorded pruning did."""
+    import torch_pruning as tp
+
+    target = model.get_submodule(owner)
+    parameter = next(target.parameters())
+    example = torch.zeros(entry["input_shape"], dtype=parameter.dtype, device=parameter.device)
+    with torch.enable_grad():  # Torch-Pruning traces the forward through autograd
+        graph = tp.DependencyGraph().build_dependency(target, example, verbose=False)
+    graph.load_pruning_history(entry["pruning_history"])
+    for name, count in entry.get("num_heads", {}).items():
+        _give_heads(target.get_submodule(name), count)

@@ -1,0 +1,97 @@
+"""Solving a grouped convolution group by group.
+
+A grouped convolution (depthwise included) with ``g`` groups is ``g`` independent layers: the
+weight rows of group ``j`` (``out / g`` consecutive rows) see only the inputs of group ``j``,
+so each group has its own statistic (a Hessian ``(cols, cols)`` or activation norms
+``(cols,)``, stacked ``(g, ...)``). :func:`solve_by_groups` runs a layer-wise solver on every
+group and joins the results, so GPTQ, SparseGPT and Wanda serve grouped layers unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.ops.quant_grid import QuantGrid
+
+
+def row_groups(rows: int, groups: int) -> list[slice]:
+    """The weight rows of each group: ``groups`` equal runs of consecutive rows.
+
+    Raises:
+        PPQConfigError: when ``groups`` does not divide ``rows``.
+    """
+    if groups < 1 or rows % groups:
+        raise PPQConfigError(f"groups={groups!r} does not divide the {rows} weight rows.")
+    size = rows // groups
+    return [slice(j * size, (j + 1) * size) for j in range(groups)]
+
+
+def concat_grids(grids: list[QuantGrid]) -> QuantGrid:
+    """One grid holding the rows of ``grids`` in order (same bits, group size, symmetry)."""
+    first = grids[0]
+    return QuantGrid(
+        torch.cat([g.scale for g in grids]),
+        torch.cat([g.zero for g in grids]),
+        first.bits,
+        first.group_size,
+        first.symmetric,
+    )
+
+
+def grid_rows(grid: QuantGrid | None, rows: slice) -> QuantGrid | None:
+    """The grid of the weight rows ``rows`` (None stays None)."""
+    if grid is None:
+        return None
+    return QuantGrid(grid.scale[rows], grid.zero[rows], grid.bits, grid.group_size, grid.symmetric)
+
+
+def take_rows(tensor: Tensor | None, rows: slice) -> Tensor | None:
+    """``tensor[rows]`` (None stays None)."""
+    return None if tensor is None else tensor[rows]
+
+
+_SUMMED = ("loss", "retries")
+_MAXIMUM = ("damp",)
+
+
+def merge_results(results: list[Any]) -> Any:
+    """Join the per-group results of a solver: tensors (weights, masks) along the rows, grids
+    along their rows, ``loss`` and ``retries`` summed, ``damp`` the largest. A result is a
+    tensor or a NamedTuple of such fields (None fields stay None)."""
+    first = results[0]
+    if isinstance(first, Tensor):
+        return torch.cat(results)
+    merged = {}
+    for field in first._fields:
+        values = [getattr(r, field) for r in results]
+        if values[0] is None:
+            merged[field] = None
+        elif isinstance(values[0], Tensor):
+            merged[field] = torch.cat(values)
+        elif isinstance(values[0], QuantGrid):
+            merged[field] = concat_grids(values)
+        elif field in _SUMMED:
+            merged[field] = type(values[0])(sum(values))
+        elif field in _MAXIMUM:
+            merged[field] = max(values)
+        else:
+            raise TypeError(f"cannot merge the field {field!r} of {type(first).__name__}")
+    return type(first)(**merged)
+
+
+def solve_by_groups(
+    solve: Callable[[Tensor, Tensor, slice], Any], w: Tensor, statistic: Tensor, grouped: bool
+) -> Any:
+    """``solve(w, statistic, rows)`` for a plain layer; for a grouped one (``statistic`` stacked
+    ``(g, ...)``), ``solve(w[rows_j], statistic[j], rows_j)`` per group, joined by
+    :func:`merge_results`. ``rows`` lets the solver slice its other row-aligned inputs (a
+    mask, a grid)."""
+    if not grouped:
+        return solve(w, statistic, slice(None))
+    groups = row_groups(w.shape[0], statistic.shape[0])
+    return merge_results([solve(w[rows], statistic[j], rows) for j, rows in enumerate(groups)])

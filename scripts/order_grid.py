@@ -12,8 +12,14 @@ stage applications with and without prefix reuse).
     python scripts/order_grid.py --pruning block_removal --sparsities '[0.1, 0.2, 0.3]' ...
     python scripts/order_grid.py --model.init_args.model facebook/opt-125m \\
         --data.init_args.tokenizer facebook/opt-125m --output ...       # any HF causal LM
+    python scripts/order_grid.py --config configs/experiments/fashion_mnist.yaml \\
+        --pruning wanda --quantization gptq --bn_recalibration true --output ...  # a CNN
 
-Structured pruning: ``block_removal`` removes that fraction of the blocks (SLEB).
+Structured pruning: ``block_removal`` removes that fraction of the blocks (SLEB), ``depgraph``
+that fraction of the channels of a CNN or ViT (Torch-Pruning). ``--bn_recalibration true``
+re-estimates BatchNorm statistics after every cell's stages (vision models). The metric, its
+direction and ``B_orig`` come from the model (perplexity and 16 bits for causal LMs, accuracy
+and 32 bits for image classifiers).
 Caveat on SmolLM2 (the default, offline): its weights come from a Q4_1 GGUF (a 4-bit grid per
 block of 32), so quantization here is per output channel (``--group_size`` changes it).
 """
@@ -31,6 +37,7 @@ from ppq_lightning.cli.experiments import (
     instantiate,
     pruner,
     quantizer,
+    recalibration,
 )
 from ppq_lightning.reports import markdown_table
 from ppq_lightning.study.engine import OrderStudy
@@ -40,23 +47,29 @@ from ppq_lightning.study.report import write_report
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__)
     parser.add_argument(
-        "--pruning", type=str, default="magnitude", help="magnitude|wanda|sparsegpt|block_removal"
+        "--pruning",
+        type=str,
+        default="magnitude",
+        help="magnitude|wanda|sparsegpt|block_removal|depgraph",
     )
     parser.add_argument("--quantization", type=str, default="rtn", help="rtn|gptq")
     parser.add_argument("--sparsities", type=list[float], default=[0.2, 0.3, 0.4, 0.5, 0.6])
     parser.add_argument("--bits", type=list[int], default=[2, 3, 4, 8])
     parser.add_argument("--group_size", type=int | None, default=None)
     parser.add_argument("--curve_bits", type=list[int], default=[8, 6, 5, 4, 3, 2])
+    parser.add_argument("--bn_recalibration", type=bool, default=False)
     args = instantiate(parser, argv)
     start = time.perf_counter()
     out = Path(args.output)
     n = args.num_calibration_batches
-    curve = RTNQuantization.curve(args.curve_bits)
+    b_orig = getattr(args.model, "b_orig", 16)
+    curve = RTNQuantization.curve(args.curve_bits, b_orig=b_orig)
+    tail = [recalibration(n, b_orig=b_orig)] if args.bn_recalibration else []
     results = []
     for sparsity in args.sparsities:
-        p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n)
+        p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n, b_orig)
         for bits in args.bits:
-            q = quantizer(args.quantization, bits, f"Q{bits}", n, args.group_size)
+            q = quantizer(args.quantization, bits, f"Q{bits}", n, args.group_size, b_orig=b_orig)
             study = OrderStudy(
                 args.model,
                 args.data,
@@ -64,10 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
                 curve=curve,
                 output_dir=out,
                 label=f"{p.name}_{q.name}",
+                tail=tail,
             )
             results.append(study.run())
     write_report(results, out)
     summary = summarize(results, len(curve))
+    summary["metric"] = results[0].metric if results else None
     summary.update(seconds=time.perf_counter() - start, command=command_line())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_readme(out, summary, results)
@@ -131,7 +146,8 @@ def write_readme(out: Path, summary: dict, results: list) -> None:
         "",
         markdown_table(rows, list(rows[0])) if rows else "",
         "",
-        "M = -ppl; A = M(P>Q) - M(Q>P) (> 0: prune first wins); G = M(P) - M(Q);",
+        f"M = {summary['metric']} (higher is better; -ppl for perplexity); "
+        "A = M(P>Q) - M(Q>P) (> 0: prune first wins); G = M(P) - M(Q);",
         "C*_P: the RTN ratio at which quantization alone matches P (inf: worse than 2-bit RTN).",
     ]
     (out / "README.md").write_text("\n".join(text) + "\n")

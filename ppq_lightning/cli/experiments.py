@@ -14,8 +14,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ppq_lightning.callbacks import (
     GPTQ,
+    BatchNormRecalibration,
     BlockRemoval,
     CompressionCallback,
+    DepGraphPruning,
     MagnitudePruning,
     RTNQuantization,
     SparseGPT,
@@ -33,11 +35,14 @@ PRUNERS: dict[str, Callable[..., CompressionCallback]] = {
     "sparsegpt": lambda sparsity, n, **common: SparseGPT(
         sparsity=sparsity, num_calibration_batches=n, **common
     ),
-    "block_removal": lambda sparsity, n, name, log_layers: BlockRemoval(
-        ratio=sparsity, num_calibration_batches=n, name=name
+    "block_removal": lambda sparsity, n, **common: BlockRemoval(
+        ratio=sparsity, num_calibration_batches=n, **common
     ),
+    "depgraph": lambda sparsity, n, **common: DepGraphPruning(ratio=sparsity, **common),
 }
-"""Pruning method by short name -> ``(sparsity, calibration batches, name=, log_layers=)``."""
+"""Pruning method by short name -> ``(sparsity, calibration batches, name=, log_layers=,
+b_orig=)``; for ``block_removal`` the sparsity is the ratio of blocks, for ``depgraph`` (CNN and
+ViT channels through Torch-Pruning) the ratio of channels."""
 QUANTIZERS: dict[str, Callable[..., CompressionCallback]] = {
     "rtn": lambda bits, n, **common: RTNQuantization(bits=bits, **common),
     "gptq": lambda bits, n, **common: GPTQ(bits=bits, num_calibration_batches=n, **common),
@@ -68,14 +73,23 @@ def instantiate(parser: ArgumentParser, argv: list[str] | None = None) -> Any:
     )
 
 
-def pruner(method: str, sparsity: float, name: str, calibration: int) -> CompressionCallback:
+def pruner(
+    method: str, sparsity: float, name: str, calibration: int, b_orig: int = 16
+) -> CompressionCallback:
     """A pruning stage by short name; for ``block_removal`` ``sparsity`` is the block ratio.
 
     Raises:
         PPQConfigError: on an unknown method.
     """
     make = PRUNERS[check_choice("pruning", method, PRUNERS)]
-    return make(sparsity, calibration, name=name, log_layers=False)
+    return make(sparsity, calibration, name=name, log_layers=False, b_orig=b_orig)
+
+
+def recalibration(calibration: int, name: str = "B", b_orig: int = 16) -> CompressionCallback:
+    """The BatchNorm recalibration stage the vision experiments append to every cell."""
+    return BatchNormRecalibration(
+        num_calibration_batches=calibration, name=name, log_layers=False, b_orig=b_orig
+    )
 
 
 def quantizer(

@@ -25,6 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
+from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
 
@@ -39,11 +40,19 @@ def study_parser() -> ArgumentParser:
     parser.add_subclass_arguments(L.LightningModule, "model", help="the dense model")
     parser.add_subclass_arguments(L.LightningDataModule, "data", help="evaluation/calibration data")
     parser.add_argument("--stages", type=list[CompressionCallback], help="named stages")
+    parser.add_argument(
+        "--tail",
+        type=list[CompressionCallback],
+        default=[],
+        help="stages after every cell's order (e.g. BatchNormRecalibration)",
+    )
     parser.add_argument("--search", type=str, default="exhaustive", help=f"one of {SEARCH_MODES}")
     parser.add_argument("--order", type=str | None, default=None, help="evaluate only this order")
     parser.add_argument("--curve_bits", type=list[int] | None, default=None, help="RTN curve bits")
-    parser.add_argument("--metric", type=str, default="ppl")
-    parser.add_argument("--higher_is_better", type=bool, default=False)
+    parser.add_argument("--metric", type=str | None, default=None, help="default: the model's")
+    parser.add_argument(
+        "--higher_is_better", type=bool | None, default=None, help="default: the model's"
+    )
     parser.add_argument("--output_dir", type=str, default="outputs/study")
     parser.add_argument("--cells_dir", type=str | None, default=None, help="shared cell cache")
     parser.add_argument("--reuse_prefixes", type=bool, default=True)
@@ -136,18 +145,21 @@ def run_study(
     search: str = "exhaustive",
     order: str | None = None,
     curve_bits: list[int] | None = None,
-    metric: str = "ppl",
-    higher_is_better: bool = False,
+    metric: str | None = None,
+    higher_is_better: bool | None = None,
     output_dir: str = "outputs/study",
     cells_dir: str | None = None,
     reuse_prefixes: bool = True,
     label: str | None = None,
     logger: Any | None = None,
+    tail: list[CompressionCallback] | None = None,
 ) -> StudyResult:
     """Run one :class:`~ppq_lightning.study.OrderStudy` and write its report to ``output_dir``
     (what ``ppq study`` calls); the outcome goes to ``logger``. ``curve_bits``: bit widths of
     the per-channel RTN quantization-only curve (default 8, 6, 5, 4, 3, 2; ``[]`` skips it)."""
-    curve = RTNQuantization.curve() if curve_bits is None else RTNQuantization.curve(curve_bits)
+    b_orig = stages[0].b_orig if stages else 16
+    bits = CURVE_BITS if curve_bits is None else curve_bits
+    curve = RTNQuantization.curve(bits, b_orig=b_orig)
     study = OrderStudy(
         module,
         datamodule,
@@ -162,6 +174,7 @@ def run_study(
         reuse_prefixes=reuse_prefixes,
         label=label,
         logger=logger,
+        tail=tail or (),
     )
     result = study.run()
     write_report([result], output_dir)
@@ -201,4 +214,5 @@ def study_main(argv: list[str]) -> StudyResult:
         reuse_prefixes=init.reuse_prefixes,
         label=init.label,
         logger=init.logger,
+        tail=init.tail,
     )

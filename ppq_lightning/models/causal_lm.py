@@ -42,6 +42,7 @@ class CausalLMModule(L.LightningModule):
 
     metric_name = "ppl"
     higher_is_better = False
+    b_orig = 16  # bits of an original weight (LLMs are evaluated in 16-bit formats)
 
     def __init__(
         self,

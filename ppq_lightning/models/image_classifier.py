@@ -82,6 +82,7 @@ class ImageClassifierModule(L.LightningModule):
 
     metric_name = "acc"
     higher_is_better = True
+    b_orig = 32  # bits of an original weight (vision models are trained and shipped in fp32)
 
     def __init__(
         self,

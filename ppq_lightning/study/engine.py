@@ -66,15 +66,21 @@ class OrderStudy:
         curve: quantization-only stages for ``C*``, from mildest to strongest, e.g.
             ``RTNQuantization.curve()`` (per-channel RTN at 8, 6, 5, 4, 3, 2 bits, what
             ``ppq study`` uses); empty (the default): no curve and no ``C*``.
-        metric: the key of the evaluation dict to compare (``"ppl"`` for ``CausalLMModule``,
-            ``"loss"`` for a module evaluated through its ``validation_step``).
-        higher_is_better: False for perplexity or loss (then ``M = -value``).
+        metric: the key of the evaluation dict to compare; None: the module's ``metric_name``
+            (``"ppl"`` for ``CausalLMModule``, ``"acc"`` for ``ImageClassifierModule``), else
+            ``"loss"`` (a module evaluated through its ``validation_step``).
+        higher_is_better: whether a larger value is better; None: the module's
+            ``higher_is_better`` (False for perplexity or loss: then ``M = -value``).
         output_dir: where cells and reports go; reusing it resumes a study.
         cells_dir: where cells go instead of ``output_dir/cells`` (shared by sweep points).
         reuse_prefixes: apply shared prefixes once (False: every order from the dense model).
         label: the study's name in reports (default: its stages' state keys, shortened).
         logger: a Lightning logger (``WandbLogger``, ``CSVLogger``, ...) that receives every
             cell's metrics as it is measured: ``study/<label>/<order>/<metric>``.
+        tail: stages applied after every cell's order, before its evaluation (the dense model
+            and single stages included), e.g. ``[BatchNormRecalibration(name="B")]``: the same
+            study with BatchNorm re-estimated after compression. They are part of each cell's
+            key, so cells with and without a tail never mix.
 
     Raises:
         PPQConfigError: on no stages, unnamed or repeated names, a bad ``search``, or an
@@ -98,13 +104,14 @@ class OrderStudy:
         search: str = "exhaustive",
         order: str | None = None,
         curve: Sequence[Stage] = (),
-        metric: str = "ppl",
-        higher_is_better: bool = False,
+        metric: str | None = None,
+        higher_is_better: bool | None = None,
         output_dir: str | Path = "outputs/study",
         cells_dir: str | Path | None = None,
         reuse_prefixes: bool = True,
         label: str | None = None,
         logger: Any | None = None,
+        tail: Sequence[Stage] = (),
     ) -> None:
         if not stages or not all(isinstance(s, Stage) for s in stages):
             raise PPQConfigError(
@@ -113,10 +120,17 @@ class OrderStudy:
             )
         names = [s.name for s in stages]
         check_stage_names(names)
+        clash = sorted({s.name for s in tail} & {*names, *(s.name for s in curve)})
+        if clash:
+            raise PPQConfigError(f"a tail stage and a study or curve stage are named {clash[0]!r}.")
         check_choice("search", search, SEARCH_MODES)
+        if metric is None:
+            metric = getattr(module, "metric_name", "loss")
+        if higher_is_better is None:
+            higher_is_better = bool(getattr(module, "higher_is_better", False))
         self.module, self.datamodule = module, datamodule
         self.stages = {s.name: s for s in stages}
-        self.curve = list(curve)
+        self.curve, self.tail = list(curve), list(tail)
         self.search, self.metric, self.higher_is_better = search, metric, higher_is_better
         self.output_dir = Path(output_dir)
         self.cells_dir = Path(cells_dir) if cells_dir is not None else self.output_dir / "cells"
@@ -204,6 +218,25 @@ class OrderStudy:
             )
         return cell
 
+    def _finish(
+        self,
+        model: L.LightningModule,
+        names: tuple[str, ...],
+        kind: str,
+        keys: tuple[str, ...],
+        seconds: float,
+    ) -> Cell:
+        """Evaluate the model after ``names``, on a copy with the ``tail`` stages applied when
+        there are any (the prefix itself goes on to the orders below it)."""
+        if self.tail:
+            start = time.perf_counter()
+            model = copy.deepcopy(model)
+            for stage in self.tail:
+                self._apply(model, stage)
+            seconds += time.perf_counter() - start
+            names = (*names, *(stage.name for stage in self.tail))
+        return self._evaluate(model, names, kind, keys, seconds)
+
     def _apply(self, model: L.LightningModule, stage: Stage) -> None:
         copy.deepcopy(stage).apply(model, dataloader=self._calibration_data())
         self.budget.applications += 1
@@ -217,13 +250,14 @@ class OrderStudy:
         below it still needs computing.
         """
         key_of = {name: stage.state_key for name, stage in stages.items()}
-        keys = {names: tuple(key_of[n] for n in names) for names in requests}
+        tail = tuple(stage.state_key for stage in self.tail)
+        keys = {names: (*(key_of[n] for n in names), *tail) for names in requests}
         todo = {names for names in requests if self._cached(keys[names]) is None}
         progress = tqdm(total=len(todo), desc=f"study {self.label}", unit="cell", leave=False)
 
         def visit(model: L.LightningModule, prefix: tuple[str, ...], seconds: float) -> None:
             if prefix in todo:
-                self._evaluate(model, prefix, requests[prefix], keys[prefix], seconds)
+                self._finish(model, prefix, requests[prefix], keys[prefix], seconds)
                 progress.update()
             children = sorted(
                 {
@@ -248,7 +282,7 @@ class OrderStudy:
                     start = time.perf_counter()
                     for name in names:
                         self._apply(model, stages[name])
-                    self._evaluate(
+                    self._finish(
                         model, names, requests[names], keys[names], time.perf_counter() - start
                     )
                     progress.update()

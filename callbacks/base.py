@@ -229,6 +229,10 @@ class CompressionCallback(FiresOnce):
         metrics ``{module name: {metric: value}}``."""
         raise NotImplementedError
 
+    def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        """Raise a ``PPQConfigError`` (naming the layer) when the stage cannot compress one of
+        ``modules``; called for every layer before any weight changes."""
+
     # -- shared machinery ---------------------------------------------------------------------
     @property
     def name(self) -> str:
@@ -283,6 +287,7 @@ class CompressionCallback(FiresOnce):
             )
         parameters = {id(p) for p in model.parameters()}
         start = time.perf_counter()
+        self.check_layers(modules)
         with torch.inference_mode(False), torch.no_grad():
             layers = self.compress(model, modules)
         seconds = time.perf_counter() - start

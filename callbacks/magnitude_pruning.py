@@ -15,6 +15,7 @@ from ppq_lightning.errors import bad_value, check_choice, check_int, check_numbe
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.masks import (
+    check_nm_width,
     global_masks,
     nm_mask,
     resolve_sparsity,
@@ -116,6 +117,10 @@ class MagnitudePruning(CompressionCallback):
         super().__init__(**kwargs)
         self.sparsity, self.pattern, self.scope, self._nm = sparsity, pattern, scope, nm
         self.ramp = check_ramp(ramp, sparsity, nm, self.at_epoch, self.at_step)
+
+    def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            check_nm_width(self._nm, weight_matrix(module).shape[1], name)
 
     def stage_config(self) -> dict[str, Any]:
         config = {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}

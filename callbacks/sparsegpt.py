@@ -18,7 +18,7 @@ from ppq_lightning.compressed.state import (
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.grouped import grid_rows, solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
-from ppq_lightning.ops.masks import resolve_sparsity
+from ppq_lightning.ops.masks import check_nm_width, resolve_sparsity
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size
 from ppq_lightning.ops.sparsegpt import SparseGPTResult, sparsegpt
 
@@ -84,6 +84,10 @@ class SparseGPT(CalibratedCompression):
         )
         self.block_size, self.damp = block_size, float(damp)
         self.kind = StageKind.PRUNE if bits is None else StageKind.PRUNE_QUANTIZE
+
+    def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            check_nm_width(self._nm, weight_matrix(module).shape[1], name)
 
     def stage_config(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.grouped import solve_by_groups, take_rows
-from ppq_lightning.ops.masks import resolve_sparsity
+from ppq_lightning.ops.masks import check_nm_width, resolve_sparsity
 from ppq_lightning.ops.wanda import wanda_mask
 
 
@@ -51,6 +51,10 @@ class Wanda(CalibratedCompression):
         self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
         super().__init__(**kwargs)
         self.pattern = pattern
+
+    def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            check_nm_width(self._nm, weight_matrix(module).shape[1], name)
 
     def stage_config(self) -> dict[str, Any]:
         return {

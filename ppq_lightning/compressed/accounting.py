@@ -144,17 +144,26 @@ class CompressionSummary:
         return asdict(self)
 
 
+def counted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose weights the compression rate counts: every layer a stage targets by
+    default (not embeddings, the LM head, a classifier's stem and head) and every layer that
+    carries a compression state."""
+    try:
+        layers = dict(resolve_targets(model))
+    except PPQConfigError:
+        layers = {}
+    states = {name for name, _, _ in compressed_modules(model)}
+    layers.update({n: m for n, m in model.named_modules() if n in states and is_compressible(m)})
+    return layers
+
+
 def compression_summary(model: nn.Module, b_orig: int = 16) -> CompressionSummary:
     """Measure the compression of ``model`` from its tensors and recorded states.
 
     All rates are 1.0 for an uncompressed model.
     """
-    try:
-        layers = dict(resolve_targets(model))
-    except PPQConfigError:
-        layers = {}
+    layers = counted_layers(model)
     states = {name: state for name, _, state in compressed_modules(model)}
-    layers.update({n: m for n, m in model.named_modules() if n in states and is_compressible(m)})
     costs = [layer_cost(m, states.get(n), b_orig) for n, m in layers.items()]
     removed = sum(
         int(entry.get("removed_weights", 0)) for state in states.values() for entry in state.history

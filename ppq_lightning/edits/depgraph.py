@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.edits.channels import check_columns_removable, slice_state
@@ -59,8 +60,9 @@ def _give_heads(attention: nn.Module, count: int) -> None:
         attention.attn_dim = count * attention.head_dim
 
 
-def _compressible_weights(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if is_compressible(m))
+def _counted_weights(model: nn.Module, names: set[str]) -> int:
+    """Weights of the layers ``names`` (those the compression rate counts)."""
+    return sum(m.weight.numel() for n, m in model.named_modules() if n in names)
 
 
 def _kernel(module: nn.Module) -> int:
@@ -127,7 +129,8 @@ def _prune_channels(
     import torch_pruning as tp
 
     heads = _heads(model) if prune_heads else {}
-    before = _compressible_weights(model)
+    counted = set(counted_layers(model))  # removed weights count only where C counts them
+    before = _counted_weights(model, counted)
     shapes = {  # layers with a recorded state: their matrix shape and kernel size
         m: (tuple(weight_matrix(m).shape), _kernel(m))
         for m in model.modules()
@@ -163,7 +166,7 @@ def _prune_channels(
             _slice_recorded(module, out_channel, pruned, shapes[module])
             shapes[module] = (tuple(weight_matrix(module).shape), _kernel(module))
     head_counts = _set_heads(model, pruner) if heads else {}
-    removed = before - _compressible_weights(model)
+    removed = before - _counted_weights(model, counted)
     record_stage(
         model,
         {

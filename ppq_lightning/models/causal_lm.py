@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
+from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import batch_input
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_causal_lm
 
@@ -112,17 +113,12 @@ class CausalLMModule(L.LightningModule):
         """
         parameter = next(self.model.parameters(), None)
         device = self.device if parameter is None else parameter.device
-        was_training = self.training
-        self.eval()
         metric = Perplexity().to(device)
-        try:
-            with torch.no_grad():
-                for batch in dataloader:
-                    logits, targets = self._shifted(batch_input(batch).to(device))
-                    metric.update(logits, targets)
-            ppl = float(metric.compute())
-        finally:
-            self.train(was_training)
+        with torch.no_grad(), evaluating(self):  # every module gets its own mode back
+            for batch in dataloader:
+                logits, targets = self._shifted(batch_input(batch).to(device))
+                metric.update(logits, targets)
+        ppl = float(metric.compute())
         return {"ppl": ppl, "loss": math.log(ppl)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.errors import PPQConfigError, check_bool, check_choice, check_number
 from ppq_lightning.models.vision import load_image_classifier, stem_and_head
 
@@ -232,13 +233,11 @@ class ImageClassifierModule(L.LightningModule):
         """
         parameter = next(self.model.parameters(), None)
         device = self.device if parameter is None else parameter.device
-        was_training = self.training
-        self.eval()
         top1 = MulticlassAccuracy(self.num_classes, average="micro").to(device)
         top5 = MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro")
         top5 = top5.to(device)
         total, kl, count, referenced = 0.0, 0.0, 0, False
-        try:
+        with evaluating(self):  # every module gets its own mode back
             for batch in dataloader:
                 images, labels = move_data_to_device((batch[0], batch[1]), device)
                 logits = self(images)
@@ -249,8 +248,6 @@ class ImageClassifierModule(L.LightningModule):
                     kl += float(kl_divergence(batch[2].to(device), logits).sum())
                     referenced = True
                 count += len(labels)
-        finally:
-            self.train(was_training)
         if not count:
             raise PPQConfigError("the evaluation dataloader yielded no batch: no accuracy.")
         metrics = {

@@ -69,6 +69,21 @@ def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple
     return implied, nm
 
 
+def check_nm_width(nm: tuple[int, int] | None, cols: int, where: str) -> None:
+    """Refuse an N:M pattern whose M does not divide a layer's input dimension ``cols``.
+
+    Raises:
+        PPQConfigError: naming the pattern, the layer ``where`` and its input dimension.
+    """
+    if nm is not None and cols % nm[1]:
+        raise bad_value(
+            "pattern",
+            f"{nm[0]}:{nm[1]}",
+            f"M dividing the input dimension of every targeted layer; {where} has {cols} "
+            "inputs per output (list it in `ignore`)",
+        )
+
+
 def _masked_scores(scores: Tensor, keep: Tensor | None) -> Tensor:
     scores = scores.detach().float()
     if keep is None:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device
 
+from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import first_loader
 from ppq_lightning.errors import PPQConfigError
 
@@ -50,26 +51,19 @@ def evaluate_module(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> 
     evaluate = getattr(pl_module, "evaluate", None)
     if callable(evaluate):
         return {k: float(v) for k, v in evaluate(dataloader).items()}
-    was_training = pl_module.training
-    pl_module.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch_idx, batch in enumerate(dataloader):
-                out = pl_module.validation_step(
-                    move_data_to_device(batch, pl_module.device), batch_idx
+    with torch.no_grad(), evaluating(pl_module):  # every module gets its own mode back
+        for batch_idx, batch in enumerate(dataloader):
+            out = pl_module.validation_step(move_data_to_device(batch, pl_module.device), batch_idx)
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if not isinstance(loss, torch.Tensor):
+                raise PPQConfigError(
+                    f"{type(pl_module).__name__}.validation_step returned "
+                    f"{type(out).__name__}; "
+                    "evaluating each stage needs it to return the loss (or a dict with "
+                    "'loss'), or the module to define evaluate(dataloader) -> dict."
                 )
-                loss = out.get("loss") if isinstance(out, dict) else out
-                if not isinstance(loss, torch.Tensor):
-                    raise PPQConfigError(
-                        f"{type(pl_module).__name__}.validation_step returned "
-                        f"{type(out).__name__}; "
-                        "evaluating each stage needs it to return the loss (or a dict with "
-                        "'loss'), or the module to define evaluate(dataloader) -> dict."
-                    )
-                total, count = total + float(loss), count + 1
-    finally:
-        pl_module.train(was_training)
+            total, count = total + float(loss), count + 1
     if not count:
         raise PPQConfigError(
             "the evaluation dataloader yielded no batch: there is no metric to report "

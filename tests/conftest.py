@@ -43,3 +43,19 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory):
+    """A torchvision root holding Fashion-MNIST, unpacked once per session from Debian's
+    ``dataset-fashion-mnist`` (the tests that need it skip where it is not installed)."""
+    from pathlib import Path
+
+    from ppq_lightning.datamodules import VisionDataModule
+    from ppq_lightning.datamodules.vision_datasets import DEBIAN_FASHION_MNIST
+
+    if not Path(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_FASHION_MNIST})")
+    root = tmp_path_factory.mktemp("fashion_mnist")
+    VisionDataModule(root=str(root)).prepare_data()
+    return root

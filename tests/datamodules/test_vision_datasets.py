@@ -56,7 +56,7 @@ def test_fashion_mnist_unpacked_from_a_system_folder(tmp_path, no_network):
 
 @pytest.fixture(scope="module")
 def fashion_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("fashion")
+    return tmp_path_factory.mktemp("fashion")  # not the session's: this unpacks it itself
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from ppq_lightning.models.vision import (
 
 TINY_RESNET = {"channels": (16, 32, 64, 128), "stem_width": 16}
 TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
-FASHION_MNIST = Path(__file__).parents[2] / "data" / "FashionMNIST" / "raw"
 
 
 class NotATensor:
@@ -291,11 +290,9 @@ def test_fashion_mnist_resnet18_loads_the_shipped_weights():
         assert model(_images(channels=1, size=28)).shape == (2, 10)
 
 
-def test_fashion_mnist_resnet18_classifies_fashion_mnist():
-    images_file = FASHION_MNIST / "t10k-images-idx3-ubyte"
-    labels_file = FASHION_MNIST / "t10k-labels-idx1-ubyte"
-    if not (images_file.is_file() and labels_file.is_file()):
-        pytest.skip("the Fashion-MNIST test files are not in data/FashionMNIST/raw")
+def test_fashion_mnist_resnet18_classifies_fashion_mnist(fashion_mnist_root):
+    raw = fashion_mnist_root / "FashionMNIST" / "raw"
+    images_file, labels_file = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
     n = 256
     pixels = np.frombuffer(images_file.read_bytes(), np.uint8, n * 28 * 28, offset=16)
     labels = np.frombuffer(labels_file.read_bytes(), np.uint8, n, offset=8)

@@ -1,0 +1,53 @@
+"""scripts/vision_methods.py on the shipped Fashion-MNIST ResNet-18: every row measured, the
+report written, the floor ratio consistent."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def _script():
+    path = ROOT / "scripts" / "vision_methods.py"
+    spec = importlib.util.spec_from_file_location("vision_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_methods_and_both_orders_of_a_pair(fashion_mnist_root, tmp_path):
+    out = tmp_path / "report"
+    report = _script().main(
+        [
+            "--config", str(ROOT / "configs" / "experiments" / "fashion_mnist.yaml"),
+            "--data.init_args.root", str(fashion_mnist_root),
+            "--data.init_args.max_eval_samples", "64",
+            "--data.init_args.num_calibration_samples", "32",
+            "--data.init_args.batch_size", "32",
+            "--num_calibration_batches", "1",
+            "--methods", "[rtn4, wanda2_4]",
+            "--pairs", "[[magnitude50, rtn4]]",
+            "--output", str(out),
+        ]
+    )  # fmt: skip
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["dense", "rtn4", "wanda2_4", "magnitude50>rtn4", "rtn4>magnitude50"]
+    assert report["calibration_images"] == 32 and report["evaluation_images"] == 64
+    assert report["floor_seconds"] > 0 and report["blocks"] > 0
+    assert rows["dense"]["measured_C"] == 1.0
+    assert rows["rtn4"]["measured_C"] == pytest.approx(8.0, rel=0.05)  # 32 -> 4 bits
+    assert rows["wanda2_4"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    for name in ("magnitude50>rtn4", "rtn4>magnitude50"):
+        assert rows[name]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert rows[name]["measured_C"] > rows["rtn4"]["measured_C"]
+    for row in list(rows.values())[1:]:
+        assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["acc+BN"] <= 1.0
+        assert row["x_floor"] == pytest.approx(row["seconds"] / report["floor_seconds"])
+    assert rows["dense"]["acc"] > 0.8
+    saved = json.loads((out / "report.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == list(rows)
+    text = (out / "README.md").read_text()
+    assert "| rtn4>magnitude50 |" in text and "vision_methods.py" in text

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--pruning",
         type=str,
         default="magnitude",
-        help="magnitude|wanda|sparsegpt|block_removal|depgraph",
+        help="magnitude|wanda|wanda_layer|sparsegpt|block_removal|depgraph",
     )
     parser.add_argument("--quantization", type=str, default="rtn", help="rtn|gptq")
     parser.add_argument("--sparsities", type=list[float], default=[0.2, 0.3, 0.4, 0.5, 0.6])

@@ -60,6 +60,7 @@ def methods(n: int, b_orig: int, nm_ignore: list[str]) -> dict[str, CompressionC
         "magnitude50": MagnitudePruning(sparsity=0.5, name="magnitude50", **common),
         "magnitude2_4": MagnitudePruning(name="magnitude2_4", **nm, **common),
         "wanda50": Wanda(sparsity=0.5, name="wanda50", **calibrated),
+        "wanda50_layer": Wanda(sparsity=0.5, scope="layer", name="wanda50_layer", **calibrated),
         "wanda2_4": Wanda(name="wanda2_4", **nm, **calibrated),
         "sparsegpt50": SparseGPT(sparsity=0.5, name="sparsegpt50", **calibrated),
         "sparsegpt2_4": SparseGPT(name="sparsegpt2_4", **nm, **calibrated),

@@ -32,6 +32,9 @@ PRUNERS: dict[str, Callable[..., CompressionCallback]] = {
     "wanda": lambda sparsity, n, **common: Wanda(
         sparsity=sparsity, num_calibration_batches=n, **common
     ),
+    "wanda_layer": lambda sparsity, n, **common: Wanda(
+        sparsity=sparsity, scope="layer", num_calibration_batches=n, **common
+    ),
     "sparsegpt": lambda sparsity, n, **common: SparseGPT(
         sparsity=sparsity, num_calibration_batches=n, **common
     ),

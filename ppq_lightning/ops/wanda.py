@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ppq_lightning.ops.masks import nm_mask, row_mask
+from ppq_lightning.ops.masks import nm_mask, row_mask, unstructured_mask
+
+WANDA_SCOPES = ("row", "layer")
+"""Wanda's comparison groups: each output row (the paper's choice for LLMs) or the whole layer
+(the reference code's ``--prune_granularity layer`` for image classifiers)."""
 
 
 def accumulate_act_norms(
@@ -37,9 +41,12 @@ def wanda_mask(
     sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     keep: Tensor | None = None,
+    scope: str = "row",
 ) -> Tensor:
-    """Wanda's mask: the lowest scores of every output row (or N:M group) are pruned."""
+    """Wanda's mask: the lowest scores of every output row (``scope="row"``), of the whole
+    matrix (``scope="layer"``) or of every N:M group are pruned."""
     scores = wanda_scores(w, act_sq_norm)
     if nm is not None:
         return nm_mask(scores, *nm, keep=keep)
-    return row_mask(scores, sparsity, keep=keep)
+    make = row_mask if scope == "row" else unstructured_mask
+    return make(scores, sparsity, keep=keep)

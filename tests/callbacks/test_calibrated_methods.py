@@ -105,6 +105,8 @@ def test_bad_arguments():
         GPTQ(bits=4, calibrate_on="dense")
     with pytest.raises(PPQConfigError, match="num_calibration_batches=0"):
         Wanda(sparsity=0.5, num_calibration_batches=0)
+    with pytest.raises(PPQConfigError, match=r"scope='global'.*row, layer"):
+        Wanda(sparsity=0.5, scope="global")
     with pytest.raises(PPQConfigError, match="damp=-1"):
         SparseGPT(sparsity=0.5, damp=-1)
     with pytest.raises(PPQConfigError, match=r"pattern='3:2'"):

@@ -190,6 +190,20 @@ def test_sparsegpt_and_wanda_on_a_grouped_conv_equal_their_ops_per_group():
     assert torch.equal(current_mask(wanda_model[0]), torch.cat(masks))
 
 
+def test_wanda_layer_scope_on_a_grouped_conv_thresholds_each_group():
+    model, batches = _grouped_conv()
+    conv = model[0]
+    w = weight_matrix(conv).clone()
+    norms = _per_group(conv, batches, accumulate_act_norms)
+    Wanda(sparsity=0.5, scope="layer").apply(model, dataloader=batches)
+    masks = [wanda_mask(w[3 * j : 3 * j + 3], n, 0.5, scope="layer") for j, n in enumerate(norms)]
+    assert torch.equal(current_mask(conv), torch.cat(masks))
+    assert not torch.equal(
+        current_mask(conv),
+        torch.cat([wanda_mask(w[3 * j : 3 * j + 3], n, 0.5) for j, n in enumerate(norms)]),
+    )  # not the row scope's mask
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [

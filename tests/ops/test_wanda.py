@@ -21,3 +21,16 @@ def test_mask_keeps_the_largest_weight_times_norm_in_each_row():
     norms = torch.tensor([4.0, 1.0, 0.25, 16.0])  # mean x_j^2: scores |w| * (2, 1, 0.5, 4)
     mask = wanda_mask(w, norms, sparsity=0.5)  # row 0 scores 2, 1, 1.5, 4: not |w|'s choice
     assert mask.tolist() == [[True, False, False, True], [True, False, False, True]]
+
+
+def test_layer_scope_takes_one_threshold_over_the_whole_matrix():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    norms = torch.ones(4)
+    row = wanda_mask(w, norms, sparsity=0.5)
+    layer = wanda_mask(w, norms, sparsity=0.5, scope="layer")
+    assert row.tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert layer.tolist() == [[False, False, False, False], [True, True, True, True]]
+    keep = torch.ones_like(layer)
+    keep[1, 0] = False  # pruned before: stays pruned, and counts towards the sparsity
+    again = wanda_mask(w, norms, sparsity=0.5, keep=keep, scope="layer")
+    assert again.tolist() == [[False, False, False, True], [False, True, True, True]]

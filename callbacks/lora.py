@@ -22,7 +22,7 @@ from ppq_lightning.edits.lora import (
     lora_layers,
     merge_adapter,
 )
-from ppq_lightning.errors import PPQConfigError, check_choice, check_int, check_number
+from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 
@@ -125,6 +125,7 @@ class LoRAFineTune(CompressionCallback):
                 f"({', '.join(list(lora_layers(pl_module))[:3])}); one LoRA stage per model."
             )
         modules = resolve_targets(pl_module, self.targets, self.ignore)
+        self.check_grouped_convs(modules)
         self._trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         config = LoraConfig(
             r=self.r,
@@ -136,6 +137,22 @@ class LoRAFineTune(CompressionCallback):
         inject_adapter_in_model(config, pl_module, adapter_name=ADAPTER)
         for name, parameter in pl_module.named_parameters():
             parameter.requires_grad = ".lora_" in name
+
+    def check_grouped_convs(self, modules: dict[str, nn.Module]) -> None:
+        """peft adapts a grouped convolution only when ``r`` is a multiple of its groups.
+
+        Raises:
+            PPQConfigError: naming the first layer where it is not, before any adapter exists.
+        """
+        for name, module in modules.items():
+            groups = getattr(module, "groups", 1) if isinstance(module, nn.Conv2d) else 1
+            if groups > 1 and self.r % groups:
+                raise bad_value(
+                    "r",
+                    self.r,
+                    f"a multiple of the groups of every targeted grouped convolution; {name} "
+                    f"has groups={groups} (list it in `ignore`, e.g. depthwise convolutions)",
+                )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse, before training, a merge that would break a compressed base."""

@@ -12,6 +12,7 @@ from ppq_lightning.callbacks import (
     GPTQ,
     CompressionSchedule,
     DeadZoneQuantization,
+    LoRAFineTune,
     MagnitudePruning,
     QuantizationAwareTraining,
     RTNQuantization,
@@ -19,6 +20,7 @@ from ppq_lightning.callbacks import (
     Wanda,
 )
 from ppq_lightning.compressed.state import current_grid, current_mask, get_state
+from ppq_lightning.edits.lora import lora_layers
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models import ImageClassifierModule
 from ppq_lightning.modules.targets import resolve_targets
@@ -249,3 +251,30 @@ def test_training_stages_in_fit_end_with_the_invariants_held(tmp_path, make):
         assert not torch.equal(layer.weight, start[name]), name
     assert stages[-1].result.summary.avg_bits == 4
     assert get_state(module.model.conv1) is None and get_state(module.model.fc) is None
+
+
+def test_lora_adapts_the_convolutions_of_a_quantized_classifier_in_fit(tmp_path):
+    module = ImageClassifierModule(
+        "resnet18", num_classes=10, model_kwargs=TINY_RESNET, learning_rate=0.01
+    )
+    stages = [RTNQuantization(bits=4), LoRAFineTune(r=2)]
+    make_trainer(tmp_path, stages, max_steps=2, limit_val_batches=0).fit(
+        module, train_dataloaders=_loader()
+    )
+    adapted = lora_layers(module)
+    assert len(adapted) == 20 and all(".conv" in n or "downsample" in n for n in adapted)
+    assert check_invariants(module) == 20
+
+
+def test_lora_rank_not_dividing_a_grouped_conv_is_refused_before_any_adapter(tmp_path):
+    module = ImageClassifierModule("resnet18", num_classes=10, model_kwargs=TINY_RESNET)
+    module.model.layer1[0].conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+    trainer_stage = LoRAFineTune(r=2)
+    with pytest.raises(PPQConfigError, match=r"r=2 .*layer1\.0\.conv2 has groups=4"):
+        trainer_stage.check_grouped_convs(resolve_targets(module))
+    with pytest.raises(PPQConfigError, match=r"r=2 .*groups=4"):
+        make_trainer(tmp_path, [trainer_stage], max_steps=1, limit_val_batches=0).fit(
+            module, train_dataloaders=_loader()
+        )
+    assert not lora_layers(module)
+    LoRAFineTune(r=4).check_grouped_convs(resolve_targets(module))  # a multiple: allowed

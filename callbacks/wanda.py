@@ -30,8 +30,7 @@ class Wanda(CalibratedCompression):
         scope: the comparison group of unstructured pruning: ``"row"`` (each output row
             reaches ``sparsity``, as the paper does for LLMs) or ``"layer"`` (one threshold per
             layer; per group of a grouped convolution). Wanda's reference code offers both for
-            image classifiers (``--prune_granularity``); on the Fashion-MNIST ResNet ``layer``
-            keeps far more accuracy (docs/vision.md).
+            image classifiers (``--prune_granularity``).
         **kwargs: ``num_calibration_batches``, ``calibrate_on``, ``device``,
             ``statistics_dtype`` (see ``CalibratedCompression``), ``targets``, ``ignore``,
             ``name``, ``b_orig``, ``log_layers``.

@@ -193,6 +193,50 @@ def _torchvision_features(module: nn.Module) -> list[str] | None:
     return None
 
 
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` whose forward is ``nn.Sequential``'s own: pure composition."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _edge_path(node: nn.Module, parts: list[str], child: int) -> bool:
+    """Whether ``parts`` lead down from ``node`` through plain Sequentials, always to their
+    child at position ``child`` (-1: the last, 0: the first)."""
+    for part in parts:
+        names = [name for name, _ in node.named_children()]
+        if not _plain_sequential(node) or not names or names[child] != part:
+            return False
+        node = node.get_submodule(part)
+    return True
+
+
+def feeds_directly(model: nn.Module, earlier: str, later: str) -> bool:
+    """Whether ``model``'s forward provably hands module ``later`` exactly the output of module
+    ``earlier`` and nothing else: both sit in plain ``nn.Sequential`` containers (no custom
+    forward) with nothing run between them, as consecutive blocks of a stage (``layer1.0`` ->
+    ``layer1.1``) or the last block of a stage and the first of the next one when the stages
+    are themselves children of a plain Sequential (timm's ``blocks.1.1`` -> ``blocks.2.0``).
+
+    The calibration engine then hands ``later`` the outputs it just computed instead of
+    capturing its arguments from another forward of the model (a stem pass saved per block).
+    """
+    first, second = earlier.split("."), later.split(".")
+    common = 0
+    while common < min(len(first), len(second)) and first[common] == second[common]:
+        common += 1
+    if common == len(first) or common == len(second):
+        return False  # one holds the other
+    ancestor = model.get_submodule(".".join(first[:common]))
+    names = [name for name, _ in ancestor.named_children()]
+    if not _plain_sequential(ancestor) or first[common] not in names:
+        return False
+    position = names.index(first[common])
+    if position + 1 >= len(names) or names[position + 1] != second[common]:
+        return False
+    return _edge_path(ancestor.get_submodule(first[common]), first[common + 1 :], -1) and (
+        _edge_path(ancestor.get_submodule(second[common]), second[common + 1 :], 0)
+    )
+
+
 FAMILIES: tuple[tuple[str, Callable[[nn.Module], list[str] | None]], ...] = (
     ("resnet", _resnet),
     ("convnext", _convnext),

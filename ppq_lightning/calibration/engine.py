@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppq_lightning.calibration.blocks import BlockChain, find_block_chain
+from ppq_lightning.calibration.blocks import BlockChain, feeds_directly, find_block_chain
 from ppq_lightning.calibration.capture import (
     BlockInputs,
     capture_block_inputs,
@@ -147,7 +147,9 @@ class CalibrationReport:
     ``block_passes`` counts block forwards over all batches; ``model_passes`` whole-model passes
     (for layers outside the blocks); ``capture_passes`` the model forwards up to a block, with
     the blocks before it standing in, that capture its call arguments (one per block after the
-    first: the embeddings and what the model computes per block, not the blocks themselves).
+    first: the embeddings and what the model computes per block, not the blocks themselves),
+    except for a block the model provably feeds the previous block's output alone
+    (``blocks.feeds_directly``: consecutive blocks of a plain ``nn.Sequential``).
     """
 
     n_blocks: int = 0
@@ -155,6 +157,14 @@ class CalibrationReport:
     model_passes: int = 0
     capture_passes: int = 0
     n_batches: int = 0
+
+
+def _fed_directly(model: nn.Module, chain: BlockChain, index: int, inputs: BlockInputs) -> bool:
+    """Whether block ``index`` receives exactly the previous block's outputs, which ``inputs``
+    then already hold (``_run_block`` advanced them): the previous block took its hidden states
+    alone, and the model composes the two (``blocks.feeds_directly``)."""
+    alone = all(len(a) == 1 for a in inputs.args) and not any(inputs.kwargs)
+    return alone and feeds_directly(model, chain.names[index - 1], chain.names[index])
 
 
 def _device_of(blocks: tuple[nn.Module, ...], model: nn.Module) -> torch.device:
@@ -233,7 +243,7 @@ def calibrate_sequentially(
             skeletons: list[Any] = []
             tails: list[torch.Size] = []
             for index in tqdm(range(last + 1), desc=desc, unit="block", leave=False):
-                if index:
+                if index and not _fed_directly(model, chain, index, inputs):
                     inputs = _capture(
                         model, chain, index, batches, forward, inputs, skeletons, tails
                     )

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ppq_lightning.calibration.distributed import all_reduce_mean
 from ppq_lightning.errors import check_choice
-from ppq_lightning.modules.views import input_rows
+from ppq_lightning.modules.views import conv_input, input_rows
+from ppq_lightning.ops.conv_statistics import accumulate_conv_act_norms, accumulate_conv_hessian
 from ppq_lightning.ops.hessian import accumulate_hessian
 from ppq_lightning.ops.wanda import accumulate_act_norms
 
@@ -23,7 +24,13 @@ ACCUMULATORS: dict[str, Callable[..., tuple[Tensor, int]]] = {
     "hessian": accumulate_hessian,
     "act_norm": accumulate_act_norms,
 }
-"""Statistic name -> ``(acc, x, n_seen, dtype, grouped=) -> (acc, n)``."""
+"""Statistic name -> ``(acc, rows, n_seen, dtype) -> (acc, n)`` over a layer's input rows."""
+CONV_ACCUMULATORS: dict[str, Callable[..., tuple[Tensor, int]]] = {
+    "hessian": accumulate_conv_hessian,
+    "act_norm": accumulate_conv_act_norms,
+}
+"""The same for a ``Conv2d``, from its padded input: ``(acc, x, geometry, n_seen, dtype)``
+(no patch matrix is built)."""
 STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -52,6 +59,7 @@ class LayerStatistics:
 
     def __init__(self, statistic: str, dtype: str = "float32") -> None:
         self.accumulate = ACCUMULATORS[check_choice("statistic", statistic, ACCUMULATORS)]
+        self.accumulate_conv = CONV_ACCUMULATORS[statistic]
         self.dtype = STATISTICS_DTYPES[check_statistics_dtype(dtype)]
         self._stats: dict[str, tuple[Tensor | None, int]] = {}
         self._shares: dict[str, str] = {}  # layer -> the layer whose statistic it shares
@@ -74,9 +82,11 @@ class LayerStatistics:
                 )
             return
         acc, seen = self._stats.get(name, (None, 0))
-        rows = input_rows(layer, x)
-        grouped = {"grouped": True} if isinstance(layer, nn.Conv2d) and layer.groups > 1 else {}
-        self._stats[name] = self.accumulate(acc, rows, seen, self.dtype, **grouped)
+        if isinstance(layer, nn.Conv2d):
+            padded, geometry = conv_input(layer, x)
+            self._stats[name] = self.accumulate_conv(acc, padded, geometry, seen, self.dtype)
+        else:
+            self._stats[name] = self.accumulate(acc, input_rows(layer, x), seen, self.dtype)
         self._last[:] = [x, layer, name]
 
     def has(self, name: str) -> bool:

@@ -107,6 +107,8 @@ def quantizer(
     return make(bits, calibration, name=name, log_layers=False, group_size=group_size, **extra)
 
 
-def command_line() -> str:
-    """The command that is running, for the report (``python scripts/x.py --a b``)."""
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+def command_line(argv: list[str] | None = None, script: str | None = None) -> str:
+    """The command that is running, for the report (``python scripts/x.py --a b``): the
+    process's own, or ``script`` with ``argv`` when a script's ``main(argv)`` is called."""
+    words = sys.argv if argv is None else [script or sys.argv[0], *argv]
+    return "python " + " ".join(shlex.quote(a) for a in words)

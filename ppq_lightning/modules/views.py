@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.ops.conv_statistics import ConvGeometry, conv_patches
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -71,35 +72,49 @@ def set_features(module: nn.Module) -> None:
         module.nf, module.nx = out_features, in_features
 
 
+def conv_input(layer: nn.Conv2d, x: Tensor) -> tuple[Tensor, ConvGeometry]:
+    """A convolution's input with its padding applied (timm's dynamic "same" padding for
+    ``Conv2dSame``, TensorFlow-ported models, else ``layer.padding``), and what the kernel does
+    over it: the input of the statistics in ``ops.conv_statistics``.
+
+    Raises:
+        PPQConfigError: for string padding (``"same"``) or a padding mode other than zeros,
+            whose patches this does not reproduce.
+    """
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        raise PPQConfigError(
+            f"a Conv2d with padding={layer.padding!r}, padding_mode={layer.padding_mode!r} "
+            "cannot be calibrated (its input patches are not those of unfold); list it in "
+            "`ignore`."
+        )
+    if type(layer).__name__ == "Conv2dSame":  # timm: pads in its forward, then convolves
+        from timm.layers.padding import pad_same
+
+        x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
+    ph, pw = layer.padding
+    if ph or pw:
+        x = nn.functional.pad(x, (pw, pw, ph, ph))
+    geometry = ConvGeometry(
+        tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation), layer.groups
+    )
+    return x, geometry
+
+
 def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     """The input of ``layer`` as rows matching the columns of its weight matrix: ``(n, in)``.
 
-    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``),
-    after the dynamic "same" padding of timm's ``Conv2dSame`` (TensorFlow-ported models). A
-    grouped convolution (depthwise included) has one input per group: the rows are then
-    ``(groups, n, in)``, group ``g``'s patches of its ``C / groups`` channels, matching the
-    columns of the weight rows of that group (``out / groups`` consecutive rows).
+    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``, see
+    :func:`conv_input`). A grouped convolution (depthwise included) has one input per group: the
+    rows are then ``(groups, n, in)``, group ``g``'s patches of its ``C / groups`` channels,
+    matching the columns of the weight rows of that group (``out / groups`` consecutive rows).
+    The calibration statistics of a convolution do not build these rows
+    (``ops.conv_statistics``); they are the reference those are tested against.
 
     Raises:
-        PPQConfigError: for a convolution with string padding (``"same"``) or a padding mode
-            other than zeros, which ``unfold`` cannot reproduce.
+        PPQConfigError: for a convolution whose padding :func:`conv_input` refuses.
     """
     if isinstance(layer, nn.Conv2d):
-        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-            raise PPQConfigError(
-                f"a Conv2d with padding={layer.padding!r}, padding_mode={layer.padding_mode!r} "
-                "cannot be calibrated (its input patches are not those of unfold); list it in "
-                "`ignore`."
-            )
-        if type(layer).__name__ == "Conv2dSame":  # timm: pads in its forward, then convolves
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
-        patches = nn.functional.unfold(
-            x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
-        )  # (B, C*kh*kw, L)
-        rows = patches.transpose(1, 2).flatten(0, 1)  # (B*L, C*kh*kw)
-        if layer.groups == 1:
-            return rows
-        return rows.reshape(rows.shape[0], layer.groups, -1).transpose(0, 1)  # (g, n, cols)
+        patches = conv_patches(*conv_input(layer, x))  # (B, g, cols, L)
+        rows = patches.permute(1, 0, 3, 2).flatten(1, 2)  # (g, B*L, cols)
+        return rows[0] if layer.groups == 1 else rows
     return x.flatten(0, -2)

@@ -45,12 +45,9 @@ def accumulate_hessian(
     x: Tensor,
     n_seen: int,
     dtype: torch.dtype = torch.float32,
-    grouped: bool = False,
 ) -> tuple[Tensor, int]:
     """Running ``2 X^T X / N`` over the rows of ``x`` (``(n, cols)``); returns ``(H, N)``.
-
-    With ``grouped``, ``x`` is ``(groups, n, cols)``, the inputs of each group of a grouped
-    convolution, and ``H`` is ``(groups, cols, cols)``: one Hessian per group.
+    (A convolution's Hessian comes from ``ops.conv_statistics``, without these rows.)
 
     ``h`` is updated in place (one ``(cols, cols)`` product is the only temporary). With
     ``dtype=torch.float64`` the products and the sum are in float64, whose rounding is far below
@@ -59,10 +56,10 @@ def accumulate_hessian(
     float64 running mean are not enough: their rounding, rescaled at each batch's position and
     amplified where entries cancel, still flips 0.4 % of the float32 entries in the test's case.
     """
-    x = (x if grouped else x.reshape(-1, x.shape[-1])).to(dtype)  # ([groups,] n, cols)
-    n_new = n_seen + x.shape[-2]
+    x = x.reshape(-1, x.shape[-1]).to(dtype)  # (n, cols)
+    n_new = n_seen + x.shape[0]
     if h is None:
-        h = torch.zeros(*x.shape[:-2], x.shape[-1], x.shape[-1], device=x.device, dtype=dtype)
+        h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device, dtype=dtype)
     h.mul_(n_seen / n_new)
     x = x * (2.0 / n_new) ** 0.5
     h += x.mT @ x

@@ -17,14 +17,12 @@ def accumulate_act_norms(
     x: Tensor,
     n_seen: int,
     dtype: torch.dtype = torch.float32,
-    grouped: bool = False,
 ) -> tuple[Tensor, int]:
     """Running mean of ``x_j^2`` per input feature over the rows of ``x`` (``(n, cols)``),
-    accumulated in ``dtype``; with ``grouped``, ``x`` is ``(groups, n, cols)`` (a grouped
-    convolution) and the result ``(groups, cols)``."""
-    x = (x if grouped else x.reshape(-1, x.shape[-1])).to(dtype)
-    n_new = n_seen + x.shape[-2]
-    total = x.pow(2).sum(dim=-2)  # ([groups,] cols)
+    accumulated in ``dtype`` (a convolution's comes from ``ops.conv_statistics``)."""
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    n_new = n_seen + x.shape[0]
+    total = x.pow(2).sum(dim=0)  # (cols,)
     if acc is None:
         return total / n_new, n_new
     return acc * (n_seen / n_new) + total / n_new, n_new

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ppq_lightning.calibration.blocks import (
+    feeds_directly,
     find_blocks,
     renumber_blocks,
     set_depth,
@@ -220,3 +221,30 @@ def test_renumber_blocks_of_a_tiny_llama():
     blocks = subset_blocks(model.model.layers, [1, 2])
     renumber_blocks(blocks)
     assert [block.self_attn.layer_idx for block in blocks] == [0, 1]
+
+
+class _Stage(nn.Sequential):
+    def forward(self, x):  # not pure composition
+        return super().forward(x) * 2
+
+
+def test_feeds_directly_only_through_plain_sequentials():
+    import torchvision
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
+        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
+        _Stage(nn.Linear(2, 2), nn.Linear(2, 2)),
+    )
+    assert feeds_directly(model, "0.0", "0.1")
+    assert feeds_directly(model, "0.1", "1.0")  # last of a stage -> first of the next
+    assert not feeds_directly(model, "0.0", "1.0")  # 0.1 runs between them
+    assert not feeds_directly(model, "0.1", "1.1")
+    assert not feeds_directly(model, "1.1", "2.0")  # into a stage with its own forward
+    assert not feeds_directly(model, "2.0", "2.1")
+    assert not feeds_directly(model, "0", "0.1")  # one holds the other
+    resnet = torchvision.models.resnet18()
+    assert feeds_directly(resnet, "layer1.0", "layer1.1")
+    assert not feeds_directly(resnet, "layer1.1", "layer2.0")  # ResNet.forward calls them
+    llama = tiny_causal_lm(TINY_LLAMA, 2)
+    assert not feeds_directly(llama, "model.layers.0", "model.layers.1")  # a ModuleList

@@ -295,6 +295,19 @@ FAMILY_CHAINS = {
 }
 
 
+FAMILY_CAPTURES = {
+    **{family: blocks - 1 for family, blocks in FAMILY_CHAINS.items()},
+    "torchvision-resnet18": 3,  # across stages only (ResNet.forward calls them)
+    "timm-resnet18": 3,
+    "timm-vit": 0,  # blocks: a plain Sequential
+    "timm-efficientnet-lite0": 0,  # blocks: a plain Sequential of plain Sequentials
+    "torchvision-mobilenet-v2": 0,  # features: the same
+    "timm-convnext": 3 + 4,  # into each stage's downsample, then its first block
+}
+"""Capture passes the engine makes: one per block that the model does not provably feed the
+previous block's output alone (``feeds_directly``)."""
+
+
 def _family_batches(model: nn.Module) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     if hasattr(model, "config"):  # a causal LM: 3 batches of 2 x 16 token ids
@@ -362,9 +375,10 @@ def test_every_target_layer_sees_exactly_what_a_plain_forward_gives_it(family, c
         seen[name].append(x.detach().clone())
 
     halve = _halve if calibrate_on == "compressed" else (lambda layers: None)
-    calibrate_sequentially(
+    report = calibrate_sequentially(
         model, targets, batches, observe, halve, calibrate_on=calibrate_on, forward=_family_forward
     )
+    assert report.capture_passes == FAMILY_CAPTURES[family]
     for name in targets:
         assert len(seen[name]) == len(expected[name]) == len(batches), name
         for got, want in zip(seen[name], expected[name], strict=True):

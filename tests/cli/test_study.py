@@ -30,7 +30,7 @@ def test_stage_overrides_change_arguments_and_methods():
     stages = [
         {
             "class_path": "ppq_lightning.callbacks.MagnitudePruning",
-            "init_args": {"name": "P", "sparsity": 0.5, "scope": "layer"},
+            "init_args": {"name": "P", "sparsity": 0.5, "scope": "layer", "ramp": {"end_step": 9}},
         },
         {
             "class_path": "ppq_lightning.callbacks.RTNQuantization",
@@ -38,7 +38,8 @@ def test_stage_overrides_change_arguments_and_methods():
         },
     ]
     apply_overrides(stages, [*overrides, ("P", "class_path", "Wanda")])
-    assert stages[0]["init_args"] == {"name": "P", "sparsity": 0.7}  # scope is not Wanda's
+    # shared arguments are kept (Wanda has a scope too), the others dropped (ramp)
+    assert stages[0]["init_args"] == {"name": "P", "sparsity": 0.7, "scope": "layer"}
     assert stages[0]["class_path"] == "ppq_lightning.callbacks.wanda.Wanda"
     assert stages[1]["init_args"]["bits"] == 3
     with pytest.raises(PPQConfigError, match="no stage is named 'X'; named stages: P, Q"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,31 +42,67 @@ from ppq_lightning.cli.experiments import (
 )
 from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.compressed.invariants import check_invariants
+from ppq_lightning.errors import bad_value
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.order.evaluation import evaluate_module
 from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
 
+DEFAULT_METHODS = [
+    "rtn4", "rtn3", "gptq4", "gptq3", "magnitude50", "magnitude2_4", "wanda50",
+    "wanda50_layer", "wanda2_4", "sparsegpt50", "sparsegpt2_4", "channels30",
+]  # fmt: skip
+METHOD_NAME = re.compile(
+    r"^(?:(?P<quant>rtn|gptq)(?P<bits>\d+)"
+    r"|(?P<prune>magnitude|wanda|sparsegpt)(?:(?P<n>\d+)_(?P<m>\d+)|(?P<percent>\d+)(?P<layer>_layer)?)"
+    r"|channels(?P<channels>\d+))$"
+)
+PRUNING = {"magnitude": MagnitudePruning, "wanda": Wanda, "sparsegpt": SparseGPT}
 
-def methods(n: int, b_orig: int, nm_ignore: list[str]) -> dict[str, CompressionCallback]:
-    """The methods by short name (``n`` calibration batches)."""
-    common = {"b_orig": b_orig, "log_layers": False}
+
+def not_dividing(widths: dict[str, int], m: int) -> list[str]:
+    """The layers whose input size is not a multiple of ``m`` (an N:M pattern skips them)."""
+    return [layer for layer, cols in widths.items() if cols % m]
+
+
+def method(name: str, n: int, b_orig: int, widths: dict[str, int]) -> CompressionCallback:
+    """A method from its short name (``n`` calibration batches): ``rtn4``, ``gptq3`` (bits),
+    ``magnitude50``, ``wanda25``, ``sparsegpt50`` (percent sparsity), ``wanda50_layer`` (Wanda's
+    per-layer scope), ``sparsegpt2_4`` (N:M; the layers whose input size ``widths[layer]`` M
+    does not divide are left out), ``channels30`` (DepGraph channel ratio, percent).
+
+    Raises:
+        PPQConfigError: on a name of none of these forms.
+    """
+    found = METHOD_NAME.match(name)
+    if found is None:
+        raise bad_value(
+            "methods",
+            name,
+            "rtn<bits>, gptq<bits>, magnitude|wanda|sparsegpt"
+            "<percent> or <N>_<M>, wanda<percent>_layer, or channels<percent>",
+        )
+    common = {"b_orig": b_orig, "log_layers": False, "name": name}
     calibrated = {**common, "num_calibration_batches": n}
-    nm = {"pattern": "2:4", "ignore": nm_ignore or None}
-    return {
-        "rtn4": RTNQuantization(bits=4, name="rtn4", **common),
-        "rtn3": RTNQuantization(bits=3, name="rtn3", **common),
-        "gptq4": GPTQ(bits=4, name="gptq4", **calibrated),
-        "gptq3": GPTQ(bits=3, name="gptq3", **calibrated),
-        "magnitude50": MagnitudePruning(sparsity=0.5, name="magnitude50", **common),
-        "magnitude2_4": MagnitudePruning(name="magnitude2_4", **nm, **common),
-        "wanda50": Wanda(sparsity=0.5, name="wanda50", **calibrated),
-        "wanda50_layer": Wanda(sparsity=0.5, scope="layer", name="wanda50_layer", **calibrated),
-        "wanda2_4": Wanda(name="wanda2_4", **nm, **calibrated),
-        "sparsegpt50": SparseGPT(sparsity=0.5, name="sparsegpt50", **calibrated),
-        "sparsegpt2_4": SparseGPT(name="sparsegpt2_4", **nm, **calibrated),
-        "channels30": DepGraphPruning(ratio=0.3, name="channels30", **common),
-    }
+    part = found.groupdict()
+    if part["quant"]:
+        bits = int(part["bits"])
+        return (
+            RTNQuantization(bits=bits, **common)
+            if part["quant"] == "rtn"
+            else GPTQ(bits=bits, **calibrated)
+        )
+    if part["channels"]:
+        return DepGraphPruning(ratio=int(part["channels"]) / 100, **common)
+    cls = PRUNING[part["prune"]]
+    kwargs = calibrated if cls is not MagnitudePruning else common
+    if part["n"]:
+        ignore = [rf"^{re.escape(layer)}$" for layer in not_dividing(widths, int(part["m"]))]
+        return cls(pattern=f"{part['n']}:{part['m']}", ignore=ignore or None, **kwargs)
+    if part["layer"] and cls is not Wanda:
+        raise bad_value("methods", name, "the _layer suffix on wanda only")
+    scope = {"scope": "layer"} if part["layer"] else {}
+    return cls(sparsity=int(part["percent"]) / 100, **scope, **kwargs)
 
 
 def block_floor(model: Any, batches: list[Any]) -> float:
@@ -81,7 +118,9 @@ def block_floor(model: Any, batches: list[Any]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__)
-    parser.add_argument("--methods", type=list[str] | None, default=None, help="default: all")
+    parser.add_argument(
+        "--methods", type=list[str] | None, default=None, help=f"default: {DEFAULT_METHODS}"
+    )
     parser.add_argument(
         "--pairs",
         type=list[list[str]],
@@ -96,17 +135,21 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = list(data.calibration_dataloader())[: args.num_calibration_batches]
     b_orig = getattr(module, "b_orig", 32)
     targets = resolve_targets(module)
-    nm_ignore = [rf"^{n}$" for n, m in targets.items() if weight_matrix(m).shape[1] % 4]
-    table = methods(args.num_calibration_batches, b_orig, nm_ignore)
-    chosen = args.methods or list(table)
+    widths = {name: weight_matrix(layer).shape[1] for name, layer in targets.items()}
+    chosen = args.methods or DEFAULT_METHODS
+    wanted = dict.fromkeys([*chosen, *(name for pair in args.pairs for name in pair)])
+    table = {name: method(name, args.num_calibration_batches, b_orig, widths) for name in wanted}
     bn = recalibration(args.num_calibration_batches, b_orig=b_orig)
     chain = find_block_chain(module)
     floor = block_floor(module, calibration)
     dense = evaluate_module(module, evaluation)
+    dense_bn = copy.deepcopy(module)
+    copy.deepcopy(bn).apply(dense_bn, dataloader=calibration)
     metric = getattr(module, "metric_name", "acc")
     rows: list[dict[str, Any]] = [
         {"method": "dense", **dense, "measured_C": 1.0, "seconds": 0.0, "block_passes": 0}
     ]
+    rows[0][f"{metric}+BN"] = evaluate_module(dense_bn, evaluation)[metric]
 
     def measure(label: str, stages: list[CompressionCallback]) -> None:
         model = copy.deepcopy(module)
@@ -141,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "calibration_images": sum(len(batch_input(b)) for b in calibration),
         "evaluation_images": sum(len(batch_input(b)) for b in evaluation),
         "floor_seconds": floor,
-        "nm_skipped_layers": [p[1:-1] for p in nm_ignore],
+        "not_multiple_of_4": not_dividing(widths, 4),
         "rows": rows,
     }
     write_json(out / "report.json", report)
@@ -161,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recalibration on the calibration images; `block_passes`: block forwards over the "
         f"calibration set made by the layer-wise engine ({report['blocks']} is one pass). 2:4 "
         "patterns skip "
-        f"{len(nm_ignore)} layers whose input size is not a multiple of 4.",
+        f"{len(not_dividing(widths, 4))} layers whose input size is not a multiple of 4.",
         "",
         markdown_table(rows, columns),
     ]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ppq_lightning.errors import PPQConfigError
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -37,7 +39,7 @@ def test_methods_and_both_orders_of_a_pair(fashion_mnist_root, tmp_path):
     assert list(rows) == ["dense", "rtn4", "wanda2_4", "magnitude50>rtn4", "rtn4>magnitude50"]
     assert report["calibration_images"] == 32 and report["evaluation_images"] == 64
     assert report["floor_seconds"] > 0 and report["blocks"] > 0
-    assert rows["dense"]["measured_C"] == 1.0
+    assert rows["dense"]["measured_C"] == 1.0 and 0.8 < rows["dense"]["acc+BN"] <= 1.0
     assert rows["rtn4"]["measured_C"] == pytest.approx(8.0, rel=0.05)  # 32 -> 4 bits
     assert rows["wanda2_4"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     for name in ("magnitude50>rtn4", "rtn4>magnitude50"):
@@ -51,3 +53,18 @@ def test_methods_and_both_orders_of_a_pair(fashion_mnist_root, tmp_path):
     assert [row["method"] for row in saved["rows"]] == list(rows)
     text = (out / "README.md").read_text()
     assert "| rtn4>magnitude50 |" in text and "vision_methods.py" in text
+
+
+def test_method_names_build_their_stage():
+    script = _script()
+    widths = {"conv3x3": 144, "depthwise": 9}
+    stage = script.method("sparsegpt2_4", 2, 32, widths)
+    assert (type(stage).__name__, stage.pattern) == ("SparseGPT", "2:4")
+    assert stage.ignore == ["^depthwise$"] and stage.num_calibration_batches == 2
+    assert script.method("wanda25_layer", 2, 32, widths).scope == "layer"
+    assert script.method("magnitude30", 2, 32, widths).sparsity == pytest.approx(0.3)
+    assert script.method("gptq6", 2, 32, widths).bits == 6
+    assert script.method("channels10", 2, 32, widths).ratio == pytest.approx(0.1)
+    for bad in ("rtn", "magnitude50_layer", "quant4"):
+        with pytest.raises(PPQConfigError, match=f"methods='{bad}'"):
+            script.method(bad, 2, 32, widths)

@@ -24,7 +24,10 @@ from typing import Any
 import torch
 
 from ppq_lightning.calibration.blocks import find_block_chain
+from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import batch_input
+from ppq_lightning.calibration.engine import observing
+from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks import (
     GPTQ,
     CompressionCallback,
@@ -105,15 +108,19 @@ def method(name: str, n: int, b_orig: int, widths: dict[str, int]) -> Compressio
     return cls(sparsity=int(part["percent"]) / 100, **scope, **kwargs)
 
 
-def block_floor(model: Any, batches: list[Any]) -> float:
-    """Seconds of one forward pass of the model over the calibration batches (the floor)."""
-    with torch.no_grad():
-        model.eval()
+def block_floor(model: Any, batches: list[Any], statistic: str | None = None) -> float:
+    """Seconds of one forward pass of the model over the calibration batches (the floor); with
+    ``statistic`` (``"hessian"``), every target layer's statistic is accumulated on the way:
+    the least any method reading it must do (for a k x k convolution ``X^T X`` costs
+    ``k^2 C_in / C_out`` times the FLOPs of the layer's own forward)."""
+    observe = LayerStatistics(statistic).observe if statistic else lambda *args: None
+    with torch.no_grad(), evaluating(model):
         model(batch_input(batches[0]))  # warm-up
-        start = time.perf_counter()
-        for batch in batches:
-            model(batch_input(batch))
-    return time.perf_counter() - start
+        with observing(resolve_targets(model), observe):
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch_input(batch))
+            return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     bn = recalibration(args.num_calibration_batches, b_orig=b_orig)
     chain = find_block_chain(module)
     floor = block_floor(module, calibration)
+    hessian_floor = block_floor(module, calibration, "hessian")
     dense = evaluate_module(module, evaluation)
     dense_bn = copy.deepcopy(module)
     copy.deepcopy(bn).apply(dense_bn, dataloader=calibration)
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary = compression_summary(model, b_orig)
         row = {"method": label, **evaluate_module(model, evaluation)}
         row.update(measured_C=summary.measured_C, sparsity=summary.sparsity, seconds=seconds)
-        row.update(x_floor=seconds / floor, block_passes=passes)
+        row.update(x_floor=seconds / floor, x_hessian_floor=seconds / hessian_floor)
+        row["block_passes"] = passes
         recalibrated = copy.deepcopy(model)
         copy.deepcopy(bn).apply(recalibrated, dataloader=calibration)
         row[f"{metric}+BN"] = evaluate_module(recalibrated, evaluation)[metric]
@@ -184,11 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
         "calibration_images": sum(len(batch_input(b)) for b in calibration),
         "evaluation_images": sum(len(batch_input(b)) for b in evaluation),
         "floor_seconds": floor,
+        "hessian_floor_seconds": hessian_floor,
         "not_multiple_of_4": not_dividing(widths, 4),
         "rows": rows,
     }
     write_json(out / "report.json", report)
     columns = ["method", metric, f"{metric}+BN", "measured_C", "sparsity", "seconds", "x_floor"]
+    columns.append("x_hessian_floor")
     columns.append("block_passes")
     columns += [c for c in ("kl", "acc5") if c in rows[0]]
     text = [
@@ -200,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"{report['calibration_images']} calibration images, {report['evaluation_images']} "
         f"evaluation images; floor (one forward pass of the model over the calibration set) "
-        f"{floor:.2f} s, {report['blocks']} blocks. `{metric}+BN`: after BatchNorm "
+        f"{floor:.2f} s, with every target's Hessian accumulated {hessian_floor:.2f} s (the "
+        f"least GPTQ/SparseGPT can take), {report['blocks']} blocks. `{metric}+BN`: after "
+        "BatchNorm "
         "recalibration on the calibration images; `block_passes`: block forwards over the "
         f"calibration set made by the layer-wise engine ({report['blocks']} is one pass). 2:4 "
         "patterns skip "

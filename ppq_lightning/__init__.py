@@ -18,8 +18,17 @@ __all__ = [
     "PPQConfigError",
     "check_invariants",
     "compression_summary",
+    "export",
     "nominal_compression_rate",
     "order_advantage",
     "performance_gap",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:  # PEP 562: the callable export package, imported lazily
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("ppq_lightning.export")
+    raise AttributeError(f"module 'ppq_lightning' has no attribute {name!r}")

@@ -181,7 +181,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from ppq_lightning.calibration.blocks import find_blocks
     from ppq_lightning.callbacks.calibrated import CalibratedCompression
 
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     name, _, corpus = args.one.partition("@")
     calibration = data["calibration_other" if corpus == "news" else "calibration"]
     module = load_module(args).to(args.device)

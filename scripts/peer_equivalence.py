@@ -38,7 +38,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 import llmcompressor.modifiers.gptq.base as base
 folder = sys.argv[1]
 model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-calib = torch.load(folder + "/calibration.pt")
+calib = torch.load(folder + "/calibration.pt", weights_only=True)
 names = {m: n for n, m in model.named_modules()}
 hessians, inputs = {}, {}
 prepare = base.prepare_batch
@@ -164,8 +164,8 @@ def main() -> None:
         calibration = build(args, folder)
         mine, my_hessians, my_inputs = ours(folder, calibration)
         subprocess.run([args.peer_python, "-c", PEER, str(folder)], check=True)
-        peer = torch.load(folder / "peer.pt")
-        statistics = torch.load(folder / "peer_statistics.pt")
+        peer = torch.load(folder / "peer.pt", weights_only=True)
+        statistics = torch.load(folder / "peer_statistics.pt", weights_only=True)
     print(f"{'layer':45s} {'differing':>10s} {'max |diff|':>11s} {'H rel. diff':>12s}")
     for name, weight in mine.items():
         diff = (weight - peer[name].float()).abs()

@@ -330,7 +330,7 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False here")
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     calibration, evaluation = data["calibration"], data["evaluation"]
     n_calibration, seqlen = calibration.shape
     model, tokenizer = load_model_and_tokenizer(args)

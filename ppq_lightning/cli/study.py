@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,10 +28,12 @@ from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
 from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.reports import write_text_atomic
 from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
 
 OVERRIDE = re.compile(r"--([A-Za-z][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$", re.S)
 TOP_LEVEL = {"model", "data", "logger", "config"}
+STUDY_CONFIG = "study.yaml"
 
 
 def study_parser() -> ArgumentParser:
@@ -200,6 +203,8 @@ def study_main(argv: list[str]) -> StudyResult:
         else parser.instantiate_classes(cfg)
     )
     L.seed_everything(init.seed, verbose=False)
+    # what `ppq export --from-study` rebuilds the study's models from
+    write_text_atomic(Path(init.output_dir) / STUDY_CONFIG, parser.dump(cfg, skip_none=False))
     return run_study(
         init.model,
         init.data,

@@ -66,8 +66,9 @@ class HistoryEntry(TypedDict):
         sparsity, pattern: a pruning stage's target (CoDeQ: the learned sparsity).
         edit: the structural edit the entry records (``ppq_lightning.edits``), replayed when a
             fresh model loads the state.
-        container, removed: block removal: the container's attribute on the recording module
-            and the removed block indices.
+        container, removed, depth_config: block removal: the container's attribute on the
+            recording module, the removed block indices, and the HF config's depth fields as
+            they were before (what rebuilds the original architecture).
         kept_rows, kept_cols: channel pruning: the rows / input columns the layer kept.
         shared_basis: basis sharing: what rebuilds the factorised layer.
         removed_weights: original weights the edit removed (stored in 0 bits).
@@ -83,6 +84,7 @@ class HistoryEntry(TypedDict):
     edit: NotRequired[str]
     container: NotRequired[str]
     removed: NotRequired[list[int]]
+    depth_config: NotRequired[dict[str, Any]]
     kept_rows: NotRequired[list[int]]
     kept_cols: NotRequired[list[int]]
     shared_basis: NotRequired[dict[str, Any]]

@@ -153,7 +153,7 @@ def record_mask(module: nn.Module, mask: Tensor) -> CompressionState:
     mask = to_weight_layout(module, mask.to(device=module.weight.device, dtype=torch.bool))
     if state.mask is not None:
         mask = mask & state.mask
-    module.weight.data.mul_(mask)
+    module.weight.data.masked_fill_(~mask, 0)  # +0.0, never -0.0: zeros are bit-exact
     state.mask = mask.contiguous()
     return state
 

@@ -17,6 +17,9 @@ from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import is_compressible
 
 BLOCK_REMOVAL = "remove_blocks"
+# the HF config fields a removal changes, recorded as they were before it (``depth_config``):
+# what an export's loader builds the original architecture from
+DEPTH_CONFIG = ("num_hidden_layers", "n_layer", "num_layers", "layer_types")
 
 
 def remove_blocks(model: nn.Module, name: str, indices: list[int]) -> int:
@@ -52,6 +55,9 @@ def remove_and_record(
 ) -> HistoryEntry:
     """Remove the blocks ``indices`` of the container ``name`` and record the edit (with the
     stage's ``entry``) on the container's parent; returns the recorded entry."""
+    configs = (m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict"))
+    config = next(configs, None)
+    depth = {f: getattr(config, f) for f in DEPTH_CONFIG if getattr(config, f, None) is not None}
     removed_weights = remove_blocks(model, name, indices)
     parent, attribute = parent_of(model, name)
     record: HistoryEntry = {
@@ -60,6 +66,7 @@ def remove_and_record(
         "container": attribute,
         "removed": list(indices),
         "removed_weights": removed_weights,
+        "depth_config": depth,
     }
     record_stage(parent, record)
     return record

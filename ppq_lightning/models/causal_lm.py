@@ -25,7 +25,8 @@ class CausalLMModule(L.LightningModule):
     ``test/ppl``, ``test/loss``, ``train/loss``.
 
     Args:
-        model: ``"smollm2-135m"`` (offline default), a local directory or a HF hub id.
+        model: ``"smollm2-135m"`` (offline default), a local ``.gguf`` file, a local directory
+            or a HF hub id.
         model_config: build a randomly initialised model from this config instead (tests).
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         learning_rate: AdamW learning rate for ``fit``.

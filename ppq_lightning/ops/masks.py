@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import PPQConfigError, bad_value, check_number
+from ppq_lightning.ops.packing import pack_bits, unpack_bits
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -164,20 +165,11 @@ def global_masks(
     ]
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
 def pack_mask(mask: Tensor) -> Tensor:
     """Pack a bool mask of any shape into bits: uint8 ``(ceil(numel / 8),)``, 8x smaller."""
-    flat = mask.flatten().to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return pack_bits(mask)
 
 
 def unpack_mask(bits: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`pack_mask`: the bool mask of ``shape``."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
-    return ((bits[:, None] & weights) != 0).flatten()[: math.prod(shape)].reshape(shape)
+    return unpack_bits(bits, math.prod(shape)).reshape(shape)

@@ -129,5 +129,5 @@ def compute_grid(
     if symmetric:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
-        zero = torch.round(-xmin / scale)
+        zero = torch.round(-xmin / scale) + 0.0  # +0.0, never -0.0 (bit-exact exports)
     return QuantGrid(scale, zero, bits, group_size, symmetric)

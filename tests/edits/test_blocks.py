@@ -73,7 +73,9 @@ def test_remove_and_record_records_on_the_container_parent():
         "container": "layers",
         "removed": [0, 3],
         "removed_weights": weights,
+        "depth_config": {"num_hidden_layers": 4},
     }
+    assert model.config.num_hidden_layers == 2  # the record keeps the depth before the removal
     assert get_state(model.model).history == [record]
     assert get_state(model) is None and get_state(model.model.layers) is None
     assert len(model.model.layers) == 2

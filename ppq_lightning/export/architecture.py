@@ -1,0 +1,113 @@
+"""What rebuilds the uncompressed architecture of an exported model, as a JSON record.
+
+An export stores the weights; the loader needs the module tree they fit, before the structural
+edits its history replays. Three kinds are recorded:
+
+- ``transformers``: a Hugging Face model, by its class name and ``config.to_dict()``;
+- ``image_classifier``: a model of :class:`~ppq_lightning.models.ImageClassifierModule`, by the
+  arguments that built it (rebuilt without downloading: pretrained weights are overwritten);
+- ``module``: any other ``nn.Module``, by its class name only: the loader must be handed a
+  freshly built one (``load_compressed(path, model=...)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppq_lightning.compressed.state import compressed_modules
+from ppq_lightning.edits.blocks import BLOCK_REMOVAL
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.models.image_classifier import ImageClassifierModule
+
+# the ImageClassifierModule arguments that decide the architecture
+_CLASSIFIER_ARGS = ("model", "source", "num_classes", "in_chans", "model_kwargs", "small_input")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a LightningModule of this project (``.model``), else ``model``."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(model, "evaluate") else model
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def wrap(built: nn.Module, wrapper: str | None) -> nn.Module:
+    """What an export of a LightningModule (``wrapper``: its class name) loads back into."""
+    from ppq_lightning.models import CausalLMModule
+
+    if wrapper == "CausalLMModule":
+        return CausalLMModule.from_model(built)
+    if wrapper in (None, "ImageClassifierModule"):  # build() made the module itself
+        return built
+    raise PPQConfigError(f"the export was made from a {wrapper}; pass one: model=...")
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The architecture record of ``model`` (a LightningModule of this project or a network)."""
+    if isinstance(model, ImageClassifierModule) and "model" in model.hparams:
+        args = {key: model.hparams.get(key) for key in _CLASSIFIER_ARGS}
+        return {"kind": "image_classifier", "args": args}
+    network = unwrap(model)
+    config = getattr(network, "config", None)
+    if config is not None and hasattr(config, "to_dict") and hasattr(network, "from_pretrained"):
+        record = {"kind": "transformers", "class": type(network).__name__}
+        return record | {"config": _original_config(network, config.to_dict())}
+    return {"kind": "module", "class": f"{type(network).__module__}.{type(network).__qualname__}"}
+
+
+def _original_config(network: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it was before any block removal (from the first removal's record).
+
+    Raises:
+        PPQConfigError: for a removal recorded before ``depth_config`` was (re-run the stage).
+    """
+    for _, _, state in compressed_modules(network):
+        for entry in state.history:
+            if entry.get("edit") == BLOCK_REMOVAL:
+                if "depth_config" not in entry:
+                    raise PPQConfigError(
+                        "the model's block removal was recorded by an older ppq-lightning "
+                        "without the original depth: re-run the stage to export it."
+                    )
+                return config | entry["depth_config"]
+    return config
+
+
+def build(record: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A freshly initialised model of the recorded architecture, in ``dtype``, eval mode: a
+    transformers network, or an ``ImageClassifierModule`` (which holds its network).
+
+    Raises:
+        PPQConfigError: for a ``module`` record (the caller must pass the model) or an unknown
+            transformers class.
+    """
+    kind = record.get("kind")
+    if kind == "transformers":
+        import transformers
+
+        config = dict(record["config"])
+        model_type = config.pop("model_type")
+        hf_config = transformers.AutoConfig.for_model(model_type, **config)
+        cls = getattr(transformers, record["class"], None)
+        if cls is None:
+            raise PPQConfigError(
+                f"the export was made from transformers class {record['class']!r}, which this "
+                f"transformers {transformers.__version__} does not have."
+            )
+        with torch.random.fork_rng(devices=[]):  # every weight is overwritten by the export
+            return cls._from_config(hf_config, dtype=dtype).eval()
+    if kind == "image_classifier":
+        return ImageClassifierModule(**record["args"]).to(dtype).eval()
+    raise PPQConfigError(
+        f"the export holds a {record.get('class', 'custom')} model, which it cannot rebuild by "
+        "itself: pass a freshly built one, load_compressed(path, model=MyModel(...))."
+    )

@@ -1,0 +1,318 @@
+"""compressed-tensors export (what transformers and vLLM read), and :func:`load_pretrained`.
+
+Written with the ``compressed-tensors`` library (no llm-compressor): every quantized layer gets
+a weight-only ``pack-quantized`` scheme (``int``, 2/4/8 bits, ``channel`` or ``group``,
+symmetric or asymmetric), one config group per distinct scheme with the exact layer names as
+targets (upstream, group order decides overlaps; ours never overlap). Our codes ``q`` in
+``[0, 2**b)`` with integer zero ``z`` become compressed-tensors' signed codes ``q - 2**(b-1)``
+and, asymmetric, signed zero points ``z - 2**(b-1)``: ``(q - z) * scale`` is unchanged.
+
+Facts of the upstream releases this module handles (docs/export.md says more):
+
+- asymmetric grids do not load through transformers' default path (zero points do not get
+  their packed shape in the meta-device branch of the packed compressor): :func:`load_pretrained`
+  builds the model on real tensors and decompresses it; symmetric grids load either way;
+- ``CompressedTensorsConfig(dequantize=True)`` applies the first scheme to every layer, so a
+  mixed-precision export loads through :func:`load_pretrained` or the default path (symmetric);
+- odd widths (3, 5, 6, 7 bits) changed packing layout between releases: refused;
+- the sparsity formats (``sparse-24-bitmask``, ``marlin-24``) were removed upstream and vLLM
+  raises on them: pruned weights are exact zeros in the packed codes, and the masks (with the
+  grids and histories) go to the side file ``ppq_state.safetensors`` that
+  :func:`load_pretrained` reads back; no ``sparsity_config`` is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppq_lightning.compressed.accounting import counted_layers
+from ppq_lightning.compressed.invariants import check_invariants
+from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, ensure_state
+from ppq_lightning.errors import PPQConfigError, check_choice
+from ppq_lightning.export.architecture import describe, floating_dtype, unwrap
+from ppq_lightning.export.folder import counted_bytes, open_safetensors
+from ppq_lightning.modules.tree import find_module
+from ppq_lightning.modules.views import as_matrix, to_weight_layout
+from ppq_lightning.ops.quant_grid import QuantGrid
+
+CT_BITS = (2, 4, 8)
+VLLM_ZERO_POINT_BITS = (4, 8)
+VLLM_GROUP_SIZES = (-1, 32, 64, 128)
+SIDE_FILE = "ppq_state.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_PARTS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def _export_dtype(network: nn.Module, dtype: str | None) -> torch.dtype:
+    if dtype is None:
+        return floating_dtype(network)
+    return DTYPES[check_choice("dtype", dtype, DTYPES)]
+
+
+def _edits(network: nn.Module) -> list[str]:
+    """Layers whose history records a structural edit or whose adapters are still unmerged."""
+    found = []
+    for name, module, state in compressed_modules(network):
+        if any(
+            "edit" in entry or entry.get("adapter_weights") for entry in state.history
+        ) or not isinstance(getattr(module, "weight", None), Tensor):
+            found.append(name or "<root>")
+    return found
+
+
+def check(model: nn.Module, dtype: str | None = None) -> None:
+    """Refuse what compressed-tensors cannot represent, before anything is written; warn about
+    what vLLM's kernels will not run.
+
+    Raises:
+        PPQConfigError: for a model that is not a transformers model, structural edits or
+            unmerged adapters, a width outside 2/4/8, or weights off their recorded grids.
+    """
+    network = unwrap(model)
+    _export_dtype(network, dtype)
+    if describe(model)["kind"] != "transformers":
+        raise PPQConfigError(
+            f"format='compressed-tensors' exports transformers models, not "
+            f"{type(network).__name__}; use format='ppq' for other models."
+        )
+    edited = _edits(network)
+    if edited:
+        raise PPQConfigError(
+            f"format='compressed-tensors' describes the original architecture, but {edited[:3]} "
+            "carry structural edits or unmerged LoRA adapters (removed blocks or channels, shared "
+            "bases, adapters): merge adapters (LoRAFineTune(merge='at_end')) or use format='ppq' "
+            "(structural edits) / format='peft' (adapters)."
+        )
+    for name, _, state in compressed_modules(network):
+        if state.bits is not None and state.bits not in CT_BITS:
+            raise PPQConfigError(
+                f"{name}: bits={state.bits} is not exported to compressed-tensors: allowed "
+                f"{list(CT_BITS)} (odd widths changed packing layout between compressed-tensors "
+                "releases); use format='ppq', which packs any width."
+            )
+    check_invariants(network)
+    _warn_vllm_limits(network)
+
+
+def _warn_vllm_limits(network: nn.Module) -> None:
+    """One warning per limit of vLLM's kernels that some layers exceed, naming them."""
+    limits: dict[str, list[str]] = {}
+    for name, module, state in compressed_modules(network):
+        if state.bits is None:
+            continue
+        rows, cols = as_matrix(module, module.weight).shape
+        group = state.group_size if state.group_size is not None else -1
+        if not _is_symmetric(state) and state.bits not in VLLM_ZERO_POINT_BITS:
+            limits.setdefault(f"zero points at {state.bits} bits (vLLM: 4 and 8)", []).append(name)
+        if group not in VLLM_GROUP_SIZES:
+            limits.setdefault(f"group size {group} (Marlin: {VLLM_GROUP_SIZES})", []).append(name)
+        if cols % 128 or rows % 64:
+            limits.setdefault("shapes (Marlin: out % 64 == 0, in % 128 == 0)", []).append(name)
+    for limit, names in limits.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        warnings.warn(
+            f"vLLM will not run {len(names)} layer(s) on its kernels, {limit}: "
+            f"{', '.join(names[:3])}{more}.",
+            stacklevel=4,
+        )
+
+
+def _is_symmetric(state: Any) -> bool:
+    """Symmetric in compressed-tensors' sense: every zero point at ``2**(bits-1)``."""
+    return bool(state.symmetric and torch.all(state.zero == 2 ** (state.bits - 1)))
+
+
+def _rounded_grid(state: Any, dtype: torch.dtype) -> QuantGrid:
+    """The recorded grid with its scales rounded to the export dtype (kept float32)."""
+    grid = state.grid
+    scale = grid.scale.to(dtype).to(torch.float32)
+    return QuantGrid(scale, grid.zero, grid.bits, grid.group_size, grid.symmetric)
+
+
+def _schemes(network: nn.Module) -> dict[tuple[int, int | None, bool], list[str]]:
+    """Quantized layers grouped by (bits, group size, symmetric), in model order."""
+    groups: dict[tuple[int, int | None, bool], list[str]] = {}
+    for name, _, state in compressed_modules(network):
+        if state.bits is not None:
+            key = (state.bits, state.group_size, _is_symmetric(state))
+            groups.setdefault(key, []).append(name)
+    return groups
+
+
+def _side_file(network: nn.Module, folder: Path, grids: dict[str, QuantGrid]) -> None:
+    """Masks, export grids and histories of every compressed layer, for ppq to read back."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    records: dict[str, Any] = {}
+    for name, _, state in compressed_modules(network):
+        records[name] = state.get_extra_state()
+        if state.mask_bits is not None:
+            tensors[f"{name}.mask_bits"] = state.mask_bits.cpu()
+        if name in grids:
+            tensors[f"{name}.scale"] = grids[name].scale.cpu()
+            tensors[f"{name}.zero"] = grids[name].zero.cpu()
+    save_file(tensors, str(folder / SIDE_FILE), metadata={"ppq_state": json.dumps(records)})
+
+
+def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, Any]:
+    """Write ``model`` (checked by :func:`check`) as a compressed-tensors folder."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
+    from safetensors.torch import load_file
+
+    network = unwrap(model)
+    export_dtype = _export_dtype(network, dtype)
+    grids = {
+        name: _rounded_grid(state, export_dtype)
+        for name, _, state in compressed_modules(network)
+        if state.bits is not None
+    }
+    copied = copy.deepcopy(network).to(export_dtype)
+    for name, module, _ in list(compressed_modules(copied)):
+        delattr(module, STATE_NAME)
+        if name not in grids:
+            continue
+        grid = grids[name].to(module.weight.device)
+        codes = grid.quantize(as_matrix(module, network.get_submodule(name).weight.detach()))
+        with torch.no_grad():  # on the rounded grid, exactly (see the module docstring)
+            module.weight.copy_(to_weight_layout(module, grid.dequantize(codes)))
+        offset = 2 ** (grid.bits - 1)
+        module.weight_scale = nn.Parameter(grid.scale.to(export_dtype), requires_grad=False)
+        state = network.get_submodule(name).ppq_state
+        if not _is_symmetric(state):
+            zero = (grid.zero - offset).to(torch.int8)
+            module.weight_zero_point = nn.Parameter(zero, requires_grad=False)
+    for (bits, group, symmetric), names in _schemes(network).items():
+        scheme = QuantizationScheme(
+            targets=names,
+            weights=QuantizationArgs(
+                num_bits=bits,
+                type="int",
+                symmetric=symmetric,
+                strategy="channel" if group is None else "group",
+                group_size=group,
+            ),
+        )
+        for name in names:
+            module = copied.get_submodule(name)
+            module.quantization_scheme = scheme
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(copied, quantization_format="pack-quantized")
+    compressor.compress_model(copied)
+    copied.config.dtype = export_dtype
+    copied.save_pretrained(str(folder))
+    compressor.update_config(str(folder))
+    _side_file(network, folder, grids)
+    stored = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        stored.update(load_file(str(file)))
+    return {
+        "layer_bytes": counted_bytes(stored, list(counted_layers(network)), STORED_PARTS),
+        "dtype": str(export_dtype).removeprefix("torch."),
+        "schemes": [
+            {"bits": b, "group_size": g, "symmetric": s, "layers": len(n)}
+            for (b, g, s), n in _schemes(network).items()
+        ],
+    }
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32") -> nn.Module:
+    """Load a compressed-tensors export (ours or any ``pack-quantized`` folder) as a dense
+    transformers model, also where transformers' default path fails (asymmetric grids), and
+    give it back its ppq masks, grids and histories when the side file is there.
+
+    Args:
+        path: the export folder (``config.json`` with a ``quantization_config``).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+
+    Returns:
+        The decompressed causal LM, eval mode; with ``ppq_state.safetensors`` its compressed
+        layers carry their states (``check_invariants`` holds).
+
+    Raises:
+        PPQConfigError: on a folder without a compressed-tensors config, a truncated file, or
+            weights that do not fit the config.
+
+    Example::
+
+        from ppq_lightning.export import load_pretrained
+        model = load_pretrained("exports/smollm2_gptq4_asym")
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    torch_dtype = DTYPES[check_choice("dtype", dtype, DTYPES)]
+    if not (folder / "config.json").is_file():
+        raise PPQConfigError(f"path={str(folder)!r} holds no config.json: not an HF export.")
+    config = AutoConfig.from_pretrained(str(folder))
+    raw = getattr(config, "quantization_config", None)
+    if raw is None:  # nothing quantized (a pruned model): plain weights, exact zeros
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        _restore_states(model, folder / SIDE_FILE)
+        return model.eval()
+    raw = raw if isinstance(raw, dict) else raw.to_dict()
+    del config.quantization_config
+    fields = QuantizationConfig.model_fields
+    quantization = QuantizationConfig.model_validate({k: v for k, v in raw.items() if k in fields})
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    apply_quantization_config(model, quantization)
+    compressor = ModelCompressor(quantization_config=quantization)
+    compressor.compress_model(model)  # real tensors: packed shapes of weights and zero points
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise PPQConfigError(f"{folder} holds no model*.safetensors file.")
+    state_dict: dict[str, Tensor] = {}
+    for file in files:
+        with open_safetensors(file) as handle:
+            state_dict.update({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise PPQConfigError(
+            f"the weights in {folder} do not fit its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}."
+        )
+    if tied:
+        model.tie_weights()
+    compressor.decompress_model(model)
+    _restore_states(model, folder / SIDE_FILE)
+    return model.eval()
+
+
+def _restore_states(model: nn.Module, side_file: Path) -> None:
+    """Attach the masks, grids and histories of the side file to the loaded layers."""
+    if not side_file.is_file():
+        return
+    with open_safetensors(side_file) as handle:
+        records = json.loads((handle.metadata() or {}).get("ppq_state", "{}"))
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    for name, extra in records.items():
+        module = find_module(model, name)
+        if module is None:
+            raise PPQConfigError(f"{side_file} records layer {name!r}, which the model lacks.")
+        state = ensure_state(module)
+        buffers = {b: tensors.get(f"{name}.{b}") for b in ("mask_bits", "scale", "zero")}
+        state.load_state_dict(
+            {b: t for b, t in buffers.items() if t is not None} | {"_extra_state": extra},
+            strict=False,
+        )
+        for b, t in buffers.items():
+            if t is None:
+                setattr(state, b, None)
+    check_invariants(model)

@@ -1,0 +1,312 @@
+"""The native packed format (``format="ppq"``): one safetensors file that rebuilds the compressed
+model bit for bit, with its masks, grids, history and structural edits.
+
+``model.safetensors`` holds the model's state dict (compression states included) with the
+weights of compressed layers encoded:
+
+- ``codes``: a weight on its recorded grid is stored as its integer codes packed at the grid's
+  width (``ops.packing``; two per byte at 4 bits), only at the kept positions when the layer is
+  pruned and that is smaller (as ``compressed.accounting`` counts it); the grid's zero points
+  are packed codes too, its scales fp16 when fp16 holds them exactly (else float32);
+- ``values``: a pruned, unquantized weight is stored as its kept values, when smaller;
+- ``dense``: anything else, as is (also a weight that left its grid, e.g. after training
+  without projection): never lossy.
+
+The masks are the states' own bit-packed buffers (one bit per weight; for 2:4 as small as
+N:M indices). Non-tensor state (grid settings, histories, the structural edits they record)
+and the architecture record go to the file's metadata as JSON, so loading executes no code: a
+fresh model of the recorded architecture replays the edits (``edits.enable_state_loading``)
+and loads the decoded state dict strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppq_lightning.compressed.accounting import counted_layers
+from ppq_lightning.compressed.invariants import check_invariants
+from ppq_lightning.compressed.state import STATE_NAME, compressed_modules
+from ppq_lightning.edits.loading import enable_state_loading
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.export.architecture import build, describe, floating_dtype, unwrap, wrap
+from ppq_lightning.export.folder import counted_bytes, open_safetensors
+from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
+from ppq_lightning.ops.packing import pack_codes, unpack_codes
+from ppq_lightning.ops.quant_grid import QuantGrid
+
+FORMAT, VERSION = "ppq", 1
+WEIGHTS = "model.safetensors"
+# what a compressed layer's weight costs in the file
+STORED_PARTS = ("weight", *(f"{STATE_NAME}.{b}" for b in ("scale", "zero", "mask_bits")))
+_DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def _bits_equal(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same bits (unlike ``torch.equal``, -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def _grid_of(state: Any) -> QuantGrid | None:
+    grid = state.grid
+    return None if grid is None else grid.to(state.scale.device)
+
+
+def _encode_weight(module: nn.Module, state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The stored tensors (by key suffix) and the decoding record of one compressed weight."""
+    weight = module.weight.detach()
+    layout = {"shape": list(weight.shape), "dtype": str(weight.dtype)}
+    layout["transposed"] = stores_transposed(module)
+    mask = state.mask
+    grid = _grid_of(state)
+    if grid is not None:
+        codes = grid.quantize(as_matrix(module, weight).cpu()).to(torch.int64)
+        decoded = to_weight_layout(module, grid.dequantize(codes.float())).to(weight.dtype)
+        if _bits_equal(decoded, weight.cpu()):
+            sparse = mask is not None and _sparse_is_smaller(weight, grid.bits)
+            if sparse:
+                zero_codes = grid._expand(grid.zero, codes.shape[1]).to(torch.int64)
+                matrix_mask = as_matrix(module, mask).cpu()
+                sparse = torch.equal(codes[~matrix_mask], zero_codes[~matrix_mask])
+                stored = codes[matrix_mask] if sparse else codes
+            else:
+                stored = codes
+            record = {"encoding": "codes", "bits": grid.bits, "sparse": bool(sparse), **layout}
+            return {"": pack_codes(stored, grid.bits)}, record
+    elif mask is not None and _sparse_is_smaller(weight, 8 * weight.element_size()):
+        zeros = weight[~mask]
+        if _bits_equal(zeros, torch.zeros_like(zeros)):
+            return {"": weight[mask].contiguous()}, {"encoding": "values", **layout}
+    return {"": weight.contiguous()}, {"encoding": "dense", **layout}
+
+
+def _sparse_is_smaller(weight: Tensor, bits: int) -> bool:
+    """Whether nonzero values plus a bitmask beat the dense codes (``compressed.accounting``)."""
+    nonzero = int((weight != 0).sum())
+    return nonzero * bits + weight.numel() < weight.numel() * bits
+
+
+def _are_codes(zero: Tensor, state_dict: dict, key: str) -> bool:
+    """Whether a grid's zero points are integers its own width holds (then packed as codes)."""
+    bits = state_dict.get(key[: -len("zero")] + "_extra_state", {}).get("bits")
+    if not isinstance(bits, int) or not torch.equal(zero, zero.round()):
+        return False
+    if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) >= 2**bits):
+        return False
+    return _bits_equal(zero.to(torch.int64).to(zero.dtype), zero)  # no -0.0 to lose
+
+
+def _json_safe(key: str, value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise PPQConfigError(
+            f"state_dict entry {key!r} is not plain data ({err}); format='ppq' stores non-tensor "
+            "state as JSON so that loading runs no code."
+        ) from err
+    return value
+
+
+def encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and the metadata record of ``model`` in the native format.
+
+    Raises:
+        PPQConfigError: when non-tensor state is not plain data.
+    """
+    network = unwrap(model)
+    state_dict = model.state_dict()  # a LightningModule's own records (DepGraph) included
+    encodings: dict[str, Any] = {}
+    tensors: dict[str, Tensor] = {}
+    extra: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    owners: dict[tuple, str] = {}
+    weights: dict[str, tuple[nn.Module, Any]] = {}
+    for name, module, state in compressed_modules(model):
+        if isinstance(getattr(module, "weight", None), Tensor):
+            weights[f"{name}.weight" if name else "weight"] = (module, state)
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            extra[key] = _json_safe(key, value)
+            continue
+        identity = (value.data_ptr(), value.dtype, tuple(value.shape), tuple(value.stride()))
+        if value.numel() and identity in owners:  # tied or shared weights: stored once
+            aliases[key] = owners[identity]
+            continue
+        owners[identity] = key
+        if key in weights:
+            stored, record = _encode_weight(*weights[key])
+            encodings[key] = record
+            tensors[key] = stored[""]
+        elif key.endswith(f"{STATE_NAME}.scale") and _bits_equal(value.half().float(), value):
+            encodings[key] = {"encoding": "fp16", "dtype": str(value.dtype)}
+            tensors[key] = value.half()
+        elif key.endswith(f"{STATE_NAME}.zero") and _are_codes(value, state_dict, key):
+            bits = state_dict[key[: -len("zero")] + "_extra_state"]["bits"]
+            encodings[key] = {"encoding": "codes", "bits": bits, "sparse": False}
+            encodings[key].update(shape=list(value.shape), dtype=str(value.dtype))
+            encodings[key]["transposed"] = False
+            tensors[key] = pack_codes(value.to(torch.int64), bits)
+        else:
+            tensors[key] = value
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": describe(model),
+        "wrapper": type(model).__name__ if network is not model else None,
+        "dtype": str(floating_dtype(network)),
+        "encodings": encodings,
+        "aliases": aliases,
+        "extra_state": extra,
+    }
+    return tensors, metadata
+
+
+def save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """Write ``model`` as ``folder/model.safetensors``; return what the manifest adds."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = encode(model)
+    save_file(tensors, str(folder / WEIGHTS), metadata={FORMAT: json.dumps(metadata)})
+    layers = list(counted_layers(model))
+    weights = [r["encoding"] for k, r in metadata["encodings"].items() if k.endswith("weight")]
+    return {
+        "layer_bytes": counted_bytes(tensors, layers, STORED_PARTS),
+        "weight_encodings": {kind: weights.count(kind) for kind in ("codes", "values", "dense")},
+    }
+
+
+def _decode(tensors: dict[str, Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
+    """The state dict that ``encode`` stored."""
+    state_dict: dict[str, Any] = dict(tensors)
+    encodings = metadata["encodings"]
+    for key, record in encodings.items():  # scales and zero points first: weights need them
+        if key.endswith((f"{STATE_NAME}.scale", f"{STATE_NAME}.zero")):
+            state_dict[key] = _decode_tensor(tensors[key], record)
+    state_dict.update(metadata["extra_state"])
+    for key, record in encodings.items():
+        if not key.endswith((f"{STATE_NAME}.scale", f"{STATE_NAME}.zero")):
+            state_dict[key] = _decode_weight(key, tensors[key], record, state_dict)
+    for key, owner in metadata["aliases"].items():
+        state_dict[key] = state_dict[owner]
+    return state_dict
+
+
+def _decode_tensor(stored: Tensor, record: dict[str, Any]) -> Tensor:
+    dtype = _DTYPES[record["dtype"]]
+    if record["encoding"] == "fp16":
+        return stored.to(dtype)
+    numel = int(torch.Size(record["shape"]).numel())
+    return unpack_codes(stored, record["bits"], numel).to(dtype).view(record["shape"])
+
+
+def _decode_weight(key: str, stored: Tensor, record: dict[str, Any], state_dict: dict) -> Tensor:
+    from ppq_lightning.ops.masks import unpack_mask
+
+    prefix = key[: -len("weight")] + STATE_NAME + "."
+    extra = state_dict.get(prefix + "_extra_state", {})
+    shape, dtype = torch.Size(record["shape"]), _DTYPES[record["dtype"]]
+    mask = None
+    if extra.get("mask_shape") is not None:
+        mask = unpack_mask(state_dict[prefix + "mask_bits"], tuple(extra["mask_shape"]))
+    if record["encoding"] == "dense":
+        return stored
+    if record["encoding"] == "values":
+        weight = torch.zeros(shape, dtype=dtype)
+        weight[mask] = stored
+        return weight
+    grid = QuantGrid(
+        state_dict[prefix + "scale"],
+        state_dict[prefix + "zero"],
+        extra["bits"],
+        extra["group_size"],
+        extra["symmetric"],
+    )
+    rows_cols = (
+        (shape[1], shape[0]) if record["transposed"] else (shape[0], shape.numel() // shape[0])
+    )
+    matrix_mask = None
+    if mask is not None:
+        matrix_mask = mask.t() if record["transposed"] else mask.reshape(rows_cols)
+    if record["sparse"]:
+        codes = grid._expand(grid.zero, rows_cols[1]).clone()
+        kept = unpack_codes(stored, record["bits"], int(matrix_mask.sum()))
+        codes[matrix_mask] = kept.float()
+    else:
+        codes = unpack_codes(stored, record["bits"], shape.numel()).float().view(rows_cols)
+    matrix = grid.dequantize(codes)
+    weight = matrix.t() if record["transposed"] else matrix.reshape(shape)
+    return weight.to(dtype).contiguous()
+
+
+def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The stored tensors and the metadata of a native export (a folder or its file).
+
+    Raises:
+        PPQConfigError: when the path holds no readable native export.
+    """
+    path = Path(path)
+    file = path / WEIGHTS if path.is_dir() else path
+    with open_safetensors(file) as handle:
+        raw = (handle.metadata() or {}).get(FORMAT)
+        if raw is None:
+            raise PPQConfigError(
+                f"{file} is a safetensors file but not a ppq export (no metadata)."
+            )
+        metadata = json.loads(raw)
+        if metadata.get("version") != VERSION:
+            raise PPQConfigError(
+                f"{file} is a ppq export of version {metadata.get('version')}; this "
+                f"ppq-lightning reads version {VERSION}."
+            )
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    return tensors, metadata
+
+
+def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model exported with ``format="ppq"``: weights, masks, grids, histories and
+    structural edits bit-identical to the exported model's, invariants checked.
+
+    Args:
+        path: the export folder (or its ``model.safetensors``).
+        model: a freshly built, uncompressed model of the exported architecture (the same
+            kind: network or LightningModule); needed only for a model the export cannot
+            rebuild by itself (not a transformers model nor an ``ImageClassifierModule``).
+
+    Returns:
+        What was exported, eval mode: the LightningModule (``CausalLMModule``,
+        ``ImageClassifierModule``) when a LightningModule was exported, else the network (a
+        transformers model, a timm/torchvision model, or ``model``).
+
+    Raises:
+        PPQConfigError: on a missing, truncated or foreign file, or a model that does not fit.
+        InvariantError: when the rebuilt weights break their recorded masks or grids.
+
+    Example::
+
+        from ppq_lightning.export import load_compressed
+        model = load_compressed("exports/smollm2_gptq4")
+    """
+    tensors, metadata = read(path)
+    dtype = _DTYPES[metadata["dtype"]]
+    if model is None:
+        model = wrap(build(metadata["architecture"], dtype), metadata.get("wrapper"))
+    enable_state_loading(model)
+    state_dict = _decode(tensors, metadata)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise PPQConfigError(
+            f"the export at {path} does not fit the model ({type(model).__name__}): {err}"
+        ) from err
+    check_invariants(model)
+    return model.eval()

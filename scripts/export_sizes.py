@@ -1,0 +1,165 @@
+"""What the exports weigh and whether runtimes read back the same model (SmolLM2-135M).
+
+For each compression (RTN-4 and GPTQ-4 per channel, GPTQ-4 with groups of 64, SparseGPT-50 %
+then GPTQ-4, mixed precision 8/4 bits), every format that can hold it is written; the table has
+the file sizes against the dense model at B_orig = 16 bits and against the measured C, the export
+seconds, and the perplexity of the model reloaded in a fresh process by plain transformers
+(symmetric compressed-tensors), by ``ppq_lightning.export.load_pretrained`` (any grid) or by
+``load_compressed`` (native), against ppq's in-memory perplexity (equal in float32). GGUF needs
+groups of 32 (SmolLM2's own Q4_1 grid: the weights are already on it), so it gets its own row.
+
+    python scripts/export_sizes.py --output docs/results/export_sizes
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ppq_lightning
+from ppq_lightning.calibration.data import batch_input
+from ppq_lightning.callbacks import GPTQ, RTNQuantization, SparseGPT
+from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate
+from ppq_lightning.reports import markdown_table, write_json
+
+RELOAD = r"""
+import json, math, sys, time, torch
+folder, mode, windows = sys.argv[1], sys.argv[2], torch.load(sys.argv[3], weights_only=True)
+start = time.perf_counter()
+if mode == "transformers":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+elif mode == "gguf":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file="model.gguf", dtype=torch.float32)
+elif mode == "load_pretrained":
+    from ppq_lightning.export import load_pretrained
+    model = load_pretrained(folder)
+else:
+    from ppq_lightning.export import load_compressed
+    model = load_compressed(folder).model
+seconds = time.perf_counter() - start
+model.eval()
+nll, count = 0.0, 0
+with torch.no_grad():
+    for ids in windows:
+        logits = model(ids[None]).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
+        count += ids.numel() - 1
+print("RESULT" + json.dumps({"ppl": math.exp(nll / count), "load_seconds": seconds}))
+"""
+
+
+def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
+    """Perplexity over ``windows`` as the reload script computes it."""
+    import math
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            logits = model(ids[None]).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
+            count += ids.numel() - 1
+    return math.exp(nll / count)
+
+
+def reload(folder: Path, mode: str, windows_file: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(folder), mode, str(windows_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        return {"ppl": None, "load_seconds": None, "error": done.stderr.strip().splitlines()[-1]}
+    return json.loads(line[len("RESULT") :])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = experiment_parser(__doc__)
+    args = instantiate(parser, argv)
+    out, n = Path(args.output), args.num_calibration_batches
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data
+    data.prepare_data()
+    data.setup("validate")
+    windows = [row for batch in data.val_dataloader() for row in batch_input(batch)]
+    windows_file = out / ".windows.pt"
+    torch.save(windows, windows_file)
+    calibration = data.calibration_dataloader()
+    cases = {
+        "rtn4": [RTNQuantization(bits=4, symmetric=True)],
+        "gptq4": [GPTQ(bits=4, symmetric=True, num_calibration_batches=n)],
+        "gptq4_g64_asym": [GPTQ(bits=4, group_size=64, num_calibration_batches=n)],
+        "sparsegpt50_gptq4": [
+            SparseGPT(sparsity=0.5, name="P", num_calibration_batches=n),
+            GPTQ(bits=4, symmetric=True, name="Q", num_calibration_batches=n),
+        ],
+        "mixed_8_4": [RTNQuantization(bits=4, symmetric=True, layer_bits={r"self_attn": 8})],
+        "gptq4_g32_sym (gguf)": [
+            GPTQ(bits=4, group_size=32, symmetric=True, num_calibration_batches=n)
+        ],
+    }
+    dense = args.model
+    rows = []
+    for label, stages in cases.items():
+        module = copy.deepcopy(dense)
+        for stage in stages:
+            stage.apply(module, dataloader=calibration)
+        in_memory = perplexity(module.model, windows)
+        formats = ["gguf"] if "gguf" in label else ["ppq", "compressed-tensors"]
+        for format in formats:
+            folder = out / "exports" / f"{label.split()[0]}_{format}"
+            start = time.perf_counter()
+            manifest = ppq_lightning.export(module, format, folder, overwrite=True)
+            seconds = time.perf_counter() - start
+            if format == "ppq":
+                mode = "native"
+            elif format == "gguf":
+                mode = "gguf"
+            else:
+                symmetric = "asym" not in label
+                mode = "transformers" if symmetric else "load_pretrained"
+            reloaded = reload(folder, mode, windows_file)
+            rows.append(
+                {
+                    "compression": label,
+                    "format": format,
+                    "MB": manifest["bytes"] / 1e6,
+                    "dense_MB_at_16bit": manifest["dense_bytes_at_b_orig"] / 1e6,
+                    "measured_C": manifest["measured_C"],
+                    "file_C": manifest.get("file_C"),
+                    "ppl_in_memory": in_memory,
+                    "ppl_reloaded": reloaded["ppl"],
+                    "reloaded_by": mode,
+                    "export_s": seconds,
+                    "load_s": reloaded["load_seconds"],
+                }
+            )
+            print(rows[-1], flush=True)
+            shutil.rmtree(folder)  # the table is the result, not 100 MB of weights
+    windows_file.unlink()
+    write_json(out / "export_sizes.json", {"rows": rows, "command": command_line(argv)})
+    (out / "README.md").write_text(
+        "# Export sizes and reloads (SmolLM2-135M)\n\nProduced by:\n\n    "
+        + command_line(argv)
+        + "\n\n"
+        + markdown_table(rows, list(rows[0]))
+        + "\n"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

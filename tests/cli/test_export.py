@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from ppq_lightning.cli.main import main
+from ppq_lightning.compressed.state import compressed_modules
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.export import load_compressed
+
+
+def test_export_from_a_study_rebuilds_its_best_order(tmp_path):
+    study = tmp_path / "study"
+    main(["study", "--config", "configs/tiny/study.yaml", "--output_dir", str(study)])
+    assert (study / "study.yaml").is_file()
+    best = json.loads((study / "report.json").read_text())["studies"][0]["best_order"]
+    manifest = main(
+        [
+            "export",
+            "--from-study",
+            str(study),
+            "--order",
+            "best",
+            "--format",
+            "ppq",
+            "--path",
+            str(tmp_path / "out"),
+        ]
+    )
+    model = load_compressed(tmp_path / "out")
+    stages = next(state.stages for _, _, state in compressed_modules(model))
+    assert len(stages) == 2 and manifest["measured_C"] > 1
+    # the order applied is the study's best one: P first iff "P" comes first in it
+    assert stages[0].startswith("MagnitudePruning") == best.startswith("P")
+
+
+def test_export_from_a_validate_config(tmp_path):
+    manifest = main(
+        [
+            "export",
+            "--config",
+            "configs/tiny/llama_p_then_q.yaml",
+            "--format",
+            "compressed-tensors",
+            "--path",
+            str(tmp_path / "ct"),
+        ]
+    )
+    assert (
+        manifest["format"] == "compressed-tensors" and (tmp_path / "ct" / "config.json").is_file()
+    )
+
+
+def test_export_needs_exactly_one_source(tmp_path):
+    with pytest.raises(PPQConfigError, match="exactly one of --ckpt, --from-study, --config"):
+        main(["export", "--format", "ppq", "--path", str(tmp_path / "x")])
+    with pytest.raises(PPQConfigError, match=r"holds no study\.yaml"):
+        main(
+            [
+                "export",
+                "--from-study",
+                str(tmp_path),
+                "--format",
+                "ppq",
+                "--path",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(PPQConfigError, match="--format='zip' is not allowed"):
+        main(
+            [
+                "export",
+                "--from-study",
+                str(tmp_path),
+                "--format",
+                "zip",
+                "--path",
+                str(tmp_path / "x"),
+            ]
+        )
+    assert not (tmp_path / "x").exists()

@@ -5,7 +5,9 @@ then GPTQ-4, mixed precision 8/4 bits), every format that can hold it is written
 the file sizes against the dense model at B_orig = 16 bits and against the measured C, the export
 seconds, and the perplexity of the model reloaded in a fresh process by plain transformers
 (symmetric compressed-tensors), by ``ppq_lightning.export.load_pretrained`` (any grid) or by
-``load_compressed`` (native), against ppq's in-memory perplexity (equal in float32). GGUF needs
+``load_compressed`` (native), against ppq's in-memory perplexity (equal in float32). The
+``ct-bfloat16`` rows are the compressed-tensors export in bfloat16 (scales rounded first), the
+dtype a runtime would serve: their perplexity is the bfloat16 model's. GGUF needs
 groups of 32 (SmolLM2's own Q4_1 grid: the weights are already on it), so it gets its own row.
 
     python scripts/export_sizes.py --output docs/results/export_sizes
@@ -30,34 +32,6 @@ from ppq_lightning.callbacks import GPTQ, RTNQuantization, SparseGPT
 from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate
 from ppq_lightning.reports import markdown_table, write_json
 
-RELOAD = r"""
-import json, math, sys, time, torch
-folder, mode, windows = sys.argv[1], sys.argv[2], torch.load(sys.argv[3], weights_only=True)
-start = time.perf_counter()
-if mode == "transformers":
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-elif mode == "gguf":
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file="model.gguf", dtype=torch.float32)
-elif mode == "load_pretrained":
-    from ppq_lightning.export import load_pretrained
-    model = load_pretrained(folder)
-else:
-    from ppq_lightning.export import load_compressed
-    model = load_compressed(folder).model
-seconds = time.perf_counter() - start
-model.eval()
-nll, count = 0.0, 0
-with torch.no_grad():
-    for ids in windows:
-        logits = model(ids[None]).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
-        count += ids.numel() - 1
-print("RESULT" + json.dumps({"ppl": math.exp(nll / count), "load_seconds": seconds}))
-"""
-
 
 def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     """Perplexity over ``windows`` as the reload script computes it."""
@@ -72,10 +46,39 @@ def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     return math.exp(nll / count)
 
 
+def load(folder: str, mode: str) -> torch.nn.Module:
+    """The export at ``folder`` as a runtime reads it (``mode``), a dense causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    from ppq_lightning.export import load_compressed, load_pretrained
+
+    if mode == "transformers":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if mode == "gguf":
+        return AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file="model.gguf", dtype=torch.float32
+        )
+    if mode == "load_pretrained":
+        return load_pretrained(folder)
+    if mode == "load_pretrained_bfloat16":
+        return load_pretrained(folder, dtype="bfloat16")
+    return load_compressed(folder).model
+
+
+def reload_main(folder: str, mode: str, windows_file: str) -> None:
+    """In a fresh process: load the export, print its perplexity and the load seconds."""
+    windows = torch.load(windows_file, weights_only=True)
+    start = time.perf_counter()
+    model = load(folder, mode).eval()
+    seconds = time.perf_counter() - start
+    print("RESULT" + json.dumps({"ppl": perplexity(model, windows), "load_seconds": seconds}))
+
+
 def reload(folder: Path, mode: str, windows_file: Path) -> dict:
+    """:func:`reload_main` in a fresh Python process (what a user's runtime would see)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(folder), mode, str(windows_file)],
+        [sys.executable, __file__, "--reload", str(folder), mode, str(windows_file)],
         capture_output=True,
         text=True,
         env=env,
@@ -118,16 +121,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for stage in stages:
             stage.apply(module, dataloader=calibration)
         in_memory = perplexity(module.model, windows)
-        formats = ["gguf"] if "gguf" in label else ["ppq", "compressed-tensors"]
+        formats = ["gguf"] if "gguf" in label else ["ppq", "compressed-tensors", "ct-bfloat16"]
         for format in formats:
             folder = out / "exports" / f"{label.split()[0]}_{format}"
             start = time.perf_counter()
-            manifest = ppq_lightning.export(module, format, folder, overwrite=True)
+            if format == "ct-bfloat16":  # the same grids rounded to bfloat16 first
+                manifest = ppq_lightning.export(
+                    module, "compressed-tensors", folder, overwrite=True, dtype="bfloat16"
+                )
+            else:
+                manifest = ppq_lightning.export(module, format, folder, overwrite=True)
             seconds = time.perf_counter() - start
             if format == "ppq":
                 mode = "native"
             elif format == "gguf":
                 mode = "gguf"
+            elif format == "ct-bfloat16":
+                mode = "load_pretrained_bfloat16"
             else:
                 symmetric = "asym" not in label
                 mode = "transformers" if symmetric else "load_pretrained"
@@ -162,4 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--reload"]:
+        reload_main(*sys.argv[2:5])
+    else:
+        main()

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ppq_lightning.compressed.accounting import compression_summary, counted_layers
-from ppq_lightning.compressed.state import compressed_modules
+from ppq_lightning.compressed.state import STATE_NAME, compressed_modules
 from ppq_lightning.errors import PPQConfigError, check_bool, check_choice
 from ppq_lightning.export import compressed_tensors, gguf, native, peft_adapters
 from ppq_lightning.export.architecture import unwrap
@@ -103,8 +103,12 @@ def _manifest(
 ) -> dict[str, Any]:
     """What ``export.json`` says: sizes of the files and of the counted layers in them."""
     files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
-    dense_bytes = sum(p.numel() for p in network.state_dict().values() if hasattr(p, "numel"))
-    dense_bytes = dense_bytes * b_orig // 8
+    unique = {  # the dense model's floats, tied weights (embeddings, LM head) once
+        (t.data_ptr(), t.numel()): t.numel()
+        for key, t in network.state_dict().items()
+        if isinstance(t, Tensor) and t.is_floating_point() and STATE_NAME not in key
+    }
+    dense_bytes = sum(unique.values()) * b_orig // 8
     layer_bytes = written.get("layer_bytes")
     manifest: dict[str, Any] = {
         "format": format,

@@ -90,7 +90,13 @@ def check(model: nn.Module, dtype: str | None = None) -> None:
             "bases, adapters): merge adapters (LoRAFineTune(merge='at_end')) or use format='ppq' "
             "(structural edits) / format='peft' (adapters)."
         )
-    for name, _, state in compressed_modules(network):
+    for name, module, state in compressed_modules(network):
+        if state.bits is not None and not isinstance(module, nn.Linear):
+            raise PPQConfigError(
+                f"{name}: compressed-tensors quantizes nn.Linear layers, not "
+                f"{type(module).__name__} (GPT-2's Conv1D stores its weight transposed); use "
+                "format='ppq' for this model."
+            )
         if state.bits is not None and state.bits not in CT_BITS:
             raise PPQConfigError(
                 f"{name}: bits={state.bits} is not exported to compressed-tensors: allowed "
@@ -118,8 +124,8 @@ def _warn_vllm_limits(network: nn.Module) -> None:
     for limit, names in limits.items():
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         warnings.warn(
-            f"vLLM will not run {len(names)} layer(s) on its kernels, {limit}: "
-            f"{', '.join(names[:3])}{more}.",
+            f"vLLM's Marlin kernels do not take {len(names)} layer(s), {limit}: "
+            f"{', '.join(names[:3])}{more} (vLLM falls back to a slower kernel or refuses).",
             stacklevel=4,
         )
 
@@ -162,6 +168,18 @@ def _side_file(network: nn.Module, folder: Path, grids: dict[str, QuantGrid]) ->
     save_file(tensors, str(folder / SIDE_FILE), metadata={"ppq_state": json.dumps(records)})
 
 
+def _forget_gguf_origin(network: nn.Module) -> None:
+    """A model transformers dequantized from a GGUF file keeps a (non-serializable) GGUF
+    quantizer; its weights are plain floats, which the export replaces anyway."""
+    quantizer = getattr(network, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        network.hf_quantizer = None
+        network.is_quantized = False
+        if hasattr(network.config, "quantization_config"):
+            del network.config.quantization_config
+
+
 def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, Any]:
     """Write ``model`` (checked by :func:`check`) as a compressed-tensors folder."""
     from compressed_tensors.compressors import ModelCompressor
@@ -180,6 +198,7 @@ def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, 
         if state.bits is not None
     }
     copied = copy.deepcopy(network).to(export_dtype)
+    _forget_gguf_origin(copied)
     for name, module, _ in list(compressed_modules(copied)):
         delattr(module, STATE_NAME)
         if name not in grids:

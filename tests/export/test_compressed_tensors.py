@@ -59,6 +59,25 @@ def test_exports_reload_in_a_fresh_process_with_identical_logits(tmp_path):
     assert torch.equal(got["sym4_channel/dequantize"], expected["sym4_channel"])
 
 
+def test_opt_reloads_and_gpt2_conv1d_is_refused(tmp_path):
+    ids = token_batches(1)[0]
+    module = compressed_lm(RTNQuantization(bits=4, group_size=16), family="opt")
+    ppq_lightning.export(module, "compressed-tensors", tmp_path / "opt")
+    symmetric = compressed_lm(RTNQuantization(bits=8, symmetric=True), family="opt")
+    ppq_lightning.export(symmetric, "compressed-tensors", tmp_path / "opt_sym")
+    jobs = {
+        "asym": (tmp_path / "opt", "load_pretrained"),
+        "sym": (tmp_path / "opt_sym", "transformers"),
+    }
+    got, errors = fresh_logits(tmp_path, jobs, ids)
+    assert not errors
+    assert torch.equal(got["asym"], logits(module, ids))
+    assert torch.equal(got["sym"], logits(symmetric, ids))
+    gpt2 = compressed_lm(RTNQuantization(bits=4), family="gpt2")
+    with pytest.raises(PPQConfigError, match=r"quantizes nn\.Linear layers, not Conv1D"):
+        ppq_lightning.export(gpt2, "compressed-tensors", tmp_path / "gpt2")
+
+
 def test_load_pretrained_restores_masks_grids_and_histories(tmp_path):
     module = compressed_lm(
         MagnitudePruning(sparsity=0.5, name="P"), RTNQuantization(bits=4, name="Q")
@@ -117,5 +136,6 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path):
 
 def test_vllm_limits_warn_naming_the_layer(tmp_path):
     module = compressed_lm(RTNQuantization(bits=2, group_size=16))
-    with pytest.warns(UserWarning, match=r"group size 16 .*: model\.layers\.0\.self_attn\.q_proj"):
+    message = r"Marlin kernels do not take .* group size 16 .*: model\.layers\.0\.self_attn\.q_proj"
+    with pytest.warns(UserWarning, match=message):
         ppq_lightning.export(module, "compressed-tensors", tmp_path / "ct")

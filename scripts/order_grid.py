@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from ppq_lightning.callbacks import RTNQuantization
 from ppq_lightning.cli.experiments import (
@@ -44,7 +45,8 @@ from ppq_lightning.study.engine import OrderStudy
 from ppq_lightning.study.report import write_report
 
 
-def main(argv: list[str] | None = None) -> dict:
+def grid_parser() -> Any:
+    """The arguments of this script (also read by ``scripts/order_prediction.py``)."""
     parser = experiment_parser(__doc__)
     parser.add_argument(
         "--pruning",
@@ -58,7 +60,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--group_size", type=int | None, default=None)
     parser.add_argument("--curve_bits", type=list[int], default=[8, 6, 5, 4, 3, 2])
     parser.add_argument("--bn_recalibration", type=bool, default=False)
-    args = instantiate(parser, argv)
+    return parser
+
+
+def grid_points(args: Any) -> list[tuple[str, list]]:
+    """Every (label, [P, Q]) pair of the grid, in order."""
+    n = args.num_calibration_batches
+    b_orig = getattr(args.model, "b_orig", 16)
+    points = []
+    for sparsity in args.sparsities:
+        p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n, b_orig)
+        for bits in args.bits:
+            q = quantizer(args.quantization, bits, f"Q{bits}", n, args.group_size, b_orig=b_orig)
+            points.append((f"{p.name}_{q.name}", [p, q]))
+    return points
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = instantiate(grid_parser(), argv)
     start = time.perf_counter()
     out = Path(args.output)
     n = args.num_calibration_batches
@@ -66,20 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     curve = RTNQuantization.curve(args.curve_bits, b_orig=b_orig)
     tail = [recalibration(n, b_orig=b_orig)] if args.bn_recalibration else []
     results = []
-    for sparsity in args.sparsities:
-        p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n, b_orig)
-        for bits in args.bits:
-            q = quantizer(args.quantization, bits, f"Q{bits}", n, args.group_size, b_orig=b_orig)
-            study = OrderStudy(
-                args.model,
-                args.data,
-                [p, q],
-                curve=curve,
-                output_dir=out,
-                label=f"{p.name}_{q.name}",
-                tail=tail,
-            )
-            results.append(study.run())
+    for label, stages in grid_points(args):
+        study = OrderStudy(
+            args.model, args.data, stages, curve=curve, output_dir=out, label=label, tail=tail
+        )
+        results.append(study.run())
     write_report(results, out)
     summary = summarize(results, len(curve))
     summary["metric"] = results[0].metric if results else None

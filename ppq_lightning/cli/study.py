@@ -3,6 +3,7 @@
     ppq study --config configs/study/smollm2_sparsegpt_gptq.yaml
     ppq study --config configs/tiny/study.yaml --search pih --output_dir outputs/tiny_study
     ppq study --config configs/tiny/study.yaml --order "Q>P" --P.sparsity 0.6 --Q.bits 3
+    ppq study --config configs/tiny/study.yaml --search predict --predictor interference
 
 Besides the study's own arguments, ``--<Stage>.<argument> VALUE`` (or ``=VALUE``) sets an
 argument of the stage named ``<Stage>`` in ``stages`` (the value is read as YAML), and
@@ -28,6 +29,7 @@ from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
 from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.order.prediction import PREDICTORS
 from ppq_lightning.reports import write_text_atomic
 from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
 
@@ -51,6 +53,13 @@ def study_parser() -> ArgumentParser:
     )
     parser.add_argument("--search", type=str, default="exhaustive", help=f"one of {SEARCH_MODES}")
     parser.add_argument("--order", type=str | None, default=None, help="evaluate only this order")
+    parser.add_argument(
+        "--predictor",
+        type=str,
+        default="interference",
+        help=f"with --search predict: one of {PREDICTORS}",
+    )
+    parser.add_argument("--top_k", type=int, default=1, help="predicted orders to evaluate")
     parser.add_argument("--curve_bits", type=list[int] | None, default=None, help="RTN curve bits")
     parser.add_argument("--metric", type=str | None, default=None, help="default: the model's")
     parser.add_argument(
@@ -156,6 +165,8 @@ def run_study(
     label: str | None = None,
     logger: Any | None = None,
     tail: list[CompressionCallback] | None = None,
+    predictor: str = "interference",
+    top_k: int = 1,
 ) -> StudyResult:
     """Run one :class:`~ppq_lightning.study.OrderStudy` and write its report to ``output_dir``
     (what ``ppq study`` calls); the outcome goes to ``logger``. ``curve_bits``: bit widths of
@@ -178,6 +189,8 @@ def run_study(
         label=label,
         logger=logger,
         tail=tail or (),
+        predictor=predictor,
+        top_k=top_k,
     )
     result = study.run()
     write_report([result], output_dir)
@@ -220,4 +233,6 @@ def study_main(argv: list[str]) -> StudyResult:
         label=init.label,
         logger=init.logger,
         tail=init.tail,
+        predictor=init.predictor,
+        top_k=init.top_k,
     )

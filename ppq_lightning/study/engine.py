@@ -32,21 +32,29 @@ from tqdm.auto import tqdm
 from ppq_lightning.compressed.accounting import compression_summary, nominal_compression_rate
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.invariants import check_invariants
-from ppq_lightning.errors import PPQConfigError, check_choice
+from ppq_lightning.errors import PPQConfigError, check_choice, check_int
 from ppq_lightning.order.evaluation import evaluate_module
 from ppq_lightning.order.grammar import all_orders, check_stage_names, format_order, parse_order
+from ppq_lightning.order.interference import interference_ranking
 from ppq_lightning.order.metrics import (
     compression_equivalence_ratio,
     metric_value,
     order_advantage,
     performance_gap,
 )
-from ppq_lightning.order.prediction import pih_order
+from ppq_lightning.order.prediction import (
+    PREDICTORS,
+    Ranking,
+    pih_cer_ranking,
+    pih_order,
+    pih_ranking,
+    prune_first_ranking,
+)
 from ppq_lightning.order.stage import Stage
 from ppq_lightning.study.cells import Cell, CellCache, fingerprint
 from ppq_lightning.study.result import Budget, StudyResult
 
-SEARCH_MODES = ("exhaustive", "pih")
+SEARCH_MODES = ("exhaustive", "pih", "predict")
 
 
 class OrderStudy:
@@ -59,8 +67,15 @@ class OrderStudy:
         stages: the stages (:class:`~ppq_lightning.order.stage.Stage`, e.g. compression
             callbacks), each with a distinct ``name`` (its name in orders), e.g.
             ``[SparseGPT(sparsity=0.5, name="P"), GPTQ(bits=4, name="Q")]``.
-        search: ``"exhaustive"`` (every permutation) or ``"pih"`` (only the order the
-            Progressive Intensity Hypothesis predicts from the single-stage results).
+        search: ``"exhaustive"`` (every permutation), ``"pih"`` (only the order the
+            Progressive Intensity Hypothesis predicts from the single-stage results), or
+            ``"predict"`` (rank every order with ``predictor``, evaluate only its ``top_k``).
+        predictor: with ``search="predict"``: ``"interference"`` (layer output error of each
+            order on the dense model's calibration inputs, no evaluation; the default),
+            ``"calibration_kl"`` (each order's output KL from the dense model's on the
+            calibration batches), ``"pih"``, ``"pih_cer"`` (needs ``curve``) or ``"prune_first"``
+            (``ppq_lightning.order.prediction``).
+        top_k: how many of the predicted orders ``search="predict"`` evaluates.
         order: evaluate only the dense model and this order (e.g. ``"Q>P"``; a sweep point):
             no single stages, no curve, no search.
         curve: quantization-only stages for ``C*``, from mildest to strongest, e.g.
@@ -112,6 +127,8 @@ class OrderStudy:
         label: str | None = None,
         logger: Any | None = None,
         tail: Sequence[Stage] = (),
+        predictor: str = "interference",
+        top_k: int = 1,
     ) -> None:
         if not stages or not all(isinstance(s, Stage) for s in stages):
             raise PPQConfigError(
@@ -124,6 +141,14 @@ class OrderStudy:
         if clash:
             raise PPQConfigError(f"a tail stage and a study or curve stage are named {clash[0]!r}.")
         check_choice("search", search, SEARCH_MODES)
+        check_choice("predictor", predictor, PREDICTORS)
+        check_int("top_k", top_k, minimum=1)
+        if predictor == "pih_cer" and search == "predict" and not curve:
+            raise PPQConfigError(
+                "predictor='pih_cer' ranks stages by C*, which needs a quantization curve "
+                "(curve=RTNQuantization.curve(), or curve_bits in ppq study)."
+            )
+        self.predictor, self.top_k = predictor, top_k
         if metric is None:
             metric = getattr(module, "metric_name", "loss")
         if higher_is_better is None:
@@ -318,6 +343,8 @@ class OrderStudy:
                 budget=self.budget,
                 kinds=self._kinds(),
             )
+        if self.search == "predict":
+            return self._predict(names, curve, all_stages)
         requests.update({(n,): "single" for n in names})
         requests.update({(n,): "curve" for n in curve})
         exhaustive = self.search == "exhaustive" and len(names) > 1
@@ -340,13 +367,7 @@ class OrderStudy:
         pih = format_order(predicted)
         curve_cells = [cells[(n,)] for n in curve]
         dense = cells[()]
-        cer = {}
-        if curve_cells:
-            points = [(1.0, dense.M)] + [
-                (nominal_compression_rate(0.0, c.avg_bits, round(dense.avg_bits)), c.M)
-                for c in curve_cells
-            ]
-            cer = {n: compression_equivalence_ratio(points, c.M) for n, c in singles.items()}
+        cer = self._cer(dense, curve_cells, singles)
         return StudyResult(
             label=self.label,
             stages=names,
@@ -363,6 +384,70 @@ class OrderStudy:
             budget=self.budget,
             kinds=self._kinds(),
             pair=self._pair_metrics(names, singles, orders, cer),
+        )
+
+    def rank(self, names: list[str], curve: dict[str, Stage]) -> tuple[Ranking, dict]:
+        """The predictor's ranking of every order, and the cells it measured (singles, curve)."""
+        kinds = self._kinds()
+        if self.predictor == "prune_first":
+            return prune_first_ranking(kinds), {}
+        if self.predictor in ("interference", "calibration_kl"):
+            ranking = interference_ranking(
+                self.module,
+                list(self.stages.values()),
+                self._calibration_data(),
+                self._apply,
+                score=self.predictor,
+            )
+            return ranking, {}
+        requests = {(): "dense", **{(n,): "single" for n in names}}
+        if self.predictor == "pih_cer":
+            requests.update({(n,): "curve" for n in curve})
+        cells = self.measure(requests, {**self.stages, **curve})
+        singles = {n: cells[(n,)] for n in names}
+        if self.predictor == "pih":
+            return pih_ranking({n: c.M for n, c in singles.items()}), cells
+        cer = self._cer(cells[()], [cells[(n,)] for n in curve], singles)
+        return pih_cer_ranking(cer, len(curve)), cells
+
+    def _cer(self, dense: Cell, curve_cells: list[Cell], singles: dict[str, Cell]) -> dict:
+        if not curve_cells:
+            return {}
+        points = [(1.0, dense.M)] + [
+            (nominal_compression_rate(0.0, c.avg_bits, round(dense.avg_bits)), c.M)
+            for c in curve_cells
+        ]
+        return {n: compression_equivalence_ratio(points, c.M) for n, c in singles.items()}
+
+    def _predict(
+        self, names: list[str], curve: dict[str, Stage], all_stages: dict[str, Stage]
+    ) -> StudyResult:
+        """``search="predict"``: rank every order, evaluate the dense model and the top ``k``."""
+        ranking, cells = self.rank(names, curve)
+        wanted = ranking.top_k(self.top_k)
+        kind = "order" if len(names) > 1 else "single"
+        cells.update(self.measure({(): "dense", **{o: kind for o in wanted}}, all_stages))
+        orders = {format_order(o): cells[o] for o in wanted}
+        best_m = max(c.M for c in orders.values())
+        best = "=".join(o for o, c in orders.items() if best_m == c.M)
+        singles = {n: cells[(n,)] for n in names if (n,) in cells}
+        curve_cells = [cells[(n,)] for n in curve if (n,) in cells]
+        return StudyResult(
+            label=self.label,
+            stages=names,
+            search="predict",
+            metric=self.metric,
+            dense=cells[()],
+            singles=singles,
+            curve=curve_cells,
+            orders=orders,
+            best_order=best,
+            pih_order="",
+            pih_correct=None,
+            cer=self._cer(cells[()], curve_cells, singles) if len(singles) == len(names) else {},
+            budget=self.budget,
+            kinds=self._kinds(),
+            prediction=ranking.as_dict(),
         )
 
     def _kinds(self) -> dict[str, str]:

@@ -49,6 +49,7 @@ class StudyResult:
     budget: Budget
     kinds: dict[str, str] = field(default_factory=dict)
     pair: dict[str, float] = field(default_factory=dict)
+    prediction: dict[str, Any] = field(default_factory=dict)
 
     @property
     def best(self) -> Cell:
@@ -80,6 +81,14 @@ class StudyResult:
             applications=self.budget.applications,
             applications_without_reuse=self.budget.applications_without_reuse,
         )
+        if self.prediction:
+            ranking = self.prediction["orders"]
+            row.update(
+                predictor=self.prediction["predictor"],
+                predicted_order=ranking[0]["order"],
+                predicted_ranking=" ; ".join(f"{r['order']}:{r['score']:.4g}" for r in ranking),
+                prediction_seconds=self.prediction["cost"].get("seconds", 0.0),
+            )
         return row
 
     def cells(self) -> list[Cell]:

@@ -1,0 +1,56 @@
+import pytest
+
+from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.study import OrderStudy
+from tests.helpers import TINY_LLAMA
+
+
+def stages():
+    return [MagnitudePruning(sparsity=0.6, name="P"), RTNQuantization(bits=2, name="Q")]
+
+
+@pytest.mark.parametrize(
+    ("predictor", "evaluations"), [("interference", 2), ("prune_first", 2), ("pih", 4)]
+)
+def test_predict_evaluates_only_the_chosen_order(tmp_path, tiny_data, predictor, evaluations):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    study = OrderStudy(
+        module, tiny_data, stages(), search="predict", predictor=predictor, output_dir=tmp_path
+    )
+    result = study.run()
+    assert list(result.orders) == [result.prediction["orders"][0]["order"]]
+    assert len(result.prediction["orders"]) == 2  # every order ranked
+    assert result.budget.evaluations == evaluations  # dense (+ singles for pih) + the chosen
+    row = result.summary_row()
+    assert row["predictor"] == predictor and row["predicted_order"] == result.best_order
+
+
+def test_top_k_evaluates_k_orders(tmp_path, tiny_data):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    result = OrderStudy(
+        module, tiny_data, stages(), search="predict", top_k=2, output_dir=tmp_path
+    ).run()
+    assert sorted(result.orders) == ["P>Q", "Q>P"] and result.budget.evaluations == 3
+
+
+def test_predictor_errors(tmp_path, tiny_data):
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    with pytest.raises(PPQConfigError, match="predictor='oracle' is not allowed"):
+        OrderStudy(module, tiny_data, stages(), search="predict", predictor="oracle")
+    with pytest.raises(PPQConfigError, match="needs a quantization curve"):
+        OrderStudy(module, tiny_data, stages(), search="predict", predictor="pih_cer")
+    with pytest.raises(PPQConfigError, match="top_k=0"):
+        OrderStudy(module, tiny_data, stages(), search="predict", top_k=0)
+    quantizers = [RTNQuantization(bits=8, name="Q8"), RTNQuantization(bits=4, name="Q4")]
+    study = OrderStudy(
+        module,
+        tiny_data,
+        quantizers,
+        search="predict",
+        predictor="prune_first",
+        output_dir=tmp_path,
+    )
+    with pytest.raises(PPQConfigError, match="not a mix of the two"):
+        study.run()

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(results, out)
     summary = summarize(results, len(curve))
     summary["metric"] = results[0].metric if results else None
-    summary.update(seconds=time.perf_counter() - start, command=command_line())
+    command = command_line(argv, "scripts/order_grid.py")
+    summary.update(seconds=time.perf_counter() - start, command=command)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_readme(out, summary, results)
     print(json.dumps(summary, indent=2))

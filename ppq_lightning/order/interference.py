@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -96,12 +96,96 @@ def output_kl(model: nn.Module, batches: Sequence[Any], dense: list[Tensor]) -> 
     return total / max(count, 1)
 
 
+def reference_score(
+    module: nn.Module, calibration: Sequence[Any], score: str = "interference"
+) -> Callable[[nn.Module], float]:
+    """One pass of the dense ``module`` over ``calibration``, and the scorer of a compressed
+    copy it makes: :func:`output_error` (``"interference"``) or :func:`output_kl`
+    (``"calibration_kl"``)."""
+    if score == "calibration_kl":
+        with torch.no_grad(), evaluating(module):
+            reference = [_logits(module, batch) for batch in calibration]
+        return lambda model: output_kl(model, calibration, reference)
+    hessians = dense_hessians(module, calibration)
+    layers = resolve_targets(module)
+    dense = {name: weight_matrix(layers[name]).detach().float().clone() for name in hessians}
+    return lambda model: output_error(dense, model, hessians)
+
+
+def interference_rankings(
+    module: nn.Module,
+    stages: Sequence[Stage],
+    calibration: Sequence[Any],
+    measures: dict[str, Callable[[nn.Module], float]],
+    apply: Any = None,
+    tail: Sequence[Stage] = (),
+) -> dict[str, Ranking | None]:
+    """Every order of ``stages`` ranked by each scorer of ``measures`` (name -> scorer from
+    :func:`reference_score`), from one set of stage applications (prefixes reused). A scorer
+    that does not apply to these stages (``interference`` on reshaped layers) gives None.
+    ``tail`` stages (a study's BatchNorm recalibration) run after each order, before scoring."""
+    start = time.perf_counter()
+    by_name = {stage.name: stage for stage in stages}
+
+    def default_apply(model: nn.Module, stage: Stage) -> None:
+        copy.deepcopy(stage).apply(model, dataloader=calibration)
+
+    apply = apply or default_apply
+    scores: dict[str, dict[tuple[str, ...], float] | None] = {name: {} for name in measures}
+    applications = 0
+    orders = all_orders(list(by_name))
+
+    def visit(model: nn.Module, prefix: tuple[str, ...]) -> None:
+        nonlocal applications
+        if len(prefix) == len(by_name):
+            if tail:
+                model = copy.deepcopy(model)
+                for stage in tail:
+                    with torch.no_grad():
+                        apply(model, stage)
+            for name, measure in measures.items():
+                if scores[name] is None:
+                    continue
+                try:
+                    scores[name][prefix] = measure(model)
+                except PPQConfigError:
+                    if len(measures) == 1:
+                        raise
+                    scores[name] = None
+            return
+        children = sorted({o[len(prefix)] for o in orders if o[: len(prefix)] == prefix})
+        for i, name in enumerate(children):
+            child = model if i == len(children) - 1 and prefix else copy.deepcopy(model)
+            with torch.no_grad():
+                apply(child, by_name[name])
+            applications += 1
+            visit(child, (*prefix, name))
+
+    visit(module, ())
+    seconds = time.perf_counter() - start
+    rankings: dict[str, Ranking | None] = {}
+    for name, found in scores.items():
+        if found is None:
+            rankings[name] = None
+            continue
+        cost = {
+            "evaluations": 0,
+            "single_evaluations": 0,
+            "applications": applications,
+            "calibration_forwards": len(found) if name == "calibration_kl" else 0,
+            "seconds": seconds,
+        }
+        rankings[name] = Ranking(name, sorted(found.items(), key=lambda item: item[1]), cost)
+    return rankings
+
+
 def interference_ranking(
     module: nn.Module,
     stages: Sequence[Stage],
     calibration: Sequence[Any],
     apply: Any = None,
     score: str = "interference",
+    tail: Sequence[Stage] = (),
 ) -> Ranking:
     """Every order of ``stages`` ranked by its error (no order is evaluated).
 
@@ -113,56 +197,15 @@ def interference_ranking(
             on a copy of the stage), e.g. a study's own, which counts applications.
         score: ``"interference"`` (:func:`output_error`) or ``"calibration_kl"``
             (:func:`output_kl`).
+        tail: stages applied after every order before it is scored (BatchNorm
+            recalibration), as a study's ``tail``.
 
     Raises:
         PPQConfigError: for stages that reshape layers (``interference``).
     """
     start = time.perf_counter()
-    by_name = {stage.name: stage for stage in stages}
-
-    def default_apply(model: nn.Module, stage: Stage) -> None:
-        copy.deepcopy(stage).apply(model, dataloader=calibration)
-
-    apply = apply or default_apply
-    if score == "calibration_kl":
-        with torch.no_grad(), evaluating(module):
-            reference = [_logits(module, batch) for batch in calibration]
-
-        def measure(model: nn.Module) -> float:
-            return output_kl(model, calibration, reference)
-    else:
-        hessians = dense_hessians(module, calibration)
-        layers = resolve_targets(module)
-        dense = {name: weight_matrix(layers[name]).detach().float().clone() for name in hessians}
-
-        def measure(model: nn.Module) -> float:
-            return output_error(dense, model, hessians)
-
-    scores: dict[tuple[str, ...], float] = {}
-    applications = 0
-    orders = all_orders(list(by_name))
-
-    def visit(model: nn.Module, prefix: tuple[str, ...]) -> None:
-        nonlocal applications
-        if len(prefix) == len(by_name):
-            scores[prefix] = measure(model)
-            return
-        children = sorted({o[len(prefix)] for o in orders if o[: len(prefix)] == prefix})
-        for i, name in enumerate(children):
-            child = model if i == len(children) - 1 and prefix else copy.deepcopy(model)
-            with torch.no_grad():
-                apply(child, by_name[name])
-            applications += 1
-            visit(child, (*prefix, name))
-
-    visit(module, ())
-    ranked = sorted(scores.items(), key=lambda item: item[1])
-    cost = {
-        "evaluations": 0,
-        "single_evaluations": 0,
-        "applications": applications,
-        "dense_passes": 1,
-        "calibration_forwards": len(scores) if score == "calibration_kl" else 0,
-        "seconds": time.perf_counter() - start,
-    }
-    return Ranking(score, ranked, cost)
+    measure = reference_score(module, calibration, score)
+    measures = {score: measure}
+    ranking = interference_rankings(module, stages, calibration, measures, apply, tail)[score]
+    ranking.cost.update(dense_passes=1, seconds=time.perf_counter() - start)
+    return ranking

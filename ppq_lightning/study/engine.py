@@ -398,6 +398,7 @@ class OrderStudy:
                 self._calibration_data(),
                 self._apply,
                 score=self.predictor,
+                tail=self.tail,
             )
             return ranking, {}
         requests = {(): "dense", **{(n,): "single" for n in names}}

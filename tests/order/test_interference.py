@@ -38,3 +38,12 @@ def test_structural_stages_are_refused():
     stages = [BlockRemoval(ratio=0.5, name="B", num_calibration_batches=1), RTNQuantization(bits=4)]
     with pytest.raises(PPQConfigError, match="predictor='interference' compares layers"):
         interference_ranking(module, stages, token_batches(1))
+
+
+def test_calibration_kl_ranks_structural_stages_too():
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    stages = [BlockRemoval(ratio=0.5, name="B", num_calibration_batches=1), RTNQuantization(bits=2)]
+    ranking = interference_ranking(module, stages, token_batches(1), score="calibration_kl")
+    assert ranking.predictor == "calibration_kl" and len(ranking.orders) == 2
+    assert all(score > 0 for _, score in ranking.orders)
+    assert ranking.cost["calibration_forwards"] == 2 and ranking.cost["evaluations"] == 0

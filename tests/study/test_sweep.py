@@ -100,3 +100,20 @@ def test_fit_sweep_of_orders_with_fine_tuning_one_row_per_point(tmp_path, monkey
     assert rows[0]["measured_C"] == pytest.approx(rows[1]["measured_C"])
     with open(tmp_path / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_a_sweep_point_can_predict_its_order(tmp_path):
+    from ppq_lightning.cli.main import main
+
+    sweep = load_sweep(SMOKE.with_name("predict_smoke.yaml"))
+    point = grid_points(sweep)[1]
+    assert point == {
+        "search": "predict",
+        "predictor": "interference",
+        "P.sparsity": 0.5,
+        "Q.bits": 4,
+    }
+    args = agent_command(sweep, point)[3:]  # what `ppq study` receives
+    result = main(["study", *args, "--output_dir", str(tmp_path)])
+    assert result.search == "predict" and len(result.orders) == 1
+    assert result.prediction["predictor"] == "interference" and result.budget.evaluations == 2

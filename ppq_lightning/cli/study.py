@@ -56,7 +56,7 @@ def study_parser() -> ArgumentParser:
     parser.add_argument(
         "--predictor",
         type=str,
-        default="interference",
+        default="calibration_kl",
         help=f"with --search predict: one of {PREDICTORS}",
     )
     parser.add_argument("--top_k", type=int, default=1, help="predicted orders to evaluate")
@@ -165,7 +165,7 @@ def run_study(
     label: str | None = None,
     logger: Any | None = None,
     tail: list[CompressionCallback] | None = None,
-    predictor: str = "interference",
+    predictor: str = "calibration_kl",
     top_k: int = 1,
 ) -> StudyResult:
     """Run one :class:`~ppq_lightning.study.OrderStudy` and write its report to ``output_dir``

@@ -70,10 +70,11 @@ class OrderStudy:
         search: ``"exhaustive"`` (every permutation), ``"pih"`` (only the order the
             Progressive Intensity Hypothesis predicts from the single-stage results), or
             ``"predict"`` (rank every order with ``predictor``, evaluate only its ``top_k``).
-        predictor: with ``search="predict"``: ``"interference"`` (layer output error of each
-            order on the dense model's calibration inputs, no evaluation; the default),
-            ``"calibration_kl"`` (each order's output KL from the dense model's on the
-            calibration batches), ``"pih"``, ``"pih_cer"`` (needs ``curve``) or ``"prune_first"``
+        predictor: with ``search="predict"``: ``"calibration_kl"`` (each order's output KL
+            from the dense model's on the calibration batches; the default, the most accurate
+            on the committed grids), ``"interference"`` (layer output error of each order on
+            the dense model's calibration inputs, no forward of a candidate), ``"pih"``,
+            ``"pih_cer"`` (needs ``curve``) or ``"prune_first"``
             (``ppq_lightning.order.prediction``).
         top_k: how many of the predicted orders ``search="predict"`` evaluates.
         order: evaluate only the dense model and this order (e.g. ``"Q>P"``; a sweep point):
@@ -127,7 +128,7 @@ class OrderStudy:
         label: str | None = None,
         logger: Any | None = None,
         tail: Sequence[Stage] = (),
-        predictor: str = "interference",
+        predictor: str = "calibration_kl",
         top_k: int = 1,
     ) -> None:
         if not stages or not all(isinstance(s, Stage) for s in stages):

@@ -2,7 +2,7 @@
 
     ppq export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --format ppq --path out/ppq
     ppq export --from-study outputs/study --order best --format compressed-tensors --path out/ct
-    ppq export --config configs/llm/smollm2_gptq4_group32.yaml --format gguf --path out/gguf
+    ppq export --config configs/llm/smollm2_p_then_q.yaml --format compressed-tensors --path out/ct
 
 Sources (exactly one):
 

@@ -51,6 +51,18 @@ def wrap(built: nn.Module, wrapper: str | None) -> nn.Module:
     raise PPQConfigError(f"the export was made from a {wrapper}; pass one: model=...")
 
 
+def edited_layers(network: nn.Module) -> list[str]:
+    """Layers whose history records a structural edit or unmerged LoRA adapters, or records
+    that sit on a container (no weight): what a format of the original architecture cannot
+    hold."""
+    found = []
+    for name, module, state in compressed_modules(network):
+        edited = any("edit" in entry or entry.get("adapter_weights") for entry in state.history)
+        if edited or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            found.append(name or "<root>")
+    return found
+
+
 def describe(model: nn.Module) -> dict[str, Any]:
     """The architecture record of ``model`` (a LightningModule of this project or a network)."""
     if isinstance(model, ImageClassifierModule) and "model" in model.hparams:

@@ -36,7 +36,7 @@ from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, ensure_state
 from ppq_lightning.errors import PPQConfigError, check_choice
-from ppq_lightning.export.architecture import describe, floating_dtype, unwrap
+from ppq_lightning.export.architecture import describe, edited_layers, floating_dtype, unwrap
 from ppq_lightning.export.folder import counted_bytes, open_safetensors
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import as_matrix, to_weight_layout
@@ -56,17 +56,6 @@ def _export_dtype(network: nn.Module, dtype: str | None) -> torch.dtype:
     return DTYPES[check_choice("dtype", dtype, DTYPES)]
 
 
-def _edits(network: nn.Module) -> list[str]:
-    """Layers whose history records a structural edit or whose adapters are still unmerged."""
-    found = []
-    for name, module, state in compressed_modules(network):
-        if any(
-            "edit" in entry or entry.get("adapter_weights") for entry in state.history
-        ) or not isinstance(getattr(module, "weight", None), Tensor):
-            found.append(name or "<root>")
-    return found
-
-
 def check(model: nn.Module, dtype: str | None = None) -> None:
     """Refuse what compressed-tensors cannot represent, before anything is written; warn about
     what vLLM's kernels will not run.
@@ -82,7 +71,7 @@ def check(model: nn.Module, dtype: str | None = None) -> None:
             f"format='compressed-tensors' exports transformers models, not "
             f"{type(network).__name__}; use format='ppq' for other models."
         )
-    edited = _edits(network)
+    edited = edited_layers(network)
     if edited:
         raise PPQConfigError(
             f"format='compressed-tensors' describes the original architecture, but {edited[:3]} "
@@ -115,7 +104,7 @@ def _warn_vllm_limits(network: nn.Module) -> None:
             continue
         rows, cols = as_matrix(module, module.weight).shape
         group = state.group_size if state.group_size is not None else -1
-        if not _is_symmetric(state) and state.bits not in VLLM_ZERO_POINT_BITS:
+        if not state.grid.centred and state.bits not in VLLM_ZERO_POINT_BITS:
             limits.setdefault(f"zero points at {state.bits} bits (vLLM: 4 and 8)", []).append(name)
         if group not in VLLM_GROUP_SIZES:
             limits.setdefault(f"group size {group} (Marlin: {VLLM_GROUP_SIZES})", []).append(name)
@@ -130,11 +119,6 @@ def _warn_vllm_limits(network: nn.Module) -> None:
         )
 
 
-def _is_symmetric(state: Any) -> bool:
-    """Symmetric in compressed-tensors' sense: every zero point at ``2**(bits-1)``."""
-    return bool(state.symmetric and torch.all(state.zero == 2 ** (state.bits - 1)))
-
-
 def _rounded_grid(state: Any, dtype: torch.dtype) -> QuantGrid:
     """The recorded grid with its scales rounded to the export dtype (kept float32)."""
     grid = state.grid
@@ -147,7 +131,7 @@ def _schemes(network: nn.Module) -> dict[tuple[int, int | None, bool], list[str]
     groups: dict[tuple[int, int | None, bool], list[str]] = {}
     for name, _, state in compressed_modules(network):
         if state.bits is not None:
-            key = (state.bits, state.group_size, _is_symmetric(state))
+            key = (state.bits, state.group_size, state.grid.centred)
             groups.setdefault(key, []).append(name)
     return groups
 
@@ -188,7 +172,6 @@ def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, 
         QuantizationScheme,
         QuantizationStatus,
     )
-    from safetensors.torch import load_file
 
     network = unwrap(model)
     export_dtype = _export_dtype(network, dtype)
@@ -207,11 +190,9 @@ def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, 
         codes = grid.quantize(as_matrix(module, network.get_submodule(name).weight.detach()))
         with torch.no_grad():  # on the rounded grid, exactly (see the module docstring)
             module.weight.copy_(to_weight_layout(module, grid.dequantize(codes)))
-        offset = 2 ** (grid.bits - 1)
         module.weight_scale = nn.Parameter(grid.scale.to(export_dtype), requires_grad=False)
-        state = network.get_submodule(name).ppq_state
-        if not _is_symmetric(state):
-            zero = (grid.zero - offset).to(torch.int8)
+        if not grid.centred:
+            zero = (grid.zero - 2 ** (grid.bits - 1)).to(torch.int8)
             module.weight_zero_point = nn.Parameter(zero, requires_grad=False)
     for (bits, group, symmetric), names in _schemes(network).items():
         scheme = QuantizationScheme(
@@ -234,9 +215,7 @@ def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, 
     copied.save_pretrained(str(folder))
     compressor.update_config(str(folder))
     _side_file(network, folder, grids)
-    stored = {}
-    for file in sorted(folder.glob("model*.safetensors")):
-        stored.update(load_file(str(file)))
+    stored = copied.state_dict()  # the compressed tensors save_pretrained wrote
     return {
         "layer_bytes": counted_bytes(stored, list(counted_layers(network)), STORED_PARTS),
         "dtype": str(export_dtype).removeprefix("torch."),

@@ -27,7 +27,7 @@ from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.compressed.state import compressed_modules, get_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.export.architecture import unwrap
+from ppq_lightning.export.architecture import edited_layers, unwrap
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.quant_grid import QuantGrid
 
@@ -47,7 +47,7 @@ def block_type(state: Any) -> str:
     Raises:
         PPQConfigError: for a grid no GGML block type represents.
     """
-    symmetric = bool(state.symmetric and torch.all(state.zero == 2 ** (state.bits - 1)))
+    symmetric = state.grid.centred
     name = BLOCK_TYPES.get((state.bits, symmetric))
     if name is None or state.group_size != GROUP:
         raise PPQConfigError(
@@ -70,12 +70,13 @@ def check(model: nn.Module) -> None:
             f"format='gguf' exports the architectures {list(ARCHITECTURES)}, not "
             f"{model_type or type(network).__name__}; use format='compressed-tensors' or 'ppq'."
         )
+    edited = edited_layers(network)
+    if edited:
+        raise PPQConfigError(
+            f"{edited[0]}: structural edits and unmerged adapters do not export to GGUF "
+            "(it describes the original architecture); use format='ppq'."
+        )
     for name, _, state in compressed_modules(network):
-        if any("edit" in entry or entry.get("adapter_weights") for entry in state.history):
-            raise PPQConfigError(
-                f"{name}: structural edits and unmerged adapters do not export to GGUF "
-                "(it describes the original architecture); use format='ppq'."
-            )
         if state.bits is not None:
             try:
                 block_type(state)
@@ -113,14 +114,13 @@ def _blocks(codes: Tensor, scale: Tensor, zero: Tensor, kind: str) -> np.ndarray
 
 def _source_gguf(model: nn.Module) -> Path | None:
     """The GGUF file the model was loaded from (its tokenizer is copied), if any."""
-    from ppq_lightning.models.loading import OFFLINE_DEFAULT, smollm2_gguf_path
+    from ppq_lightning.models.loading import OFFLINE_DEFAULT, is_gguf_file, smollm2_gguf_path
 
-    name = getattr(getattr(model, "hparams", {}), "get", lambda *_: None)("model")
-    if name == OFFLINE_DEFAULT and getattr(model, "hparams", {}).get("model_config") is None:
+    hparams = getattr(model, "hparams", {})
+    name = hparams.get("model")
+    if name == OFFLINE_DEFAULT and hparams.get("model_config") is None:
         return smollm2_gguf_path()
-    if isinstance(name, str) and name.endswith(".gguf") and Path(name).is_file():
-        return Path(name)
-    return None
+    return Path(name) if isinstance(name, str) and is_gguf_file(name) else None
 
 
 def _write_metadata(writer: Any, config: Any, source: Path | None) -> None:

@@ -36,6 +36,7 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.architecture import build, describe, floating_dtype, unwrap, wrap
 from ppq_lightning.export.folder import counted_bytes, open_safetensors
 from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
+from ppq_lightning.ops.masks import unpack_mask
 from ppq_lightning.ops.packing import pack_codes, unpack_codes
 from ppq_lightning.ops.quant_grid import QuantGrid
 
@@ -56,18 +57,13 @@ def _bits_equal(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
-def _grid_of(state: Any) -> QuantGrid | None:
-    grid = state.grid
-    return None if grid is None else grid.to(state.scale.device)
-
-
 def _encode_weight(module: nn.Module, state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The stored tensors (by key suffix) and the decoding record of one compressed weight."""
     weight = module.weight.detach()
     layout = {"shape": list(weight.shape), "dtype": str(weight.dtype)}
     layout["transposed"] = stores_transposed(module)
     mask = state.mask
-    grid = _grid_of(state)
+    grid = state.grid
     if grid is not None:
         codes = grid.quantize(as_matrix(module, weight).cpu()).to(torch.int64)
         decoded = to_weight_layout(module, grid.dequantize(codes.float())).to(weight.dtype)
@@ -98,11 +94,11 @@ def _sparse_is_smaller(weight: Tensor, bits: int) -> bool:
 def _are_codes(zero: Tensor, state_dict: dict, key: str) -> bool:
     """Whether a grid's zero points are integers its own width holds (then packed as codes)."""
     bits = state_dict.get(key[: -len("zero")] + "_extra_state", {}).get("bits")
-    if not isinstance(bits, int) or not torch.equal(zero, zero.round()):
+    if not isinstance(bits, int):
         return False
     if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) >= 2**bits):
         return False
-    return _bits_equal(zero.to(torch.int64).to(zero.dtype), zero)  # no -0.0 to lose
+    return _bits_equal(zero.to(torch.int64).to(zero.dtype), zero)  # integers, no -0.0 to lose
 
 
 def _json_safe(key: str, value: Any) -> Any:
@@ -151,9 +147,14 @@ def encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             tensors[key] = value.half()
         elif key.endswith(f"{STATE_NAME}.zero") and _are_codes(value, state_dict, key):
             bits = state_dict[key[: -len("zero")] + "_extra_state"]["bits"]
-            encodings[key] = {"encoding": "codes", "bits": bits, "sparse": False}
-            encodings[key].update(shape=list(value.shape), dtype=str(value.dtype))
-            encodings[key]["transposed"] = False
+            encodings[key] = {
+                "encoding": "codes",
+                "bits": bits,
+                "sparse": False,
+                "shape": list(value.shape),
+                "dtype": str(value.dtype),
+                "transposed": False,
+            }
             tensors[key] = pack_codes(value.to(torch.int64), bits)
         else:
             tensors[key] = value
@@ -210,16 +211,14 @@ def _decode_tensor(stored: Tensor, record: dict[str, Any]) -> Tensor:
 
 
 def _decode_weight(key: str, stored: Tensor, record: dict[str, Any], state_dict: dict) -> Tensor:
-    from ppq_lightning.ops.masks import unpack_mask
-
+    if record["encoding"] == "dense":
+        return stored
     prefix = key[: -len("weight")] + STATE_NAME + "."
     extra = state_dict.get(prefix + "_extra_state", {})
     shape, dtype = torch.Size(record["shape"]), _DTYPES[record["dtype"]]
     mask = None
     if extra.get("mask_shape") is not None:
         mask = unpack_mask(state_dict[prefix + "mask_bits"], tuple(extra["mask_shape"]))
-    if record["encoding"] == "dense":
-        return stored
     if record["encoding"] == "values":
         weight = torch.zeros(shape, dtype=dtype)
         weight[mask] = stored

@@ -69,6 +69,12 @@ class QuantGrid:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def centred(self) -> bool:
+        """Symmetric with every zero point at ``2**(bits-1)``: codes ``q - 2**(bits-1)`` are
+        the signed integers of runtime formats (compressed-tensors, GGUF Q4_0/Q8_0)."""
+        return bool(self.symmetric and torch.all(self.zero == 2 ** (self.bits - 1)))
+
     def _expand(self, t: Tensor, cols: int) -> Tensor:
         """Repeat per-group values over the columns of each group: (rows, cols)."""
         return t.repeat_interleave(cols // t.shape[1], dim=1)

@@ -9,6 +9,7 @@ an already-compressed model never applies it twice.
 
 from __future__ import annotations
 
+import ast
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,13 +21,25 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ppq_lightning.callbacks.never_fired import never_fired_error
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
-from ppq_lightning.compressed.state import applied_stages, get_state
+from ppq_lightning.compressed.state import applied_stages, compressed_modules, get_state
 from ppq_lightning.compressed.upkeep import mask_gradients, project_onto_state
 from ppq_lightning.edits.loading import enable_state_loading
-from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int
+from ppq_lightning.errors import (
+    CompressionError,
+    PPQConfigError,
+    bad_value,
+    check_bool,
+    check_choice,
+    check_int,
+)
+from ppq_lightning.modules.rollback import restored_on_error
 from ppq_lightning.modules.targets import compile_patterns, resolve_targets
+from ppq_lightning.modules.tree import find_module
+from ppq_lightning.modules.views import check_finite, weight_matrix
+from ppq_lightning.ops.quant_grid import check_group_size
 
 
 @dataclass
@@ -94,6 +107,84 @@ def log_layer_table(trainer: L.Trainer | None, result: StageResult) -> None:
             )
 
 
+def configured_stages(callbacks: Iterable[Any]) -> list[CompressionCallback]:
+    """The compression stages among ``callbacks`` (a Trainer's), a schedule's stages included,
+    in callback order."""
+    return [s for cb in callbacks if isinstance(cb, FiresOnce) for s in cb.compression_stages()]
+
+
+def check_trainer_stages(callbacks: Iterable[Any], model: nn.Module | None = None) -> None:
+    """Refuse compression stages that cannot run together in one Trainer, or on ``model``.
+
+    Every compression callback runs it at ``setup``, before any of them changes the model.
+
+    Args:
+        callbacks: the Trainer's callbacks (``trainer.callbacks``); the stages of a
+            ``CompressionSchedule`` count as its own.
+        model: the model the stages are about to compress; None to skip
+            :meth:`CompressionCallback.check_not_replaced`.
+
+    Raises:
+        PPQConfigError: naming the stages, when one stage is given twice (e.g. in a schedule
+            and to the Trainer), two stages have one ``state_key`` (the same method with the
+            same arguments: they need distinct ``name`` arguments), more than one stage
+            trains (LoRA, QAT, CoDeQ: one training stage per fit), or ``model`` records
+            another stage under the name of one of them.
+    """
+    stages = configured_stages(callbacks)
+    for i, stage in enumerate(stages):
+        label = f"{stage.name!r} ({type(stage).__name__})"
+        for other in stages[:i]:
+            if other is stage:
+                raise PPQConfigError(
+                    f"stage {label} is given twice to this Trainer (in a CompressionSchedule's "
+                    "stages and in trainer.callbacks, or twice in one list): pass it once."
+                )
+            if other.state_key == stage.state_key:
+                raise PPQConfigError(
+                    f"two stages {label} have the same arguments, so one state_key "
+                    f"{stage.state_key!r}: set `name=` on each to tell them apart (e.g. "
+                    f"name='{stage.name}1' and name='{stage.name}2'), or remove one."
+                )
+    training = [s for i, s in enumerate(stages) if s.trains and s not in stages[:i]]
+    if len(training) > 1:
+        listed = ", ".join(f"{s.name!r} ({type(s).__name__})" for s in training)
+        raise PPQConfigError(
+            f"stages train more than once ({listed}): one training stage (LoRA, QAT, CoDeQ) "
+            "per fit; run a second fit for another."
+        )
+    for stage in stages if model is not None else ():
+        stage.check_not_replaced(model, stages)
+
+
+def _default_names() -> dict[str, str]:
+    """``{class name: default_name}`` of every compression method defined so far."""
+    names, pending = {}, [CompressionCallback]
+    while pending:
+        cls = pending.pop()
+        names.setdefault(cls.__name__, cls.default_name)
+        pending += cls.__subclasses__()
+    return names
+
+
+def recorded_name(entry: HistoryEntry) -> str | None:
+    """The name of the stage that wrote a history ``entry``: its ``name`` field; for records
+    written before entries had one, the ``name`` in its state key (``Method{'name': ...}``),
+    else the default name of its method (None when neither can be read)."""
+    if isinstance(entry.get("name"), str):
+        return entry["name"]
+    key, method = entry.get("stage"), entry.get("method")
+    if not isinstance(key, str) or not isinstance(method, str) or not key.startswith(method):
+        return None
+    try:
+        arguments = ast.literal_eval(key[len(method) :])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    return arguments.get("name") or _default_names().get(method)
+
+
 class FiresOnce(L.Callback):
     """A callback that runs :meth:`_fire` once, at the first of fit/validate/test/predict.
 
@@ -109,6 +200,11 @@ class FiresOnce(L.Callback):
 
     def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
+
+    def compression_stages(self) -> list[CompressionCallback]:
+        """The compression stages this callback applies (a stage: itself; a schedule: its
+        stages), for the checks of :func:`check_trainer_stages`."""
+        return []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         enable_state_loading(pl_module)  # before Lightning restores a checkpoint into it
@@ -148,6 +244,38 @@ class FiresOnce(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._applied = bool(state_dict.get("applied", False))
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a run that was to compress and did not: a stage that never fired.
+
+        Lightning calls ``teardown`` at the end of a ``fit``/``validate``/``test``/``predict``
+        that finished without an exception (an interrupted run keeps its own exception). The
+        first compression callback of the Trainer then checks every stage of the Trainer's
+        compression callbacks (a schedule's included): each must be applied, or already
+        recorded on the model (a resumed run). A stage that is neither never fired: the
+        evaluation loop was skipped (``limit_val_batches=0``, an empty dataloader), or ``fit``
+        ended before the stage's ``at_epoch``/``at_step`` or before training ran
+        (``max_steps=0``) or ended (the stages after a training stage).
+
+        Args:
+            trainer: the Trainer that ran.
+            pl_module: its model.
+            stage: the Trainer function that ran (``"fit"``, ``"validate"``, ...).
+
+        Raises:
+            PPQConfigError: naming the stages that never fired and the likely cause.
+        """
+        if trainer.interrupted or not self._keeps_invariants(trainer):
+            return  # one report, from the first compression callback
+        pending = [
+            (callback, member)
+            for callback in trainer.callbacks
+            if isinstance(callback, FiresOnce)
+            for member in callback.compression_stages()
+            if not member.already_applied(pl_module)
+        ]
+        if pending:
+            raise never_fired_error(trainer, str(TrainerFn(stage).value), pending)
+
 
 class CompressionCallback(FiresOnce):
     """Base class of every compression method.
@@ -176,15 +304,18 @@ class CompressionCallback(FiresOnce):
 
     Raises:
         PPQConfigError: on an invalid regex, a ``name`` that is not a non-empty string,
-            ``b_orig`` not in {8, 16, 32}, an ``at_epoch``/``at_step`` that is not an integer
-            >= 0 or both given; at run time, when ``targets`` match nothing, when ``at_epoch``
+            ``b_orig`` not in {8, 16, 32}, ``log_layers`` not a bool, an ``at_epoch``/
+            ``at_step`` that is not an integer >= 0 or both given; at ``setup``, see
+            :func:`check_trainer_stages` and :meth:`check_not_replaced`; at run time, when
+            ``targets`` match nothing (see also :meth:`check_not_replaced`), when ``at_epoch``
             is not below ``max_epochs`` (or ``at_step`` below ``max_steps``), or when a
-            training stage is used outside ``fit``.
+            training stage is used outside ``fit`` or through :meth:`apply`.
     """
 
     default_name: ClassVar[str] = "stage"
     kind: StageKind
     trains: ClassVar[bool] = False  # acts during fit's training (LoRA, QAT, CoDeQ)
+    edits_structure: ClassVar[bool] = False  # replaces or reshapes layers (blocks, channels)
 
     def __init__(
         self,
@@ -213,6 +344,7 @@ class CompressionCallback(FiresOnce):
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise PPQConfigError(f"name={name!r} is not allowed: expected a non-empty string.")
         check_choice("b_orig", b_orig, (8, 16, 32))
+        check_bool("log_layers", log_layers)
         self.targets, self.ignore, self._name = targets, ignore, name
         self.b_orig, self.log_layers = b_orig, log_layers
         self.result: StageResult | None = None
@@ -226,12 +358,41 @@ class CompressionCallback(FiresOnce):
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
         """Compress ``modules`` of ``model`` in place, record their state, and return per-layer
-        metrics ``{module name: {metric: value}}``."""
+        metrics ``{module name: {metric: value}}``.
+
+        Raises:
+            PPQConfigError: for a training stage (``trains``), which compresses in ``fit``
+                only (:meth:`finish`), never at once.
+        """
+        if self.trains:
+            raise self.outside_fit("apply()")
         raise NotImplementedError
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
         """Raise a ``PPQConfigError`` (naming the layer) when the stage cannot compress one of
-        ``modules``; called for every layer before any weight changes."""
+        ``modules``; called for every layer before any weight changes. Here: a stage that
+        quantizes with a ``group_size`` needs it to divide every layer's input dimension
+        (subclasses that add checks call this one too)."""
+        group_size = getattr(self, "group_size", None)
+        if group_size is not None and StageKind(self.kind).quantizes:
+            for name, module in modules.items():
+                check_group_size(group_size, weight_matrix(module).shape[1], f"group_size ({name})")
+
+    def check_ahead(self, model: nn.Module, earlier: list[CompressionCallback]) -> None:
+        """What a :class:`CompressionSchedule` checks for this stage before its first stage
+        changes any weight: the targets, :meth:`check_layers` and finite weights, on the model
+        as it is (skipped after a stage that changes the model's structure, ``edits_structure``:
+        the layers this stage will see do not exist yet). Stages that depend on what the
+        ``earlier`` stages of the schedule do override it (and call it).
+
+        Raises:
+            PPQConfigError: what :meth:`apply` would raise for these reasons later.
+        """
+        if any(stage.edits_structure for stage in earlier):
+            return
+        modules = resolve_targets(model, self.targets, self.ignore)
+        self.check_layers(modules)
+        check_finite(modules, f"stage {self.name!r}: cannot compress")
 
     # -- shared machinery ---------------------------------------------------------------------
     @property
@@ -250,8 +411,51 @@ class CompressionCallback(FiresOnce):
             "stage": self.state_key,
             "method": type(self).__name__,
             "kind": StageKind(self.kind).value,
+            "name": self.name,
             **self.stage_config(),
         }
+
+    def compression_stages(self) -> list[CompressionCallback]:
+        return [self]
+
+    def outside_fit(self, where: str) -> PPQConfigError:
+        """The error of a training stage used ``where`` (``"apply()"``, ``"`validate`"``)."""
+        return PPQConfigError(
+            f"{type(self).__name__} trains: it belongs in `fit` (trainer.fit / ppq fit, as a "
+            f"Trainer callback or a stage of a CompressionSchedule), not in {where}; stage "
+            f"{self.name!r} cannot be applied to a model at once."
+        )
+
+    def check_not_replaced(
+        self, model: nn.Module, configured: Iterable[CompressionCallback] = ()
+    ) -> None:
+        """Refuse to stack this stage on a model whose history records another stage of the
+        same name: a resumed or reloaded run whose configuration of that stage changed.
+
+        Args:
+            model: the model about to be compressed.
+            configured: the other stages of this run; what they recorded is expected.
+
+        Raises:
+            PPQConfigError: saying what is recorded, what is configured, and the choices.
+        """
+        expected = {self.state_key} | {s.state_key for s in configured}
+        recorded = sorted(
+            {
+                entry["stage"]
+                for _, _, state in compressed_modules(model)
+                for entry in state.history
+                if entry.get("stage") not in expected and recorded_name(entry) == self.name
+            }
+        )
+        if recorded:
+            raise PPQConfigError(
+                f"stage {self.name!r}: the model already records a stage {self.name!r} as "
+                f"{recorded[0]}, but this run configures {self.state_key}; applying it would "
+                f"stack a second {self.name!r} stage on the first. Load a dense model (or use "
+                "the configuration the model was compressed with), or give the new stage "
+                "another `name` to stack it deliberately."
+            )
 
     def apply(
         self,
@@ -268,10 +472,25 @@ class CompressionCallback(FiresOnce):
             index: position of this stage in the compression order, for metric keys.
             dataloader: calibration data for methods that need it, instead of the trainer's.
 
+        Everything that can be checked is checked before any weight changes (targets, the
+        layers' shapes, finite weights, the stage not already recorded on the model); if the
+        stage fails part-way (NaN activations in a late block, say), every layer it was
+        compressing is restored before the error propagates (``modules.rollback``).
+
         Raises:
-            PPQConfigError: when ``targets``/``ignore`` select no module.
+            PPQConfigError: when ``targets``/``ignore`` select no module, a selected layer has a
+                NaN/Inf weight or cannot be compressed by this stage, or this stage is
+                already recorded on ``model``.
+            CompressionError: when the stage produced a non-finite weight (the layers are
+                restored).
         """
         self.trainer, self.dataloader = trainer, dataloader
+        if self.state_key in applied_stages(model):
+            raise PPQConfigError(
+                f"stage {self.name!r} ({self.state_key}) is already applied to this model: its "
+                "layers' history records it, and applying it again would compress them twice. "
+                "Apply it to a fresh model, or give a deliberate second stage another `name`."
+            )
         modules = resolve_targets(model, self.targets, self.ignore)
         adapted = [  # bases whose trained LoRA adapters were kept separate
             name
@@ -288,8 +507,11 @@ class CompressionCallback(FiresOnce):
         parameters = {id(p) for p in model.parameters()}
         start = time.perf_counter()
         self.check_layers(modules)
-        with torch.inference_mode(False), torch.no_grad():
+        check_finite(modules, f"stage {self.name!r}: cannot compress")
+        with restored_on_error(model, modules), torch.inference_mode(False), torch.no_grad():
             layers = self.compress(model, modules)
+            after = {n: find_module(model, n) for n in modules}
+            check_finite(after, f"stage {self.name!r} produced", CompressionError)
         seconds = time.perf_counter() - start
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         if fitting and any(id(p) not in parameters for p in model.parameters()):
@@ -342,7 +564,15 @@ class CompressionCallback(FiresOnce):
         return "start"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the Trainer's stages together and against the model's history (before any
+        stage changes a weight), then the timing arguments in ``fit``.
+
+        Raises:
+            PPQConfigError: see :func:`check_trainer_stages`; in ``fit``, an ``at_epoch``/
+                ``at_step`` beyond ``max_epochs``/``max_steps``.
+        """
         super().setup(trainer, pl_module, stage)
+        check_trainer_stages(trainer.callbacks, pl_module)
         if stage != TrainerFn.FITTING:
             return
         epochs, steps = trainer.max_epochs, trainer.max_steps
@@ -350,6 +580,17 @@ class CompressionCallback(FiresOnce):
             raise bad_value("at_epoch", self.at_epoch, f"an epoch below max_epochs={epochs}")
         if self.at_step is not None and steps not in (None, -1) and self.at_step >= steps:
             raise bad_value("at_step", self.at_step, f"a step below max_steps={steps}")
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A run resumed with ``ckpt_path``: the restored model's history is known only now
+        (after ``setup``); check the stages against it before any of them fires.
+
+        Raises:
+            PPQConfigError: see :meth:`check_not_replaced`.
+        """
+        check_trainer_stages(trainer.callbacks, pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.fit_moment(trainer) == "start":
@@ -384,11 +625,9 @@ class CompressionCallback(FiresOnce):
             self._applied = True
             rank_zero_info(f"[ppq] {self.state_key} is already applied to this model; skipped.")
             return
+        self.check_not_replaced(pl_module, configured_stages(trainer.callbacks))
         if self.trains:
-            raise PPQConfigError(
-                f"{type(self).__name__} trains: it belongs in `fit` (trainer.fit / ppq fit), "
-                f"not in `{trainer.state.fn}`."
-            )
+            raise self.outside_fit(f"`{trainer.state.fn}`")
         self.log_result(trainer, self.apply(pl_module, trainer, index=self._index(trainer)))
 
     def log_result(self, trainer: L.Trainer | None, result: StageResult) -> None:

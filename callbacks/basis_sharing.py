@@ -11,6 +11,7 @@ from ppq_lightning.calibration.data import calibration_batches, check_num_batche
 from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.calibrated import check_device, check_device_available
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.sharing import SharingGroup, plan_sharing, share_group
 from ppq_lightning.errors import (
@@ -81,8 +82,9 @@ class BasisSharing(CompressionCallback):
     Raises:
         PPQConfigError: ``group_size`` not an integer >= 2; neither or both of ``rank``/
             ``ratio``; ``rank`` not an integer >= 1; ``ratio`` not in (0, 1); ``projections``
-            empty or not regexes; ``whiten`` not a bool; a bad ``num_calibration_batches`` or
-            ``damp``. At run time (before any layer is replaced): no repeated blocks;
+            empty or not regexes; ``whiten`` not a bool; a bad ``num_calibration_batches``,
+            ``damp`` or ``device`` (not a torch device). At run time (before any layer is
+            replaced): with ``whiten``, a ``device`` this machine lacks; no repeated blocks;
             ``group_size`` larger than the number of blocks; a projection regex that matches no
             layer; a matched layer that is already factorised or already carries a compression
             state; layers of one group with different shapes or bias; a rank above
@@ -101,6 +103,7 @@ class BasisSharing(CompressionCallback):
     """
 
     default_name = "sharing"
+    edits_structure = True
     kind = StageKind.SHARE
 
     def __init__(
@@ -117,6 +120,7 @@ class BasisSharing(CompressionCallback):
         **kwargs: Any,
     ) -> None:
         check_bool("whiten", whiten)
+        check_device(device)
         check_choice("split", split, SPLITS)
         check_num_batches(num_calibration_batches)
         check_solver_args(1, damp)
@@ -155,6 +159,8 @@ class BasisSharing(CompressionCallback):
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
+        if self.whiten:
+            check_device_available(self.device)
         groups = plan_sharing(
             model, modules, self.projections, self.group_size, self.rank, self.ratio
         )

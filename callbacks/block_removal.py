@@ -51,6 +51,7 @@ class BlockRemoval(CompressionCallback):
     """
 
     default_name = "sleb"
+    edits_structure = True
     kind = StageKind.PRUNE
 
     def __init__(

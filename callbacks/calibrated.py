@@ -6,14 +6,62 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ppq_lightning.calibration.data import calibration_batches, check_num_batches
 from ppq_lightning.calibration.engine import calibrate_sequentially, check_calibrate_on
 from ppq_lightning.calibration.statistics import LayerStatistics, check_statistics_dtype
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.reconstruction import relative_output_error
+
+DEVICES = "None or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
+
+
+def check_device(device: str | torch.device | None) -> str | torch.device | None:
+    """Accept None or what ``torch.device`` parses (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    Raises:
+        PPQConfigError: naming ``device`` and the value.
+    """
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise bad_value("device", device, DEVICES)
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise bad_value("device", device, DEVICES) from err
+    return device
+
+
+def check_device_available(device: str | torch.device | None) -> None:
+    """Refuse, before any weight changes, a ``device`` this machine does not have.
+
+    Raises:
+        PPQConfigError: naming ``device``, when it is a CUDA (or MPS) device and CUDA (MPS)
+            is unavailable, or a CUDA index beyond the visible devices.
+    """
+    if device is None:
+        return
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise PPQConfigError(
+                f"device={device!r} names CUDA, but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False): use device='cpu', or None to keep the "
+                "model's placement."
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise bad_value("device", device, f"a CUDA index below {count} (visible devices)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise PPQConfigError(
+            f"device={device!r} names MPS, which is not available on this machine: use "
+            "device='cpu', or None to keep the model's placement."
+        )
 
 
 class CalibratedCompression(CompressionCallback):
@@ -39,9 +87,10 @@ class CalibratedCompression(CompressionCallback):
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
-        PPQConfigError: on a bad ``num_calibration_batches``, ``calibrate_on`` or
-            ``statistics_dtype``; at run time on missing or empty calibration data, or NaN/Inf
-            activations.
+        PPQConfigError: on a bad ``num_calibration_batches``, ``calibrate_on``,
+            ``statistics_dtype`` or ``device`` (not a torch device); at run time (before any
+            weight changes) on a ``device`` this machine does not have (CUDA unavailable), on
+            missing or empty calibration data, or NaN/Inf activations.
     """
 
     statistic: ClassVar[str] = "hessian"
@@ -59,7 +108,7 @@ class CalibratedCompression(CompressionCallback):
         super().__init__(**kwargs)
         self.num_calibration_batches = check_num_batches(num_calibration_batches)
         self.calibrate_on = check_calibrate_on(calibrate_on)
-        self.device = device
+        self.device = check_device(device)
         self.statistics_dtype = statistics_dtype
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
@@ -80,6 +129,7 @@ class CalibratedCompression(CompressionCallback):
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
+        check_device_available(self.device)
         statistics = LayerStatistics(self.statistic, self.statistics_dtype)
         metrics: dict[str, dict[str, float]] = {}
 

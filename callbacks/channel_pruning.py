@@ -10,6 +10,7 @@ from ppq_lightning.calibration.data import calibration_batches, check_num_batche
 from ppq_lightning.calibration.engine import calibrate_sequentially, check_calibrate_on
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.calibrated import check_device, check_device_available
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.channels import (
     STRUCTURES,
@@ -48,9 +49,10 @@ class ChannelPruning(CompressionCallback):
             ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
-        PPQConfigError: bad ratio/structure, or at run time a model with none of the known
-            layouts, a layer of the pruned structure factorised by ``BasisSharing``, or a layer
-            quantized with groups whose columns would be removed.
+        PPQConfigError: bad ratio/structure/``device``, or at run time (before any weight
+            changes) a ``device`` this machine lacks, a model with none of the known layouts, a
+            layer of the pruned structure factorised by ``BasisSharing``, or a layer quantized
+            with groups whose columns would be removed.
 
     Example (YAML)::
 
@@ -61,6 +63,7 @@ class ChannelPruning(CompressionCallback):
     """
 
     default_name = "channels"
+    edits_structure = True
     kind = StageKind.PRUNE
 
     def __init__(
@@ -77,7 +80,7 @@ class ChannelPruning(CompressionCallback):
         super().__init__(**kwargs)
         self.ratio, self.structure = float(ratio), structure
         self.num_calibration_batches = check_num_batches(num_calibration_batches)
-        self.calibrate_on, self.device = check_calibrate_on(calibrate_on), device
+        self.calibrate_on, self.device = check_calibrate_on(calibrate_on), check_device(device)
 
     def stage_config(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "structure": self.structure, "calibrate_on": self.calibrate_on}
@@ -85,6 +88,7 @@ class ChannelPruning(CompressionCallback):
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
+        check_device_available(self.device)
         outputs = output_projections(model, modules, self.structure)
         statistics = LayerStatistics("act_norm")
         entry = self.history_entry()

@@ -49,6 +49,7 @@ class DepGraphPruning(CompressionCallback):
     """
 
     default_name = "depgraph"
+    edits_structure = True
     kind = StageKind.PRUNE
 
     def __init__(

@@ -65,14 +65,6 @@ class FakeQuantStage(CompressionCallback):
         """Write the quantized weight of ``module`` and record it; return its metrics."""
         raise NotImplementedError
 
-    def compress(
-        self, model: nn.Module, modules: dict[str, nn.Module]
-    ) -> dict[str, dict[str, float]]:
-        raise PPQConfigError(
-            f"{type(self).__name__} trains: it belongs in `fit` (trainer.fit / ppq fit); "
-            "it cannot be applied to a model at once."
-        )
-
     def remove_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """Remove the learnable parameters :meth:`prepare` added; return them."""
         return []

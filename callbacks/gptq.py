@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_grid, record_stage
+from ppq_lightning.errors import check_bool
 from ppq_lightning.modules.mixed_precision import (
     assign_bits,
     check_layer_bits,
@@ -48,7 +49,8 @@ class GPTQ(CalibratedCompression):
             ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
-        PPQConfigError: bits outside 2-8, a bad group size, block size or damping.
+        PPQConfigError: bits outside 2-8, a bad group size, block size or damping,
+            ``symmetric``/``act_order`` not a bool (see also ``CalibratedCompression``).
 
     Example (YAML)::
 
@@ -74,6 +76,8 @@ class GPTQ(CalibratedCompression):
         **kwargs: Any,
     ) -> None:
         check_bits(bits)
+        check_bool("symmetric", symmetric)
+        check_bool("act_order", act_order)
         self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)
         self._widths: dict[str, int] = {}
         if group_size is not None:

@@ -22,7 +22,14 @@ from ppq_lightning.edits.lora import (
     lora_layers,
     merge_adapter,
 )
-from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
+from ppq_lightning.errors import (
+    PPQConfigError,
+    bad_value,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 
@@ -61,7 +68,8 @@ class LoRAFineTune(CompressionCallback):
 
     Raises:
         PPQConfigError: ``r`` not an integer >= 1, ``alpha`` <= 0, ``dropout`` outside [0, 1),
-            an unknown ``merge``, ``target_modules`` given with ``targets``; at run time,
+            an unknown ``merge``, ``reproject`` not a bool, ``target_modules`` given with
+            ``targets``; at run time,
             ``target_modules`` that match nothing, layers that already carry adapters, a merge
             into a compressed base with ``reproject=False``, or use outside ``fit``.
 
@@ -93,6 +101,7 @@ class LoRAFineTune(CompressionCallback):
         check_number("alpha", alpha, low=0, low_open=True)
         check_number("dropout", dropout, 0, 1, high_open=True)
         check_choice("merge", merge, MERGES)
+        check_bool("reproject", reproject)
         if target_modules is not None and kwargs.get("targets") is not None:
             raise PPQConfigError(
                 f"target_modules={target_modules!r} and targets={kwargs['targets']!r} are not "
@@ -153,6 +162,25 @@ class LoRAFineTune(CompressionCallback):
                     f"a multiple of the groups of every targeted grouped convolution; {name} "
                     f"has groups={groups} (list it in `ignore`, e.g. depthwise convolutions)",
                 )
+
+    def check_ahead(self, model: nn.Module, earlier: list[CompressionCallback]) -> None:
+        """In a schedule: refuse ``merge='at_end'`` with ``reproject=False`` after a stage that
+        prunes or quantizes, before that stage runs (the merge would leave its mask and grid).
+
+        Raises:
+            PPQConfigError: naming the earlier stage (or what the base check raises).
+        """
+        super().check_ahead(model, earlier)
+        if self.merge == "at_end" and not self.reproject:
+            for stage in earlier:
+                kind = StageKind(stage.kind)
+                if kind.prunes or kind.quantizes:
+                    raise PPQConfigError(
+                        f"merge='at_end' with reproject=False is not allowed after stage "
+                        f"{stage.name!r} ({kind}): it prunes or quantizes the bases, and W + BA "
+                        "would leave their mask and grid. Use reproject=True (re-project onto "
+                        "them), merge='never', or put the fine-tune first."
+                    )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse, before training, a merge that would break a compressed base."""

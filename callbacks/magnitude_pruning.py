@@ -119,6 +119,7 @@ class MagnitudePruning(CompressionCallback):
         self.ramp = check_ramp(ramp, sparsity, nm, self.at_epoch, self.at_step)
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        super().check_layers(modules)
         for name, module in modules.items():
             check_nm_width(self._nm, weight_matrix(module).shape[1], name)
 

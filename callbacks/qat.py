@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
+from ppq_lightning.errors import check_bool
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import (
     as_matrix,
@@ -58,7 +59,8 @@ class QuantizationAwareTraining(FakeQuantStage):
             :class:`~ppq_lightning.callbacks.CompressionCallback`.
 
     Raises:
-        PPQConfigError: bits outside 2-8, a group size that is not a positive integer; at
+        PPQConfigError: bits outside 2-8, a group size that is not a positive integer,
+            ``symmetric`` not a bool; at
             ``setup``, a group size that does not divide a layer's input dimension (checked for
             every layer before any is touched) or a layer already trained by another stage;
             use outside ``fit`` (the stage trains).
@@ -85,10 +87,11 @@ class QuantizationAwareTraining(FakeQuantStage):
         **kwargs: Any,
     ) -> None:
         check_bits(bits)
+        check_bool("symmetric", symmetric)
         if group_size is not None:
             check_group_size(group_size, group_size)
         super().__init__(**kwargs)
-        self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
 
     def stage_config(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}

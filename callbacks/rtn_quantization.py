@@ -10,6 +10,7 @@ from torch import nn
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
+from ppq_lightning.errors import check_bool
 from ppq_lightning.modules.mixed_precision import (
     assign_bits,
     check_layer_bits,
@@ -47,7 +48,8 @@ class RTNQuantization(CompressionCallback):
 
     Raises:
         PPQConfigError: bits outside 2-8 (and not 16), a group size that is not a positive
-            integer, or (at run time) one that does not divide a layer's input dimension.
+            integer, ``symmetric`` not a bool, or (at run time) one that does not divide a
+            layer's input dimension.
 
     Example (YAML)::
 
@@ -75,6 +77,7 @@ class RTNQuantization(CompressionCallback):
         **kwargs: Any,
     ) -> None:
         check_bits(bits, allow_off=True)
+        check_bool("symmetric", symmetric)
         if group_size is not None:
             check_group_size(group_size, group_size)
         self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)

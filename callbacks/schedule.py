@@ -10,16 +10,18 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from ppq_lightning.callbacks.base import (
     CompressionCallback,
     FiresOnce,
     StageResult,
+    check_trainer_stages,
     log_layer_table,
     log_metrics,
 )
 from ppq_lightning.compressed.accounting import compression_summary
-from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.errors import PPQConfigError, check_bool, check_folder
 from ppq_lightning.order.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.order.grammar import arrange
 from ppq_lightning.reports import columns_of, write_table
@@ -49,8 +51,9 @@ class CompressionSchedule(FiresOnce):
 
     Raises:
         PPQConfigError: when ``stages`` is empty, holds something that is not a compression
-            callback, or two stages with the same state key; on a bad ``order`` (unknown or
-            repeated names, empty).
+            callback, or two stages with the same name (``name``, else the method's default
+            name: two unnamed stages of one method collide); ``evaluate_each_stage`` or
+            ``log_layers`` not a bool; on a bad ``order`` (unknown or repeated names, empty).
 
     Example (YAML)::
 
@@ -86,12 +89,17 @@ class CompressionSchedule(FiresOnce):
                     f"stages contains {stage!r}: expected compression callbacks "
                     "such as MagnitudePruning or RTNQuantization."
                 )
-        keys = [s.state_key for s in stages]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        names = [s.name for s in stages]
+        repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
+            both = [s.state_key for s in stages if s.name == repeated[0]]
             raise PPQConfigError(
-                f"stages repeat {repeated[0]!r}: give repeated stages distinct `name` arguments."
+                f"stages name two stages {repeated[0]!r} ({' and '.join(both)}): a stage's name "
+                "is its identity in orders, reports and the recorded history; give the stages "
+                "distinct `name` arguments (e.g. name='P1', name='P2')."
             )
+        check_bool("evaluate_each_stage", evaluate_each_stage)
+        check_bool("log_layers", log_layers)
         self.configured = list(stages)
         self.set_order(order)
         self.evaluate_each_stage, self.output_dir, self.log_layers = (
@@ -166,18 +174,42 @@ class CompressionSchedule(FiresOnce):
         else:
             training.on_fit_start(trainer, pl_module)
 
+    def check_ahead(self, model: nn.Module) -> None:
+        """Check every stage still to run (and the report folder) before the first one changes
+        any weight: a schedule whose third stage cannot run must not prune first.
+
+        Raises:
+            PPQConfigError: what a pending stage's :meth:`CompressionCallback.check_ahead`
+                raises, or a ``report_dir`` that is a file.
+        """
+        if self.output_dir is not None:
+            check_folder("report_dir", self.output_dir)
+        pending = [s for s in self.stages if not s.already_applied(model)]
+        for i, stage in enumerate(pending):
+            stage.check_ahead(model, pending[:i])
+
     def _apply(
         self, trainer: L.Trainer, pl_module: L.LightningModule, stages: list[CompressionCallback]
     ) -> None:
+        done: list[str] = []
         for stage in stages:
             index = self.stages.index(stage) + 1
             if stage.already_applied(pl_module):
                 rank_zero_info(f"[ppq] {stage.state_key} is already applied; skipped.")
                 continue
-            if stage.trains:
-                result = stage.finish(pl_module, index)
-            else:
-                result = stage.apply(pl_module, trainer, index=index)
+            try:
+                if stage.trains:
+                    result = stage.finish(pl_module, index)
+                else:
+                    result = stage.apply(pl_module, trainer, index=index)
+            except Exception as error:
+                if done:
+                    error.add_note(
+                        f"[ppq] schedule {self.order}: stage(s) {', '.join(done)} had been "
+                        f"applied before {stage.name} failed; the model holds their result."
+                    )
+                raise
+            done.append(stage.name)
             self._record(trainer, pl_module, result)
 
     def _record(
@@ -190,10 +222,34 @@ class CompressionSchedule(FiresOnce):
         log_layer_table(trainer, result)
 
     # -- fit: the training stage's hooks, then the stages after it -------------------------
+    def compression_stages(self) -> list[CompressionCallback]:
+        return list(self.stages)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the stages against the Trainer's others and the model's history (see
+        ``CompressionCallback.setup``), then set up the training stage.
+
+        Raises:
+            PPQConfigError: see ``callbacks.base.check_trainer_stages`` (which runs
+                ``CompressionCallback.check_not_replaced``) and :meth:`check_ahead`.
+        """
         super().setup(trainer, pl_module, stage)
+        check_trainer_stages(trainer.callbacks, pl_module)
+        if not self._applied:  # every pending stage, before the first changes anything
+            self.check_ahead(pl_module)
         if self.training_stage is not None:
             self.training_stage.setup(trainer, pl_module, stage)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A run resumed with ``ckpt_path``: check the stages against the restored model's
+        history (``CompressionCallback.check_not_replaced``) before any of them is applied.
+
+        Raises:
+            PPQConfigError: naming the stage, what the model records and what is configured.
+        """
+        check_trainer_stages(trainer.callbacks, pl_module)
 
     def _delegate(self, hook: str, trainer: L.Trainer, *args: Any) -> None:
         training = self.training_stage

@@ -15,6 +15,7 @@ from ppq_lightning.compressed.state import (
     record_mask,
     record_stage,
 )
+from ppq_lightning.errors import check_bool
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.grouped import grid_rows, solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
@@ -46,7 +47,8 @@ class SparseGPT(CalibratedCompression):
             ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
-        PPQConfigError: bad sparsity/pattern/bits/group size/block size/damping.
+        PPQConfigError: bad sparsity/pattern/bits/group size/block size/damping, ``symmetric``
+            not a bool (see also ``CalibratedCompression``).
 
     Example (YAML)::
 
@@ -72,6 +74,7 @@ class SparseGPT(CalibratedCompression):
         self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
         if bits is not None:
             check_bits(bits)
+        check_bool("symmetric", symmetric)
         if group_size is not None:
             check_group_size(group_size, group_size)
         check_solver_args(block_size, damp)
@@ -86,6 +89,7 @@ class SparseGPT(CalibratedCompression):
         self.kind = StageKind.PRUNE if bits is None else StageKind.PRUNE_QUANTIZE
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        super().check_layers(modules)
         for name, module in modules.items():
             check_nm_width(self._nm, weight_matrix(module).shape[1], name)
 

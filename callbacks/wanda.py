@@ -65,6 +65,7 @@ class Wanda(CalibratedCompression):
         self.pattern, self.scope = pattern, scope
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
+        super().check_layers(modules)
         for name, module in modules.items():
             check_nm_width(self._nm, weight_matrix(module).shape[1], name)
 

@@ -74,6 +74,33 @@ def check_paths(paths: Any, argument: str = "paths") -> list[str]:
     return [str(p) for p in paths]
 
 
+def read_text_file(path: str | Path, argument: str = "paths") -> str:
+    """The text of a UTF-8 file of ``paths``.
+
+    Args:
+        path: the file.
+        argument: the argument that named it (``"calibration_paths"``), for the message.
+
+    Raises:
+        PPQConfigError: naming the file, when it is not valid UTF-8 (where the first bad byte
+            is) or cannot be read.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise PPQConfigError(
+            f"{argument}: the file {str(path)!r} is not UTF-8 text: byte {byte:#04x} at offset "
+            f"{err.start} cannot be decoded ({err.reason}); convert it to UTF-8 "
+            f"(e.g. `iconv -f latin1 -t utf-8`), or leave it out of {argument}."
+        ) from err
+    except OSError as err:
+        raise PPQConfigError(
+            f"{argument}: the file {str(path)!r} cannot be read ({type(err).__name__}: "
+            f"{err.strerror or err})."
+        ) from err
+
+
 def load_corpus(
     source: str, paths: list[str] | None = None, prefix: str = ""
 ) -> tuple[str, str | None]:
@@ -92,7 +119,7 @@ def load_corpus(
         return pydoc_text(), None
     if source == "files":
         paths = check_paths(paths, f"{prefix}paths")
-        return "\n\n".join(Path(p).read_text(encoding="utf-8") for p in paths), None
+        return "\n\n".join(read_text_file(p, f"{prefix}paths") for p in paths), None
     if source == "wikitext2":
         data = _load_dataset(source, "wikitext", "wikitext-2-raw-v1")
         return "\n\n".join(data["train"]["text"]), "\n\n".join(data["test"]["text"])
@@ -139,7 +166,9 @@ class TextDataModule(L.LightningDataModule):
         calibration_paths: files for ``calibration_source="files"`` (None: ``paths``).
 
     Raises:
-        PPQConfigError: on any invalid argument, or texts too short for one window.
+        PPQConfigError: on any invalid argument (booleans are not integers; ``paths`` or
+            ``calibration_paths`` given where no source reads them, missing files); in
+            ``setup``, a file that is not UTF-8 text, or texts too short for one window.
 
     Example (YAML)::
 
@@ -171,6 +200,25 @@ class TextDataModule(L.LightningDataModule):
         check_int("num_calibration_samples", num_calibration_samples, minimum=1)
         check_int("max_eval_windows", max_eval_windows, minimum=1, allow_none=True)
         check_number("eval_fraction", eval_fraction, 0, 1, low_open=True, high_open=True)
+        check_int("seed", seed)
+        if not isinstance(tokenizer, str) or not tokenizer.strip():
+            raise bad_value(
+                "tokenizer", tokenizer, "'smollm2-135m', 'bytes', a local directory or a hub id"
+            )
+        if paths is not None and "files" not in (source, calibration_source):
+            raise bad_value(
+                "paths",
+                paths,
+                f"None with source={source!r} and calibration_source={calibration_source!r} "
+                "(paths are read for source='files' or calibration_source='files' only)",
+            )
+        if calibration_paths is not None and calibration_source != "files":
+            raise bad_value(
+                "calibration_paths",
+                calibration_paths,
+                f"None with calibration_source={calibration_source!r} (calibration_paths are "
+                "read for calibration_source='files' only)",
+            )
         if calibration_source == "files" and calibration_paths is None:
             calibration_paths = paths
         if source == "files":

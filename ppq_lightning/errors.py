@@ -12,7 +12,9 @@ booleans are never accepted as numbers.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,6 +22,11 @@ T = TypeVar("T")
 
 class PPQConfigError(ValueError):
     """An argument has a value that is not allowed."""
+
+
+class CompressionError(RuntimeError):
+    """A stage failed on the data or weights it was given (e.g. it produced NaN weights); the
+    layers it was compressing are restored before this propagates."""
 
 
 class InvariantError(RuntimeError):
@@ -157,3 +164,22 @@ def check_bool(argument: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise bad_value(argument, value, "true or false")
     return value
+
+
+def check_folder(argument: str, value: Any) -> Path:
+    """Accept a path that is a folder or can become one (no part of it is a file), before any
+    work is done that would end in writing there.
+
+    Raises:
+        PPQConfigError: naming ``argument`` and ``value`` when it, or a folder above it, is a
+            file, or when it is not a path.
+    """
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise bad_value(argument, value, "a folder path")
+    path = Path(value)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise bad_value(argument, str(value), f"a folder, but {str(part)!r} is a file")
+            break
+    return path

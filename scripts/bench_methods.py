@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from ppq_lightning.reports import write_text_atomic
+
 METHODS = {
     "dense": [],
     "rtn4": [("RTNQuantization", {"bits": 4})],
@@ -286,8 +288,8 @@ def main() -> None:
         runs[order_name(seed)] = run_bench(args, out / f"order_{order_name(seed)}")
         write_report(out / f"order_{order_name(seed)}", *runs[order_name(seed)], args)
     text = spread_report(runs)
-    (out / "spread.md").write_text(text + "\n")
-    (out / "spread.json").write_text(json.dumps(runs, indent=2))
+    write_text_atomic(out / "spread.md", text + "\n")
+    write_text_atomic(out / "spread.json", json.dumps(runs, indent=2))
     print(text)
 
 
@@ -457,8 +459,8 @@ def write_report(out: Path, rows: list[dict], peer_rows: list[dict], args) -> No
                 f"{memory_use(o, args.device) / memory_use(p, args.device):.2f}x |"
             )
     text = "\n".join(lines)
-    (out / "bench.md").write_text(text + "\n")
-    (out / "bench.json").write_text(json.dumps({"rows": rows, "peer": peer_rows}, indent=2))
+    write_text_atomic(out / "bench.md", text + "\n")
+    write_text_atomic(out / "bench.json", json.dumps({"rows": rows, "peer": peer_rows}, indent=2))
     print(text)
 
 

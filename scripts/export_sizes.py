@@ -30,7 +30,7 @@ import ppq_lightning
 from ppq_lightning.calibration.data import batch_input
 from ppq_lightning.callbacks import GPTQ, RTNQuantization, SparseGPT
 from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate
-from ppq_lightning.reports import markdown_table, write_json
+from ppq_lightning.reports import markdown_table, write_json, write_text_atomic
 
 
 def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
@@ -161,12 +161,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shutil.rmtree(folder)  # the table is the result, not 100 MB of weights
     windows_file.unlink()
     write_json(out / "export_sizes.json", {"rows": rows, "command": command_line(argv)})
-    (out / "README.md").write_text(
+    write_text_atomic(
+        out / "README.md",
         "# Export sizes and reloads (SmolLM2-135M)\n\nProduced by:\n\n    "
         + command_line(argv)
         + "\n\n"
         + markdown_table(rows, list(rows[0]))
-        + "\n"
+        + "\n",
     )
     return rows
 

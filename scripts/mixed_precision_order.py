@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate, quantizer
-from ppq_lightning.reports import markdown_table
+from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
 from ppq_lightning.study.report import write_report
 
@@ -56,14 +56,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     singles = {name: cell.value for name, cell in result.singles.items()}
     table = markdown_table(rows, list(rows[0]))
-    (out / "mixed_precision_order.json").write_text(
-        json.dumps({"orders": rows, "singles": singles, "pih_order": result.pih_order}, indent=2)
+    write_text_atomic(
+        out / "mixed_precision_order.json",
+        json.dumps({"orders": rows, "singles": singles, "pih_order": result.pih_order}, indent=2),
     )
-    (out / "README.md").write_text(
+    write_text_atomic(
+        out / "README.md",
         f"# Progressive vs regressive mixed precision\n\nProduced by:\n\n    {command_line()}\n\n"
         f"Wall time {time.perf_counter() - start:.0f} s. Dense {result.dense.value:.3f}; each "
         f"stage alone: {singles}. PIH order (weakest first): {result.pih_order}; best: "
-        f"{result.best_order}.\n\n{table}\n"
+        f"{result.best_order}.\n\n{table}\n",
     )
     print(table)
     return rows

@@ -40,7 +40,7 @@ from ppq_lightning.cli.experiments import (
     quantizer,
     recalibration,
 )
-from ppq_lightning.reports import markdown_table
+from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
 from ppq_lightning.study.report import write_report
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["metric"] = results[0].metric if results else None
     command = command_line(argv, "scripts/order_grid.py")
     summary.update(seconds=time.perf_counter() - start, command=command)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_readme(out, summary, results)
     print(json.dumps(summary, indent=2))
     return summary
@@ -161,7 +161,7 @@ def write_readme(out: Path, summary: dict, results: list) -> None:
         "A = M(P>Q) - M(Q>P) (> 0: prune first wins); G = M(P) - M(Q);",
         "C*_P: the RTN ratio at which quantization alone matches P (inf: worse than 2-bit RTN).",
     ]
-    (out / "README.md").write_text("\n".join(text) + "\n")
+    write_text_atomic(out / "README.md", "\n".join(text) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from order_grid import grid_parser, grid_points
 from ppq_lightning.cli.experiments import command_line, instantiate, recalibration
 from ppq_lightning.order.interference import interference_rankings, reference_score
 from ppq_lightning.order.prediction import PREDICTORS
-from ppq_lightning.reports import markdown_table, write_json, write_table
+from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
+from ppq_lightning.study.plots import save_figure
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
@@ -156,7 +157,7 @@ def plot(table: list[dict], predictors: list[str], path: Path) -> None:
     axes.set_ylim(0, 1.05)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,12 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command_line(argv, "scripts/order_prediction.py"),
     }
     write_json(out / "summary.json", summary)
-    (out / "README.md").write_text(
+    write_text_atomic(
+        out / "README.md",
         "# Order prediction against exhaustive search\n\nProduced by:\n\n    "
         + summary["command"]
         + "\n\n"
         + markdown_table(table, list(table[0]))
-        + "\n"
+        + "\n",
     )
     return summary
 

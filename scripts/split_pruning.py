@@ -22,7 +22,7 @@ from ppq_lightning.cli.experiments import (
     pruner,
     quantizer,
 )
-from ppq_lightning.reports import markdown_table
+from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
 
 
@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["best"] = min(("P>Q", "Q>P", "P1>Q>P2"), key=lambda o: row[o])
             rows.append(row)
     table = markdown_table(rows, list(rows[0]))
-    (out / "split_pruning.json").write_text(json.dumps(rows, indent=2))
-    (out / "README.md").write_text(
+    write_text_atomic(out / "split_pruning.json", json.dumps(rows, indent=2))
+    write_text_atomic(
+        out / "README.md",
         f"# Split pruning: P>Q, Q>P and P1>Q>P2 at equal total sparsity\n\nProduced by:\n\n"
         f"    {command_line()}\n\nWall time {time.perf_counter() - start:.0f} s; values are the "
         f"evaluation metric (perplexity: lower is better); C is the nominal compression rate.\n\n"
-        f"{table}\n"
+        f"{table}\n",
     )
     print(table)
     return rows

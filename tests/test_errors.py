@@ -183,3 +183,17 @@ def test_check_bool_returns_accepted_values(value):
 def test_check_bool_rejects_everything_else(value):
     with _raises(f"flag={value!r} is not allowed: expected true or false."):
         check_bool("flag", value)
+
+
+def test_check_folder_accepts_folders_to_be_and_refuses_files(tmp_path):
+    from ppq_lightning.errors import check_folder
+
+    assert check_folder("out", tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert check_folder("out", str(tmp_path)) == tmp_path
+    (tmp_path / "f").write_text("")
+    for bad in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(PPQConfigError, match=r"out='.*' is not allowed.*'.*f' is a file"):
+            check_folder("out", bad)
+    for bad in ("", 3, None):
+        with pytest.raises(PPQConfigError, match=f"out={bad!r}"):
+            check_folder("out", bad)

@@ -1,4 +1,9 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
 from ppq_lightning.loggers import WandbLogger, has_wandb_credentials
@@ -39,3 +44,31 @@ def test_wandb_goes_offline_without_credentials_and_writes_a_run(
     assert summary["layers/2_Q"]["_type"] == "table-file"
     runs = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+OPEN_RUN = """
+from ppq_lightning.loggers import WandbLogger
+logger = WandbLogger(project="ppq-test", save_dir={save_dir!r})
+logger.log_metrics({{"a": 1.0}})
+{end}
+"""
+
+
+@pytest.mark.parametrize("end", ["", "raise RuntimeError('boom')"], ids=["exit", "crash"])
+def test_an_open_offline_run_ends_without_terminal_escape_codes(tmp_path, end):
+    """A run Lightning never finished used to get its closing notice from W&B's service
+    process, with raw colour codes even in a log file; and Lightning's `anonymous=None` made
+    W&B warn that the setting has no effect."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).parents[1]))
+    script = OPEN_RUN.format(save_dir=str(tmp_path), end=end)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == (1 if end else 0), done.stderr
+    output = done.stdout + done.stderr
+    assert "\x1b" not in output, output
+    assert "wandb sync" in output  # the notice itself is kept
+    assert "anonymous" not in output
+    (log,) = Path(tmp_path, "wandb").glob("offline-run-*/logs/debug.log")
+    assert f"got exitcode: {1 if end else 0}" in log.read_text()  # a crash is a failed run

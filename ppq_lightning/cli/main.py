@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ppq_lightning.cli.class_paths import check_command_line
 from ppq_lightning.cli.export import export_main
 from ppq_lightning.cli.lightning import PPQCLI
 from ppq_lightning.cli.study import study_main
@@ -28,12 +29,22 @@ def main(args: list[str] | None = None) -> Any:
 
     Args:
         args: command-line arguments; None reads ``sys.argv``.
+
+    Returns:
+        What the command returns: the ``PPQCLI`` of ``fit``/``validate``/``test``/``predict``,
+        the ``StudyResult`` of ``study``, the rows of ``sweep``, the manifest of ``export``.
+
+    Raises:
+        PPQConfigError: on a bad argument (a class path that is not a dotted identifier path of
+            an installed package is refused before anything is imported), or a compression
+            stage that never fired (``--trainer.limit_val_batches 0``, an empty dataloader).
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "study":
-        return study_main(argv[1:])
     if argv and argv[0] == "sweep":
         return sweep_main(argv[1:])
+    check_command_line(argv)
+    if argv and argv[0] == "study":
+        return study_main(argv[1:])
     if argv and argv[0] == "export":
         return export_main(argv[1:])
     return PPQCLI(
@@ -45,12 +56,14 @@ def main(args: list[str] | None = None) -> Any:
 
 
 def entry() -> None:
-    """The console script: run :func:`main`, exit 0 on success and 2 with a one-line message on a
-    configuration error of ``ppq study`` / ``ppq sweep``."""
+    """The console script: run :func:`main`; exit 0 on success, and 2 with a one-line message
+    (``ppq: error: ...``) on stderr on a :class:`PPQConfigError` of any command (jsonargparse's
+    own argument errors exit 2 too)."""
     try:
         main()
     except PPQConfigError as err:
-        sys.exit(f"ppq: error: {err}")
+        print(f"ppq: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

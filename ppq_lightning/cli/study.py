@@ -28,7 +28,16 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
 from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
-from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.cli.class_paths import check_class_path
+from ppq_lightning.cli.lightning import instantiate_clearly
+from ppq_lightning.errors import (
+    PPQConfigError,
+    bad_value,
+    check_choice,
+    check_folder,
+    check_int,
+)
+from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS
 from ppq_lightning.order.prediction import PREDICTORS
 from ppq_lightning.reports import write_text_atomic
 from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
@@ -100,15 +109,28 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, st
     return rest, overrides
 
 
-def _resolve_class(name: str) -> type:
+def _resolve_class(name: str, argument: str = "class_path") -> type:
+    """The compression callback class ``name`` names (a class of ``ppq_lightning.callbacks`` or
+    a full class path), its path checked before its module is imported.
+
+    Raises:
+        PPQConfigError: naming ``argument``, when ``name`` is no class path of an installed
+            package or names no compression callback.
+    """
+    check_class_path(argument, name)
     if "." not in name:
         found = getattr(callbacks, name, None)
     else:
         module, _, attribute = name.rpartition(".")
-        found = getattr(importlib.import_module(module), attribute, None)
+        try:
+            found = getattr(importlib.import_module(module), attribute, None)
+        except ImportError as err:
+            raise bad_value(
+                argument, name, f"a class path of an importable module ({err})"
+            ) from err
     if not (isinstance(found, type) and issubclass(found, CompressionCallback)):
         raise PPQConfigError(
-            f"class_path={name!r} is not a compression callback; use a class of "
+            f"{argument}={name!r} is not a compression callback; use a class of "
             "ppq_lightning.callbacks (e.g. Wanda, SparseGPT, GPTQ) or a full class path."
         )
     return found
@@ -131,7 +153,7 @@ def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str
             )
         value = yaml.safe_load(text)
         if argument == "class_path":
-            cls = _resolve_class(str(value))
+            cls = _resolve_class(value, f"--{stage_name}.class_path")
             accepted = set(inspect.signature(cls.__init__).parameters) | set(
                 inspect.signature(CompressionCallback.__init__).parameters
             )
@@ -148,6 +170,94 @@ def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str
                 f"takes {', '.join(sorted(accepted - {'self', 'kwargs'}))}."
             )
         stage["init_args"][argument] = value
+
+
+def check_curve_bits(curve_bits: Any, b_orig: int = 16) -> list[int]:
+    """The bit widths of the RTN quantization-only curve, checked before any cell runs.
+
+    Args:
+        curve_bits: the bit widths (None: the default ``CURVE_BITS``; ``[]``: no curve).
+        b_orig: bits of an original weight (the stages' ``b_orig``): every curve point must
+            quantize, so ``C_Q = b_orig / bits > 1``.
+
+    Returns:
+        The bit widths, as a list.
+
+    Raises:
+        PPQConfigError: naming ``curve_bits`` and its value, when it is not a list of distinct
+            integers from 2 to 8, each below ``b_orig``.
+    """
+    if curve_bits is None:
+        curve_bits = list(CURVE_BITS)
+    high = min(MAX_BITS, b_orig - 1)
+    allowed = (
+        f"a list of distinct integer bit widths from {MIN_BITS} to {high} (each below the "
+        f"stages' b_orig={b_orig}, so that every curve point quantizes), or [] for no curve"
+    )
+    if not isinstance(curve_bits, (list, tuple)):
+        raise bad_value("curve_bits", curve_bits, allowed)
+    for bits in curve_bits:
+        is_int = isinstance(bits, int) and not isinstance(bits, bool)
+        if not is_int or not MIN_BITS <= bits <= high:
+            raise bad_value("curve_bits", list(curve_bits), f"{allowed}; {bits!r} is not")
+    repeated = sorted({b for b in curve_bits if list(curve_bits).count(b) > 1})
+    if repeated:
+        raise bad_value("curve_bits", list(curve_bits), f"{allowed}; {repeated[0]} repeats")
+    return list(curve_bits)
+
+
+def build_study(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    stages: list[CompressionCallback],
+    search: str = "exhaustive",
+    order: str | None = None,
+    curve_bits: list[int] | None = None,
+    metric: str | None = None,
+    higher_is_better: bool | None = None,
+    output_dir: str = "outputs/study",
+    cells_dir: str | None = None,
+    reuse_prefixes: bool = True,
+    label: str | None = None,
+    logger: Any | None = None,
+    tail: list[CompressionCallback] | None = None,
+    predictor: str = "calibration_kl",
+    top_k: int = 1,
+) -> OrderStudy:
+    """The :class:`~ppq_lightning.study.OrderStudy` of :func:`run_study`, every argument
+    checked and nothing run yet (the arguments are those of :func:`run_study`).
+
+    Raises:
+        PPQConfigError: on a bad argument (see :func:`check_curve_bits` and ``OrderStudy``).
+    """
+    b_orig = stages[0].b_orig if stages else 16
+    bits = check_curve_bits(curve_bits, b_orig)
+    return OrderStudy(
+        module,
+        datamodule,
+        stages,
+        search=search,
+        order=order,
+        curve=RTNQuantization.curve(bits, b_orig=b_orig),
+        metric=metric,
+        higher_is_better=higher_is_better,
+        output_dir=output_dir,
+        cells_dir=cells_dir,
+        reuse_prefixes=reuse_prefixes,
+        label=label,
+        logger=logger,
+        tail=tail or (),
+        predictor=predictor,
+        top_k=top_k,
+    )
+
+
+def finish_study(study: OrderStudy, output_dir: str, logger: Any | None = None) -> StudyResult:
+    """Run ``study`` and write its report to ``output_dir``; the outcome goes to ``logger``."""
+    result = study.run()
+    write_report([result], output_dir)
+    log_result(result, logger, output_dir)
+    return result
 
 
 def run_study(
@@ -170,17 +280,18 @@ def run_study(
 ) -> StudyResult:
     """Run one :class:`~ppq_lightning.study.OrderStudy` and write its report to ``output_dir``
     (what ``ppq study`` calls); the outcome goes to ``logger``. ``curve_bits``: bit widths of
-    the per-channel RTN quantization-only curve (default 8, 6, 5, 4, 3, 2; ``[]`` skips it)."""
-    b_orig = stages[0].b_orig if stages else 16
-    bits = CURVE_BITS if curve_bits is None else curve_bits
-    curve = RTNQuantization.curve(bits, b_orig=b_orig)
-    study = OrderStudy(
+    the per-channel RTN quantization-only curve (default 8, 6, 5, 4, 3, 2; ``[]`` skips it).
+
+    Raises:
+        PPQConfigError: on a bad argument, before any cell runs (see :func:`build_study`).
+    """
+    study = build_study(
         module,
         datamodule,
         stages,
         search=search,
         order=order,
-        curve=curve,
+        curve_bits=curve_bits,
         metric=metric,
         higher_is_better=higher_is_better,
         output_dir=output_dir,
@@ -188,18 +299,44 @@ def run_study(
         reuse_prefixes=reuse_prefixes,
         label=label,
         logger=logger,
-        tail=tail or (),
+        tail=tail,
         predictor=predictor,
         top_k=top_k,
     )
-    result = study.run()
-    write_report([result], output_dir)
-    log_result(result, logger, output_dir)
-    return result
+    return finish_study(study, output_dir, logger)
+
+
+def check_study_arguments(cfg: Any) -> None:
+    """Check the plain arguments of a parsed ``ppq study`` command before any class is built
+    (a model loaded) or any file written.
+
+    Raises:
+        PPQConfigError: naming the argument and its value: ``--search``, ``--predictor``,
+            ``--top_k``, ``--curve_bits`` (against the first stage's ``b_orig``),
+            ``--output_dir`` and ``--cells_dir``; or when ``--stages`` is missing.
+    """
+    if not cfg.stages:
+        raise PPQConfigError("ppq study needs --stages (a list of named compression callbacks).")
+    check_choice("search", cfg.search, SEARCH_MODES)
+    check_choice("predictor", cfg.predictor, PREDICTORS)
+    check_int("top_k", cfg.top_k, minimum=1)
+    b_orig = getattr(getattr(cfg.stages[0], "init_args", None), "b_orig", 16)
+    check_curve_bits(cfg.curve_bits, b_orig if b_orig in (8, 16, 32) else 16)
+    output_dir = check_folder("output_dir", cfg.output_dir)
+    check_folder("cells_dir", cfg.cells_dir if cfg.cells_dir is not None else output_dir / "cells")
 
 
 def study_main(argv: list[str]) -> StudyResult:
-    """Parse ``ppq study`` arguments (with stage overrides), run the study, write the report."""
+    """Parse ``ppq study`` arguments (with stage overrides), run the study, write the report.
+
+    Every argument is checked before the model is built and before ``study.yaml`` is written
+    to ``--output_dir``; a constructor's refusal (``paths: [/nope]`` of a text datamodule)
+    is raised as its own :class:`PPQConfigError`.
+
+    Raises:
+        PPQConfigError: on a bad argument or override (see :func:`check_study_arguments`,
+            :func:`apply_overrides` and :func:`build_study`).
+    """
     rest, overrides = split_overrides(argv)
     parser = study_parser()
     cfg = parser.parse_args(rest)
@@ -208,17 +345,16 @@ def study_main(argv: list[str]) -> StudyResult:
         plain = yaml.safe_load(data) if isinstance(data, str) else data
         apply_overrides(plain["stages"], overrides)
         cfg = parser.parse_object(plain)
-    if not cfg.stages:
-        raise PPQConfigError("ppq study needs --stages (a list of named compression callbacks).")
-    init = (
-        parser.instantiate(cfg)
-        if hasattr(parser, "instantiate")
-        else parser.instantiate_classes(cfg)
+    check_study_arguments(cfg)
+    init = instantiate_clearly(
+        lambda: (
+            parser.instantiate(cfg)
+            if hasattr(parser, "instantiate")
+            else parser.instantiate_classes(cfg)
+        )
     )
     L.seed_everything(init.seed, verbose=False)
-    # what `ppq export --from-study` rebuilds the study's models from
-    write_text_atomic(Path(init.output_dir) / STUDY_CONFIG, parser.dump(cfg, skip_none=False))
-    return run_study(
+    study = build_study(
         init.model,
         init.data,
         init.stages,
@@ -236,3 +372,6 @@ def study_main(argv: list[str]) -> StudyResult:
         predictor=init.predictor,
         top_k=init.top_k,
     )
+    # what `ppq export --from-study` rebuilds the study's models from
+    write_text_atomic(Path(init.output_dir) / STUDY_CONFIG, parser.dump(cfg, skip_none=False))
+    return finish_study(study, init.output_dir, init.logger)

@@ -26,6 +26,7 @@ def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
     failed = failed_points(rows)
     if failed:
         raise SystemExit(
-            f"sweep points {failed} failed; their logs are in {args.output}/points/NNN/log.txt."
+            f"sweep points {failed} failed; their logs are in {args.output}/points/ID/log.txt "
+            "(ID: the row's `id`)."
         )
     return rows

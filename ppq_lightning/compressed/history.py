@@ -63,6 +63,9 @@ class HistoryEntry(TypedDict):
         stage: the stage's state key (what identifies it on resume).
         method: the class of the stage, e.g. ``"GPTQ"``.
         kind: a :class:`StageKind` value.
+        name: the stage's name (its ``name`` argument, else the method's default name), what
+            orders and resumes call it; absent from records written before it was kept (the
+            name is then read from ``stage``, see ``callbacks.base.recorded_name``).
         sparsity, pattern: a pruning stage's target (CoDeQ: the learned sparsity).
         edit: the structural edit the entry records (``ppq_lightning.edits``), replayed when a
             fresh model loads the state.
@@ -79,6 +82,7 @@ class HistoryEntry(TypedDict):
     stage: str
     method: str
     kind: str
+    name: NotRequired[str]
     sparsity: NotRequired[float]
     pattern: NotRequired[str]
     edit: NotRequired[str]

@@ -1,5 +1,7 @@
 """The invariants of the compressed state (``shared/DESIGN.md``), checked on a model:
 
+0. every weight of a compressed module is finite (a NaN would pass the two checks below:
+   ``NaN * 0`` is NaN, and a NaN is never farther from anything than a tolerance);
 1. every entry pruned by the recorded mask is exactly zero;
 2. every weight lies on the recorded quantization grid (up to the rounding of the weight's own
    dtype), and zero is a grid point.
@@ -33,14 +35,20 @@ def check_invariants(model: nn.Module) -> int:
         The number of compressed modules checked.
 
     Raises:
-        InvariantError: naming the module, when a pruned weight is non-zero or a weight lies
-            off its recorded quantization grid.
+        InvariantError: naming the module, when one of its weights is NaN or infinite, a
+            pruned weight is non-zero, or a weight lies off its recorded quantization grid.
     """
     checked = 0
     for name, module, state in compressed_modules(model):
         if not isinstance(getattr(module, "weight", None), torch.Tensor):
             continue  # a structural record (e.g. removed blocks on their container): no weight
         weight = module.weight.detach()
+        broken = int((~torch.isfinite(weight)).sum())
+        if broken:
+            raise InvariantError(
+                f"{name}: {broken} weight(s) are NaN or infinite; a compressed layer (stages "
+                f"{state.stages}) must hold finite weights on its mask and grid."
+            )
         if state.mask is not None:
             revived = int((weight[~state.mask] != 0).sum())
             if revived:

@@ -6,7 +6,8 @@ and channels, shared-basis factors, kept LoRA adapters). :func:`enable_state_loa
 a load pre-hook that, for every module the state dict carries a ``ppq_state`` for (parents
 before children), replays the structural edits its history records (``edits.registry``) and
 attaches an empty :class:`~ppq_lightning.compressed.state.CompressionState`; the normal loading
-then fills them.
+then fills them. :func:`require_state_loading` makes a model without that hook refuse such a
+state dict with an error that says so, instead of a list of unexpected keys.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import STATE_NAME, ensure_state, get_state
 from ppq_lightning.edits.lora import check_adapter_records
 from ppq_lightning.edits.registry import replay_entry
+from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.tree import find_module
 
 _LOADING_HOOK_FLAG = "_ppq_state_loading_enabled"
@@ -83,3 +85,41 @@ def enable_state_loading(model: nn.Module) -> None:
 
     model.register_load_state_dict_pre_hook(attach_states)
     setattr(model, _LOADING_HOOK_FLAG, True)
+
+
+def require_state_loading(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` of a compressed state dict, before
+    :func:`enable_state_loading` was called on ``model``, fail with an error that says so.
+
+    Registers a pre-hook (call it before :func:`enable_state_loading`, e.g. in the model's
+    constructor) that, unless the state loading is enabled by the time of the load, refuses a
+    state dict carrying a compression state for a module that has none, before any tensor is
+    copied. Also with ``strict=False``: the pre-hook cannot tell (torch passes its modules
+    ``strict=True`` and sorts the keys out afterwards), and dropping the states would lose
+    the masks and grids silently.
+
+    Raises:
+        PPQConfigError: (at load time) naming the first such layer and
+            ``enable_state_loading``.
+    """
+
+    def refuse(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        if getattr(module, _LOADING_HOOK_FLAG, False):
+            return
+        lacking = [
+            owner
+            for owner in state_owners(state_dict, prefix)
+            if (target := find_module(module, owner)) is None or get_state(target) is None
+        ]
+        if lacking:
+            raise PPQConfigError(
+                f"the state dict holds the compression state of {len(lacking)} layer(s) (e.g. "
+                f"{prefix}{state_path(lacking[0])}) that this fresh {type(module).__name__} has "
+                "no place for: it is a compressed checkpoint. Call "
+                "ppq_lightning.edits.enable_state_loading(model) before load_state_dict (it "
+                "replays the recorded structural edits and attaches the states), or load a "
+                "Lightning checkpoint with load_from_checkpoint or "
+                "ppq_lightning.export.checkpoint.load_lightning_checkpoint."
+            )
+
+    model.register_load_state_dict_pre_hook(refuse)

@@ -13,6 +13,8 @@ from torchmetrics.text import Perplexity
 
 from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import batch_input
+from ppq_lightning.edits.loading import enable_state_loading, require_state_loading
+from ppq_lightning.errors import bad_value, check_number
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_causal_lm
 
 
@@ -32,8 +34,14 @@ class CausalLMModule(L.LightningModule):
         learning_rate: AdamW learning rate for ``fit``.
         seed: seed of the random initialisation with ``model_config``.
 
+    A compressed checkpoint loads with ``load_from_checkpoint`` (its recorded structural edits
+    are replayed and its compression states attached, ``edits.enable_state_loading``); a plain
+    ``load_state_dict`` of one refuses it with an error naming ``enable_state_loading``.
+
     Raises:
-        PPQConfigError: when the model cannot be loaded (see ``load_causal_lm``).
+        PPQConfigError: on a ``learning_rate`` that is not a number > 0, or when the model
+            cannot be loaded (see ``load_causal_lm``: bad ``model``, ``model_config``,
+            ``dtype`` or ``seed``).
 
     Example (YAML)::
 
@@ -55,19 +63,35 @@ class CausalLMModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_number("learning_rate", learning_rate, low=0, low_open=True)
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, dtype, seed)
         self.learning_rate = learning_rate
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+        require_state_loading(self)
 
     @classmethod
     def from_model(cls, model: nn.Module, learning_rate: float = 1e-4) -> CausalLMModule:
-        """Wrap an already-built causal LM (Python API; no hyperparameters are saved)."""
+        """Wrap an already-built causal LM (Python API; no hyperparameters are saved).
+
+        Raises:
+            PPQConfigError: when ``model`` is not an ``nn.Module`` or ``learning_rate`` not a
+                number > 0.
+        """
+        if not isinstance(model, nn.Module):
+            raise bad_value("model", model, "an nn.Module (a Hugging Face causal LM)")
+        check_number("learning_rate", learning_rate, low=0, low_open=True)
         module = cls.__new__(cls)
         L.LightningModule.__init__(module)
         module.model, module.learning_rate = model, learning_rate
         module.val_ppl, module.test_ppl = Perplexity(), Perplexity()
+        require_state_loading(module)
         return module
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning loads a checkpoint's state dict: replay its recorded edits and
+        attach its compression states (``edits.enable_state_loading``)."""
+        enable_state_loading(self)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits ``(B, T, vocab)`` of token ids ``(B, T)``."""

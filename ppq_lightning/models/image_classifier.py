@@ -12,10 +12,32 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ppq_lightning.calibration.capture import evaluating
-from ppq_lightning.errors import PPQConfigError, check_bool, check_choice, check_number
+from ppq_lightning.edits.loading import enable_state_loading, require_state_loading
+from ppq_lightning.errors import PPQConfigError, check_bool, check_choice, check_int, check_number
 from ppq_lightning.models.vision import load_image_classifier, stem_and_head
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
+def check_training(
+    learning_rate: Any,
+    weight_decay: Any,
+    momentum: Any,
+    optimizer: Any,
+    label_smoothing: Any,
+    max_epochs_hint: Any,
+) -> None:
+    """Validate the training arguments of :class:`ImageClassifierModule`.
+
+    Raises:
+        PPQConfigError: naming the first bad argument and its value.
+    """
+    check_number("learning_rate", learning_rate, low=0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0)
+    check_number("momentum", momentum, 0, 1, high_open=True)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
+    check_int("max_epochs_hint", max_epochs_hint, minimum=1, allow_none=True)
 
 
 def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
@@ -70,9 +92,14 @@ class ImageClassifierModule(L.LightningModule):
         label_smoothing, max_epochs_hint: training in ``fit`` (cosine decay over
             ``max_epochs_hint`` epochs when given, else a constant rate).
 
+    A compressed checkpoint loads with ``load_from_checkpoint`` (its recorded structural edits
+    are replayed and its compression states attached, ``edits.enable_state_loading``); a plain
+    ``load_state_dict`` of one refuses it with an error naming ``enable_state_loading``.
+
     Raises:
-        PPQConfigError: on bad arguments or a model that cannot be built (see
-            ``load_image_classifier``).
+        PPQConfigError: on bad arguments (each named with its value: a bool that is not a
+            bool, a learning rate <= 0, an unknown optimizer, ``max_epochs_hint`` not an
+            integer >= 1, ...) or a model that cannot be built (see ``load_image_classifier``).
 
     Example (YAML)::
 
@@ -113,11 +140,9 @@ class ImageClassifierModule(L.LightningModule):
             ("compress_head", compress_head),
         ):
             check_bool(argument, value)
-        check_number("learning_rate", learning_rate, low=0, low_open=True)
-        check_number("weight_decay", weight_decay, low=0)
-        check_number("momentum", momentum, 0, 1, high_open=True)
-        check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
-        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_training(
+            learning_rate, weight_decay, momentum, optimizer, label_smoothing, max_epochs_hint
+        )
         self.save_hyperparameters()
         self.model = load_image_classifier(
             model,
@@ -131,6 +156,7 @@ class ImageClassifierModule(L.LightningModule):
             small_input,
         )
         self._setup_metrics(compress_stem, compress_head)
+        require_state_loading(self)
 
     def _setup_metrics(self, compress_stem: bool, compress_head: bool) -> None:
         classes = _classes_of(self.model)
@@ -154,7 +180,16 @@ class ImageClassifierModule(L.LightningModule):
         compress_head: bool = False,
         **training: Any,
     ) -> ImageClassifierModule:
-        """Wrap an already-built classifier (Python API; no hyperparameters are saved)."""
+        """Wrap an already-built classifier (Python API; no hyperparameters are saved).
+
+        Raises:
+            PPQConfigError: when ``model`` is not an ``nn.Module``, ``compress_stem``/
+                ``compress_head`` not a bool, or a training argument is unknown or bad.
+        """
+        if not isinstance(model, nn.Module):
+            raise PPQConfigError(f"model={model!r} is not allowed: expected an nn.Module.")
+        check_bool("compress_stem", compress_stem)
+        check_bool("compress_head", compress_head)
         module = cls.__new__(cls)
         L.LightningModule.__init__(module)
         module.model = model.eval()
@@ -171,9 +206,17 @@ class ImageClassifierModule(L.LightningModule):
             raise PPQConfigError(
                 f"from_model got unknown arguments {unknown}; allowed {sorted(defaults)}."
             )
-        module.hparams.update({**defaults, **training})
+        hparams = {**defaults, **training}
+        check_training(**{key: hparams[key] for key in defaults})
+        module.hparams.update(hparams)
         module._setup_metrics(compress_stem, compress_head)
+        require_state_loading(module)
         return module
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning loads a checkpoint's state dict: replay its recorded edits and
+        attach its compression states (``edits.enable_state_loading``)."""
+        enable_state_loading(self)
 
     def on_fit_start(self) -> None:
         """Train in training mode (BatchNorm statistics, dropout): the model is built in eval

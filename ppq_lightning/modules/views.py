@@ -124,3 +124,30 @@ def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
         rows = patches.permute(1, 0, 3, 2).flatten(1, 2)  # (g, B*L, cols)
         return rows[0] if layer.groups == 1 else rows
     return x.flatten(0, -2)
+
+
+def check_finite(
+    modules: dict[str, nn.Module | None], what: str, error: type[Exception] = PPQConfigError
+) -> None:
+    """Refuse layers whose weights hold NaN or Inf (``None`` entries and layers without a
+    weight are skipped).
+
+    Args:
+        modules: ``{name: layer}`` to check.
+        what: the start of the message (``"stage 'P': cannot compress"``).
+        error: the exception type to raise.
+
+    Raises:
+        error: naming each layer with non-finite weights and how many there are.
+    """
+    bad = {}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.is_floating_point():
+            count = int((~weight.detach().isfinite()).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        listed = ", ".join(f"{n} ({c} NaN/Inf)" for n, c in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise error(f"{what} non-finite weights in {len(bad)} layer(s): {listed}{more}.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,14 +96,22 @@ class CellCache:
         return self.folder / f"{digest}.json"
 
     def get(self, keys: tuple[str, ...]) -> tuple[Cell | None, bool]:
-        """``(cell, read_from_disk)``: the cell of ``keys`` (None when not computed)."""
+        """``(cell, read_from_disk)``: the cell of ``keys`` (None when not computed; a file that
+        cannot be read as a cell is named in a warning and computed again)."""
         if keys in self._cells:
             return self._cells[keys], False
         path = self.path(keys)
         if not path.exists():
             return None, False
-        data = json.loads(path.read_text())
-        cell = Cell(**{**data, "keys": tuple(data["keys"])})
+        try:
+            data = json.loads(path.read_text())
+            cell = Cell(**{**data, "keys": tuple(data["keys"])})
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as error:
+            warnings.warn(
+                f"cell file {path} is unreadable ({error!r}); computing the cell again.",
+                stacklevel=2,
+            )
+            return None, False
         if cell.keys != keys:  # a hash collision: recompute rather than trust it
             return None, False
         self._cells[keys] = cell

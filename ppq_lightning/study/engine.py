@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from ppq_lightning.compressed.accounting import compression_summary, nominal_compression_rate
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.invariants import check_invariants
-from ppq_lightning.errors import PPQConfigError, check_choice, check_int
+from ppq_lightning.errors import (
+    PPQConfigError,
+    bad_value,
+    check_bool,
+    check_choice,
+    check_folder,
+    check_int,
+)
 from ppq_lightning.order.evaluation import evaluate_module
 from ppq_lightning.order.grammar import all_orders, check_stage_names, format_order, parse_order
 from ppq_lightning.order.interference import interference_ranking
@@ -99,8 +106,11 @@ class OrderStudy:
             key, so cells with and without a tail never mix.
 
     Raises:
-        PPQConfigError: on no stages, unnamed or repeated names, a bad ``search``, or an
-            evaluation that lacks ``metric``.
+        PPQConfigError: on no stages, unnamed or repeated names, a bad ``search``,
+            ``predictor`` or ``top_k``, a non-bool ``reuse_prefixes``/``higher_is_better``,
+            a ``metric``/``label``/``order`` that is not a non-empty string, an
+            ``output_dir``/``cells_dir`` that is (or lies in) a file, or an evaluation that
+            lacks ``metric``.
 
     Example (YAML, for ``ppq study --config``)::
 
@@ -144,6 +154,12 @@ class OrderStudy:
         check_choice("search", search, SEARCH_MODES)
         check_choice("predictor", predictor, PREDICTORS)
         check_int("top_k", top_k, minimum=1)
+        check_bool("reuse_prefixes", reuse_prefixes)
+        if higher_is_better is not None:
+            check_bool("higher_is_better", higher_is_better)
+        for argument, value in (("metric", metric), ("label", label), ("order", order)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise bad_value(argument, value, "a non-empty string or None")
         if predictor == "pih_cer" and search == "predict" and not curve:
             raise PPQConfigError(
                 "predictor='pih_cer' ranks stages by C*, which needs a quantization curve "
@@ -158,8 +174,10 @@ class OrderStudy:
         self.stages = {s.name: s for s in stages}
         self.curve, self.tail = list(curve), list(tail)
         self.search, self.metric, self.higher_is_better = search, metric, higher_is_better
-        self.output_dir = Path(output_dir)
-        self.cells_dir = Path(cells_dir) if cells_dir is not None else self.output_dir / "cells"
+        self.output_dir = check_folder("output_dir", output_dir)
+        self.cells_dir = check_folder(
+            "cells_dir", cells_dir if cells_dir is not None else self.output_dir / "cells"
+        )
         self.order = parse_order(order, names) if order is not None else None
         self.reuse_prefixes, self.logger = reuse_prefixes, logger
         self.label = label or "_".join(names)

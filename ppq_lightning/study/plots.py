@@ -10,7 +10,15 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from ppq_lightning.reports import atomic_write
 from ppq_lightning.study.result import StudyResult
+
+
+def save_figure(figure: Figure, path: Path, dpi: int = 120) -> Path:
+    """Write ``figure`` as a PNG, atomically (a reader never sees half an image)."""
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=dpi)
+    return path
 
 
 def plot_report(results: Sequence[StudyResult], folder: Path) -> list[Path]:
@@ -42,8 +50,7 @@ def plot_report(results: Sequence[StudyResult], folder: Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("A(f1 -> f2)")
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=120)
-        written.append(folder / name)
+        written.append(save_figure(fig, folder / name))
     patterns = sorted({_pattern(r, o) for r in results for o in r.orders})
     if results and patterns:
         grid = torch.full((len(patterns), len(results)), float("nan"))
@@ -60,8 +67,7 @@ def plot_report(results: Sequence[StudyResult], folder: Path) -> list[Path]:
         fig.colorbar(image, ax=ax, label=f"log10 {results[0].metric}")
         ax.set_title("metric by order (rows) and intensity (columns)")
         fig.tight_layout()
-        fig.savefig(folder / "heatmap.png", dpi=120)
-        written.append(folder / "heatmap.png")
+        written.append(save_figure(fig, folder / "heatmap.png"))
     return written
 
 

@@ -113,6 +113,32 @@ def test_bad_arguments():
         SparseGPT(pattern="3:2")
     with pytest.raises(PPQConfigError, match=r"statistics_dtype='float16'.*float32, float64"):
         GPTQ(bits=4, statistics_dtype="float16")
+    with pytest.raises(PPQConfigError, match="act_order='yes' is not allowed: expected true or"):
+        GPTQ(bits=4, act_order="yes")
+    with pytest.raises(PPQConfigError, match="symmetric='true' is not allowed"):
+        SparseGPT(sparsity=0.5, bits=4, symmetric="true")
+
+
+@pytest.mark.parametrize("cls", [GPTQ, Wanda])
+def test_device_must_parse_as_a_torch_device(cls):
+    kwargs = {"bits": 4} if cls is GPTQ else {"sparsity": 0.5}
+    with pytest.raises(PPQConfigError, match=r"device='bogus' is not allowed: expected None or a"):
+        cls(device="bogus", **kwargs)
+    with pytest.raises(PPQConfigError, match="device=3 is not allowed"):
+        cls(device=3, **kwargs)
+    assert cls(device="cuda:1", **kwargs).device == "cuda:1"  # parsed, not yet looked for
+
+
+def test_a_cuda_device_without_cuda_is_refused_before_any_weight_changes(monkeypatch, tiny_lm):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
+    stage = GPTQ(bits=4, device="cuda", num_calibration_batches=2)
+    with pytest.raises(PPQConfigError, match=r"device='cuda' names CUDA, but CUDA is not avail"):
+        stage.apply(tiny_lm, dataloader=[torch.zeros(2, 8, dtype=torch.long)] * 2)
+    after = tiny_lm.state_dict()
+    assert before.keys() == after.keys() and all(
+        torch.equal(v, after[k]) for k, v in before.items()
+    )
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), [(GPTQ, {"bits": 3}), (Wanda, {"sparsity": 0.5})])

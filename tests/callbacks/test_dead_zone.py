@@ -161,6 +161,13 @@ def test_bad_arguments(kwargs, match):
         DeadZoneQuantization(**kwargs)
 
 
+def test_codeq_is_not_a_stage_to_apply_at_once():
+    model = module()
+    with pytest.raises(PPQConfigError, match=r"DeadZoneQuantization trains: .* not in apply\(\)"):
+        DeadZoneQuantization(bits=4).apply(model)
+    assert not any(hasattr(m, QUANTIZER_NAME) for m in model.modules())
+
+
 def test_codeq_outside_fit_is_an_error(tmp_path, tiny_data):
     with pytest.raises(PPQConfigError, match="DeadZoneQuantization trains: it belongs in `fit`"):
         make_trainer(tmp_path, [DeadZoneQuantization(bits=4)]).validate(

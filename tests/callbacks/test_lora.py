@@ -169,6 +169,7 @@ def test_resumed_fit_equals_uninterrupted_and_applies_nothing_twice(tmp_path):
         ({"dropout": 1.0}, "dropout=1.0"),
         ({"merge": "sometimes"}, "merge='sometimes'"),
         ({"target_modules": "q_proj", "targets": "k_proj"}, "not allowed together"),
+        ({"reproject": "no"}, "reproject='no' is not allowed: expected true or false"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -181,6 +182,13 @@ def test_target_modules_matching_nothing(tmp_path):
         make_trainer(tmp_path, [LoRAFineTune(target_modules="nothing_here")], max_steps=1).fit(
             module(), train_dataloaders=memorisable()
         )
+
+
+def test_lora_apply_is_a_clear_error_not_an_empty_not_implemented():
+    model = module()
+    with pytest.raises(PPQConfigError, match=r"LoRAFineTune trains: it belongs in `fit`.*apply"):
+        LoRAFineTune().apply(model)
+    assert not lora_layers(model)
 
 
 def test_lora_outside_fit_is_an_error(tmp_path, tiny_data):

@@ -88,6 +88,8 @@ def test_qat_replaces_an_earlier_grid(tmp_path):
         ({"bits": 1}, "bits=1 is not allowed: expected an integer from 2 to 8"),
         ({"bits": 16}, "bits=16"),
         ({"bits": 4, "group_size": 0}, "group_size=0"),
+        ({"bits": 4, "symmetric": "false"}, "symmetric='false' is not allowed: expected true or"),
+        ({"bits": 4, "symmetric": 1}, "symmetric=1 is not allowed"),
     ],
 )
 def test_bad_arguments(kwargs, match):

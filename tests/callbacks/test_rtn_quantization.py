@@ -47,6 +47,8 @@ def test_group_size_must_divide_every_layer(tiny_lm):
         ({"bits": 32}, "bits=32"),
         ({"bits": 4, "group_size": 0}, "group_size=0"),
         ({"bits": 4, "b_orig": 12}, "b_orig=12"),
+        ({"bits": 4, "symmetric": "false"}, "symmetric='false' is not allowed: expected true or"),
+        ({"bits": 4, "log_layers": 0}, "log_layers=0 is not allowed"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -123,11 +123,25 @@ def test_works_on_a_users_module_with_plain_dataloaders(tmp_path):
         ([], "stages=\\[\\]"),
         ([nn.Linear(2, 2)], "expected compression callbacks"),
         ([MagnitudePruning(sparsity=0.5), MagnitudePruning(sparsity=0.5)], "distinct `name`"),
+        (
+            [MagnitudePruning(0.5, name="P"), RTNQuantization(4, name="P")],
+            r"name two stages 'P' \(MagnitudePruning\{.*\} and RTNQuantization\{.*distinct `name`",
+        ),
+        (  # two unnamed stages of one method share its default name
+            [MagnitudePruning(sparsity=0.3), MagnitudePruning(sparsity=0.5)],
+            r"name two stages 'magnitude' .*'sparsity': 0.3.*'sparsity': 0.5",
+        ),
     ],
 )
 def test_bad_stages(stages, match):
     with pytest.raises(PPQConfigError, match=match):
         CompressionSchedule(stages=stages)
+
+
+@pytest.mark.parametrize("argument", ["evaluate_each_stage", "log_layers"])
+def test_booleans_are_booleans(argument):
+    with pytest.raises(PPQConfigError, match=f"{argument}='false' is not allowed"):
+        CompressionSchedule(stages=_stages("PQ"), **{argument: "false"})
 
 
 def test_duplicate_callbacks_in_trainer_need_names(tmp_path):
@@ -147,3 +161,95 @@ def test_order_string_rearranges_and_selects_stages(tmp_path, tiny_lm, tiny_data
     assert only_q.order == "Q" and len(only_q.stages) == 1
     with pytest.raises(PPQConfigError, match="names 'X', which is not a configured stage"):
         CompressionSchedule(stages=_stages("PQ"), order="P>X")
+
+
+@pytest.mark.parametrize(
+    ("later", "match"),
+    [
+        (RTNQuantization(bits=4, group_size=48, name="Q"), r"group_size \(.*\)=48"),
+        (MagnitudePruning(pattern="2:3", name="P2"), "2:3"),
+        (RTNQuantization(bits=4, targets="nothing_matches", name="Q"), "targets"),
+    ],
+)
+def test_a_schedule_checks_its_later_stages_before_the_first_changes_a_weight(
+    tmp_path, tiny_lm, tiny_data, later, match
+):
+    from tests.bad_inputs.helpers import assert_refused
+
+    schedule = CompressionSchedule(stages=[MagnitudePruning(sparsity=0.5, name="P"), later])
+    trainer = make_trainer(tmp_path, [schedule])
+    assert_refused(
+        lambda: trainer.validate(tiny_lm, datamodule=tiny_data, verbose=False),
+        PPQConfigError,
+        match,
+        model=tiny_lm,
+    )
+
+
+def test_a_stage_failing_mid_schedule_says_what_was_applied(tmp_path, tiny_lm, tiny_data):
+    class Failing(RTNQuantization):
+        def compress(self, model, modules):
+            raise RuntimeError("boom")
+
+    schedule = CompressionSchedule(
+        stages=[MagnitudePruning(sparsity=0.5, name="P"), Failing(bits=4)]
+    )
+    with pytest.raises(RuntimeError, match="boom") as info:
+        make_trainer(tmp_path, [schedule]).validate(tiny_lm, datamodule=tiny_data, verbose=False)
+    notes = " ".join(info.value.__notes__)
+    assert "stage(s) P had been applied before rtn failed" in notes
+    assert "restored" in notes  # the failing stage's own layers are as they were
+
+
+def test_a_report_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_lm, tiny_data):
+    from tests.bad_inputs.helpers import assert_refused
+
+    (tmp_path / "report").write_text("")
+    schedule = CompressionSchedule(stages=_stages("PQ"), output_dir=str(tmp_path / "report"))
+    trainer = make_trainer(tmp_path, [schedule])
+    assert_refused(
+        lambda: trainer.validate(tiny_lm, datamodule=tiny_data, verbose=False),
+        PPQConfigError,
+        "report_dir=.*report.* is a file",
+        model=tiny_lm,
+    )
+
+
+def test_a_merge_without_reprojection_after_pruning_is_refused_before_pruning(tmp_path, tiny_lm):
+    from ppq_lightning.callbacks import LoRAFineTune
+    from tests.bad_inputs.helpers import assert_refused
+
+    windows = torch.arange(32).repeat(3, 1)
+    schedule = CompressionSchedule(
+        stages=[
+            MagnitudePruning(sparsity=0.5, name="P"),
+            LoRAFineTune(r=2, merge="at_end", reproject=False),
+        ]
+    )
+    trainer = make_trainer(tmp_path, [schedule], max_steps=2)
+    assert_refused(
+        lambda: trainer.fit(tiny_lm, train_dataloaders=DataLoader(list(windows), batch_size=1)),
+        PPQConfigError,
+        "reproject=False is not allowed after stage 'P'",
+        model=tiny_lm,
+    )
+
+
+def test_a_resumed_schedule_with_a_changed_stage_is_refused(tmp_path, tiny_data):
+    from ppq_lightning.compressed.state import compressed_modules
+    from ppq_lightning.models import CausalLMModule
+    from tests.helpers import TINY_LLAMA
+
+    trainer = make_trainer(
+        tmp_path, [CompressionSchedule(_stages("PQ"), evaluate_each_stage=False)]
+    )
+    trainer.validate(CausalLMModule(model_config=TINY_LLAMA), datamodule=tiny_data, verbose=False)
+    trainer.save_checkpoint(tmp_path / "pq.ckpt")
+    changed = [MagnitudePruning(sparsity=0.5, name="P"), RTNQuantization(bits=3, name="Q")]
+    fresh = CausalLMModule(model_config=TINY_LLAMA)
+    with pytest.raises(PPQConfigError, match=r"stage 'Q'.*'bits': 4.*'bits': 3.*another `name`"):
+        make_trainer(tmp_path, [CompressionSchedule(changed, evaluate_each_stage=False)]).validate(
+            fresh, datamodule=tiny_data, ckpt_path=tmp_path / "pq.ckpt", verbose=False
+        )
+    histories = [[e["name"] for e in state.history] for _, _, state in compressed_modules(fresh)]
+    assert histories and all(h == ["P", "Q"] for h in histories)  # not P, Q, Q

@@ -1,4 +1,6 @@
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,43 @@ def test_order_flag_without_a_schedule_is_refused(tmp_path):
     config.write_text(text.split("  callbacks:")[0] + text[text.index("model:") :])
     with pytest.raises(PPQConfigError, match="need a CompressionSchedule"):
         main(["validate", "--config", str(config), "--order", "P>Q"])
+
+
+def test_validate_with_no_validation_batches_exits_non_zero(tmp_path, monkeypatch, capsys):
+    from ppq_lightning.cli import entry
+
+    argv = ["validate", "--config", str(CONFIG), "--trainer.limit_val_batches", "0"]
+    argv += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["ppq", *argv])
+    with pytest.raises(SystemExit) as info:
+        entry()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "ppq: error: compression was configured but never applied in `validate`" in err
+    assert "'P' (MagnitudePruning, in CompressionSchedule)" in err
+    assert "limit_val_batches=0" in err
+    assert not list(tmp_path.rglob("schedule.json"))  # no report of a dense model
+
+
+def test_no_warning_about_args_beside_sys_argv(tmp_path, monkeypatch, capsys):
+    """`ppq` passes the command line it read from sys.argv to LightningCLI as `args`."""
+    argv = ["validate", "--config", str(CONFIG), "--print_config"]
+    monkeypatch.setattr(sys, "argv", ["ppq", *argv])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as info:
+        warnings.simplefilter("always")
+        main()
+    assert info.value.code == 0
+    captured = capsys.readouterr()
+    assert "class_path: ppq_lightning.callbacks.CompressionSchedule" in captured.out
+    messages = [str(w.message) for w in caught] + [captured.err]
+    assert not [m for m in messages if "args parameter" in m], messages
+
+
+def test_a_constructor_error_is_raised_as_itself(tmp_path):
+    from ppq_lightning.errors import PPQConfigError
+
+    argv = ["validate", "--config", str(CONFIG), "--data.init_args.source", "files"]
+    argv += ["--data.init_args.paths", "[/nope/corpus.txt]"]
+    with pytest.raises(PPQConfigError, match=r"paths=\['/nope/corpus.txt'\] is not allowed"):
+        main([*argv, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())

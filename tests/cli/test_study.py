@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from ppq_lightning.cli import main
-from ppq_lightning.cli.study import apply_overrides, split_overrides
+from ppq_lightning.cli.study import apply_overrides, check_curve_bits, split_overrides
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.loggers import WandbLogger
 
@@ -89,3 +89,55 @@ def test_study_streams_cells_table_and_plots_to_wandb_offline(tmp_path, monkeypa
     assert summary["result/ppl"] == pytest.approx(result.orders[result.best_order].value)
     runs = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_curve_bits_are_checked_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(PPQConfigError, match=r"curve_bits=\[16, 4\] is not allowed.*16 is not"):
+        main(["study", "--config", CONFIG, "--curve_bits", "[16, 4]", "--output_dir", str(out)])
+    assert not out.exists()  # no study.yaml, no cell
+
+
+@pytest.mark.parametrize(
+    ("bits", "b_orig", "match"),
+    [
+        ([8, 8], 16, "8 repeats"),
+        ([1], 16, "1 is not"),
+        ([True], 16, "True is not"),
+        ([8], 8, "from 2 to 7"),
+        ("8", 16, "curve_bits='8'"),
+    ],
+)
+def test_check_curve_bits(bits, b_orig, match):
+    with pytest.raises(PPQConfigError, match=match):
+        check_curve_bits(bits, b_orig)
+    assert check_curve_bits(None) == [8, 6, 5, 4, 3, 2] and check_curve_bits([], 8) == []
+
+
+def test_a_missing_data_file_is_a_clear_error(tmp_path):
+    config = tmp_path / "files.yaml"
+    text = Path(CONFIG).read_text().replace("source: pydoc", "source: files, paths: [/nope]")
+    config.write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(PPQConfigError, match=r"paths=\['/nope'\] is not allowed"):
+        main(["study", "--config", str(config), "--output_dir", str(out)])
+    with pytest.raises(PPQConfigError, match=r"paths=\['/nope/b.txt'\] is not allowed"):
+        data = ["--data.init_args.source", "files", "--data.init_args.paths", "[/nope/b.txt]"]
+        main(["study", "--config", CONFIG, "--output_dir", str(out), *data])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--search", "all"], "search='all'"),
+        (["--predictor", "oracle"], "predictor='oracle'"),
+        (["--top_k", "0"], "top_k=0"),
+        (["--order", "P>X"], "names 'X'"),
+    ],
+)
+def test_study_arguments_are_checked_before_anything_is_written(tmp_path, argv, match):
+    out = tmp_path / "out"
+    with pytest.raises(PPQConfigError, match=match):
+        main(["study", "--config", CONFIG, "--output_dir", str(out), *argv])
+    assert not out.exists()

@@ -26,3 +26,12 @@ def test_check_invariants_catches_off_grid_weight():
 def test_bfloat16_weights_pass_on_their_grid():
     layer = quantized_pruned_linear().to(torch.bfloat16)
     assert check_invariants(layer) == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_check_invariants_catches_non_finite_weights(value):
+    model = nn.Sequential(quantized_pruned_linear())
+    kept = get_state(model[0]).mask
+    model[0].weight.data[1][kept[1]] = value  # the survivors of a row: pruned ones stay 0
+    with pytest.raises(InvariantError, match=r"^0: \d+ weight\(s\) are NaN or infinite"):
+        check_invariants(model)

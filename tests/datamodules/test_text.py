@@ -71,11 +71,20 @@ def test_local_files_and_a_different_calibration_corpus(tmp_path):
         ({"source": "files"}, "paths=None"),
         ({"source": "files", "paths": "a.txt"}, "paths='a.txt'"),
         ({"calibration_source": "files"}, "calibration_paths=None"),
+        ({"max_eval_windows": True}, "max_eval_windows=True"),
+        ({"seqlen": True}, "seqlen=True"),
+        ({"seed": "x"}, "seed='x'"),
+        ({"seed": True}, "seed=True"),
+        ({"seed": 1.5}, "seed=1.5"),
+        ({"tokenizer": 3}, "tokenizer=3"),
+        ({"tokenizer": ""}, "tokenizer=''"),
+        ({"paths": ["a.txt"]}, r"paths=\['a.txt'\] .*source='pydoc'"),
+        ({"calibration_paths": ["a.txt"]}, r"calibration_paths=\['a.txt'\] .*None"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(PPQConfigError, match=match):
-        TextDataModule(tokenizer="bytes", **kwargs)
+        TextDataModule(**{"tokenizer": "bytes", **kwargs})
 
 
 def test_missing_files(tmp_path):
@@ -85,6 +94,22 @@ def test_missing_files(tmp_path):
         TextDataModule(source="files", paths=[str(tmp_path / "x")], tokenizer="bytes").setup()
     with pytest.raises(PPQConfigError, match=r"calibration_paths=\[.*existing text files"):
         TextDataModule(calibration_source="files", calibration_paths=[str(tmp_path / "y")])
+
+
+@pytest.mark.parametrize("argument", ["paths", "calibration_paths"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, argument):
+    good = tmp_path / "good.txt"
+    good.write_text("plain text. " * 200)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 100)
+    kwargs = {"source": "files", "paths": [str(good), str(bad)]}
+    if argument == "calibration_paths":
+        kwargs = {"calibration_source": "files", "calibration_paths": [str(bad)]}
+    data = TextDataModule(tokenizer="bytes", seqlen=32, **kwargs)
+    with pytest.raises(
+        PPQConfigError, match=rf"{argument}: the file '{bad}' is not UTF-8 text: byte 0xe9"
+    ):
+        data.setup()
 
 
 def test_corpus_too_short(tmp_path):

@@ -1,10 +1,12 @@
+import pytest
 import torch
 from torch import nn
 
 from ppq_lightning import check_invariants
 from ppq_lightning.compressed.state import applied_stages, get_state, record_stage
-from ppq_lightning.edits.loading import enable_state_loading
+from ppq_lightning.edits.loading import enable_state_loading, require_state_loading
 from ppq_lightning.edits.sharing import SharedBasisLinear, sharing_record
+from ppq_lightning.errors import PPQConfigError
 from tests.compressed.helpers import quantized_pruned_linear
 
 
@@ -41,3 +43,17 @@ def test_shared_basis_layers_are_rebuilt_before_loading():
     x = torch.randn(4, 8)
     assert torch.equal(fresh[0](x), source[0](x)) and torch.equal(fresh[2](x), source[2](x))
     assert applied_stages(fresh) == {"S"} and check_invariants(fresh) == 3
+
+
+def test_without_state_loading_a_compressed_state_dict_is_refused_with_the_way_out():
+    source = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), quantized_pruned_linear())
+    fresh = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(16, 4))
+    require_state_loading(fresh)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(PPQConfigError, match=r"1 layer\(s\) \(e\.g\. 2\.ppq_state\).*enable_state"):
+        fresh.load_state_dict(source.state_dict())
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # untouched
+    fresh.load_state_dict(nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(16, 4)).state_dict())
+    enable_state_loading(fresh)  # registered later, and the guard steps aside
+    fresh.load_state_dict(source.state_dict())
+    assert check_invariants(fresh) == 1

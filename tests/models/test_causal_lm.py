@@ -73,3 +73,48 @@ def test_bad_dtype_is_a_config_error():
 
     with pytest.raises(PPQConfigError, match="dtype='int8'"):
         CausalLMModule(model_config=TINY_LLAMA, dtype="int8")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": "x"}, "seed='x' is not allowed: expected an integer >= 0"),
+        ({"seed": 1.5}, "seed=1.5 is not allowed"),
+        ({"learning_rate": "1e-4"}, "learning_rate='1e-4' is not allowed: expected a number > 0"),
+        ({"model_config": "llama"}, "model_config='llama' is not allowed: expected None or a dict"),
+    ],
+)
+def test_bad_arguments_are_config_errors(kwargs, match):
+    from ppq_lightning.errors import PPQConfigError
+
+    with pytest.raises(PPQConfigError, match=match):
+        CausalLMModule(**{"model_config": TINY_LLAMA, **kwargs})
+    with pytest.raises(PPQConfigError, match="model=None is not allowed"):
+        CausalLMModule(model=None)
+    with pytest.raises(PPQConfigError, match="learning_rate=0 is not allowed"):
+        CausalLMModule.from_model(CausalLMModule(model_config=TINY_LLAMA).model, learning_rate=0)
+
+
+def test_a_compressed_checkpoint_loads_and_a_plain_load_state_dict_says_how(tmp_path, tiny_data):
+    from ppq_lightning import check_invariants
+    from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+    from ppq_lightning.edits.loading import enable_state_loading
+    from ppq_lightning.errors import PPQConfigError
+
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    trainer = make_trainer(tmp_path, [MagnitudePruning(0.5), RTNQuantization(bits=4)])
+    trainer.validate(module, datamodule=tiny_data, verbose=False)
+    trainer.save_checkpoint(tmp_path / "pq.ckpt")
+    fresh = CausalLMModule(model_config=TINY_LLAMA, seed=1)
+    with pytest.raises(PPQConfigError, match=r"14 layer\(s\) .*enable_state_loading\(model\)"):
+        fresh.load_state_dict(module.state_dict())
+    with pytest.raises(PPQConfigError, match="enable_state_loading"):  # masks not dropped
+        fresh.load_state_dict(module.state_dict(), strict=False)
+    enable_state_loading(fresh)
+    fresh.load_state_dict(module.state_dict())
+    assert check_invariants(fresh) == 14
+    loaded = CausalLMModule.load_from_checkpoint(tmp_path / "pq.ckpt")
+    assert check_invariants(loaded) == 14
+    for key, value in module.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, loaded.state_dict()[key]), key

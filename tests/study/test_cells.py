@@ -5,6 +5,7 @@ import copy
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,7 +71,7 @@ def test_cell_cache_reads_a_new_caches_cells_from_disk(tmp_path):
     assert fresh.get(cell.keys) == (cell, False)  # remembered after the first read
 
 
-def test_cell_cache_of_another_fingerreferencedoes_not_see_the_cell(tmp_path):
+def test_cell_cache_of_another_fingerprint_does_not_see_the_cell(tmp_path):
     cell = _cell()
     CellCache(tmp_path, "abc").put(cell)
     other = CellCache(tmp_path, "xyz")
@@ -103,7 +104,7 @@ def test_cell_cache_put_overwrites_a_cell(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
 
 
-def test_fingerreferenceis_stable_for_equal_weights_batches_and_metric():
+def test_fingerprint_is_stable_for_equal_weights_batches_and_metric():
     model = _model()
     reference = fingerprint(model, _batches(), "ppl")
     assert len(reference) == 16
@@ -111,7 +112,7 @@ def test_fingerreferenceis_stable_for_equal_weights_batches_and_metric():
     assert fingerprint(model, iter(_batches()), "ppl") == reference  # any iterable of batches
 
 
-def test_fingerreferencechanges_with_the_weights():
+def test_fingerprint_changes_with_the_weights():
     model, changed = _model(), _model()
     before = fingerprint(model, _batches(), "ppl")
     with torch.no_grad():
@@ -120,7 +121,7 @@ def test_fingerreferencechanges_with_the_weights():
     assert fingerprint(_model(seed=1), _batches(), "ppl") != before
 
 
-def test_fingerreferencechanges_with_a_floating_buffer_but_not_an_integer_one():
+def test_fingerprint_changes_with_a_floating_buffer_but_not_an_integer_one():
     model = _model()
     before = fingerprint(model, _batches(), "ppl")
     model[1].num_batches_tracked += 3  # an integer buffer: not part of the fingerprint
@@ -129,7 +130,7 @@ def test_fingerreferencechanges_with_a_floating_buffer_but_not_an_integer_one():
     assert fingerprint(model, _batches(), "ppl") != before
 
 
-def test_fingerreferencechanges_with_the_batches():
+def test_fingerprint_changes_with_the_batches():
     model = _model()
     before = fingerprint(model, _batches(), "ppl")
     assert fingerprint(model, _batches()[:1], "ppl") != before
@@ -138,7 +139,7 @@ def test_fingerreferencechanges_with_the_batches():
     assert fingerprint(model, changed, "ppl") != before
 
 
-def test_fingerreferencechanges_with_the_metric():
+def test_fingerprint_changes_with_the_metric():
     model = _model()
     assert fingerprint(model, _batches(), "ppl") != fingerprint(model, _batches(), "accuracy")
 
@@ -149,3 +150,12 @@ def test_batch_bytes_of_nested_batches():
     assert batch_bytes([x, (x,)]) == 2 * x.numpy().tobytes()
     assert batch_bytes({"b": x, "a": 1}) == b"a" + b"1" + b"b" + x.numpy().tobytes()
     assert batch_bytes({"a": x}) != batch_bytes({"b": x})
+
+
+@pytest.mark.parametrize("content", ['{"order": "P>', "{}", b"\xff\xfe"])
+def test_a_corrupt_cell_file_is_named_in_a_warning_and_computed_again(tmp_path, content):
+    cell = _cell()
+    path = CellCache(tmp_path, "abc").path(cell.keys)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.warns(UserWarning, match=f"cell file {path} is unreadable"):
+        assert CellCache(tmp_path, "abc").get(cell.keys) == (None, False)

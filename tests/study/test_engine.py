@@ -123,3 +123,7 @@ def test_bad_studies_are_clear_errors(tmp_path, tiny_lm, tiny_data):
     study = OrderStudy(tiny_lm, tiny_data, _stages(), curve=[], metric="acc", output_dir=tmp_path)
     with pytest.raises(PPQConfigError, match="metric='acc' is not among"):
         study.run()
+    (tmp_path / "file").write_text("")
+    for argument in ("output_dir", "cells_dir"):
+        with pytest.raises(PPQConfigError, match=f"{argument}='.*file/x'.*'.*file' is a file"):
+            OrderStudy(tiny_lm, tiny_data, _stages(), **{argument: tmp_path / "file" / "x"})

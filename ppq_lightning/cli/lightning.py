@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ppq_lightning.callbacks import CompressionSchedule
+from ppq_lightning.callbacks.base import check_trainer_stages
 from ppq_lightning.errors import PPQConfigError
 
 T = TypeVar("T")
@@ -74,6 +75,18 @@ class PPQCLI(LightningCLI):
             default=None,
             help="folder for the CompressionSchedule's schedule.json/csv (default: the log dir)",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Check the configured compression stages together before Lightning builds the
+        Trainer: two identical stages get our message (set ``name=``) instead of Lightning's
+        about callback state keys.
+
+        Raises:
+            PPQConfigError: see ``ppq_lightning.callbacks.base.check_trainer_stages``.
+        """
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        check_trainer_stages(callbacks if isinstance(callbacks, list) else [callbacks])
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         """Build the model, datamodule and trainer, then apply ``--order``/``--report_dir``.

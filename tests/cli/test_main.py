@@ -91,3 +91,19 @@ def test_a_constructor_error_is_raised_as_itself(tmp_path):
     with pytest.raises(PPQConfigError, match=r"paths=\['/nope/corpus.txt'\] is not allowed"):
         main([*argv, "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_two_identical_stages_get_our_message_before_the_trainer_is_built(tmp_path, capsys):
+    stage = '{"class_path": "ppq_lightning.callbacks.RTNQuantization", "init_args": {"bits": 4}}'
+    argv = [
+        "validate",
+        "--config",
+        str(CONFIG),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
+    with pytest.raises((SystemExit, ValueError)) as info:
+        main([*argv, f"--trainer.callbacks+={stage}", f"--trainer.callbacks+={stage}"])
+    message = str(info.value) + capsys.readouterr().err
+    assert "set `name=` on each" in message and "state_key` must be unique" not in message
+    assert not (tmp_path / "tiny_llama_p_then_q").exists()

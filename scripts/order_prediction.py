@@ -20,6 +20,9 @@ contain. Output: ``predictions.csv``, ``accuracy.md``, ``summary.json``, ``READM
 ``accuracy.png`` in ``--output``.
 
     python scripts/order_prediction.py --output docs/results/order_prediction
+    python scripts/order_prediction.py --grids '[docs/results/order_grid_block_removal_rtn]' \
+        --predictors '[pih, pih_cer, prune_first, calibration_kl]' --score_batches 4 \
+        --output docs/results/order_prediction_smollm2_sleb     # SLEB: ~1 h on 2 CPU cores
 """
 
 from __future__ import annotations

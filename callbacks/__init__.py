@@ -16,10 +16,12 @@ from ppq_lightning.callbacks.qat import QuantizationAwareTraining
 from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.schedule import CompressionSchedule
 from ppq_lightning.callbacks.sparsegpt import SparseGPT
+from ppq_lightning.callbacks.sqs import SQS
 from ppq_lightning.callbacks.wanda import Wanda
 
 __all__ = [
     "GPTQ",
+    "SQS",
     "BasisSharing",
     "BatchNormRecalibration",
     "BlockRemoval",

@@ -6,10 +6,9 @@ from functools import partial
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 
-from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
+from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage, add_gradients
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
 from ppq_lightning.errors import bad_value, check_bool, check_number
@@ -172,7 +171,7 @@ class DeadZoneQuantization(FakeQuantStage):
             parameters += list(quantizer.parameters())
         regulariser = self.sparsity_weight * keep + self.bits_weight * soft_bits
         if (self.sparsity_weight > 0 or self.bits_weight > 0) and regulariser.requires_grad:
-            _add_gradients(trainer, regulariser, parameters)
+            add_gradients(trainer, regulariser, parameters)
         pl_module.log_dict(
             {
                 f"{self.name}/regulariser": float(regulariser.detach()),
@@ -182,22 +181,3 @@ class DeadZoneQuantization(FakeQuantStage):
             on_step=True,
             on_epoch=False,
         )
-
-
-def _add_gradients(trainer: L.Trainer, loss: Tensor, parameters: list[nn.Parameter]) -> None:
-    """Accumulate the gradients of ``loss`` into ``parameters``, as the training loss' own
-    backward would have: divided over accumulated batches, scaled like the loss under fp16
-    AMP. ``torch.autograd.grad`` (not ``backward``) runs no DDP gradient hooks; ``loss`` is
-    the same on every rank, so no all-reduce is needed."""
-    loss = loss / trainer.accumulate_grad_batches
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None:
-        loss = scaler.scale(loss)
-    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-    for parameter, grad in zip(parameters, grads, strict=True):
-        if grad is None:
-            continue
-        if parameter.grad is None:
-            parameter.grad = grad.detach().clone()
-        else:
-            parameter.grad.add_(grad)

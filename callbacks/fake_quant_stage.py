@@ -177,3 +177,22 @@ def _forget_parameters(trainer: L.Trainer, parameters: list[nn.Parameter]) -> No
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         for parameter in parameters:
             optimizer.state.pop(parameter, None)
+
+
+def add_gradients(trainer: L.Trainer, loss: Tensor, parameters: list[nn.Parameter]) -> None:
+    """Accumulate the gradients of ``loss`` into ``parameters``, as the training loss' own
+    backward would have: divided over accumulated batches, scaled like the loss under fp16
+    AMP. ``torch.autograd.grad`` (not ``backward``) runs no DDP gradient hooks; ``loss`` is
+    the same on every rank, so no all-reduce is needed."""
+    loss = loss / trainer.accumulate_grad_batches
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    for parameter, grad in zip(parameters, grads, strict=True):
+        if grad is None:
+            continue
+        if parameter.grad is None:
+            parameter.grad = grad.detach().clone()
+        else:
+            parameter.grad.add_(grad)

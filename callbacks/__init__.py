@@ -10,6 +10,7 @@ from ppq_lightning.callbacks.channel_pruning import ChannelPruning
 from ppq_lightning.callbacks.dead_zone import DeadZoneQuantization
 from ppq_lightning.callbacks.depgraph_pruning import DepGraphPruning
 from ppq_lightning.callbacks.gptq import GPTQ
+from ppq_lightning.callbacks.joint_search import JointStructuralMixedPrecision
 from ppq_lightning.callbacks.lora import LoRAFineTune
 from ppq_lightning.callbacks.magnitude_pruning import MagnitudePruning
 from ppq_lightning.callbacks.qat import QuantizationAwareTraining
@@ -32,6 +33,7 @@ __all__ = [
     "DeadZoneQuantization",
     "DepGraphPruning",
     "FoldBatchNorm",
+    "JointStructuralMixedPrecision",
     "LoRAFineTune",
     "MagnitudePruning",
     "QuantizationAwareTraining",

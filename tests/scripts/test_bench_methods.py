@@ -1,20 +1,18 @@
 """The benchmark's data preparation: the same windows for every method, optionally reordered."""
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.scripts.helpers import load_script
+
 ROOT = Path(__file__).parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_methods")
 
 
 def _windows(bench, tmp_path, seed):

@@ -1,16 +1,14 @@
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.scripts.helpers import load_script
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "check_layers.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("check_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_layers")
 
 
 def test_the_package_is_assembled_as_it_installs(tmp_path):

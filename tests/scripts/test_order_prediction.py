@@ -2,9 +2,10 @@
 predictor judged on every pair, the tables written."""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.scripts.helpers import load_script
 
 ROOT = Path(__file__).parents[2]
 TINY = """
@@ -21,10 +22,7 @@ data:
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def test_predictors_are_judged_against_the_exhaustive_grid(tmp_path, monkeypatch):

@@ -1,23 +1,19 @@
 """scripts/vision_methods.py on the shipped Fashion-MNIST ResNet-18: every row measured, the
 report written, the floor ratio consistent."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from ppq_lightning.errors import PPQConfigError
+from tests.scripts.helpers import load_script
 
 ROOT = Path(__file__).parents[2]
 
 
 def _script():
-    path = ROOT / "scripts" / "vision_methods.py"
-    spec = importlib.util.spec_from_file_location("vision_methods", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("vision_methods")
 
 
 def test_methods_and_both_orders_of_a_pair(fashion_mnist_root, tmp_path):

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from ppq_lightning import check_invariants
+from ppq_lightning.callbacks import JointStructuralMixedPrecision
+from ppq_lightning.compressed.state import current_grid, get_state
+from ppq_lightning.edits import enable_state_loading
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.order.interference import reference_score
+from tests.bad_inputs.helpers import assert_refused
+from tests.helpers import TINY_LLAMA, token_batches
+
+
+def _lm():
+    return CausalLMModule(model_config=TINY_LLAMA, seed=0)
+
+
+def _search(**kwargs):
+    arguments = {"bits": [8, 4, 3, 2], "keep": [1.0, 0.75, 0.5], "score_batches": 2}
+    return JointStructuralMixedPrecision(**{**arguments, **kwargs})
+
+
+@pytest.mark.parametrize("budget", [3.0, 5.0, 7.0])
+def test_the_budget_is_met_in_measured_c(budget):
+    module = _lm()
+    stage = _search(budget=budget)
+    result = stage.apply(module, dataloader=token_batches(3))
+    assert budget <= result.summary.measured_C < budget * 1.25
+    assert stage.search_log[-1]["C"] == pytest.approx(result.summary.measured_C)
+    assert check_invariants(module) == 14
+    kept = {m["keep"] for m in result.layers.values()}
+    bits = {m["bits"] for m in result.layers.values()}
+    assert len(bits) > 1 or len(kept) > 1  # a mixed configuration, not a uniform one
+    layer = module.model.model.layers[0].mlp.down_proj
+    entry = get_state(layer).history[-1]
+    assert entry["kind"] == "PQ" and current_grid(layer).bits == entry["layer_bits"]
+
+
+def test_the_less_sensitive_of_two_equal_layers_gets_the_fewer_bits():
+    module = _lm()
+    sensitive = module.model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        sensitive.weight[:, 0] *= 40  # one outlier column: a 2-bit grid wipes out the rest
+    targets = [r"layers\.0\.self_attn\.q_proj$", r"layers\.1\.self_attn\.q_proj$"]
+    batches = token_batches(3)
+    score = reference_score(module, batches[:2], "calibration_kl")
+    alone = {}
+    for i in (0, 1):  # each layer at 2 bits alone, measured as the search measures it
+        copy = _lm()
+        copy.load_state_dict(module.state_dict())
+        stage = JointStructuralMixedPrecision(budget=1.5, bits=[2], keep=[1.0], targets=targets[i])
+        stage.apply(copy, dataloader=batches)
+        alone[i] = score(copy)
+    assert alone[1] > alone[0]
+    stage = _search(budget=3.0, bits=[8, 2], keep=[1.0], targets=targets)
+    result = stage.apply(module, dataloader=batches)
+    chosen = {name.split(".")[3]: m["bits"] for name, m in result.layers.items()}
+    assert chosen == {"0": 2.0, "1": 8.0}
+
+
+def test_a_checkpoint_of_the_result_loads_into_a_fresh_model():
+    module = _lm()
+    _search(budget=5.0).apply(module, dataloader=token_batches(3))
+    fresh = _lm()
+    enable_state_loading(fresh)
+    fresh.load_state_dict(module.state_dict())
+    for a, b in zip(module.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = token_batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(module(x), fresh(x))
+    down = fresh.model.model.layers[1].mlp.down_proj
+    assert (
+        weight_matrix(down).shape == weight_matrix(module.model.model.layers[1].mlp.down_proj).shape
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 1.0}, "budget=1.0"),
+        ({"budget": 4, "bits": [9]}, "bits=9"),
+        ({"budget": 4, "bits": [4, 8]}, r"bits=\[4, 8\] .* largest first"),
+        ({"budget": 4, "bits": []}, r"bits=\[\]"),
+        ({"budget": 4, "keep": [0.5]}, r"keep=\[0.5\] .* starting at 1.0"),
+        ({"budget": 4, "keep": [1.0, 0.0]}, "keep=0.0"),
+        ({"budget": 4, "keep": [1.0, 0.5, 0.75]}, "largest first"),
+        ({"budget": 4, "score_batches": 0}, "score_batches=0"),
+        ({"budget": 4, "rescore_every": True}, "rescore_every=True"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(PPQConfigError, match=match):
+        JointStructuralMixedPrecision(**kwargs)
+
+
+def test_an_infeasible_budget_is_refused_before_any_weight_changes():
+    module = _lm()
+    assert_refused(
+        lambda: _search(budget=100.0).apply(module, dataloader=token_batches(3)),
+        PPQConfigError,
+        r"budget=100.0 .*at most about \d+\.\d+",
+        model=module,
+    )
+
+
+def test_keep_below_one_without_an_mlp_is_refused_before_any_weight_changes():
+    module = _lm()
+    assert_refused(
+        lambda: _search(budget=3.0, targets=r"q_proj$").apply(module, dataloader=token_batches(3)),
+        PPQConfigError,
+        "keep below 1.0 needs MLPs",
+        model=module,
+    )

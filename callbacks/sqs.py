@@ -118,7 +118,7 @@ class SQS(FakeQuantStage):
         anneal_steps: int | None = None,
         kl_warmup_steps: int = 0,
         seed: int = 0,
-        logit_scale: float = 100.0,
+        logit_scale: float = 10.0,
         **kwargs: Any,
     ) -> None:
         check_bits(bits)

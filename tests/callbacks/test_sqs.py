@@ -17,6 +17,10 @@ from tests.helpers import TINY_LLAMA, make_trainer
 WINDOWS = (torch.arange(32) % 8 + 10).repeat(3, 1)
 
 
+# a tiny lr (1e-3) with a large logit_scale: the inclusion logits move 0.1 per step
+FAST = {"bits": 4, "prior_inclusion": 0.2, "init_inclusion": 0.55, "logit_scale": 100.0}
+
+
 def memorisable() -> DataLoader:
     return DataLoader(list(WINDOWS), batch_size=1, shuffle=False)
 
@@ -27,7 +31,7 @@ def module(lr: float = 1e-3, seed: int = 0) -> CausalLMModule:
 
 def fit_sqs(tmp_path, steps: int = 6, model=None, after=(), **sqs):
     model = module() if model is None else model
-    stage = SQS(**{"bits": 4, "prior_inclusion": 0.2, "init_inclusion": 0.55, **sqs})
+    stage = SQS(**{**FAST, **sqs})
     trainer = make_trainer(tmp_path, [stage, *after], max_steps=steps)
     trainer.fit(model, train_dataloaders=memorisable())
     return model, stage, trainer
@@ -70,12 +74,12 @@ def test_invariants_hold_through_a_later_stage(tmp_path):
 def test_resumed_fit_equals_uninterrupted(tmp_path):
     straight, _, _ = fit_sqs(tmp_path / "a", kl_weight=5.0)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    stage = SQS(bits=4, prior_inclusion=0.2, init_inclusion=0.55, kl_weight=5.0, anneal_steps=6)
+    stage = SQS(**FAST, kl_weight=5.0, anneal_steps=6)
     trainer = make_trainer(tmp_path / "b", [stage, saver], max_steps=3, enable_checkpointing=True)
     trainer.fit(module(), train_dataloaders=memorisable())
     ckpt = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
     resumed = module(seed=1)
-    stage = SQS(bits=4, prior_inclusion=0.2, init_inclusion=0.55, kl_weight=5.0)
+    stage = SQS(**FAST, kl_weight=5.0)
     make_trainer(tmp_path / "c", [stage], max_steps=6).fit(
         resumed, train_dataloaders=memorisable(), ckpt_path=ckpt
     )

@@ -233,22 +233,20 @@ class SQS(FakeQuantStage):
         if not self._layers:
             return
         total = sum(module.weight.numel() for module in self._layers.values())
-        kl = torch.zeros((), device=pl_module.device)
-        parameters: list[nn.Parameter] = []
-        pruned, step = 0, 0
-        for module in self._layers.values():
+        kl, pruned = 0.0, 0
+        step = int(next(iter(self._layers.values())).get_submodule(POSTERIOR_NAME).step)
+        factor = self.beta_at(step) * self.kl_weight / total
+        for module in self._layers.values():  # one layer at a time: the KL is a sum over layers
             posterior: SQSPosterior = module.get_submodule(POSTERIOR_NAME)
             w = as_matrix(module, module.weight).float()
-            kl = kl + posterior.kl(w, self.prior_inclusion, self.prior_sigma)
-            parameters += [module.weight, *posterior.parameters()]
+            layer_kl = posterior.kl(w, self.prior_inclusion, self.prior_sigma)
+            if factor > 0 and layer_kl.requires_grad:
+                add_gradients(trainer, factor * layer_kl, [module.weight, *posterior.parameters()])
+            kl += float(layer_kl.detach())
             pruned += int((posterior.inclusion_logit.detach() < 0).sum())
-            step = int(posterior.step)
-        loss = self.beta_at(step) * self.kl_weight * kl / total
-        if self.kl_weight > 0 and loss.requires_grad:
-            add_gradients(trainer, loss, parameters)
         pl_module.log_dict(
             {
-                f"{self.name}/kl": float(kl.detach()) / total,
+                f"{self.name}/kl": kl / total,
                 f"{self.name}/sparsity": pruned / total,
                 f"{self.name}/temperature": self.temperature_at(step),
             },

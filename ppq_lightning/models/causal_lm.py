@@ -1,4 +1,5 @@
-"""A LightningModule for any Hugging Face causal LM, evaluated by perplexity."""
+"""A LightningModule for any Hugging Face causal LM, evaluated by perplexity (and, with
+``tasks``, by lm-eval-harness task metrics)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from torchmetrics.text import Perplexity
 from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import batch_input
 from ppq_lightning.edits.loading import enable_state_loading, require_state_loading
-from ppq_lightning.errors import bad_value, check_number
+from ppq_lightning.errors import PPQConfigError, bad_value, check_number
+from ppq_lightning.models.lm_tasks import TaskEvaluation
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_causal_lm
+
+_OWN_METRICS = {"ppl": False, "loss": False}
 
 
 class CausalLMModule(L.LightningModule):
@@ -24,7 +28,10 @@ class CausalLMModule(L.LightningModule):
     Perplexity is ``exp`` of the mean next-token negative log-likelihood over all tokens of all
     evaluation windows (non-overlapping windows of ``seqlen``, made by the datamodule), computed
     with ``torchmetrics.text.Perplexity``. Logged keys: ``val/ppl``, ``val/loss``,
-    ``test/ppl``, ``test/loss``, ``train/loss``.
+    ``test/ppl``, ``test/loss``, ``train/loss``. With ``tasks``, every validation and test
+    epoch (and ``evaluate``, so every schedule stage and study cell) also runs those
+    lm-eval-harness tasks on the model in memory: ``val/<task>/<metric>`` (e.g.
+    ``val/pydoc_cloze/acc``), see ``TaskEvaluation``.
 
     Args:
         model: ``"smollm2-135m"`` (offline default), a local ``.gguf`` file, a local directory
@@ -33,21 +40,25 @@ class CausalLMModule(L.LightningModule):
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         learning_rate: AdamW learning rate for ``fit``.
         seed: seed of the random initialisation with ``model_config``.
+        tasks: lm-eval-harness tasks to report next to perplexity (a ``TaskEvaluation`` or
+            its arguments as a dict); None: perplexity only.
 
     A compressed checkpoint loads with ``load_from_checkpoint`` (its recorded structural edits
     are replayed and its compression states attached, ``edits.enable_state_loading``); a plain
     ``load_state_dict`` of one refuses it with an error naming ``enable_state_loading``.
 
     Raises:
-        PPQConfigError: on a ``learning_rate`` that is not a number > 0, or when the model
+        PPQConfigError: on a ``learning_rate`` that is not a number > 0, when the model
             cannot be loaded (see ``load_causal_lm``: bad ``model``, ``model_config``,
-            ``dtype`` or ``seed``).
+            ``dtype`` or ``seed``), or on bad ``tasks`` (see ``TaskEvaluation``).
 
     Example (YAML)::
 
         model:
           class_path: ppq_lightning.models.CausalLMModule
-          init_args: {model: smollm2-135m}
+          init_args:
+            model: smollm2-135m
+            tasks: {tasks: [pydoc_cloze], limit: 200}   # optional
     """
 
     metric_name = "ppl"
@@ -61,22 +72,33 @@ class CausalLMModule(L.LightningModule):
         dtype: str = "float32",
         learning_rate: float = 1e-4,
         seed: int = 0,
+        tasks: TaskEvaluation | None = None,
     ) -> None:
         super().__init__()
         check_number("learning_rate", learning_rate, low=0, low_open=True)
-        self.save_hyperparameters()
+        self.tasks = task_evaluation(tasks)
+        self.save_hyperparameters(ignore=["tasks"])  # kept as a plain dict: checkpoints load
+        self.hparams["tasks"] = self.tasks.config() if self.tasks is not None else None
         self.model = load_causal_lm(model, model_config, dtype, seed)
         self.learning_rate = learning_rate
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+        self.tokenizer_name: str | None = model if model_config is None else None
         require_state_loading(self)
 
     @classmethod
-    def from_model(cls, model: nn.Module, learning_rate: float = 1e-4) -> CausalLMModule:
+    def from_model(
+        cls,
+        model: nn.Module,
+        learning_rate: float = 1e-4,
+        tasks: TaskEvaluation | dict[str, Any] | None = None,
+    ) -> CausalLMModule:
         """Wrap an already-built causal LM (Python API; no hyperparameters are saved).
 
+        ``tasks`` needs its ``tokenizer`` set: a wrapped model has no name to load one by.
+
         Raises:
-            PPQConfigError: when ``model`` is not an ``nn.Module`` or ``learning_rate`` not a
-                number > 0.
+            PPQConfigError: when ``model`` is not an ``nn.Module``, ``learning_rate`` not a
+                number > 0, or ``tasks`` is bad (see ``TaskEvaluation``).
         """
         if not isinstance(model, nn.Module):
             raise bad_value("model", model, "an nn.Module (a Hugging Face causal LM)")
@@ -85,6 +107,7 @@ class CausalLMModule(L.LightningModule):
         L.LightningModule.__init__(module)
         module.model, module.learning_rate = model, learning_rate
         module.val_ppl, module.test_ppl = Perplexity(), Perplexity()
+        module.tasks, module.tokenizer_name = task_evaluation(tasks), None
         require_state_loading(module)
         return module
 
@@ -121,6 +144,48 @@ class CausalLMModule(L.LightningModule):
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
+    def task_metrics(self) -> dict[str, float]:
+        """The ``tasks``' metrics on the model as it is in memory (``{}`` without tasks),
+        in eval mode (the previous mode is restored)."""
+        if self.tasks is None:
+            return {}
+        with torch.no_grad(), evaluating(self):
+            return self.tasks.evaluate(self.model, self.tokenizer_name)
+
+    def _log_tasks(self, split: str) -> None:
+        if self.tasks is not None and not self.trainer.sanity_checking:
+            for key, value in self.task_metrics().items():
+                self.log(f"{split}/{key}", value, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs ``val/<task>/<metric>`` of every task (with ``tasks``)."""
+        self._log_tasks("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Logs ``test/<task>/<metric>`` of every task (with ``tasks``)."""
+        self._log_tasks("test")
+
+    def metric_names(self) -> dict[str, bool]:
+        """Every metric ``evaluate`` reports, with whether higher is better."""
+        tasks = self.tasks.metric_names() if self.tasks is not None else {}
+        return _OWN_METRICS | tasks
+
+    def metric_higher_is_better(self, metric: str) -> bool:
+        """Whether a larger ``metric`` is better (False for ``ppl`` and ``loss``; a task
+        metric's direction is the one its task declares).
+
+        Raises:
+            PPQConfigError: on a metric ``evaluate`` does not report.
+        """
+        names = self.metric_names()
+        if metric not in names:
+            raise bad_value("metric", metric, f"one of {', '.join(sorted(names))}")
+        return names[metric]
+
+    def evaluation_signature(self) -> str:
+        """What ``evaluate`` depends on besides weights and data (the tasks' settings)."""
+        return self.tasks.signature() if self.tasks is not None else ""
+
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Updates ``val/ppl`` and logs ``val/loss``; ``batch`` is a dict or a tensor of ids."""
         return self._eval_step(batch, self.val_ppl, "val")
@@ -131,7 +196,8 @@ class CausalLMModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, dataloader: Iterable[Any]) -> dict[str, float]:
-        """Perplexity and mean token loss over ``dataloader``, outside any Trainer loop.
+        """Perplexity and mean token loss over ``dataloader``, outside any Trainer loop, and
+        the ``tasks``' metrics (``<task>/<metric>``) when there are tasks.
 
         Computed exactly as validation computes ``val/ppl``, on the device of the weights, in
         eval mode (the previous mode is restored). ``loss`` is the mean token NLL, ``log(ppl)``.
@@ -144,7 +210,7 @@ class CausalLMModule(L.LightningModule):
                 logits, targets = self._shifted(batch_input(batch).to(device))
                 metric.update(logits, targets)
         ppl = float(metric.compute())
-        return {"ppl": ppl, "loss": math.log(ppl)}
+        return {"ppl": ppl, "loss": math.log(ppl), **self.task_metrics()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the parameters that require gradients. The learnable parameters of a
@@ -156,3 +222,19 @@ class CausalLMModule(L.LightningModule):
             {"params": [p for n, p in named if ".ppq_" in n], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=self.learning_rate)
+
+
+def task_evaluation(tasks: Any) -> TaskEvaluation | None:
+    """``tasks`` as a ``TaskEvaluation`` (a dict is its arguments; None stays None).
+
+    Raises:
+        PPQConfigError: on anything else, or bad arguments (see ``TaskEvaluation``).
+    """
+    if tasks is None or isinstance(tasks, TaskEvaluation):
+        return tasks
+    if isinstance(tasks, dict):
+        try:
+            return TaskEvaluation(**tasks)
+        except TypeError as err:
+            raise PPQConfigError(f"tasks={tasks!r}: {err}") from err
+    raise bad_value("tasks", tasks, "None, a TaskEvaluation or a dict of its arguments")

@@ -37,6 +37,20 @@ def evaluation_dataloader(trainer: L.Trainer) -> Iterable[Any]:
     return loaders
 
 
+def metric_direction(pl_module: L.LightningModule, metric: str) -> bool:
+    """Whether a larger ``metric`` is better: ``pl_module.metric_higher_is_better(metric)``
+    when the module defines it (``CausalLMModule``: False for ``ppl``, a task metric's declared
+    direction), else its ``higher_is_better`` attribute (default False, as for a loss).
+
+    Raises:
+        PPQConfigError: from the module, on a metric it does not report.
+    """
+    direction = getattr(pl_module, "metric_higher_is_better", None)
+    if callable(direction):
+        return bool(direction(metric))
+    return bool(getattr(pl_module, "higher_is_better", False))
+
+
 def evaluate_module(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> dict[str, float]:
     """Metrics of ``pl_module`` on ``dataloader``.
 

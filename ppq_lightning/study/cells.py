@@ -13,7 +13,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class Cell:
         M: the higher-is-better metric (``-ppl`` for perplexity).
         nominal_C, measured_C, sparsity, avg_bits: from ``compression_summary``.
         seconds: compression and evaluation wall time when it was computed.
+        eval_seconds: the evaluation's share of ``seconds`` (0 in cells of older versions).
+        metrics: every metric the evaluation reported (perplexity and task metrics of a
+            ``CausalLMModule`` with tasks), as logged; empty in cells of older versions.
     """
 
     order: str
@@ -47,10 +50,14 @@ class Cell:
     sparsity: float
     avg_bits: float
     seconds: float
+    eval_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        """The cell as a flat row (``keys`` joined by ``>``)."""
-        return asdict(self) | {"keys": ">".join(self.keys)}
+        """The cell as a flat row (``keys`` joined by ``>``, each of ``metrics`` a column)."""
+        row = {k: v for k, v in asdict(self).items() if k != "metrics"}
+        extra = {k: v for k, v in self.metrics.items() if k not in row}
+        return row | {"keys": ">".join(self.keys)} | extra
 
 
 def batch_bytes(batch: Any) -> bytes:

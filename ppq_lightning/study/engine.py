@@ -40,7 +40,7 @@ from ppq_lightning.errors import (
     check_folder,
     check_int,
 )
-from ppq_lightning.order.evaluation import evaluate_module
+from ppq_lightning.order.evaluation import evaluate_module, metric_direction
 from ppq_lightning.order.grammar import all_orders, check_stage_names, format_order, parse_order
 from ppq_lightning.order.interference import interference_ranking
 from ppq_lightning.order.metrics import (
@@ -168,8 +168,11 @@ class OrderStudy:
         self.predictor, self.top_k = predictor, top_k
         if metric is None:
             metric = getattr(module, "metric_name", "loss")
+        reported = getattr(module, "metric_names", None)
+        if callable(reported) and metric not in reported():
+            raise bad_value("metric", metric, f"one of {', '.join(sorted(reported()))}")
         if higher_is_better is None:
-            higher_is_better = bool(getattr(module, "higher_is_better", False))
+            higher_is_better = metric_direction(module, metric)
         self.module, self.datamodule = module, datamodule
         self.stages = {s.name: s for s in stages}
         self.curve, self.tail = list(curve), list(tail)
@@ -192,7 +195,9 @@ class OrderStudy:
         """The study's cells (keyed by the fingerprint of its model, data and metric)."""
         if self._cache is None:
             batches = [*self._evaluation_data(), *self._calibration_data()]
-            self._cache = CellCache(self.cells_dir, fingerprint(self.module, batches, self.metric))
+            signature = getattr(self.module, "evaluation_signature", None)
+            key = self.metric + (f"|{signature()}" if callable(signature) and signature() else "")
+            self._cache = CellCache(self.cells_dir, fingerprint(self.module, batches, key))
         return self._cache
 
     @property
@@ -228,6 +233,7 @@ class OrderStudy:
         start = time.perf_counter()
         check_invariants(model)
         results = evaluate_module(model, self._evaluation_data())
+        evaluated = time.perf_counter() - start
         if self.metric not in results:
             raise PPQConfigError(
                 f"metric={self.metric!r} is not among the evaluated metrics {sorted(results)}."
@@ -246,6 +252,8 @@ class OrderStudy:
             sparsity=summary.sparsity,
             avg_bits=summary.avg_bits,
             seconds=seconds + time.perf_counter() - start,
+            eval_seconds=evaluated,
+            metrics=results,
         )
         self.cache.put(cell)
         self.budget.evaluations += 1
@@ -254,7 +262,7 @@ class OrderStudy:
             prefix = f"study/{self.label}/{cell.order}"
             self.logger.log_metrics(
                 {
-                    f"{prefix}/{self.metric}": value,
+                    **{f"{prefix}/{k}": v for k, v in results.items()},
                     f"{prefix}/measured_C": cell.measured_C,
                     f"{prefix}/nominal_C": cell.nominal_C,
                 },

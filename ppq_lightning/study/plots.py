@@ -23,6 +23,7 @@ def save_figure(figure: Figure, path: Path, dpi: int = 120) -> Path:
 
 def plot_report(results: Sequence[StudyResult], folder: Path) -> list[Path]:
     """A against G, A against ``C*_P - C_Q`` (two-stage studies), and a heatmap of the metric
+    (log10 when it spans more than a factor 10, as perplexities do; bright is better)
     by order pattern (rows) and study (columns). Returns the files written."""
     written = []
     pairs = [r for r in results if "A" in r.pair]
@@ -59,12 +60,19 @@ def plot_report(results: Sequence[StudyResult], folder: Path) -> list[Path]:
                 grid[patterns.index(_pattern(r, o)), j] = cell.value
         fig = Figure(figsize=(max(4, 0.6 * len(results) + 2), 0.5 * len(patterns) + 2))
         ax = fig.subplots()
-        image = ax.imshow(torch.log10(grid).numpy(), aspect="auto", cmap="viridis_r")
+        seen = grid[~grid.isnan()]
+        logarithmic = bool((seen > 0).all() and seen.max() > 10 * seen.min())  # perplexities
+        shown = torch.log10(grid) if logarithmic else grid
+        cells = [c for r in results for c in r.orders.values()]
+        lower_is_better = any(c.value != 0 and -c.value == c.M for c in cells)  # M = -value
+        cmap = "viridis_r" if lower_is_better else "viridis"  # bright is good either way
+        image = ax.imshow(shown.numpy(), aspect="auto", cmap=cmap)
         ax.set_yticks(range(len(patterns)), patterns)
         ax.set_xticks(
             range(len(results)), [r.label for r in results], rotation=60, ha="right", fontsize=6
         )
-        fig.colorbar(image, ax=ax, label=f"log10 {results[0].metric}")
+        label = f"log10 {results[0].metric}" if logarithmic else results[0].metric
+        fig.colorbar(image, ax=ax, label=label)
         ax.set_title("metric by order (rows) and intensity (columns)")
         fig.tight_layout()
         written.append(save_figure(fig, folder / "heatmap.png"))

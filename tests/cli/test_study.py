@@ -21,6 +21,17 @@ def test_ppq_study_runs_a_config_and_writes_the_report(tmp_path):
     assert (tmp_path / "studies.md").exists() and (tmp_path / "heatmap.png").exists()
 
 
+def test_ppq_study_compares_orders_by_a_task_metric_from_the_yaml(tmp_path):
+    tasks = "{tasks: [pydoc_cloze], limit: 2, tokenizer: bytes}"
+    argv = ["study", "--config", CONFIG, "--model.init_args.tasks", tasks]
+    result = main([*argv, "--metric", "pydoc_cloze/acc", "--output_dir", str(tmp_path)])
+    assert result.metric == "pydoc_cloze/acc"
+    assert result.dense.value == result.dense.M  # accuracy: higher is better, as declared
+    assert "pydoc_cloze/acc" in (tmp_path / "studies.md").read_text()
+    with pytest.raises(PPQConfigError, match="metric='pydoc_cloze/f1' is not allowed"):
+        main([*argv, "--metric", "pydoc_cloze/f1", "--output_dir", str(tmp_path / "x")])
+
+
 def test_stage_overrides_change_arguments_and_methods():
     rest, overrides = split_overrides(
         ["--config", "x.yaml", "--P.sparsity=0.7", "--Q.bits", "3", "--data.seqlen", "8"]

@@ -3,16 +3,17 @@ fingerprint of what a cell's value depends on."""
 
 import copy
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from torch import nn
 
+from ppq_lightning.reports import write_json
 from ppq_lightning.study.cells import Cell, CellCache, batch_bytes, fingerprint
 
 
-def _cell(order="P>Q", keys=("prune-0", "quant-1"), value=12.5) -> Cell:
+def _cell(order="P>Q", keys=("prune-0", "quant-1"), value=12.5, metrics=None) -> Cell:
     return Cell(
         order=order,
         kind="order",
@@ -24,6 +25,7 @@ def _cell(order="P>Q", keys=("prune-0", "quant-1"), value=12.5) -> Cell:
         sparsity=0.5,
         avg_bits=4.0,
         seconds=1.25,
+        metrics=metrics or {},
     )
 
 
@@ -49,8 +51,21 @@ def test_cell_row_joins_the_keys():
         "sparsity": 0.5,
         "avg_bits": 4.0,
         "seconds": 1.25,
+        "eval_seconds": 0.0,
     }
     assert _cell(order="dense", keys=()).row()["keys"] == ""
+
+
+def test_cell_row_has_a_column_per_reported_metric_and_old_cells_still_load(tmp_path):
+    cell = _cell(metrics={"ppl": 12.5, "pydoc_cloze/acc": 0.25, "value": 1.0})
+    row = cell.row()
+    assert row["pydoc_cloze/acc"] == 0.25 and row["value"] == 12.5  # never shadows a field
+    assert "metrics" not in row
+    cache = CellCache(tmp_path, "abc")
+    old = {k: v for k, v in asdict(_cell()).items() if k not in ("metrics", "eval_seconds")}
+    write_json(cache.path(cell.keys), old)  # a cell written before metrics were kept
+    loaded, from_disk = cache.get(cell.keys)
+    assert from_disk and loaded.metrics == {} and loaded.eval_seconds == 0.0
 
 
 def test_cell_cache_put_then_get_from_memory(tmp_path):

@@ -120,9 +120,9 @@ def test_bad_studies_are_clear_errors(tmp_path, tiny_lm, tiny_data):
         OrderStudy(tiny_lm, tiny_data, [MagnitudePruning(sparsity=0.5, name="P50%")])
     with pytest.raises(PPQConfigError, match="non-empty list"):
         OrderStudy(tiny_lm, tiny_data, [])
-    study = OrderStudy(tiny_lm, tiny_data, _stages(), curve=[], metric="acc", output_dir=tmp_path)
-    with pytest.raises(PPQConfigError, match="metric='acc' is not among"):
-        study.run()
+    with pytest.raises(PPQConfigError, match=r"metric='acc' is not allowed: .* loss, ppl"):
+        OrderStudy(tiny_lm, tiny_data, _stages(), metric="acc", output_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # refused before any work
     (tmp_path / "file").write_text("")
     for argument in ("output_dir", "cells_dir"):
         with pytest.raises(PPQConfigError, match=f"{argument}='.*file/x'.*'.*file' is a file"):

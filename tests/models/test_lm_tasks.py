@@ -210,3 +210,23 @@ def test_a_custom_task_over_local_json_files(tmp_path, tiny_lm):
     tasks = TaskEvaluation(tasks=["my_cloze"], include_path=[str(tmp_path)], tokenizer="bytes")
     lm = CausalLMModule.from_model(tiny_lm.model, tasks=tasks)
     assert set(lm.task_metrics()) == {"my_cloze/acc"}
+
+
+def test_a_schedule_logs_the_task_metrics_of_every_stage(cloze_lm, tiny_data, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ppq_lightning.callbacks import CompressionSchedule
+    from tests.helpers import make_trainer
+
+    schedule = CompressionSchedule(
+        stages=[MagnitudePruning(name="P", sparsity=0.5), RTNQuantization(name="Q", bits=4)],
+        evaluate_each_stage=True,
+    )
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(tmp_path, [schedule], logger=logger).validate(cloze_lm, datamodule=tiny_data)
+    rows = schedule.rows()
+    assert all("pydoc_cloze/acc" in row for row in rows)
+    header = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert {"stage/0_dense/pydoc_cloze/acc", "stage/2_Q/pydoc_cloze/perplexity"} <= set(
+        header.split(",")
+    )

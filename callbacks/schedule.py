@@ -153,9 +153,11 @@ class CompressionSchedule(FiresOnce):
         if self._applied:
             return
         self._applied = True
-        self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
+        if not self.dense_evaluation:  # else measured in setup, before a training transform
+            self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
         if self.evaluate_each_stage:
-            self.dense_evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
+            if not self.dense_evaluation:
+                self.dense_evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
             log_metrics(
                 trainer, {f"stage/0_dense/{k}": v for k, v in self.dense_evaluation.items()}
             )
@@ -237,8 +239,17 @@ class CompressionSchedule(FiresOnce):
         check_trainer_stages(trainer.callbacks, pl_module)
         if not self._applied:  # every pending stage, before the first changes anything
             self.check_ahead(pl_module)
-        if self.training_stage is not None:
-            self.training_stage.setup(trainer, pl_module, stage)
+        training = self.training_stage
+        if training is not None:
+            if (
+                stage == TrainerFn.FITTING
+                and self.evaluate_each_stage
+                and not self._applied
+                and not training.already_applied(pl_module)
+            ):  # the training stage attaches its transform now: measure the dense model first
+                self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
+                self.dense_evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
+            training.setup(trainer, pl_module, stage)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

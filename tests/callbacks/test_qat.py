@@ -133,3 +133,17 @@ def test_not_a_stage_to_apply_at_once_nor_to_time():
         QuantizationAwareTraining(bits=4, at_step=3)
     with pytest.raises(PPQConfigError, match="belongs in `fit`"):
         QuantizationAwareTraining(bits=4).apply(CausalLMModule(model_config=TINY_LLAMA))
+
+
+def test_a_schedule_starting_with_a_training_stage_reports_the_dense_model(tmp_path, tiny_data):
+    model = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    dense = model.evaluate(tiny_data.val_dataloader())["ppl"]
+    schedule = CompressionSchedule(
+        [QuantizationAwareTraining(bits=2, name="Q")], evaluate_each_stage=True
+    )
+    trainer = make_trainer(tmp_path, [schedule], max_steps=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=tiny_data)
+    rows = schedule.rows()
+    # measured before QAT attached its 2-bit fake quantization at setup, not after
+    assert rows[0]["stage"] == "0_dense" and rows[0]["ppl"] == pytest.approx(dense, rel=1e-6)
+    assert rows[1]["ppl"] != pytest.approx(dense, rel=1e-3)

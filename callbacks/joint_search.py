@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.data import calibration_batches
+from ppq_lightning.calibration.capture import evaluating
+from ppq_lightning.calibration.data import batch_input, calibration_batches
+from ppq_lightning.calibration.engine import observing
+from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.accounting import SCALE_BITS
 from ppq_lightning.compressed.history import StageKind
@@ -16,7 +19,7 @@ from ppq_lightning.compressed.state import record_grid, record_stage
 from ppq_lightning.edits.channels import apply_channel_edits, mlp_inputs, plan_channel_edits
 from ppq_lightning.errors import PPQConfigError, bad_value, check_int, check_number
 from ppq_lightning.modules.tree import parent_of
-from ppq_lightning.modules.views import input_rows, set_weight_matrix, weight_matrix
+from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.allocation import best_move
 from ppq_lightning.ops.channels import channel_importance, keep_most_important
 from ppq_lightning.ops.quant_grid import check_bits, compute_grid
@@ -262,33 +265,15 @@ class JointStructuralMixedPrecision(CompressionCallback):
         downs: list[str],
         batches: list[Any],
     ) -> dict[str, Tensor]:
-        """``E[x_j^2] ||W_out[:, j]||^2`` of every MLP output projection, on the dense model."""
-        from ppq_lightning.calibration.capture import evaluating
-        from ppq_lightning.calibration.data import batch_input
-
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, int] = {}
-
-        def hook(name: str):
-            def observe(module: nn.Module, args: tuple) -> None:
-                rows = input_rows(module, args[0]).float()
-                sums[name] = sums.get(name, 0) + (rows**2).sum(0)
-                counts[name] = counts.get(name, 0) + rows.shape[0]
-
-            return observe
-
-        handles = [modules[d].register_forward_pre_hook(hook(d)) for d in downs]
-        try:
-            with torch.no_grad(), evaluating(model):
-                for batch in batches:
-                    model(batch_input(batch))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {
-            d: channel_importance(sums[d] / max(counts[d], 1), weight_matrix(modules[d]).float())
-            for d in downs
-        }
+        """``E[x_j^2] ||W_out[:, j]||^2`` of every MLP output projection, on the dense model
+        (``E[x_j^2]`` is the engine's ``act_norm`` statistic, as Wanda's)."""
+        statistics = LayerStatistics("act_norm")
+        projections = {d: modules[d] for d in downs}
+        with torch.no_grad(), evaluating(model), observing(projections, statistics.observe):
+            for batch in batches:
+                model(batch_input(batch))
+        means = statistics.take(downs)
+        return {d: channel_importance(means[d], weight_matrix(modules[d]).float()) for d in downs}
 
     def _apply(
         self,

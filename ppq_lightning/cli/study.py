@@ -225,7 +225,9 @@ def build_study(
     top_k: int = 1,
 ) -> OrderStudy:
     """The :class:`~ppq_lightning.study.OrderStudy` of :func:`run_study`, every argument
-    checked and nothing run yet (the arguments are those of :func:`run_study`).
+    checked and nothing run yet. The arguments are ``OrderStudy``'s, with ``curve_bits`` (bit
+    widths of the per-channel RTN quantization-only curve; None: 8, 6, 5, 4, 3, 2; ``[]``: no
+    curve) in place of ``curve``.
 
     Raises:
         PPQConfigError: on a bad argument (see :func:`check_curve_bits` and ``OrderStudy``).
@@ -264,45 +266,24 @@ def run_study(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
     stages: list[CompressionCallback],
-    search: str = "exhaustive",
-    order: str | None = None,
-    curve_bits: list[int] | None = None,
-    metric: str | None = None,
-    higher_is_better: bool | None = None,
     output_dir: str = "outputs/study",
-    cells_dir: str | None = None,
-    reuse_prefixes: bool = True,
-    label: str | None = None,
     logger: Any | None = None,
-    tail: list[CompressionCallback] | None = None,
-    predictor: str = "calibration_kl",
-    top_k: int = 1,
+    **options: Any,
 ) -> StudyResult:
     """Run one :class:`~ppq_lightning.study.OrderStudy` and write its report to ``output_dir``
-    (what ``ppq study`` calls); the outcome goes to ``logger``. ``curve_bits``: bit widths of
-    the per-channel RTN quantization-only curve (default 8, 6, 5, 4, 3, 2; ``[]`` skips it).
+    (what ``ppq study`` calls); the outcome goes to ``logger``.
+
+    Args:
+        module, datamodule, stages, output_dir, logger: as in :func:`build_study`.
+        **options: the other keyword arguments of :func:`build_study` (``search``, ``order``,
+            ``curve_bits`` — bit widths of the per-channel RTN quantization-only curve, default
+            8, 6, 5, 4, 3, 2, ``[]`` skips it — ``metric``, ``predictor``, ``top_k``, ...).
 
     Raises:
         PPQConfigError: on a bad argument, before any cell runs (see :func:`build_study`).
+        TypeError: on a keyword :func:`build_study` does not take.
     """
-    study = build_study(
-        module,
-        datamodule,
-        stages,
-        search=search,
-        order=order,
-        curve_bits=curve_bits,
-        metric=metric,
-        higher_is_better=higher_is_better,
-        output_dir=output_dir,
-        cells_dir=cells_dir,
-        reuse_prefixes=reuse_prefixes,
-        label=label,
-        logger=logger,
-        tail=tail,
-        predictor=predictor,
-        top_k=top_k,
-    )
+    study = build_study(module, datamodule, stages, output_dir=output_dir, logger=logger, **options)
     return finish_study(study, output_dir, logger)
 
 

@@ -29,8 +29,13 @@ import torch
 import ppq_lightning
 from ppq_lightning.calibration.data import batch_input
 from ppq_lightning.callbacks import GPTQ, RTNQuantization, SparseGPT
-from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate
-from ppq_lightning.reports import markdown_table, write_json, write_text_atomic
+from ppq_lightning.cli.experiments import (
+    command_line,
+    experiment_parser,
+    instantiate,
+    write_results_readme,
+)
+from ppq_lightning.reports import markdown_table, write_json
 
 
 def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
@@ -161,13 +166,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shutil.rmtree(folder)  # the table is the result, not 100 MB of weights
     windows_file.unlink()
     write_json(out / "export_sizes.json", {"rows": rows, "command": command_line(argv)})
-    write_text_atomic(
-        out / "README.md",
-        "# Export sizes and reloads (SmolLM2-135M)\n\nProduced by:\n\n    "
-        + command_line(argv)
-        + "\n\n"
-        + markdown_table(rows, list(rows[0]))
-        + "\n",
+    write_results_readme(
+        out,
+        "Export sizes and reloads (SmolLM2-135M)",
+        command_line(argv),
+        markdown_table(rows, list(rows[0])),
     )
     return rows
 

@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ppq_lightning.callbacks import ChannelPruning, JointStructuralMixedPrecision, RTNQuantization
-from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate
+from ppq_lightning.cli.experiments import (
+    command_line,
+    experiment_parser,
+    instantiate,
+    write_results_readme,
+)
 from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.order.evaluation import evaluate_module
-from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
+from ppq_lightning.reports import markdown_table, write_json, write_table
 
 
 def parser() -> Any:
@@ -111,13 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command_line(argv, "scripts/joint_vs_sequential.py"),
     }
     write_json(out / "summary.json", summary)
-    write_text_atomic(
-        out / "README.md",
-        "# Joint structural + mixed-precision search against sequential stages\n\n"
-        f"Produced by:\n\n    {summary['command']}\n\n"
-        + markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-        + f"\n\nThe joint search made {summary['joint_moves']} moves; wall time "
-        f"{summary['seconds']:.0f} s.\n",
+    write_results_readme(
+        out,
+        "Joint structural + mixed-precision search against sequential stages",
+        summary["command"],
+        markdown_table(rows),
+        f"The joint search made {summary['joint_moves']} moves; wall time "
+        f"{summary['seconds']:.0f} s.",
     )
     return summary
 

@@ -17,7 +17,13 @@ import json
 import time
 from pathlib import Path
 
-from ppq_lightning.cli.experiments import command_line, experiment_parser, instantiate, quantizer
+from ppq_lightning.cli.experiments import (
+    command_line,
+    experiment_parser,
+    instantiate,
+    quantizer,
+    write_results_readme,
+)
 from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
 from ppq_lightning.study.report import write_report
@@ -60,12 +66,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out / "mixed_precision_order.json",
         json.dumps({"orders": rows, "singles": singles, "pih_order": result.pih_order}, indent=2),
     )
-    write_text_atomic(
-        out / "README.md",
-        f"# Progressive vs regressive mixed precision\n\nProduced by:\n\n    {command_line()}\n\n"
+    write_results_readme(
+        out,
+        "Progressive vs regressive mixed precision",
+        command_line(),
         f"Wall time {time.perf_counter() - start:.0f} s. Dense {result.dense.value:.3f}; each "
         f"stage alone: {singles}. PIH order (weakest first): {result.pih_order}; best: "
-        f"{result.best_order}.\n\n{table}\n",
+        f"{result.best_order}.",
+        table,
     )
     print(table)
     return rows

@@ -39,6 +39,7 @@ from ppq_lightning.cli.experiments import (
     pruner,
     quantizer,
     recalibration,
+    write_results_readme,
 )
 from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
@@ -140,28 +141,22 @@ def write_readme(out: Path, summary: dict, results: list) -> None:
         }
         for r in results
     ]
-    text = [
-        f"# Order grid: {out.name}",
-        "",
-        "Produced by:",
-        "",
-        f"    {summary['command']}",
-        "",
+    write_results_readme(
+        out,
+        f"Order grid: {out.name}",
+        summary["command"],
         f"Wall time {summary['seconds']:.0f} s. PIH predicted the best order in "
         f"{summary['pih_correct']} of {summary['pairs']} pairs; "
-        f"P first won {summary['p_first_wins']}.",
+        f"P first won {summary['p_first_wins']}.\n"
         f"Search budget (schedule evaluations): exhaustive {summary['evaluations_exhaustive']}, "
         f"PIH-only {summary['evaluations_pih']}. Stage applications: "
         f"{summary['stage_applications_with_reuse']} with prefix reuse, "
         f"{summary['stage_applications_without_reuse']} without.",
-        "",
         markdown_table(rows, list(rows[0])) if rows else "",
-        "",
         f"M = {summary['metric']} (higher is better; -ppl for perplexity); "
-        "A = M(P>Q) - M(Q>P) (> 0: prune first wins); G = M(P) - M(Q);",
+        "A = M(P>Q) - M(Q>P) (> 0: prune first wins); G = M(P) - M(Q);\n"
         "C*_P: the RTN ratio at which quantization alone matches P (inf: worse than 2-bit RTN).",
-    ]
-    write_text_atomic(out / "README.md", "\n".join(text) + "\n")
+    )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,15 @@ from typing import Any
 from jsonargparse import ArgumentParser
 from order_grid import grid_parser, grid_points
 
-from ppq_lightning.cli.experiments import command_line, instantiate, recalibration
+from ppq_lightning.cli.experiments import (
+    command_line,
+    instantiate,
+    recalibration,
+    write_results_readme,
+)
 from ppq_lightning.order.interference import interference_rankings, reference_score
 from ppq_lightning.order.prediction import PREDICTORS
-from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
+from ppq_lightning.reports import markdown_table, write_json, write_table
 from ppq_lightning.study.plots import save_figure
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -196,13 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command_line(argv, "scripts/order_prediction.py"),
     }
     write_json(out / "summary.json", summary)
-    write_text_atomic(
-        out / "README.md",
-        "# Order prediction against exhaustive search\n\nProduced by:\n\n    "
-        + summary["command"]
-        + "\n\n"
-        + markdown_table(table, list(table[0]))
-        + "\n",
+    write_results_readme(
+        out,
+        "Order prediction against exhaustive search",
+        summary["command"],
+        markdown_table(table, list(table[0])),
     )
     return summary
 

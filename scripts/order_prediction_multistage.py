@@ -33,10 +33,11 @@ from ppq_lightning.cli.experiments import (
     pruner,
     quantizer,
     recalibration,
+    write_results_readme,
 )
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.order.prediction import PREDICTORS
-from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
+from ppq_lightning.reports import markdown_table, write_json, write_table
 from ppq_lightning.study.engine import OrderStudy
 
 DEFAULT_SCHEDULES = [
@@ -147,15 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command_line(argv, "scripts/order_prediction_multistage.py"),
     }
     write_json(out / "summary.json", summary)
-    write_text_atomic(
-        out / "README.md",
-        "# Order prediction for 3-4 stage schedules\n\nProduced by:\n\n    "
-        + summary["command"]
-        + "\n\n"
-        + markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-        + "\n\n"
-        + markdown_table(table, list(table[0]))
-        + "\n",
+    write_results_readme(
+        out,
+        "Order prediction for 3-4 stage schedules",
+        summary["command"],
+        markdown_table(rows),
+        markdown_table(table, list(table[0])),
     )
     return summary
 

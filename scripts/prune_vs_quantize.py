@@ -29,9 +29,10 @@ from ppq_lightning.cli.experiments import (
     pruner,
     quantizer,
     recalibration,
+    write_results_readme,
 )
 from ppq_lightning.order.metrics import compression_equivalence_ratio
-from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
+from ppq_lightning.reports import markdown_table, write_json, write_table
 from ppq_lightning.study.engine import OrderStudy
 from ppq_lightning.study.plots import save_figure
 
@@ -182,12 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"Here quantization alone (RTN) beats pruning alone at the pruning's own measured C in "
         f"{q_wins} of {len(pruning)} pruning points."
     )
-    write_text_atomic(
-        out / "README.md",
-        f"# Pruning vs quantization at equal C\n\nProduced by:\n\n    {summary['command']}\n\n"
-        f"Dense {metric}: {dense.value:.4g}. Wall time {summary['seconds']:.0f} s.\n\n"
-        + markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-        + f"\n\n![metric against measured C](prune_vs_quantize.png)\n\n{KUZMIN}\n\n{ours}\n",
+    write_results_readme(
+        out,
+        "Pruning vs quantization at equal C",
+        summary["command"],
+        f"Dense {metric}: {dense.value:.4g}. Wall time {summary['seconds']:.0f} s.",
+        markdown_table(rows),
+        "![metric against measured C](prune_vs_quantize.png)",
+        KUZMIN,
+        ours,
     )
     return summary
 

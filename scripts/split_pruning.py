@@ -21,6 +21,7 @@ from ppq_lightning.cli.experiments import (
     instantiate,
     pruner,
     quantizer,
+    write_results_readme,
 )
 from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
@@ -63,12 +64,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
     table = markdown_table(rows, list(rows[0]))
     write_text_atomic(out / "split_pruning.json", json.dumps(rows, indent=2))
-    write_text_atomic(
-        out / "README.md",
-        f"# Split pruning: P>Q, Q>P and P1>Q>P2 at equal total sparsity\n\nProduced by:\n\n"
-        f"    {command_line()}\n\nWall time {time.perf_counter() - start:.0f} s; values are the "
-        f"evaluation metric (perplexity: lower is better); C is the nominal compression rate.\n\n"
-        f"{table}\n",
+    write_results_readme(
+        out,
+        "Split pruning: P>Q, Q>P and P1>Q>P2 at equal total sparsity",
+        command_line(),
+        f"Wall time {time.perf_counter() - start:.0f} s; values are the evaluation metric "
+        "(perplexity: lower is better); C is the nominal compression rate.",
+        table,
     )
     print(table)
     return rows

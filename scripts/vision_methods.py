@@ -42,6 +42,7 @@ from ppq_lightning.cli.experiments import (
     experiment_parser,
     instantiate,
     recalibration,
+    write_results_readme,
 )
 from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.compressed.invariants import check_invariants
@@ -49,7 +50,7 @@ from ppq_lightning.errors import bad_value
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.order.evaluation import evaluate_module
-from ppq_lightning.reports import markdown_table, write_json, write_table, write_text_atomic
+from ppq_lightning.reports import markdown_table, write_json, write_table
 
 DEFAULT_METHODS = [
     "rtn4", "rtn3", "gptq4", "gptq3", "magnitude50", "magnitude2_4", "wanda50",
@@ -202,13 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
     columns.append("x_hessian_floor")
     columns.append("block_passes")
     columns += [c for c in ("kl", "acc5") if c in rows[0]]
-    text = [
-        f"# Methods on {report['model']}",
-        "",
-        "Produced by:",
-        "",
-        f"    {report['command']}",
-        "",
+    write_results_readme(
+        out,
+        f"Methods on {report['model']}",
+        report["command"],
         f"{report['calibration_images']} calibration images, {report['evaluation_images']} "
         f"evaluation images; floor (one forward pass of the model over the calibration set) "
         f"{floor:.2f} s, with every target's Hessian accumulated {hessian_floor:.2f} s (the "
@@ -218,10 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"calibration set made by the layer-wise engine ({report['blocks']} is one pass). 2:4 "
         "patterns skip "
         f"{len(not_dividing(widths, 4))} layers whose input size is not a multiple of 4.",
-        "",
         markdown_table(rows, columns),
-    ]
-    write_text_atomic(out / "README.md", "\n".join(text) + "\n")
+    )
     return report
 
 

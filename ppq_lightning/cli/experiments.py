@@ -24,6 +24,7 @@ from ppq_lightning.callbacks import (
     Wanda,
 )
 from ppq_lightning.errors import check_choice
+from ppq_lightning.reports import write_text_atomic
 
 DEFAULT_CONFIG = Path(__file__).parents[2] / "configs" / "experiments" / "smollm2.yaml"
 
@@ -112,3 +113,22 @@ def command_line(argv: list[str] | None = None, script: str | None = None) -> st
     process's own, or ``script`` with ``argv`` when a script's ``main(argv)`` is called."""
     words = sys.argv if argv is None else [script or sys.argv[0], *argv]
     return "python " + " ".join(shlex.quote(a) for a in words)
+
+
+def write_results_readme(folder: str | Path, title: str, command: str, *blocks: str) -> Path:
+    """Write an experiment's ``README.md``: the title, the command that produced it, then the
+    paragraphs and tables, one blank line apart.
+
+    Args:
+        folder: the report folder (created if needed).
+        title: the heading, without the ``#``.
+        command: the command line (:func:`command_line`), indented as a code block.
+        blocks: paragraphs and Markdown tables, in order; empty ones (e.g. the table of no rows)
+            are left out, trailing newlines dropped.
+
+    Returns:
+        The path of the written ``README.md``.
+    """
+    parts = [f"# {title}", "Produced by:", f"    {command}"]
+    parts += [block.rstrip("\n") for block in blocks if block.strip()]
+    return write_text_atomic(Path(folder) / "README.md", "\n\n".join(parts) + "\n")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ppq_lightning.cli.experiments import write_results_readme
+
 ROOT = Path(__file__).parents[2]
 TINY = ["--config", str(ROOT / "configs" / "experiments" / "tiny.yaml")]
 
@@ -76,3 +78,30 @@ def test_mixed_precision_order(tmp_path):
     # progressive ends at 8/4/2 bits; regressive is re-quantized to 8 bits everywhere
     assert by_order["Q2>Q4>Q8"]["avg_bits"] == 8
     assert by_order["Q8>Q4>Q2"]["avg_bits"] < 5
+
+
+def test_write_results_readme(tmp_path):
+    folder = tmp_path / "report"  # created by the writer
+    path = write_results_readme(
+        folder,
+        "Title",
+        "python scripts/x.py --a b",
+        "A paragraph.\nIts second line.",
+        "",
+        "| a |\n|---|",
+    )
+    assert path == folder / "README.md"
+    assert path.read_text() == (
+        "# Title\n"
+        "\n"
+        "Produced by:\n"
+        "\n"
+        "    python scripts/x.py --a b\n"
+        "\n"
+        "A paragraph.\n"
+        "Its second line.\n"
+        "\n"
+        "| a |\n"
+        "|---|\n"
+    )
+    assert [p.name for p in folder.iterdir()] == ["README.md"]  # no temporary file left

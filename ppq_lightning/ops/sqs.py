@@ -54,21 +54,27 @@ def sqs_grid(scale: Tensor, bits: int) -> QuantGrid:
 
 def window_codes(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     """The integer levels each weight's mixture covers: ``round(w/s) + {-1, 0, 1}`` clamped to
-    ``[-L, L]``, shape (rows, cols, 3), no gradient."""
+    ``[-L, L]``, shape (3, rows, cols), no gradient.
+
+    The window is the leading dimension: softmax, sums and maxima over three contiguous
+    planes are elementwise operations (over a trailing dimension of 3, torch's CPU kernels
+    are about ten times slower)."""
     levels = symmetric_levels(bits)
     centre = torch.round(w.detach() / scale).clamp(-levels, levels)
-    offsets = torch.tensor(WINDOW, device=w.device, dtype=centre.dtype)
-    return (centre.unsqueeze(-1) + offsets).clamp(-levels, levels)
+    offsets = torch.tensor(WINDOW, device=w.device, dtype=centre.dtype).view(-1, 1, 1)
+    return (centre.unsqueeze(0) + offsets).clamp(-levels, levels)
 
 
 def component_logits(
-    w: Tensor, scale: Tensor, codes: Tensor, log_phi: Tensor, sigma_ratio: float, bits: int
+    w: Tensor, scale: Tensor, codes: Tensor, log_phi: Tensor | None, sigma_ratio: float, bits: int
 ) -> Tensor:
-    """``log phi_k + log N(w; c_k, sigma^2)`` up to a constant, over the window, (rows, cols, 3)."""
-    sigma = sigma_ratio * scale.unsqueeze(-1)  # (rows, 1, 1)
-    centres = codes * scale.unsqueeze(-1)
-    index = (codes + symmetric_levels(bits)).long()
-    return log_phi[index] - (w.unsqueeze(-1) - centres) ** 2 / (2 * sigma**2)
+    """``log phi_k + log N(w; c_k, sigma^2)`` up to a constant, over the window, (3, rows, cols);
+    ``log_phi=None``: uniform mixture weights (the Gaussian term only)."""
+    sigma = sigma_ratio * scale  # (rows, 1)
+    gaussian = -((w - codes * scale) ** 2) / (2 * sigma**2)
+    if log_phi is None:
+        return gaussian
+    return log_phi[(codes + symmetric_levels(bits)).long()] + gaussian
 
 
 def soft_levels(
@@ -78,8 +84,8 @@ def soft_levels(
     ``w`` and ``log_phi``), (rows, cols)."""
     codes = window_codes(w, scale, bits)
     logits = component_logits(w, scale, codes, log_phi, sigma_ratio, bits)
-    weights = torch.softmax(logits / temperature, dim=-1)
-    return (weights * codes * scale.unsqueeze(-1)).sum(-1)
+    weights = torch.softmax(logits / temperature, dim=0)
+    return (weights * codes).sum(0) * scale
 
 
 def most_likely_codes(
@@ -88,7 +94,7 @@ def most_likely_codes(
     """The integer level (``-L..L``) of the most likely component of every weight."""
     codes = window_codes(w, scale, bits)
     logits = component_logits(w, scale, codes, log_phi, sigma_ratio, bits)
-    return codes.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+    return codes.gather(0, logits.argmax(0, keepdim=True)).squeeze(0)
 
 
 def relaxed_gate(logit: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -111,9 +117,8 @@ def slab_kl(w: Tensor, scale: Tensor, prior_sigma: float, sigma: float, bits: in
     nearest level in prior widths. Units: ``sigma`` and ``prior_sigma`` in grid steps."""
     levels = 2 * symmetric_levels(bits) + 1
     codes = window_codes(w, scale, bits)
-    flat = torch.zeros(levels, device=w.device)
-    logits = component_logits(w, scale, codes, flat, prior_sigma, bits)  # -(w-c)^2 / 2s0^2
-    return -torch.logsumexp(logits, dim=-1) + math.log(levels) + math.log(prior_sigma / sigma) - 0.5
+    logits = component_logits(w, scale, codes, None, prior_sigma, bits)  # -(w-c)^2 / 2s0^2
+    return -torch.logsumexp(logits, dim=0) + math.log(levels) + math.log(prior_sigma / sigma) - 0.5
 
 
 class SQSPosterior(nn.Module):

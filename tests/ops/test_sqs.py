@@ -22,7 +22,7 @@ def _w():
 def test_window_covers_the_three_nearest_levels_inside_the_grid():
     w, scale = torch.tensor([[0.0, 0.26, 1.0]]), torch.tensor([[0.25]])
     codes = window_codes(w, scale, bits=3)  # levels -3..3
-    assert codes.tolist() == [[[-1, 0, 1], [0, 1, 2], [2, 3, 3]]]
+    assert codes.permute(1, 2, 0).tolist() == [[[-1, 0, 1], [0, 1, 2], [2, 3, 3]]]
 
 
 def test_soft_levels_sharpen_to_the_most_likely_level_as_the_temperature_falls():

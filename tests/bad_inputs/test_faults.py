@@ -15,7 +15,14 @@ import yaml
 
 ROOT = Path(__file__).parents[2]
 PPQ = [sys.executable, "-m", "ppq_lightning.cli.main"]
-VARYING = {"seconds", "cached", "evaluations", "applications", "applications_without_reuse"}
+VARYING = {
+    "seconds",
+    "eval_seconds",
+    "cached",
+    "evaluations",
+    "applications",
+    "applications_without_reuse",
+}
 KILLS, WINDOW = 2, (3.0, 12.0)  # two kills per test, each 3-12 s after its start
 
 

@@ -37,7 +37,8 @@ def test_bad_value_in_yaml_is_reported(tmp_path, capsys):
 
 def test_order_flag_reorders_the_schedule_in_fit(tmp_path):
     config = CONFIG.parent / "lora_orders.yaml"
-    main(["fit", "--config", str(config), "--order", "Q>L>P", "--report_dir", str(tmp_path)])
+    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path)]  # nothing under outputs/
+    main(["fit", "--config", str(config), "--order", "Q>L>P", "--report_dir", str(tmp_path), *logs])
     report = json.loads((tmp_path / "schedule.json").read_text())
     assert report["order"] == "Q>L>P"
     assert [row["stage"] for row in report["stages"]] == ["0_dense", "1_Q", "2_L", "3_P"]

@@ -169,8 +169,9 @@ class OrderStudy:
         if metric is None:
             metric = getattr(module, "metric_name", "loss")
         reported = getattr(module, "metric_names", None)
-        if callable(reported) and metric not in reported():
-            raise bad_value("metric", metric, f"one of {', '.join(sorted(reported()))}")
+        names_reported = reported() if callable(reported) else None
+        if names_reported is not None and metric not in names_reported:
+            raise bad_value("metric", metric, f"one of {', '.join(sorted(names_reported))}")
         if higher_is_better is None:
             higher_is_better = metric_direction(module, metric)
         self.module, self.datamodule = module, datamodule
@@ -196,7 +197,8 @@ class OrderStudy:
         if self._cache is None:
             batches = [*self._evaluation_data(), *self._calibration_data()]
             signature = getattr(self.module, "evaluation_signature", None)
-            key = self.metric + (f"|{signature()}" if callable(signature) and signature() else "")
+            settings = signature() if callable(signature) else ""
+            key = self.metric + (f"|{settings}" if settings else "")
             self._cache = CellCache(self.cells_dir, fingerprint(self.module, batches, key))
         return self._cache
 

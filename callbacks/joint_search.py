@@ -16,53 +16,66 @@ from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.accounting import SCALE_BITS
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
+from ppq_lightning.edits.channel_units import ChannelUnit, depgraph_units, mlp_units
 from ppq_lightning.edits.channels import apply_channel_edits, mlp_inputs, plan_channel_edits
-from ppq_lightning.errors import PPQConfigError, bad_value, check_int, check_number
+from ppq_lightning.edits.depgraph import attention_heads, prune_chosen_channels
+from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.allocation import best_move
-from ppq_lightning.ops.channels import channel_importance, keep_most_important
+from ppq_lightning.ops.channels import channel_importance
 from ppq_lightning.ops.quant_grid import check_bits, compute_grid
 from ppq_lightning.ops.reconstruction import relative_weight_error
 from ppq_lightning.order.interference import reference_score
 
+CHANNELS = ("auto", "mlp", "depgraph")
+
 
 class JointStructuralMixedPrecision(CompressionCallback):
-    """Choose every layer's bit width and every MLP's kept share of channels in one search,
+    """Choose every layer's bit width and every channel unit's kept share in one search,
     against one budget of measured C, scored on the whole model's output.
 
-    Units: the bit width of every target layer (``bits``, mildest first) and the kept share of
-    the intermediate channels of every MLP among the targets (``keep``, starting at 1.0;
-    channels ranked by ``E[x_j^2] ||W_out[:, j]||^2`` on the dense calibration inputs). The
-    search starts with every layer at ``bits[0]`` and every MLP whole, and moves one unit one
+    Units: the bit width of every target layer (``bits``, mildest first) and the kept share
+    (``keep``, starting at 1.0) of every channel unit (``edits.channel_units``): with
+    ``channels="mlp"`` the intermediate channels of every transformer MLP among the targets
+    (ranked by ``E[x_j^2] ||W_out[:, j]||^2`` on the dense calibration inputs); with
+    ``channels="depgraph"`` every coupled channel group of a CNN from Torch-Pruning's dependency
+    graph (a convolution's output channels with their BatchNorm channels, the readers' input
+    channels and, through residual additions, the coupled layers; ranked by the group's L2
+    norm, as ``DepGraphPruning``; the model's ``default_ignore`` layers keep their output
+    channels); ``"auto"`` takes MLPs when the targets have any, else coupled groups. The
+    search starts with every layer at ``bits[0]`` and every unit whole, and moves one unit one
     level at a time, the move that adds the least loss per bit of storage saved (a greedy
     multiple-choice knapsack), until the estimated measured C reaches ``budget``. The loss of
     a move is *measured*: the KL divergence of the model's outputs from the dense model's on
     ``score_batches`` calibration batches, with the move applied on top of the moves already
     made (global error propagation, not a per-layer proxy). Candidates are emulated in place
-    (fake-quantized weights, zeroed channel columns: the same function as the edited model)
-    and undone; after a move the moved unit is re-measured, and every ``rescore_every`` moves
-    all of them are. The chosen configuration is then applied for real: the channels are
-    removed (``ChannelPruning``'s recorded edits: a checkpoint replays them on load) and each
-    layer is rounded to its bits on a per-channel asymmetric grid (recorded), with the stage,
-    its bits and kept share in each layer's history. Per-layer metrics: ``bits``, ``keep``,
+    (fake-quantized weights, the readers' columns of removed channels zeroed: the same
+    function as the edited model) and undone; after a move the moved unit is re-measured, and
+    every ``rescore_every`` moves all of them are. The chosen configuration is then applied for
+    real: the channels are removed (recorded edits, as ``ChannelPruning`` and
+    ``DepGraphPruning`` record them: a checkpoint replays them on load) and each layer is
+    rounded to its bits on a per-channel asymmetric grid (recorded), with the stage, its bits
+    and kept share of weights in each layer's history. Per-layer metrics: ``bits``, ``keep``,
     ``weight_error``; the stage's summary has the measured C.
 
     Args:
         budget: the measured compression rate to reach, > 1.
         bits: the bit widths a layer may take, each 2-8, mildest (largest) first.
-        keep: the kept shares of MLP channels, in (0, 1], starting at 1.0 (``[1.0]``: bits
-            only).
+        keep: the kept shares of each channel unit, in (0, 1], starting at 1.0 (``[1.0]``:
+            bits only).
         num_calibration_batches: calibration batches for the channel statistics.
         score_batches: calibration batches the loss of a move is measured on.
         rescore_every: moves between two measurements of every unit.
+        channels: which channel units: ``"auto"``, ``"mlp"`` or ``"depgraph"``.
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
         PPQConfigError: ``budget`` not > 1; a bit width outside 2-8, unsorted or repeated;
-            ``keep`` not starting at 1.0, unsorted or outside (0, 1]; bad batch counts; at run
-            time (before any weight changes) a budget that even the strongest levels miss
-            (named with the largest reachable C), or ``keep`` below 1 without an MLP layout.
+            ``keep`` not starting at 1.0, unsorted or outside (0, 1]; bad batch counts or
+            ``channels``; at run time (before any weight changes) a budget that even the
+            strongest levels miss (named with the largest reachable C), or ``keep`` below 1
+            without a channel unit (``channels="mlp"`` without an MLP layout).
 
     Example (YAML)::
 
@@ -84,6 +97,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
         num_calibration_batches: int = 16,
         score_batches: int = 4,
         rescore_every: int = 16,
+        channels: str = "auto",
         **kwargs: Any,
     ) -> None:
         check_number("budget", budget, low=1, low_open=True)
@@ -104,10 +118,11 @@ class JointStructuralMixedPrecision(CompressionCallback):
         check_int("num_calibration_batches", num_calibration_batches, minimum=1)
         check_int("score_batches", score_batches, minimum=1)
         check_int("rescore_every", rescore_every, minimum=1)
+        check_choice("channels", channels, CHANNELS)
         super().__init__(**kwargs)
         self.budget, self.bits, self.keep = float(budget), list(bits), [float(k) for k in keep]
         self.num_calibration_batches, self.score_batches = num_calibration_batches, score_batches
-        self.rescore_every = rescore_every
+        self.rescore_every, self.channels = rescore_every, channels
         self.search_log: list[dict[str, float]] = []
 
     def stage_config(self) -> dict[str, Any]:
@@ -117,38 +132,43 @@ class JointStructuralMixedPrecision(CompressionCallback):
             "keep": self.keep,
             "score_batches": self.score_batches,
             "rescore_every": self.rescore_every,
+            "channels": self.channels,
         }
 
     # -- storage of a configuration -----------------------------------------------------------
+    def _removed_counts(self, levels: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """Matrix rows and columns each layer loses at ``levels``."""
+        counts: dict[str, tuple[int, int]] = {}
+        for unit in self._units:
+            for layer, (rows, cols) in unit.layers[levels[unit.name]].items():
+                r, c = counts.get(layer, (0, 0))
+                counts[layer] = (r + rows.numel(), c + cols.numel())
+        return counts
+
     def _storage(self, shapes: dict[str, tuple[int, int]], levels: dict[str, int]) -> float:
         """Estimated bits of the target layers: values plus an fp16 scale and a ``b``-bit zero
         per row (as ``compressed.accounting`` counts them), removed channels at 0 bits."""
-        total = 0.0
+        removed, total = self._removed_counts(levels), 0.0
         for name, (rows, cols) in shapes.items():
             b = self.bits[levels[name]]
-            rows, cols = rows * self._row_share(name, levels), cols * self._col_share(name, levels)
+            lost_rows, lost_cols = removed.get(name, (0, 0))
+            rows, cols = rows - lost_rows, cols - lost_cols
             total += rows * cols * b + rows * (SCALE_BITS + b)
         return total
-
-    def _row_share(self, name: str, levels: dict[str, int]) -> float:
-        down = self._producer_of.get(name)
-        return 1.0 if down is None else self.keep[levels[f"keep:{down}"]]
-
-    def _col_share(self, name: str, levels: dict[str, int]) -> float:
-        return self.keep[levels[f"keep:{name}"]] if f"keep:{name}" in levels else 1.0
 
     # -- the search ---------------------------------------------------------------------------
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
+        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        if not batches:
+            raise PPQConfigError(f"{self.name}: no calibration batches to score the search on.")
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in modules.items()}
-        downs = self._mlp_outputs(model, modules) if len(self.keep) > 1 else {}
-        levels = {n: 0 for n in modules} | {f"keep:{d}": 0 for d in downs}
-        last = {n: len(self.bits) - 1 for n in modules} | {
-            f"keep:{d}": len(self.keep) - 1 for d in downs
-        }
-        self._producer_of = {p: d for d in downs for p in self._producers(model, d)}
+        self._units, self._graph = self._channel_units(model, modules, batches)
+        units = {u.name: u for u in self._units}
+        levels = {n: 0 for n in modules} | {u: 0 for u in units}
+        last = {n: len(self.bits) - 1 for n in modules} | {u: len(self.keep) - 1 for u in units}
         original = sum(r * c for r, c in shapes.values()) * self.b_orig
         strongest = original / self._storage(shapes, last)
         if strongest < self.budget:
@@ -158,37 +178,53 @@ class JointStructuralMixedPrecision(CompressionCallback):
                 f"a measured C these levels can reach (at most about {strongest:.2f} with "
                 f"bits={self.bits[-1]} everywhere and keep={self.keep[-1]})",
             )
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
-        if not batches:
-            raise PPQConfigError(f"{self.name}: no calibration batches to score the search on.")
-        scores = self._channel_scores(model, modules, downs, batches)
         score = reference_score(model, batches[: self.score_batches], "calibration_kl")
-        weights = {n: weight_matrix(m).detach().clone() for n, m in modules.items()}
+        # every layer a search writes: the targets and the consumers of channel units
+        layers = dict(modules) | {
+            n: model.get_submodule(n)
+            for u in self._units
+            for removal in u.layers
+            for n, (_, cols) in removal.items()
+            if cols.numel()
+        }
+        weights = {n: weight_matrix(m).detach().clone() for n, m in layers.items()}
+        readers = {  # the units that remove columns of each layer
+            n: [u for u in self._units if any(n in r and r[n][1].numel() for r in u.layers)]
+            for n in layers
+        }
 
         def emulate(name: str) -> None:
-            """Write layer ``name`` as the current levels make it (fake-quantized, columns of
-            removed channels zeroed)."""
+            """Write layer ``name`` as the current levels make it: removed columns zeroed, the
+            rest fake-quantized on the grid of the kept columns (targets only)."""
             w = weights[name]
-            kept = self._kept_columns(name, levels, scores)
-            q = torch.zeros_like(w)
+            removed = [u.layers[levels[u.name]].get(name) for u in readers[name]]
+            removed = [r[1] for r in removed if r is not None and r[1].numel()]
+            kept = None
+            if removed:
+                mask = torch.ones(w.shape[1], dtype=torch.bool)
+                mask[torch.cat(removed)] = False
+                kept = mask.nonzero().flatten().to(w.device)
             columns = w if kept is None else w[:, kept]
-            grid = compute_grid(columns.float(), self.bits[levels[name]])
-            quantized = grid.fake_quantize(columns.float()).to(w.dtype)
-            if kept is None:
-                q = quantized
-            else:
-                q[:, kept] = quantized
-            set_weight_matrix(modules[name], q)
+            if name in modules:
+                grid = compute_grid(columns.float(), self.bits[levels[name]])
+                columns = grid.fake_quantize(columns.float()).to(w.dtype)
+            q = columns if kept is None else torch.zeros_like(w).index_copy_(1, kept, columns)
+            set_weight_matrix(layers[name], q)
 
-        def layer_of(unit: str) -> str:
-            return unit.removeprefix("keep:")
+        def written_by(unit: str) -> list[str]:
+            if unit not in units:
+                return [unit]
+            return [n for n in layers if units[unit] in readers[n]]
+
+        def move(unit: str, step: int) -> None:
+            levels[unit] += step
+            for name in written_by(unit):
+                emulate(name)
 
         def loss_after(unit: str) -> float:
-            levels[unit] += 1
-            emulate(layer_of(unit))
+            move(unit, 1)
             loss = score(model)
-            levels[unit] -= 1
-            emulate(layer_of(unit))
+            move(unit, -1)
             return loss
 
         def saved_bits(unit: str) -> float:
@@ -198,7 +234,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
             levels[unit] -= 1
             return before - after
 
-        for name in modules:
+        for name in layers:
             emulate(name)
         current = score(model)
         deltas: dict[str, float] = {}
@@ -209,8 +245,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
             unit = best_move(levels, last, deltas, saved_bits)
             if unit is None:  # cannot happen below the strongest levels; kept as a guard
                 raise PPQConfigError(f"{self.name}: no move reaches budget={self.budget}.")
-            levels[unit] += 1
-            emulate(layer_of(unit))
+            move(unit, 1)
             current = score(model)
             moves += 1
             if levels[unit] < last[unit]:
@@ -220,43 +255,84 @@ class JointStructuralMixedPrecision(CompressionCallback):
             self.search_log.append(
                 {"move": moves, "kl": current, "C": original / self._storage(shapes, levels)}
             )
-        for name, module in modules.items():  # back to the dense weights, then edit for real
+        for name, module in layers.items():  # back to the dense weights, then edit for real
             set_weight_matrix(module, weights[name])
-        layers = self._apply(model, modules, downs, levels, scores, weights)
+        kept_share = self._kept_shares(shapes, levels)
+        result = self._apply(model, modules, levels, kept_share)
         self.search_seconds = time.perf_counter() - start
-        return layers
+        return result
 
     # -- pieces ---------------------------------------------------------------------------
+    def _channel_units(
+        self, model: nn.Module, modules: dict[str, nn.Module], batches: list[Any]
+    ) -> tuple[list[ChannelUnit], Any]:
+        """The channel units of the search (none when ``keep`` is ``[1.0]``) and, for coupled
+        groups, the dependency graph they come from."""
+        if len(self.keep) == 1:
+            return [], None
+        downs = self._mlp_outputs(model, modules)
+        kind = self.channels
+        if kind == "auto":
+            kind = (
+                "mlp"
+                if downs or self._mlp_outputs(model, dict(model.named_modules()))
+                else ("depgraph")
+            )
+        if kind == "mlp":
+            if not downs:
+                raise PPQConfigError(
+                    "JointStructuralMixedPrecision: keep below 1.0 needs MLPs (gate/up/down, "
+                    "fc1/fc2, c_fc/c_proj) among the targets; give keep=[1.0] for bits only, "
+                    "or channels='depgraph' for a CNN."
+                )
+            self._unit_scores = self._channel_scores(model, modules, downs, batches)
+            return mlp_units(model, downs, self._unit_scores, self.keep), None
+        example = batch_input(batches[0])[:1].to(next(model.parameters()).device)
+        protected = set(getattr(model, "default_ignore", None) or ())
+        ignored = [m for n, m in model.named_modules() if n in protected]
+        with evaluating(model):
+            units, graph = depgraph_units(
+                model, example, ignored, self.keep, set(attention_heads(model))
+            )
+        units = [  # groups whose producers are all targets
+            u
+            for u in units
+            if all(n in modules for n, (rows, _) in u.layers[-1].items() if rows.numel())
+        ]
+        if not units:
+            raise PPQConfigError(
+                "JointStructuralMixedPrecision: keep below 1.0 found no channel group to prune "
+                "among the targets (a coupled group of convolutions, linear layers and "
+                "BatchNorms whose producing layers are all targets); give keep=[1.0] for bits "
+                "only."
+            )
+        self._example = example
+        return units, graph
+
     @staticmethod
     def _mlp_outputs(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
         """The MLP output projections among the targets whose producers are targets too."""
         downs = []
         for name in modules:
+            if not name:
+                continue
             parent, attribute = parent_of(model, name)
             inputs = mlp_inputs(parent, attribute)
             prefix = name.rpartition(".")[0]
             if inputs and all(f"{prefix}.{i}" in modules for i in inputs):
                 downs.append(name)
-        if not downs:
-            raise PPQConfigError(
-                "JointStructuralMixedPrecision: keep below 1.0 needs MLPs (gate/up/down, "
-                "fc1/fc2, c_fc/c_proj) among the targets; give keep=[1.0] for bits only."
-            )
         return downs
 
-    @staticmethod
-    def _producers(model: nn.Module, down: str) -> list[str]:
-        parent, attribute = parent_of(model, down)
-        prefix = down.rpartition(".")[0]
-        return [f"{prefix}.{i}" for i in mlp_inputs(parent, attribute)]
-
-    def _kept_columns(
-        self, name: str, levels: dict[str, int], scores: dict[str, Tensor]
-    ) -> Tensor | None:
-        unit = f"keep:{name}"
-        if unit not in levels or levels[unit] == 0:
-            return None
-        return keep_most_important(scores[name], 1 - self.keep[levels[unit]])
+    def _kept_shares(
+        self, shapes: dict[str, tuple[int, int]], levels: dict[str, int]
+    ) -> dict[str, float]:
+        """The kept share of each target layer's weights at ``levels``."""
+        removed = self._removed_counts(levels)
+        shares = {}
+        for name, (rows, cols) in shapes.items():
+            lost_rows, lost_cols = removed.get(name, (0, 0))
+            shares[name] = (rows - lost_rows) * (cols - lost_cols) / (rows * cols)
+        return shares
 
     def _channel_scores(
         self,
@@ -279,17 +355,26 @@ class JointStructuralMixedPrecision(CompressionCallback):
         self,
         model: nn.Module,
         modules: dict[str, nn.Module],
-        downs: list[str],
         levels: dict[str, int],
-        scores: dict[str, Tensor],
-        weights: dict[str, Tensor],
+        kept_share: dict[str, float],
     ) -> dict[str, dict[str, float]]:
         entry = self.history_entry()
-        for down in downs:
-            share = self.keep[levels[f"keep:{down}"]]
-            if share < 1.0:
+        chosen = [u for u in self._units if levels[u.name] > 0]
+        if self._graph is not None:
+            prune_chosen_channels(
+                model,
+                self._example,
+                self._graph,
+                [(*u.root, u.removed[levels[u.name]].tolist()) for u in chosen],
+                entry,
+            )
+        for unit in chosen:  # MLP units
+            if unit.root is None:
+                down = unit.name.removeprefix("keep:")
                 parent, attribute = parent_of(model, down)
-                edits = plan_channel_edits(parent, attribute, scores[down], 1 - share)
+                share = self.keep[levels[unit.name]]
+                scores = self._unit_scores[down]
+                edits = plan_channel_edits(parent, attribute, scores, 1 - share)
                 apply_channel_edits(parent, edits, entry)
         layers = {}
         for name, module in modules.items():
@@ -300,7 +385,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
             error = relative_weight_error(w, q)
             set_weight_matrix(module, q)
             record_grid(module, grid)
-            share = self._col_share(name, levels) * self._row_share(name, levels)
+            share = kept_share[name]
             record_stage(module, {**entry, "layer_bits": bits, "layer_keep": share})
             layers[name] = {"bits": float(bits), "keep": share, "weight_error": error}
         return layers

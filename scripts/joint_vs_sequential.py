@@ -7,6 +7,8 @@ starts from the dense model and is evaluated on the evaluation data; seconds are
 only. Output in ``--output``: ``variants.{csv,md}``, ``summary.json``, ``README.md``.
 
     python scripts/joint_vs_sequential.py --output docs/results/joint_vs_sequential_smollm2
+    python scripts/joint_vs_sequential.py --config configs/experiments/fashion_mnist.yaml \\
+        --channels depgraph --output docs/results/joint_vs_sequential_fashion_mnist
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ppq_lightning.callbacks import ChannelPruning, JointStructuralMixedPrecision, RTNQuantization
+from ppq_lightning.callbacks import (
+    ChannelPruning,
+    DepGraphPruning,
+    JointStructuralMixedPrecision,
+    RTNQuantization,
+)
 from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
@@ -24,13 +31,20 @@ from ppq_lightning.cli.experiments import (
     write_results_readme,
 )
 from ppq_lightning.compressed.accounting import compression_summary
+from ppq_lightning.errors import bad_value
 from ppq_lightning.order.evaluation import evaluate_module
 from ppq_lightning.reports import markdown_table, write_json, write_table
 
 
 def parser() -> Any:
     p = experiment_parser(__doc__)
-    p.add_argument("--ratio", type=float, default=0.25, help="channels removed per MLP (P)")
+    p.add_argument("--ratio", type=float, default=0.25, help="channels removed per unit (P)")
+    p.add_argument(
+        "--channels",
+        type=str,
+        default="mlp",
+        help="mlp (ChannelPruning of transformer MLPs) | depgraph (DepGraphPruning of a CNN)",
+    )
     p.add_argument("--bits", type=int, default=4, help="bits of the uniform RTN (Q)")
     p.add_argument("--promote", type=dict, default={"bits": 8, "fraction": 0.1})
     p.add_argument("--promote_base_bits", type=int, default=3)
@@ -63,7 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = args.data.val_dataloader()
     common = {"b_orig": b_orig, "log_layers": False}
 
-    def p() -> ChannelPruning:
+    if args.channels not in ("mlp", "depgraph"):
+        raise bad_value("channels", args.channels, "'mlp' or 'depgraph'")
+
+    def p() -> ChannelPruning | DepGraphPruning:
+        if args.channels == "depgraph":
+            return DepGraphPruning(ratio=args.ratio, name="P", **common)
         return ChannelPruning(ratio=args.ratio, num_calibration_batches=n, name="P", **common)
 
     def q() -> RTNQuantization:
@@ -99,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_calibration_batches=n,
         score_batches=args.score_batches,
         rescore_every=args.rescore_every,
+        channels=args.channels,
         name="joint",
         **common,
     )

@@ -31,7 +31,7 @@ from ppq_lightning.modules.views import is_compressible, weight_matrix
 DEPGRAPH_PRUNING = "depgraph_channels"
 
 
-def _heads(model: nn.Module) -> dict[nn.Module, int]:
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """The fused ``qkv`` projections of timm attention modules and their head counts."""
     return {
         m.qkv: m.num_heads
@@ -128,14 +128,9 @@ def _prune_channels(
 ) -> dict[str, float]:
     import torch_pruning as tp
 
-    heads = _heads(model) if prune_heads else {}
+    heads = attention_heads(model) if prune_heads else {}
     counted = set(counted_layers(model))  # removed weights count only where C counts them
-    before = _counted_weights(model, counted)
-    shapes = {  # layers with a recorded state: their matrix shape and kernel size
-        m: (tuple(weight_matrix(m).shape), _kernel(m))
-        for m in model.modules()
-        if is_compressible(m) and get_state(m) is not None
-    }
+    shapes = _recorded_shapes(model)
     pruner = tp.pruner.MetaPruner(
         model,
         example,
@@ -148,8 +143,29 @@ def _prune_channels(
         head_pruning_ratio=ratio if heads else 0.0,
         round_to=round_to,
     )
-    out_channel_fn = pruner.DG.is_out_channel_pruning_fn
     groups = list(pruner.step(interactive=True))
+    removed = _prune_groups(model, pruner.DG, groups, counted, shapes)
+    head_counts = _set_heads(model, pruner) if heads else {}
+    _record(model, example, pruner.DG, entry, head_counts, removed)
+    return {"removed_weights": float(removed), "groups": float(len(groups))}
+
+
+def _recorded_shapes(model: nn.Module) -> dict[nn.Module, tuple]:
+    """Layers with a recorded state: their matrix shape and kernel size."""
+    return {
+        m: (tuple(weight_matrix(m).shape), _kernel(m))
+        for m in model.modules()
+        if is_compressible(m) and get_state(m) is not None
+    }
+
+
+def _prune_groups(
+    model: nn.Module, graph: Any, groups: list, counted: set[str], shapes: dict
+) -> int:
+    """Prune ``groups`` (every check first), slice the recorded states of the shrunk layers,
+    and return the counted weights removed."""
+    before = _counted_weights(model, counted)
+    out_channel_fn = graph.is_out_channel_pruning_fn
     for group in groups:  # every check before anything changes
         for item in group:
             module = item.dep.target.module
@@ -165,19 +181,56 @@ def _prune_channels(
         for module, out_channel, pruned in recorded:
             _slice_recorded(module, out_channel, pruned, shapes[module])
             shapes[module] = (tuple(weight_matrix(module).shape), _kernel(module))
-    head_counts = _set_heads(model, pruner) if heads else {}
-    removed = before - _counted_weights(model, counted)
+    return before - _counted_weights(model, counted)
+
+
+def _record(
+    model: nn.Module,
+    example: Tensor,
+    graph: Any,
+    entry: HistoryEntry,
+    head_counts: dict[str, int],
+    removed: int,
+) -> None:
     record_stage(
         model,
         {
             **entry,
             "edit": DEPGRAPH_PRUNING,
             "input_shape": [1, *example.shape[1:]],
-            "pruning_history": pruner.DG.pruning_history(),
+            "pruning_history": graph.pruning_history(),
             "num_heads": head_counts,
             "removed_weights": removed,
         },
     )
+
+
+def prune_chosen_channels(
+    model: nn.Module,
+    example: Tensor,
+    graph: Any,
+    chosen: list[tuple[nn.Module, Any, list[int]]],
+    entry: HistoryEntry,
+) -> dict[str, float]:
+    """Remove chosen channels of coupled groups and record the edit on ``model`` (as
+    :func:`prune_channels` does), e.g. the groups a search picked from
+    ``edits.channel_units.depgraph_units``.
+
+    Args:
+        model: the model ``graph`` was traced on.
+        example: the input it was traced on.
+        graph: Torch-Pruning's ``DependencyGraph`` of ``model``.
+        chosen: ``(root module, root pruning function, channels to remove)`` per group.
+        entry: the stage's history entry.
+
+    Raises:
+        PPQConfigError: when a layer quantized with input groups would lose input channels
+            (nothing is changed then).
+    """
+    counted = set(counted_layers(model))
+    groups = [graph.get_pruning_group(m, fn, idxs) for m, fn, idxs in chosen if idxs]
+    removed = _prune_groups(model, graph, groups, counted, _recorded_shapes(model))
+    _record(model, example, graph, entry, {}, removed)
     return {"removed_weights": float(removed), "groups": float(len(groups))}
 
 

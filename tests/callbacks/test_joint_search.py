@@ -124,3 +124,66 @@ def test_the_search_is_a_stage_of_an_order_study(tmp_path, tiny_lm, tiny_data):
     result = OrderStudy(tiny_lm, tiny_data, stages, output_dir=tmp_path).run()
     assert set(result.orders) == {"J>Q", "Q>J"}
     assert all(cell.measured_C >= 3.0 for cell in result.orders.values())
+
+
+# -- CNNs: coupled channel groups from Torch-Pruning's dependency graph ------------------------
+TINY_RESNET = {"channels": (16, 32, 64, 128), "stem_width": 16}
+
+
+def _resnet():
+    from ppq_lightning.models import ImageClassifierModule
+
+    torch.manual_seed(0)
+    return ImageClassifierModule("resnet18", num_classes=10, model_kwargs=TINY_RESNET)
+
+
+def _images(n: int = 3):
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,)))
+        for _ in range(n)
+    ]
+
+
+def _outputs(module, x):
+    module.eval()
+    with torch.no_grad():
+        return module(x)
+
+
+def test_a_cnn_search_removes_coupled_channels_and_meets_the_budget():
+    module, batches = _resnet(), _images()
+    before = sum(p.numel() for p in module.parameters())
+    stage = _search(budget=6.0, bits=[8, 4, 3], keep=[1.0, 0.5], channels="depgraph")
+    result = stage.apply(module, dataloader=batches)
+    assert 6.0 <= result.summary.measured_C < 6.0 * 1.25
+    assert sum(p.numel() for p in module.parameters()) < before  # channels really removed
+    assert {m["keep"] for m in result.layers.values()} != {1.0}
+    assert check_invariants(module) > 0
+    _outputs(module, batches[0][0])  # the shrunk network still runs
+
+
+def test_the_cnn_emulation_is_the_function_of_the_edited_model():
+    """The search's last measured loss is the loss of the model it then edits for real."""
+    module, batches = _resnet(), _images()
+    score = reference_score(module, batches[:2], "calibration_kl")
+    stage = _search(budget=5.0, bits=[8, 4], keep=[1.0, 0.5], channels="depgraph")
+    stage.apply(module, dataloader=batches)
+    assert score(module) == pytest.approx(stage.search_log[-1]["kl"], rel=1e-4, abs=1e-6)
+
+
+def test_a_cnn_checkpoint_of_the_result_loads_into_a_fresh_model():
+    module, batches = _resnet(), _images()
+    _search(budget=5.0, bits=[8, 4], keep=[1.0, 0.5], channels="auto").apply(
+        module, dataloader=batches
+    )
+    fresh = _resnet()
+    enable_state_loading(fresh)
+    fresh.load_state_dict(module.state_dict())
+    x = batches[0][0]
+    assert torch.equal(_outputs(module, x), _outputs(fresh, x))
+
+
+def test_channels_must_be_a_known_kind():
+    with pytest.raises(PPQConfigError, match="channels='heads'"):
+        JointStructuralMixedPrecision(budget=4, channels="heads")

@@ -8,7 +8,8 @@ only. Output in ``--output``: ``variants.{csv,md}``, ``summary.json``, ``README.
 
     python scripts/joint_vs_sequential.py --output docs/results/joint_vs_sequential_smollm2
     python scripts/joint_vs_sequential.py --config configs/experiments/fashion_mnist.yaml \\
-        --channels depgraph --output docs/results/joint_vs_sequential_fashion_mnist
+        --channels depgraph --bn_recalibration true \\
+        --output docs/results/joint_vs_sequential_fashion_mnist
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    recalibration,
     write_results_readme,
 )
 from ppq_lightning.compressed.accounting import compression_summary
@@ -52,16 +54,24 @@ def parser() -> Any:
     p.add_argument("--joint_keep", type=list[float], default=[1.0, 0.875, 0.75, 0.625, 0.5])
     p.add_argument("--score_batches", type=int, default=4)
     p.add_argument("--rescore_every", type=int, default=32)
+    p.add_argument(
+        "--bn_recalibration", type=bool, default=False, help="re-estimate BatchNorm after each"
+    )
     return p
 
 
-def run(model: Any, stages: list, calibration: list, evaluation: Any, b_orig: int) -> dict:
-    """Apply ``stages`` to a copy of ``model``; its metrics, measured C and seconds."""
+def run(
+    model: Any, stages: list, calibration: list, evaluation: Any, b_orig: int, tail: list
+) -> dict:
+    """Apply ``stages`` to a copy of ``model``, then ``tail`` (BatchNorm re-estimation, not
+    timed); its metrics, measured C and seconds."""
     model = copy.deepcopy(model)
     start = time.perf_counter()
     for stage in stages:
         stage.apply(model, dataloader=calibration)
     seconds = time.perf_counter() - start
+    for stage in copy.deepcopy(tail):
+        stage.apply(model, dataloader=calibration)
     summary = compression_summary(model, b_orig)
     metrics = evaluate_module(model, evaluation)
     return {"measured_C": summary.measured_C, **metrics, "seconds": round(seconds, 1)}
@@ -76,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = list(args.data.calibration_dataloader())[:n]
     evaluation = args.data.val_dataloader()
     common = {"b_orig": b_orig, "log_layers": False}
+    tail = [recalibration(n, b_orig=b_orig)] if args.bn_recalibration else []
 
     if args.channels not in ("mlp", "depgraph"):
         raise bad_value("channels", args.channels, "'mlp' or 'depgraph'")
@@ -88,17 +99,17 @@ def main(argv: list[str] | None = None) -> dict:
     def q() -> RTNQuantization:
         return RTNQuantization(bits=args.bits, name="Q", **common)
 
-    rows = [{"variant": "dense", **run(args.model, [], calibration, evaluation, b_orig)}]
+    rows = [{"variant": "dense", **run(args.model, [], calibration, evaluation, b_orig, tail)}]
     rows.append(
         {
             "variant": f"P{args.ratio}>Q{args.bits}",
-            **run(args.model, [p(), q()], calibration, evaluation, b_orig),
+            **run(args.model, [p(), q()], calibration, evaluation, b_orig, tail),
         }
     )
     rows.append(
         {
             "variant": f"Q{args.bits}>P{args.ratio}",
-            **run(args.model, [q(), p()], calibration, evaluation, b_orig),
+            **run(args.model, [q(), p()], calibration, evaluation, b_orig, tail),
         }
     )
     promote = RTNQuantization(
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(
         {
             "variant": f"RTN{args.promote_base_bits} promote {args.promote}",
-            **run(args.model, [promote], calibration, evaluation, b_orig),
+            **run(args.model, [promote], calibration, evaluation, b_orig, tail),
         }
     )
     budget = rows[1]["measured_C"]
@@ -125,13 +136,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(
         {
             "variant": f"joint (budget C={budget:.2f})",
-            **run(args.model, [joint], calibration, evaluation, b_orig),
+            **run(args.model, [joint], calibration, evaluation, b_orig, tail),
         }
     )
     write_table(rows, out, "variants", formats=("csv", "md"))
+    chosen = joint.result.layers
     summary = {
         "budget": budget,
         "joint_moves": len(joint.search_log),
+        "joint_bits": {
+            str(b): sum(m["bits"] == b for m in chosen.values()) for b in args.joint_bits
+        },
+        "joint_layers_with_channels_removed": sum(m["keep"] < 1 for m in chosen.values()),
+        "joint_layers": len(chosen),
         "seconds": time.perf_counter() - start,
         "command": command_line(argv, "scripts/joint_vs_sequential.py"),
     }
@@ -141,8 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
         "Joint structural + mixed-precision search against sequential stages",
         summary["command"],
         markdown_table(rows),
-        f"The joint search made {summary['joint_moves']} moves; wall time "
-        f"{summary['seconds']:.0f} s.",
+        f"The joint search made {summary['joint_moves']} moves; layers per bit width "
+        f"{summary['joint_bits']}; {summary['joint_layers_with_channels_removed']} of "
+        f"{summary['joint_layers']} layers lost channels; wall time {summary['seconds']:.0f} s.",
     )
     return summary
 

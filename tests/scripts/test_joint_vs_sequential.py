@@ -40,7 +40,8 @@ def test_on_the_fashion_mnist_resnet_the_channels_are_coupled_groups(fashion_mni
             "--data.init_args.max_eval_samples", "64",
             "--data.init_args.num_calibration_samples", "32",
             "--data.init_args.batch_size", "32",
-            "--channels", "depgraph", "--bn_recalibration", "true", "--num_calibration_batches", "1", "--score_batches", "1",
+            "--channels", "depgraph", "--bn_recalibration", "true",
+            "--num_calibration_batches", "1", "--score_batches", "1",
             "--joint_bits", "[8, 4, 3]", "--joint_keep", "[1.0, 0.5]", "--rescore_every", "64",
             "--output", str(tmp_path),
         ]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.edits.channels import mlp_inputs
+from ppq_lightning.edits.depgraph import kernel_area
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.ops.channels import keep_most_important
 
@@ -125,11 +126,7 @@ def _group_removal(graph: Any, group: Any, names: dict[nn.Module, str]) -> Remov
         if graph.is_out_channel_pruning_fn(item.dep.handler) or depthwise:
             rows.setdefault(name, []).append(idxs)
         else:
-            kernel = (
-                module.kernel_size[0] * module.kernel_size[1]
-                if isinstance(module, nn.Conv2d)
-                else 1
-            )
+            kernel = kernel_area(module)
             cols.setdefault(name, []).append(
                 (idxs[:, None] * kernel + torch.arange(kernel)).flatten()
             )

@@ -65,7 +65,8 @@ def _counted_weights(model: nn.Module, names: set[str]) -> int:
     return sum(m.weight.numel() for n, m in model.named_modules() if n in names)
 
 
-def _kernel(module: nn.Module) -> int:
+def kernel_area(module: nn.Module) -> int:
+    """Weight-matrix columns per input channel: ``kh * kw`` of a conv, 1 of a linear layer."""
     return module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
 
 
@@ -153,7 +154,7 @@ def _prune_channels(
 def _recorded_shapes(model: nn.Module) -> dict[nn.Module, tuple]:
     """Layers with a recorded state: their matrix shape and kernel size."""
     return {
-        m: (tuple(weight_matrix(m).shape), _kernel(m))
+        m: (tuple(weight_matrix(m).shape), kernel_area(m))
         for m in model.modules()
         if is_compressible(m) and get_state(m) is not None
     }
@@ -180,7 +181,7 @@ def _prune_groups(
         group.prune()
         for module, out_channel, pruned in recorded:
             _slice_recorded(module, out_channel, pruned, shapes[module])
-            shapes[module] = (tuple(weight_matrix(module).shape), _kernel(module))
+            shapes[module] = (tuple(weight_matrix(module).shape), kernel_area(module))
     return before - _counted_weights(model, counted)
 
 

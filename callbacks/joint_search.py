@@ -165,10 +165,11 @@ class JointStructuralMixedPrecision(CompressionCallback):
         if not batches:
             raise PPQConfigError(f"{self.name}: no calibration batches to score the search on.")
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in modules.items()}
-        self._units, self._graph = self._channel_units(model, modules, batches)
-        units = {u.name: u for u in self._units}
-        levels = {n: 0 for n in modules} | {u: 0 for u in units}
-        last = {n: len(self.bits) - 1 for n in modules} | {u: len(self.keep) - 1 for u in units}
+        self._units, traced = self._channel_units(model, modules, batches)
+        levels = {n: 0 for n in modules} | {u.name: 0 for u in self._units}
+        last = {n: len(self.bits) - 1 for n in modules} | {
+            u.name: len(self.keep) - 1 for u in self._units
+        }
         original = sum(r * c for r, c in shapes.values()) * self.b_orig
         strongest = original / self._storage(shapes, last)
         if strongest < self.budget:
@@ -192,6 +193,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
             n: [u for u in self._units if any(n in r and r[n][1].numel() for r in u.layers)]
             for n in layers
         }
+        writes = {u.name: [n for n in layers if u in readers[n]] for u in self._units}
 
         def emulate(name: str) -> None:
             """Write layer ``name`` as the current levels make it: removed columns zeroed, the
@@ -211,14 +213,9 @@ class JointStructuralMixedPrecision(CompressionCallback):
             q = columns if kept is None else torch.zeros_like(w).index_copy_(1, kept, columns)
             set_weight_matrix(layers[name], q)
 
-        def written_by(unit: str) -> list[str]:
-            if unit not in units:
-                return [unit]
-            return [n for n in layers if units[unit] in readers[n]]
-
         def move(unit: str, step: int) -> None:
             levels[unit] += step
-            for name in written_by(unit):
+            for name in writes.get(unit, [unit]):  # a bit-width unit writes its own layer
                 emulate(name)
 
         def loss_after(unit: str) -> float:
@@ -258,26 +255,23 @@ class JointStructuralMixedPrecision(CompressionCallback):
         for name, module in layers.items():  # back to the dense weights, then edit for real
             set_weight_matrix(module, weights[name])
         kept_share = self._kept_shares(shapes, levels)
-        result = self._apply(model, modules, levels, kept_share)
+        result = self._apply(model, modules, levels, kept_share, traced)
         self.search_seconds = time.perf_counter() - start
         return result
 
     # -- pieces ---------------------------------------------------------------------------
     def _channel_units(
         self, model: nn.Module, modules: dict[str, nn.Module], batches: list[Any]
-    ) -> tuple[list[ChannelUnit], Any]:
+    ) -> tuple[list[ChannelUnit], tuple[Any, Tensor] | None]:
         """The channel units of the search (none when ``keep`` is ``[1.0]``) and, for coupled
-        groups, the dependency graph they come from."""
+        groups, the dependency graph they come from with the input it was traced on."""
         if len(self.keep) == 1:
             return [], None
         downs = self._mlp_outputs(model, modules)
         kind = self.channels
         if kind == "auto":
-            kind = (
-                "mlp"
-                if downs or self._mlp_outputs(model, dict(model.named_modules()))
-                else ("depgraph")
-            )
+            has_mlps = bool(downs or self._mlp_outputs(model, dict(model.named_modules())))
+            kind = "mlp" if has_mlps else "depgraph"
         if kind == "mlp":
             if not downs:
                 raise PPQConfigError(
@@ -285,8 +279,8 @@ class JointStructuralMixedPrecision(CompressionCallback):
                     "fc1/fc2, c_fc/c_proj) among the targets; give keep=[1.0] for bits only, "
                     "or channels='depgraph' for a CNN."
                 )
-            self._unit_scores = self._channel_scores(model, modules, downs, batches)
-            return mlp_units(model, downs, self._unit_scores, self.keep), None
+            scores = self._channel_scores(model, modules, downs, batches)
+            return mlp_units(model, downs, scores, self.keep), None
         example = batch_input(batches[0])[:1].to(next(model.parameters()).device)
         protected = set(getattr(model, "default_ignore", None) or ())
         ignored = [m for n, m in model.named_modules() if n in protected]
@@ -306,8 +300,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
                 "BatchNorms whose producing layers are all targets); give keep=[1.0] for bits "
                 "only."
             )
-        self._example = example
-        return units, graph
+        return units, (graph, example)
 
     @staticmethod
     def _mlp_outputs(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
@@ -357,24 +350,20 @@ class JointStructuralMixedPrecision(CompressionCallback):
         modules: dict[str, nn.Module],
         levels: dict[str, int],
         kept_share: dict[str, float],
+        traced: tuple[Any, Tensor] | None,
     ) -> dict[str, dict[str, float]]:
         entry = self.history_entry()
         chosen = [u for u in self._units if levels[u.name] > 0]
-        if self._graph is not None:
-            prune_chosen_channels(
-                model,
-                self._example,
-                self._graph,
-                [(*u.root, u.removed[levels[u.name]].tolist()) for u in chosen],
-                entry,
-            )
+        if traced is not None:
+            graph, example = traced
+            removed = [(*u.root, u.removed[levels[u.name]].tolist()) for u in chosen]
+            prune_chosen_channels(model, example, graph, removed, entry)
         for unit in chosen:  # MLP units
             if unit.root is None:
                 down = unit.name.removeprefix("keep:")
                 parent, attribute = parent_of(model, down)
                 share = self.keep[levels[unit.name]]
-                scores = self._unit_scores[down]
-                edits = plan_channel_edits(parent, attribute, scores, 1 - share)
+                edits = plan_channel_edits(parent, attribute, unit.scores, 1 - share)
                 apply_channel_edits(parent, edits, entry)
         layers = {}
         for name, module in modules.items():

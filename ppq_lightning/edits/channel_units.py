@@ -46,6 +46,7 @@ class ChannelUnit:
     Attributes:
         name: the unit's key in a search (``keep:<layer or root>``).
         channels: how many channels the unit has.
+        scores: each channel's importance (the ranking ``removed`` follows).
         removed: per kept share (level), the removed channels, least important first removed.
         layers: per level, the matrix rows and columns each touched layer loses.
         root: for a coupled group, the Torch-Pruning root ``(module, pruning function)``.
@@ -53,6 +54,7 @@ class ChannelUnit:
 
     name: str
     channels: int
+    scores: Tensor
     removed: list[Tensor]
     layers: list[Removal]
     root: tuple[nn.Module, Callable] | None = field(default=None, repr=False)
@@ -84,7 +86,9 @@ def mlp_units(
             {down: (_EMPTY, r)} | {p: (r, _EMPTY) for p in producers} if r.numel() else {}
             for r in removed
         ]
-        units.append(ChannelUnit(f"keep:{down}", scores[down].numel(), removed, layers))
+        units.append(
+            ChannelUnit(f"keep:{down}", scores[down].numel(), scores[down], removed, layers)
+        )
     return units
 
 
@@ -175,6 +179,8 @@ def depgraph_units(
             layers.append(_group_removal(graph, pruned, names) if r.numel() else {})
         name = f"keep:{names[root.target.module]}"
         units.append(
-            ChannelUnit(name, scores.numel(), removed, layers, (root.target.module, root.handler))
+            ChannelUnit(
+                name, scores.numel(), scores, removed, layers, (root.target.module, root.handler)
+            )
         )
     return units, graph

@@ -33,7 +33,7 @@ from ppq_lightning.cli.experiments import (
     write_results_readme,
 )
 from ppq_lightning.compressed.accounting import compression_summary
-from ppq_lightning.errors import bad_value
+from ppq_lightning.errors import check_choice
 from ppq_lightning.order.evaluation import evaluate_module
 from ppq_lightning.reports import markdown_table, write_json, write_table
 
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"b_orig": b_orig, "log_layers": False}
     tail = [recalibration(n, b_orig=b_orig)] if args.bn_recalibration else []
 
-    if args.channels not in ("mlp", "depgraph"):
-        raise bad_value("channels", args.channels, "'mlp' or 'depgraph'")
+    check_choice("channels", args.channels, ("mlp", "depgraph"))
 
     def p() -> ChannelPruning | DepGraphPruning:
         if args.channels == "depgraph":

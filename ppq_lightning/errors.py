@@ -1,7 +1,7 @@
 """The project's error types and the argument checks every layer uses.
 
 Bad input raises :class:`PPQConfigError` (a ``ValueError``) naming the argument, the value given
-and what is allowed. A compressed state that breaks the invariants of ``shared/DESIGN.md``
+and what is allowed. A compressed state that breaks the invariants of ``docs/definitions.md``
 raises :class:`InvariantError`.
 
 The checks (:func:`check_int`, :func:`check_number`, :func:`check_choice`, :func:`check_bool`)

@@ -1,4 +1,4 @@
-"""Compression rates, as defined in ``shared/DESIGN.md``, measured from the real tensors.
+"""Compression rates, as defined in ``docs/definitions.md``, measured from the real tensors.
 
 - Nominal compression rate of one method: ``C_P = 1 / (1 - p)``, ``C_Q = B_orig / B_Q``; of a
   schedule: their product, i.e. ``B_orig / ((1 - p) * B_Q)``.

@@ -1,4 +1,4 @@
-"""The invariants of the compressed state (``shared/DESIGN.md``), checked on a model:
+"""The invariants of the compressed state (``docs/definitions.md``), checked on a model:
 
 0. every weight of a compressed module is finite (a NaN would pass the two checks below:
    ``NaN * 0`` is NaN, and a NaN is never farther from anything than a tolerance);

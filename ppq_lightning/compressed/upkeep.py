@@ -2,7 +2,7 @@
 
 A layer pruned or quantized by an earlier stage may still be trainable in ``fit`` (plain
 fine-tuning after compression, or a stage fired at a later epoch). Two steps keep the
-invariants of ``shared/DESIGN.md`` through every optimizer step:
+invariants of ``docs/definitions.md`` through every optimizer step:
 
 1. :func:`mask_gradients`, before the step: the gradients of pruned weights are zeroed, so
    neither the update nor the optimizer's moments touch them;

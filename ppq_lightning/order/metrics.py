@@ -1,4 +1,4 @@
-"""The order metrics of ``shared/DESIGN.md``, on a higher-is-better metric ``M``.
+"""The order metrics of ``docs/definitions.md``, on a higher-is-better metric ``M``.
 
 - Metric ``M`` is higher-is-better (accuracy, or ``-perplexity``).
 - Performance gap ``G(f1, f2) = M(f1(phi)) - M(f2(phi))``.

@@ -38,10 +38,16 @@ METHODS = {
         ChannelPruning(ratio=0.25, structure="both", name="C"),
         RTNQuantization(bits=4, name="Q"),
     ],
-    "sharing_rtn": lambda: [
-        BasisSharing(group_size=2, ratio=0.5, name="S"),
+    "sharing_rtn": lambda family: [
+        BasisSharing(group_size=2, ratio=0.5, projections=SHARED[family], name="S"),
         RTNQuantization(bits=8),
     ],
+}
+# every projection of a block, by family (BasisSharing's default names Llama's)
+SHARED = {
+    "llama": None,
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],  # transformers' Conv1D layers
 }
 
 
@@ -58,9 +64,8 @@ def assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_native_round_trip_is_bit_identical(tmp_path, family, method):
-    if method == "sharing_rtn" and family != "llama":
-        pytest.skip("basis sharing is tested on Llama's projections")
-    module = compressed_lm(*METHODS[method](), family=family)
+    stages = METHODS[method](family) if method == "sharing_rtn" else METHODS[method]()
+    module = compressed_lm(*stages, family=family)
     manifest = ppq_lightning.export(module, "ppq", tmp_path / "out")
     assert manifest["weight_encodings"]["dense"] == 0  # nothing fell back to a dense copy
     loaded = load_compressed(tmp_path / "out")

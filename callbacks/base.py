@@ -35,8 +35,9 @@ from ppq_lightning.errors import (
     check_choice,
     check_int,
 )
+from ppq_lightning.modules.config import StageConfig, identity, is_legacy_key
 from ppq_lightning.modules.rollback import restored_on_error
-from ppq_lightning.modules.targets import compile_patterns, resolve_targets
+from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import check_finite, weight_matrix
 from ppq_lightning.ops.quant_grid import check_group_size
@@ -169,13 +170,17 @@ def _default_names() -> dict[str, str]:
 
 def recorded_name(entry: HistoryEntry) -> str | None:
     """The name of the stage that wrote a history ``entry``: its ``name`` field; for records
-    written before entries had one, the ``name`` in its state key (``Method{'name': ...}``),
-    else the default name of its method (None when neither can be read)."""
+    written before entries had one, the name in its state key (``Method{...}@name``, or
+    ``Method{'name': ...}`` in keys of version 1), else the default name of its method (None
+    when neither can be read)."""
     if isinstance(entry.get("name"), str):
         return entry["name"]
     key, method = entry.get("stage"), entry.get("method")
     if not isinstance(key, str) or not isinstance(method, str) or not key.startswith(method):
         return None
+    _, named, name = key.rpartition("}@")  # identity@name
+    if named:
+        return name
     try:
         arguments = ast.literal_eval(key[len(method) :])
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -314,6 +319,7 @@ class CompressionCallback(FiresOnce):
 
     default_name: ClassVar[str] = "stage"
     kind: StageKind
+    config_class: ClassVar[type[StageConfig]] = StageConfig  # the method's arguments
     trains: ClassVar[bool] = False  # acts during fit's training (LoRA, QAT, CoDeQ)
     edits_structure: ClassVar[bool] = False  # replaces or reshapes layers (blocks, channels)
 
@@ -327,6 +333,7 @@ class CompressionCallback(FiresOnce):
         log_layers: bool = True,
         at_epoch: int | None = None,
         at_step: int | None = None,
+        **arguments: Any,
     ) -> None:
         super().__init__()
         for argument, value in (("at_epoch", at_epoch), ("at_step", at_step)):
@@ -339,20 +346,26 @@ class CompressionCallback(FiresOnce):
                 "give one of them (or neither, to fire at fit start)."
             )
         self.at_epoch, self.at_step = at_epoch, at_step
-        compile_patterns(targets, "targets")
-        compile_patterns(ignore, "ignore")
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise PPQConfigError(f"name={name!r} is not allowed: expected a non-empty string.")
         check_choice("b_orig", b_orig, (8, 16, 32))
         check_bool("log_layers", log_layers)
-        self.targets, self.ignore, self._name = targets, ignore, name
-        self.b_orig, self.log_layers = b_orig, log_layers
+        self._name, self.b_orig, self.log_layers = name, b_orig, log_layers
+        self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
         self.result: StageResult | None = None
+
+    def __getattr__(self, item: str) -> Any:
+        """The fields of :attr:`config` read as attributes (``stage.bits``)."""
+        config = self.__dict__.get("config")
+        if config is not None and item in config.__dataclass_fields__:
+            return getattr(config, item)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
 
     # -- what subclasses define -------------------------------------------------------------
     def stage_config(self) -> dict[str, Any]:
-        """The arguments that define this stage (recorded in each module's history)."""
-        raise NotImplementedError
+        """The arguments that define this stage: every field of :attr:`config`, canonical
+        (recorded in each module's history; :attr:`identity` is derived from them)."""
+        return self.config.arguments()
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -401,9 +414,19 @@ class CompressionCallback(FiresOnce):
         return self._name or self.default_name
 
     @property
+    def identity(self) -> str:
+        """What the stage computes: its method and every argument that can change the weights it
+        produces (``config``), never its ``name``; a study's cells are keyed by it, so two stages
+        that differ only by name share cells."""
+        return identity(type(self).__name__, self.stage_config())
+
+    @property
     def state_key(self) -> str:
-        """The stage's identity: its class and arguments (``name`` included when given)."""
-        return self._generate_state_key(name=self._name, **self.stage_config())
+        """This stage in a run and in a model's history: its :attr:`identity`, and its ``name``
+        when one is given (``identity@name``: a deliberate second stage of one identity). The
+        history, the resume skip and the "already applied" refusal compare it; Lightning keeps
+        the callback's state under it."""
+        return self.identity if self._name is None else f"{self.identity}@{self._name}"
 
     def history_entry(self) -> HistoryEntry:
         """The record appended to the history of every module this stage touches."""
@@ -448,6 +471,15 @@ class CompressionCallback(FiresOnce):
                 if entry.get("stage") not in expected and recorded_name(entry) == self.name
             }
         )
+        legacy = [key for key in recorded if is_legacy_key(key)]
+        if legacy:
+            raise PPQConfigError(
+                f"stage {self.name!r}: the model records a stage {self.name!r} as {legacy[0]}, "
+                "written by an earlier ppq-lightning whose stage identities left out arguments "
+                "that change the weights (targets, ignore, damping, calibration settings), so "
+                f"whether it is this run's {self.state_key} cannot be known. Compress a dense "
+                "model again with this version (the model's weights are kept as they are)."
+            )
         if recorded:
             raise PPQConfigError(
                 f"stage {self.name!r}: the model already records a stage {self.name!r} as "

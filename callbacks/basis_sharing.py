@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -22,11 +23,53 @@ from ppq_lightning.errors import (
     check_int,
     check_number,
 )
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.ops.basis_sharing import SPLITS
 from ppq_lightning.ops.hessian import check_solver_args, whitening_factor
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BasisSharingConfig(StageConfig):
+    """Basis sharing's arguments (see :class:`BasisSharing`); ``projections`` is stored as a
+    list, the Llama projections when not given.
+
+    Raises:
+        PPQConfigError: see :class:`BasisSharing`.
+    """
+
+    group_size: int
+    rank: int | None = None
+    ratio: float | None = None
+    projections: list[str] | None = None
+    whiten: bool = False
+    split: str = "balanced"
+    num_calibration_batches: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("whiten", self.whiten)
+        check_choice("split", self.split, SPLITS)
+        check_num_batches(self.num_calibration_batches)
+        check_solver_args(1, self.damp)
+        check_int("group_size", self.group_size, minimum=2)
+        rank, ratio = self.rank, self.ratio
+        if (rank is None) == (ratio is None):
+            raise PPQConfigError(f"rank={rank!r}, ratio={ratio!r}: give exactly one.")
+        check_int("rank", rank, minimum=1, allow_none=True, allowed="an integer >= 1")
+        check_number(
+            "ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)"
+        )
+        projections = self.projections
+        projections = list(LLAMA_PROJECTIONS) if projections is None else projections
+        projections = [projections] if isinstance(projections, str) else projections
+        if not isinstance(projections, (list, tuple)) or not projections:
+            raise bad_value("projections", projections, "a regex or a non-empty list of regexes")
+        compile_patterns(projections, "projections")
+        object.__setattr__(self, "projections", list(projections))
 
 
 class BasisSharing(CompressionCallback):
@@ -103,6 +146,7 @@ class BasisSharing(CompressionCallback):
     """
 
     default_name = "sharing"
+    config_class = BasisSharingConfig
     edits_structure = True
     kind = StageKind.SHARE
 
@@ -119,41 +163,20 @@ class BasisSharing(CompressionCallback):
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        check_bool("whiten", whiten)
-        check_device(device)
-        check_choice("split", split, SPLITS)
-        check_num_batches(num_calibration_batches)
-        check_solver_args(1, damp)
-        check_int("group_size", group_size, minimum=2)
-        if (rank is None) == (ratio is None):
-            raise PPQConfigError(f"rank={rank!r}, ratio={ratio!r}: give exactly one.")
-        check_int("rank", rank, minimum=1, allow_none=True, allowed="an integer >= 1")
-        check_number(
-            "ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)"
+        super().__init__(
+            group_size=group_size,
+            rank=rank,
+            ratio=ratio,
+            projections=projections,
+            whiten=whiten,
+            split=split,
+            num_calibration_batches=num_calibration_batches,
+            damp=damp,
+            **kwargs,
         )
-        projections = list(LLAMA_PROJECTIONS) if projections is None else projections
-        projections = [projections] if isinstance(projections, str) else projections
-        if not isinstance(projections, (list, tuple)) or not projections:
-            raise bad_value("projections", projections, "a regex or a non-empty list of regexes")
-        compile_patterns(projections, "projections")
-        super().__init__(**kwargs)
-        self.group_size, self.rank, self.ratio = group_size, rank, ratio
-        self.projections = list(projections)
-        self.whiten, self.split = whiten, split
-        self.num_calibration_batches = num_calibration_batches
-        self.damp, self.device = damp, device
+        self.device = check_device(device)
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "group_size": self.group_size,
-            "rank": self.rank,
-            "ratio": self.ratio,
-            "projections": self.projections,
-            "whiten": self.whiten,
-            "split": self.split,
-        }
 
     # -- the stage ---------------------------------------------------------------------------
     def compress(

@@ -4,6 +4,7 @@ or fold BatchNorm into the convolutions before quantization."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -15,7 +16,25 @@ from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_stage
 from ppq_lightning.edits.batchnorm import check_foldable, conv_batchnorm_pairs, fold_pair
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecalibrationConfig(StageConfig):
+    """BatchNorm recalibration's arguments (see :class:`BatchNormRecalibration`).
+
+    Raises:
+        PPQConfigError: a bad ``num_calibration_batches`` or ``layers`` regex.
+    """
+
+    num_calibration_batches: int = 32
+    layers: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_num_batches(self.num_calibration_batches)
+        compile_patterns(self.layers, "layers")
 
 
 class BatchNormRecalibration(CompressionCallback):
@@ -50,6 +69,7 @@ class BatchNormRecalibration(CompressionCallback):
     """
 
     default_name = "bn"
+    config_class = RecalibrationConfig
     kind = StageKind.NORMALIZATION
 
     def __init__(
@@ -58,14 +78,8 @@ class BatchNormRecalibration(CompressionCallback):
         layers: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_num_batches(num_calibration_batches)
-        compile_patterns(layers, "layers")
-        super().__init__(**kwargs)
-        self.num_calibration_batches, self.layers = num_calibration_batches, layers
+        super().__init__(num_calibration_batches=num_calibration_batches, layers=layers, **kwargs)
         self.forward_fn: Callable[[nn.Module, Any], Any] = default_forward
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"num_calibration_batches": self.num_calibration_batches, "layers": self.layers}
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -122,9 +136,6 @@ class FoldBatchNorm(CompressionCallback):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.forward_fn: Callable[[nn.Module, Any], Any] = default_forward
-
-    def stage_config(self) -> dict[str, Any]:
-        return {}
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

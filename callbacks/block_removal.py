@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -13,6 +14,32 @@ from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.blocks import remove_and_record
 from ppq_lightning.errors import PPQConfigError, bad_value, check_int, check_number
+from ppq_lightning.modules.config import StageConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockRemovalConfig(StageConfig):
+    """Block removal's arguments (see :class:`BlockRemoval`).
+
+    Raises:
+        PPQConfigError: both or neither of ``n_blocks``/``ratio``, or either out of range, or a
+            bad ``num_calibration_batches``.
+    """
+
+    n_blocks: int | None = None
+    ratio: float | None = None
+    num_calibration_batches: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n_blocks, ratio = self.n_blocks, self.ratio
+        if (n_blocks is None) == (ratio is None):
+            raise PPQConfigError(f"n_blocks={n_blocks!r}, ratio={ratio!r}: give exactly one.")
+        check_int("n_blocks", n_blocks, minimum=1, allow_none=True, allowed="an integer >= 1")
+        check_number(
+            "ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)"
+        )
+        check_num_batches(self.num_calibration_batches)
 
 
 class BlockRemoval(CompressionCallback):
@@ -51,6 +78,7 @@ class BlockRemoval(CompressionCallback):
     """
 
     default_name = "sleb"
+    config_class = BlockRemovalConfig
     edits_structure = True
     kind = StageKind.PRUNE
 
@@ -61,19 +89,13 @@ class BlockRemoval(CompressionCallback):
         num_calibration_batches: int = 32,
         **kwargs: Any,
     ) -> None:
-        if (n_blocks is None) == (ratio is None):
-            raise PPQConfigError(f"n_blocks={n_blocks!r}, ratio={ratio!r}: give exactly one.")
-        check_int("n_blocks", n_blocks, minimum=1, allow_none=True, allowed="an integer >= 1")
-        check_number(
-            "ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)"
+        super().__init__(
+            n_blocks=n_blocks,
+            ratio=ratio,
+            num_calibration_batches=num_calibration_batches,
+            **kwargs,
         )
-        super().__init__(**kwargs)
-        self.n_blocks, self.ratio = n_blocks, ratio
-        self.num_calibration_batches = check_num_batches(num_calibration_batches)
         self.forward_fn = default_forward
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"n_blocks": self.n_blocks, "ratio": self.ratio}
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches
-from ppq_lightning.calibration.engine import calibrate_sequentially, check_calibrate_on
-from ppq_lightning.calibration.statistics import LayerStatistics, check_statistics_dtype
+from ppq_lightning.calibration.config import CalibrationConfig
+from ppq_lightning.calibration.data import calibration_batches
+from ppq_lightning.calibration.engine import calibrate_sequentially
+from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.views import weight_matrix
@@ -94,6 +95,7 @@ class CalibratedCompression(CompressionCallback):
     """
 
     statistic: ClassVar[str] = "hessian"
+    config_class: ClassVar[type[CalibrationConfig]] = CalibrationConfig
 
     def __init__(
         self,
@@ -104,12 +106,13 @@ class CalibratedCompression(CompressionCallback):
         statistics_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
-        check_statistics_dtype(statistics_dtype)
-        super().__init__(**kwargs)
-        self.num_calibration_batches = check_num_batches(num_calibration_batches)
-        self.calibrate_on = check_calibrate_on(calibrate_on)
+        super().__init__(
+            num_calibration_batches=num_calibration_batches,
+            calibrate_on=calibrate_on,
+            statistics_dtype=statistics_dtype,
+            **kwargs,
+        )
         self.device = check_device(device)
-        self.statistics_dtype = statistics_dtype
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches
-from ppq_lightning.calibration.engine import calibrate_sequentially, check_calibrate_on
+from ppq_lightning.calibration.config import CalibrationConfig
+from ppq_lightning.calibration.data import calibration_batches
+from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.callbacks.calibrated import check_device, check_device_available
@@ -23,6 +25,26 @@ from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.channels import channel_importance
 from ppq_lightning.ops.masks import check_sparsity
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelPruningConfig(CalibrationConfig):
+    """Channel pruning's arguments (see :class:`ChannelPruning`); its statistics are summed in
+    float32 (``statistics_dtype`` is fixed).
+
+    Raises:
+        PPQConfigError: a ratio outside [0, 1), an unknown structure, bad calibration settings.
+    """
+
+    ratio: float
+    structure: str = "mlp"
+    num_calibration_batches: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sparsity(self.ratio, "ratio")
+        check_choice("structure", self.structure, STRUCTURES)
+        check_choice("statistics_dtype", self.statistics_dtype, ("float32",))
 
 
 class ChannelPruning(CompressionCallback):
@@ -63,6 +85,7 @@ class ChannelPruning(CompressionCallback):
     """
 
     default_name = "channels"
+    config_class = ChannelPruningConfig
     edits_structure = True
     kind = StageKind.PRUNE
 
@@ -75,15 +98,14 @@ class ChannelPruning(CompressionCallback):
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        check_sparsity(ratio, "ratio")
-        check_choice("structure", structure, STRUCTURES)
-        super().__init__(**kwargs)
-        self.ratio, self.structure = float(ratio), structure
-        self.num_calibration_batches = check_num_batches(num_calibration_batches)
-        self.calibrate_on, self.device = check_calibrate_on(calibrate_on), check_device(device)
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "structure": self.structure, "calibrate_on": self.calibrate_on}
+        super().__init__(
+            ratio=ratio,
+            structure=structure,
+            num_calibration_batches=num_calibration_batches,
+            calibrate_on=calibrate_on,
+            **kwargs,
+        )
+        self.device = check_device(device)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -12,6 +13,7 @@ from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage, add_gradien
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
 from ppq_lightning.errors import bad_value, check_bool, check_number
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import as_matrix, set_weight_matrix, to_weight_layout
 from ppq_lightning.ops.dead_zone import DeadZoneQuantizer, dead_zone_grid
@@ -26,6 +28,33 @@ def codeq_weight(module: nn.Module, weight: Tensor) -> Tensor:
     the layout and dtype of ``module.weight``."""
     quantizer = module.get_submodule(QUANTIZER_NAME)
     return to_weight_layout(module, quantizer(as_matrix(module, weight)).to(weight.dtype))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadZoneConfig(StageConfig):
+    """CoDeQ's arguments (see :class:`DeadZoneQuantization`).
+
+    Raises:
+        PPQConfigError: see :class:`DeadZoneQuantization`.
+    """
+
+    bits: int = 4
+    learn_bits: bool = False
+    sparsity_weight: float = 0.0
+    bits_weight: float = 0.0
+    init_dead_zone: float | None = None
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.bits)
+        check_bool("learn_bits", self.learn_bits)
+        check_number("sparsity_weight", self.sparsity_weight, low=0)
+        check_number("bits_weight", self.bits_weight, low=0)
+        if self.bits_weight > 0 and not self.learn_bits:
+            raise bad_value("bits_weight", self.bits_weight, "0 unless learn_bits=True")
+        check_number("init_dead_zone", self.init_dead_zone, 0, 1, high_open=True, allow_none=True)
+        check_number("temperature", self.temperature, low=0, low_open=True)
 
 
 class DeadZoneQuantization(FakeQuantStage):
@@ -83,6 +112,7 @@ class DeadZoneQuantization(FakeQuantStage):
     """
 
     default_name = "codeq"
+    config_class = DeadZoneConfig
     kind = StageKind.PRUNE_QUANTIZE
 
     def __init__(
@@ -95,29 +125,15 @@ class DeadZoneQuantization(FakeQuantStage):
         temperature: float = 0.05,
         **kwargs: Any,
     ) -> None:
-        check_bits(bits)
-        check_bool("learn_bits", learn_bits)
-        check_number("sparsity_weight", sparsity_weight, low=0)
-        check_number("bits_weight", bits_weight, low=0)
-        if bits_weight > 0 and not learn_bits:
-            raise bad_value("bits_weight", bits_weight, "0 unless learn_bits=True")
-        check_number("init_dead_zone", init_dead_zone, 0, 1, high_open=True, allow_none=True)
-        check_number("temperature", temperature, low=0, low_open=True)
-        super().__init__(**kwargs)
-        self.bits, self.learn_bits = bits, learn_bits
-        self.sparsity_weight, self.bits_weight = float(sparsity_weight), float(bits_weight)
-        self.init_dead_zone = None if init_dead_zone is None else float(init_dead_zone)
-        self.temperature = float(temperature)
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "bits": self.bits,
-            "learn_bits": self.learn_bits,
-            "sparsity_weight": self.sparsity_weight,
-            "bits_weight": self.bits_weight,
-            "init_dead_zone": self.init_dead_zone,
-            "temperature": self.temperature,
-        }
+        super().__init__(
+            bits=bits,
+            learn_bits=learn_bits,
+            sparsity_weight=sparsity_weight,
+            bits_weight=bits_weight,
+            init_dead_zone=init_dead_zone,
+            temperature=temperature,
+            **kwargs,
+        )
 
     # -- setup and the end ------------------------------------------------------------------
     def prepare(self, name: str, module: nn.Module) -> WeightTransform:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -11,8 +12,28 @@ from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.depgraph import prune_channels
 from ppq_lightning.errors import check_bool, check_int
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.ops.masks import check_sparsity
+
+
+@dataclass(frozen=True, kw_only=True)
+class DepGraphConfig(StageConfig):
+    """DepGraph pruning's arguments (see :class:`DepGraphPruning`).
+
+    Raises:
+        PPQConfigError: a ratio outside [0, 1), ``prune_heads`` not a bool, ``round_to`` < 1.
+    """
+
+    ratio: float
+    prune_heads: bool = False
+    round_to: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sparsity(self.ratio, "ratio")
+        check_bool("prune_heads", self.prune_heads)
+        check_int("round_to", self.round_to, minimum=1, allow_none=True)
 
 
 class DepGraphPruning(CompressionCallback):
@@ -49,6 +70,7 @@ class DepGraphPruning(CompressionCallback):
     """
 
     default_name = "depgraph"
+    config_class = DepGraphConfig
     edits_structure = True
     kind = StageKind.PRUNE
 
@@ -59,14 +81,7 @@ class DepGraphPruning(CompressionCallback):
         round_to: int | None = None,
         **kwargs: Any,
     ) -> None:
-        check_sparsity(ratio, "ratio")
-        check_bool("prune_heads", prune_heads)
-        check_int("round_to", round_to, minimum=1, allow_none=True)
-        super().__init__(**kwargs)
-        self.ratio, self.prune_heads, self.round_to = float(ratio), prune_heads, round_to
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "prune_heads": self.prune_heads, "round_to": self.round_to}
+        super().__init__(ratio=ratio, prune_heads=prune_heads, round_to=round_to, **kwargs)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
+from ppq_lightning.calibration.config import CalibrationConfig
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_grid, record_stage
 from ppq_lightning.errors import check_bool
-from ppq_lightning.modules.mixed_precision import (
-    assign_bits,
-    check_layer_bits,
-    check_promote,
-    mixed_precision_config,
-)
+from ppq_lightning.modules.config import GridConfig
+from ppq_lightning.modules.mixed_precision import MixedPrecisionConfig, assign_bits
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.gptq import GPTQResult, gptq
 from ppq_lightning.ops.grouped import solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(CalibrationConfig, MixedPrecisionConfig, GridConfig):
+    """GPTQ's arguments (see :class:`GPTQ`). ``block_size`` changes only the speed, yet stays
+    in the identity: float32 sums in another order can round differently.
+
+    Raises:
+        PPQConfigError: bits outside 2-8, a bad group size, block size or damping,
+            ``symmetric``/``act_order`` not a bool, bad mixed precision or calibration settings.
+    """
+
+    bits: int
+    act_order: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_bool("act_order", self.act_order)
+        super().__post_init__()
+        check_solver_args(self.block_size, self.damp)
 
 
 class GPTQ(CalibratedCompression):
@@ -62,6 +82,7 @@ class GPTQ(CalibratedCompression):
 
     default_name = "gptq"
     kind = StageKind.QUANTIZE
+    config_class = GPTQConfig
 
     def __init__(
         self,
@@ -75,26 +96,18 @@ class GPTQ(CalibratedCompression):
         promote: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_bits(bits)
-        check_bool("symmetric", symmetric)
-        check_bool("act_order", act_order)
-        self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)
+        super().__init__(
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            act_order=act_order,
+            block_size=block_size,
+            damp=damp,
+            layer_bits=layer_bits,
+            promote=promote,
+            **kwargs,
+        )
         self._widths: dict[str, int] = {}
-        if group_size is not None:
-            check_group_size(group_size, group_size)
-        check_solver_args(block_size, damp)
-        super().__init__(**kwargs)
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.act_order, self.block_size, self.damp = act_order, block_size, float(damp)
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "act_order": self.act_order,
-            "calibrate_on": self.calibrate_on,
-        } | mixed_precision_config(self.layer_bits, self.promote)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

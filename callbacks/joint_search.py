@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from ppq_lightning.edits.channel_units import ChannelUnit, depgraph_units, mlp_u
 from ppq_lightning.edits.channels import apply_channel_edits, mlp_inputs, plan_channel_edits
 from ppq_lightning.edits.depgraph import attention_heads, prune_chosen_channels
 from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.allocation import best_move
@@ -29,6 +31,48 @@ from ppq_lightning.ops.reconstruction import relative_weight_error
 from ppq_lightning.order.interference import reference_score
 
 CHANNELS = ("auto", "mlp", "depgraph")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JointSearchConfig(StageConfig):
+    """The joint search's arguments (see :class:`JointStructuralMixedPrecision`); ``bits`` and
+    ``keep`` are stored with their defaults filled in.
+
+    Raises:
+        PPQConfigError: see :class:`JointStructuralMixedPrecision`.
+    """
+
+    budget: float
+    bits: list[int] | None = None
+    keep: list[float] | None = None
+    num_calibration_batches: int = 16
+    score_batches: int = 4
+    rescore_every: int = 16
+    channels: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("budget", self.budget, low=1, low_open=True)
+        bits = [8, 6, 4, 3, 2] if self.bits is None else self.bits
+        keep = [1.0, 0.875, 0.75, 0.625, 0.5] if self.keep is None else self.keep
+        if not isinstance(bits, list) or not bits:
+            raise bad_value("bits", bits, "a non-empty list of bit widths, largest first")
+        for b in bits:
+            check_bits(b, "bits")
+        if bits != sorted(set(bits), reverse=True):
+            raise bad_value("bits", bits, "distinct bit widths, largest first")
+        if not isinstance(keep, list) or not keep or keep[0] != 1.0:
+            raise bad_value("keep", keep, "a list of kept shares starting at 1.0")
+        for k in keep:
+            check_number("keep", k, 0, 1, low_open=True)
+        if keep != sorted(set(keep), reverse=True):
+            raise bad_value("keep", keep, "distinct shares, largest first")
+        object.__setattr__(self, "bits", list(bits))
+        object.__setattr__(self, "keep", [float(k) for k in keep])
+        check_int("num_calibration_batches", self.num_calibration_batches, minimum=1)
+        check_int("score_batches", self.score_batches, minimum=1)
+        check_int("rescore_every", self.rescore_every, minimum=1)
+        check_choice("channels", self.channels, CHANNELS)
 
 
 class JointStructuralMixedPrecision(CompressionCallback):
@@ -86,6 +130,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
     """
 
     default_name = "joint"
+    config_class = JointSearchConfig
     edits_structure = True
     kind = StageKind.PRUNE_QUANTIZE
 
@@ -100,40 +145,17 @@ class JointStructuralMixedPrecision(CompressionCallback):
         channels: str = "auto",
         **kwargs: Any,
     ) -> None:
-        check_number("budget", budget, low=1, low_open=True)
-        bits = [8, 6, 4, 3, 2] if bits is None else bits
-        keep = [1.0, 0.875, 0.75, 0.625, 0.5] if keep is None else keep
-        if not isinstance(bits, list) or not bits:
-            raise bad_value("bits", bits, "a non-empty list of bit widths, largest first")
-        for b in bits:
-            check_bits(b, "bits")
-        if bits != sorted(set(bits), reverse=True):
-            raise bad_value("bits", bits, "distinct bit widths, largest first")
-        if not isinstance(keep, list) or not keep or keep[0] != 1.0:
-            raise bad_value("keep", keep, "a list of kept shares starting at 1.0")
-        for k in keep:
-            check_number("keep", k, 0, 1, low_open=True)
-        if keep != sorted(set(keep), reverse=True):
-            raise bad_value("keep", keep, "distinct shares, largest first")
-        check_int("num_calibration_batches", num_calibration_batches, minimum=1)
-        check_int("score_batches", score_batches, minimum=1)
-        check_int("rescore_every", rescore_every, minimum=1)
-        check_choice("channels", channels, CHANNELS)
-        super().__init__(**kwargs)
-        self.budget, self.bits, self.keep = float(budget), list(bits), [float(k) for k in keep]
-        self.num_calibration_batches, self.score_batches = num_calibration_batches, score_batches
-        self.rescore_every, self.channels = rescore_every, channels
+        super().__init__(
+            budget=budget,
+            bits=bits,
+            keep=keep,
+            num_calibration_batches=num_calibration_batches,
+            score_batches=score_batches,
+            rescore_every=rescore_every,
+            channels=channels,
+            **kwargs,
+        )
         self.search_log: list[dict[str, float]] = []
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "bits": self.bits,
-            "keep": self.keep,
-            "score_batches": self.score_batches,
-            "rescore_every": self.rescore_every,
-            "channels": self.channels,
-        }
 
     # -- storage of a configuration -----------------------------------------------------------
     def _removed_counts(self, levels: dict[str, int]) -> dict[str, tuple[int, int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -30,10 +31,36 @@ from ppq_lightning.errors import (
     check_int,
     check_number,
 )
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 
 MERGES = ("never", "at_end")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(StageConfig):
+    """LoRA fine-tuning's arguments (see :class:`LoRAFineTune`; its ``target_modules`` is
+    ``targets`` here).
+
+    Raises:
+        PPQConfigError: ``r`` < 1, ``alpha`` <= 0, ``dropout`` outside [0, 1), an unknown
+            ``merge``, ``reproject`` not a bool.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    merge: str = "never"
+    reproject: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("r", self.r, minimum=1)
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_choice("merge", self.merge, MERGES)
+        check_bool("reproject", self.reproject)
 
 
 class LoRAFineTune(CompressionCallback):
@@ -84,6 +111,7 @@ class LoRAFineTune(CompressionCallback):
     """
 
     default_name = "lora"
+    config_class = LoRAConfig
     kind = StageKind.LORA
     trains = True
 
@@ -97,31 +125,17 @@ class LoRAFineTune(CompressionCallback):
         reproject: bool = True,
         **kwargs: Any,
     ) -> None:
-        check_int("r", r, minimum=1)
-        check_number("alpha", alpha, low=0, low_open=True)
-        check_number("dropout", dropout, 0, 1, high_open=True)
-        check_choice("merge", merge, MERGES)
-        check_bool("reproject", reproject)
         if target_modules is not None and kwargs.get("targets") is not None:
             raise PPQConfigError(
                 f"target_modules={target_modules!r} and targets={kwargs['targets']!r} are not "
                 "allowed together: give target_modules only."
             )
         kwargs["targets"] = target_modules if target_modules is not None else kwargs.get("targets")
-        super().__init__(**kwargs)
-        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
-        self.merge, self.reproject = merge, reproject
+        super().__init__(
+            r=r, alpha=alpha, dropout=dropout, merge=merge, reproject=reproject, **kwargs
+        )
         self._trainable: list[str] = []
         self._started = 0.0
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "merge": self.merge,
-            "reproject": self.reproject,
-        }
 
     # -- fit: inject at setup (before the optimizer and any checkpoint restore) -----------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

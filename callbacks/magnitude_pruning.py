@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -12,13 +13,13 @@ from ppq_lightning.callbacks.base import CompressionCallback, log_metrics
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
 from ppq_lightning.errors import bad_value, check_choice, check_int, check_number
+from ppq_lightning.modules.config import SparsityConfig
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.masks import (
     check_nm_width,
     global_masks,
     nm_mask,
-    resolve_sparsity,
     row_mask,
     unstructured_mask,
 )
@@ -31,8 +32,6 @@ def check_ramp(
     ramp: dict[str, Any] | None,
     sparsity: float,
     nm: tuple[int, int] | None,
-    at_epoch: int | None,
-    at_step: int | None,
 ) -> dict[str, Any] | None:
     """Validate a gradual-pruning ramp; returns it with defaults filled in.
 
@@ -45,8 +44,6 @@ def check_ramp(
         raise bad_value("ramp", ramp, f"a dict with end_step and optionally {RAMP_KEYS}")
     if nm is not None:
         raise bad_value("ramp", ramp, "None with an N:M pattern (ramps are unstructured)")
-    if at_epoch is not None or at_step is not None:
-        raise bad_value("ramp", ramp, "None with at_epoch/at_step (the ramp says when)")
     ramp = {"start_step": 0, "every": 1, "initial_sparsity": 0.0, **ramp}
     for key in ("start_step", "end_step", "every"):
         check_int(f"ramp.{key}", ramp[key], minimum=0)
@@ -56,6 +53,24 @@ def check_ramp(
         raise bad_value("ramp.every", ramp["every"], "an integer >= 1")
     check_number("ramp.initial_sparsity", ramp["initial_sparsity"], 0, sparsity, high_open=True)
     return ramp
+
+
+@dataclass(frozen=True, kw_only=True)
+class MagnitudeConfig(SparsityConfig):
+    """Magnitude pruning's arguments (see :class:`MagnitudePruning`); ``ramp`` is stored with
+    its defaults filled in.
+
+    Raises:
+        PPQConfigError: see :class:`MagnitudePruning`.
+    """
+
+    scope: str = "layer"
+    ramp: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("scope", self.scope, SCOPES)
+        object.__setattr__(self, "ramp", check_ramp(self.ramp, self.sparsity, self.nm))
 
 
 class MagnitudePruning(CompressionCallback):
@@ -103,6 +118,7 @@ class MagnitudePruning(CompressionCallback):
 
     default_name = "magnitude"
     kind = StageKind.PRUNE
+    config_class = MagnitudeConfig
 
     def __init__(
         self,
@@ -112,20 +128,14 @@ class MagnitudePruning(CompressionCallback):
         ramp: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        sparsity, nm = resolve_sparsity(sparsity, pattern)
-        check_choice("scope", scope, SCOPES)
-        super().__init__(**kwargs)
-        self.sparsity, self.pattern, self.scope, self._nm = sparsity, pattern, scope, nm
-        self.ramp = check_ramp(ramp, sparsity, nm, self.at_epoch, self.at_step)
+        super().__init__(sparsity=sparsity, pattern=pattern, scope=scope, ramp=ramp, **kwargs)
+        if ramp is not None and (self.at_epoch is not None or self.at_step is not None):
+            raise bad_value("ramp", ramp, "None with at_epoch/at_step (the ramp says when)")
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
         super().check_layers(modules)
         for name, module in modules.items():
-            check_nm_width(self._nm, weight_matrix(module).shape[1], name)
-
-    def stage_config(self) -> dict[str, Any]:
-        config = {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope}
-        return config if self.ramp is None else {**config, "ramp": dict(self.ramp)}
+            check_nm_width(self.config.nm, weight_matrix(module).shape[1], name)
 
     # -- gradual pruning in fit --------------------------------------------------------------
     def fit_moment(self, trainer: L.Trainer) -> str:
@@ -184,8 +194,8 @@ class MagnitudePruning(CompressionCallback):
         """The masks (True = kept) that bring each of ``modules`` to ``sparsity``."""
         scores = {n: weight_matrix(m).abs() for n, m in modules.items()}  # (out, in)
         keeps = {n: current_mask(m) for n, m in modules.items()}
-        if self._nm is not None:
-            masks = {n: nm_mask(scores[n], *self._nm, keep=keeps[n]) for n in modules}
+        if self.config.nm is not None:
+            masks = {n: nm_mask(scores[n], *self.config.nm, keep=keeps[n]) for n in modules}
         elif self.scope == "global":
             names = list(modules)
             found = global_masks([scores[n] for n in names], sparsity, [keeps[n] for n in names])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
-from ppq_lightning.errors import check_bool
+from ppq_lightning.modules.config import GridConfig
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import (
     as_matrix,
@@ -31,6 +32,21 @@ def qat_weight(
     w = as_matrix(module, weight)  # (out, in)
     grid = compute_grid(w, bits, group_size, symmetric)  # from the detached latent weights
     return to_weight_layout(module, fake_quantize_ste(w, grid))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QATConfig(GridConfig):
+    """Quantization-aware training's arguments (see :class:`QuantizationAwareTraining`).
+
+    Raises:
+        PPQConfigError: bits outside 2-8, a bad group size, ``symmetric`` not a bool.
+    """
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        super().__post_init__()
 
 
 class QuantizationAwareTraining(FakeQuantStage):
@@ -77,6 +93,7 @@ class QuantizationAwareTraining(FakeQuantStage):
     """
 
     default_name = "qat"
+    config_class = QATConfig
     kind = StageKind.QUANTIZE
 
     def __init__(
@@ -86,15 +103,7 @@ class QuantizationAwareTraining(FakeQuantStage):
         symmetric: bool = False,
         **kwargs: Any,
     ) -> None:
-        check_bits(bits)
-        check_bool("symmetric", symmetric)
-        if group_size is not None:
-            check_group_size(group_size, group_size)
-        super().__init__(**kwargs)
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        super().__init__(bits=bits, group_size=group_size, symmetric=symmetric, **kwargs)
 
     def check_layer(self, name: str, module: nn.Module) -> None:
         check_group_size(self.group_size, weight_matrix(module).shape[1], f"group_size ({name})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -10,18 +11,29 @@ from torch import nn
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
-from ppq_lightning.errors import check_bool
-from ppq_lightning.modules.mixed_precision import (
-    assign_bits,
-    check_layer_bits,
-    check_promote,
-    mixed_precision_config,
-)
+from ppq_lightning.modules.config import GridConfig
+from ppq_lightning.modules.mixed_precision import MixedPrecisionConfig, assign_bits
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
 from ppq_lightning.ops.reconstruction import relative_weight_error
 
 CURVE_BITS = (8, 6, 5, 4, 3, 2)  # the default quantization-only curve of an order study
+
+
+@dataclass(frozen=True, kw_only=True)
+class RTNConfig(MixedPrecisionConfig, GridConfig):
+    """RTN's arguments (see :class:`RTNQuantization`).
+
+    Raises:
+        PPQConfigError: bits outside 2-8 (and not 16), a bad group size, ``symmetric`` not a
+            bool, bad ``layer_bits``/``promote``.
+    """
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, allow_off=True)
+        super().__post_init__()
 
 
 class RTNQuantization(CompressionCallback):
@@ -66,6 +78,7 @@ class RTNQuantization(CompressionCallback):
 
     default_name = "rtn"
     kind = StageKind.QUANTIZE
+    config_class = RTNConfig
 
     def __init__(
         self,
@@ -76,13 +89,14 @@ class RTNQuantization(CompressionCallback):
         promote: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_bits(bits, allow_off=True)
-        check_bool("symmetric", symmetric)
-        if group_size is not None:
-            check_group_size(group_size, group_size)
-        self.layer_bits, self.promote = check_layer_bits(layer_bits), check_promote(promote)
-        super().__init__(**kwargs)
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        super().__init__(
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            layer_bits=layer_bits,
+            promote=promote,
+            **kwargs,
+        )
 
     @classmethod
     def curve(cls, bits: Iterable[int] = CURVE_BITS, **kwargs: Any) -> list[RTNQuantization]:
@@ -90,10 +104,6 @@ class RTNQuantization(CompressionCallback):
         quantization-only curve an order study interpolates ``C*`` on (``kwargs``: more
         arguments of every stage, e.g. ``b_orig=32``)."""
         return [cls(bits=b, name=f"RTN{b}", log_layers=False, **kwargs) for b in bits]
-
-    def stage_config(self) -> dict[str, Any]:
-        config = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
-        return config | mixed_precision_config(self.layer_bits, self.promote)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

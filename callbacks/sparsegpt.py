@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
+from ppq_lightning.calibration.config import CalibrationConfig
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import (
@@ -15,13 +17,33 @@ from ppq_lightning.compressed.state import (
     record_mask,
     record_stage,
 )
-from ppq_lightning.errors import check_bool
+from ppq_lightning.modules.config import GridConfig, SparsityConfig
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.grouped import grid_rows, solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
-from ppq_lightning.ops.masks import check_nm_width, resolve_sparsity
-from ppq_lightning.ops.quant_grid import check_bits, check_group_size
+from ppq_lightning.ops.masks import check_nm_width
+from ppq_lightning.ops.quant_grid import check_bits
 from ppq_lightning.ops.sparsegpt import SparseGPTResult, sparsegpt
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseGPTConfig(CalibrationConfig, SparsityConfig, GridConfig):
+    """SparseGPT's arguments (see :class:`SparseGPT`).
+
+    Raises:
+        PPQConfigError: bad sparsity or pattern, bits outside 2-8, a bad group size, block size
+            or damping, ``symmetric`` not a bool, bad calibration settings.
+    """
+
+    bits: int | None = None
+    block_size: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits is not None:
+            check_bits(self.bits)
+        check_solver_args(self.block_size, self.damp)
 
 
 class SparseGPT(CalibratedCompression):
@@ -59,6 +81,7 @@ class SparseGPT(CalibratedCompression):
     """
 
     default_name = "sparsegpt"
+    config_class = SparseGPTConfig
 
     def __init__(
         self,
@@ -71,37 +94,22 @@ class SparseGPT(CalibratedCompression):
         damp: float = 0.01,
         **kwargs: Any,
     ) -> None:
-        self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
-        if bits is not None:
-            check_bits(bits)
-        check_bool("symmetric", symmetric)
-        if group_size is not None:
-            check_group_size(group_size, group_size)
-        check_solver_args(block_size, damp)
-        super().__init__(**kwargs)
-        self.pattern, self.bits, self.group_size, self.symmetric = (
-            pattern,
-            bits,
-            group_size,
-            symmetric,
+        super().__init__(
+            sparsity=sparsity,
+            pattern=pattern,
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            block_size=block_size,
+            damp=damp,
+            **kwargs,
         )
-        self.block_size, self.damp = block_size, float(damp)
         self.kind = StageKind.PRUNE if bits is None else StageKind.PRUNE_QUANTIZE
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
         super().check_layers(modules)
         for name, module in modules.items():
-            check_nm_width(self._nm, weight_matrix(module).shape[1], name)
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "sparsity": self.sparsity,
-            "pattern": self.pattern,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "calibrate_on": self.calibrate_on,
-        }
+            check_nm_width(self.config.nm, weight_matrix(module).shape[1], name)
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
         grid = current_grid(layer) if self.bits is None else None
@@ -111,8 +119,8 @@ class SparseGPT(CalibratedCompression):
             return sparsegpt(
                 w,
                 h,
-                sparsity=None if self._nm else self.sparsity,
-                nm=self._nm,
+                sparsity=None if self.config.nm else self.sparsity,
+                nm=self.config.nm,
                 block_size=self.block_size,
                 damp=self.damp,
                 keep=take_rows(keep, rows),

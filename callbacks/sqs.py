@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -14,6 +15,7 @@ from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage, add_gradien
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_grid, record_mask, record_stage
 from ppq_lightning.errors import bad_value, check_int, check_number
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import as_matrix, set_weight_matrix, to_weight_layout
 from ppq_lightning.ops.quant_grid import check_bits
@@ -39,6 +41,45 @@ def sqs_weight(module: nn.Module, stage: SQS, weight: Tensor) -> Tensor:
     if mask is not None:
         out = out * mask.to(out.device)
     return to_weight_layout(module, out.to(weight.dtype))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SQSConfig(StageConfig):
+    """SQS's arguments (see :class:`SQS`).
+
+    Raises:
+        PPQConfigError: see :class:`SQS`.
+    """
+
+    bits: int = 4
+    kl_weight: float = 1.0
+    prior_inclusion: float = 0.5
+    prior_sigma: float = 0.5
+    init_inclusion: float = 0.95
+    sigma: float = 0.5
+    temperature: float = 1.0
+    min_temperature: float = 0.05
+    anneal_steps: int | None = None
+    kl_warmup_steps: int = 0
+    seed: int = 0
+    logit_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.bits)
+        check_number("kl_weight", self.kl_weight, low=0)
+        for argument in ("prior_inclusion", "init_inclusion"):
+            check_number(argument, getattr(self, argument), 0, 1, low_open=True, high_open=True)
+        for argument in ("prior_sigma", "sigma", "temperature", "min_temperature"):
+            check_number(argument, getattr(self, argument), low=0, low_open=True)
+        if self.min_temperature > self.temperature:
+            raise bad_value(
+                "min_temperature", self.min_temperature, f"at most temperature={self.temperature}"
+            )
+        check_int("anneal_steps", self.anneal_steps, minimum=1, allow_none=True)
+        check_int("kl_warmup_steps", self.kl_warmup_steps, minimum=0)
+        check_int("seed", self.seed)
+        check_number("logit_scale", self.logit_scale, low=0, low_open=True)
 
 
 class SQS(FakeQuantStage):
@@ -103,6 +144,7 @@ class SQS(FakeQuantStage):
     """
 
     default_name = "sqs"
+    config_class = SQSConfig
     kind = StageKind.PRUNE_QUANTIZE
 
     def __init__(
@@ -121,52 +163,22 @@ class SQS(FakeQuantStage):
         logit_scale: float = 10.0,
         **kwargs: Any,
     ) -> None:
-        check_bits(bits)
-        check_number("kl_weight", kl_weight, low=0)
-        for argument, value in (
-            ("prior_inclusion", prior_inclusion),
-            ("init_inclusion", init_inclusion),
-        ):
-            check_number(argument, value, 0, 1, low_open=True, high_open=True)
-        for argument, value in (
-            ("prior_sigma", prior_sigma),
-            ("sigma", sigma),
-            ("temperature", temperature),
-        ):
-            check_number(argument, value, low=0, low_open=True)
-        check_number("min_temperature", min_temperature, low=0, low_open=True)
-        if min_temperature > temperature:
-            raise bad_value(
-                "min_temperature", min_temperature, f"at most temperature={temperature}"
-            )
-        check_int("anneal_steps", anneal_steps, minimum=1, allow_none=True)
-        check_int("kl_warmup_steps", kl_warmup_steps, minimum=0)
-        check_int("seed", seed)
-        check_number("logit_scale", logit_scale, low=0, low_open=True)
-        super().__init__(**kwargs)
-        self.bits, self.kl_weight = bits, float(kl_weight)
-        self.prior_inclusion, self.prior_sigma = float(prior_inclusion), float(prior_sigma)
-        self.init_inclusion, self.sigma = float(init_inclusion), float(sigma)
-        self.temperature, self.min_temperature = float(temperature), float(min_temperature)
-        self.anneal_steps, self.kl_warmup_steps, self.seed = anneal_steps, kl_warmup_steps, seed
-        self.logit_scale = float(logit_scale)
+        super().__init__(
+            bits=bits,
+            kl_weight=kl_weight,
+            prior_inclusion=prior_inclusion,
+            prior_sigma=prior_sigma,
+            init_inclusion=init_inclusion,
+            sigma=sigma,
+            temperature=temperature,
+            min_temperature=min_temperature,
+            anneal_steps=anneal_steps,
+            kl_warmup_steps=kl_warmup_steps,
+            seed=seed,
+            logit_scale=logit_scale,
+            **kwargs,
+        )
         self._anneal = anneal_steps
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "bits": self.bits,
-            "kl_weight": self.kl_weight,
-            "prior_inclusion": self.prior_inclusion,
-            "prior_sigma": self.prior_sigma,
-            "init_inclusion": self.init_inclusion,
-            "sigma": self.sigma,
-            "temperature": self.temperature,
-            "min_temperature": self.min_temperature,
-            "anneal_steps": self.anneal_steps,
-            "kl_warmup_steps": self.kl_warmup_steps,
-            "seed": self.seed,
-            "logit_scale": self.logit_scale,
-        }
 
     # -- schedules --------------------------------------------------------------------------
     def temperature_at(self, step: int) -> float:

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ppq_lightning.calibration.config import CalibrationConfig
 from ppq_lightning.callbacks.calibrated import CalibratedCompression
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
 from ppq_lightning.errors import check_choice
+from ppq_lightning.modules.config import SparsityConfig
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.grouped import solve_by_groups, take_rows
-from ppq_lightning.ops.masks import check_nm_width, resolve_sparsity
+from ppq_lightning.ops.masks import check_nm_width
 from ppq_lightning.ops.wanda import WANDA_SCOPES, wanda_mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandaConfig(CalibrationConfig, SparsityConfig):
+    """Wanda's arguments (see :class:`Wanda`).
+
+    Raises:
+        PPQConfigError: bad sparsity, pattern, scope or calibration settings.
+    """
+
+    scope: str = "row"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("scope", self.scope, WANDA_SCOPES)
 
 
 class Wanda(CalibratedCompression):
@@ -51,6 +69,7 @@ class Wanda(CalibratedCompression):
     default_name = "wanda"
     kind = StageKind.PRUNE
     statistic: ClassVar[str] = "act_norm"
+    config_class = WandaConfig
 
     def __init__(
         self,
@@ -59,31 +78,20 @@ class Wanda(CalibratedCompression):
         scope: str = "row",
         **kwargs: Any,
     ) -> None:
-        self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
-        check_choice("scope", scope, WANDA_SCOPES)
-        super().__init__(**kwargs)
-        self.pattern, self.scope = pattern, scope
+        super().__init__(sparsity=sparsity, pattern=pattern, scope=scope, **kwargs)
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
         super().check_layers(modules)
         for name, module in modules.items():
-            check_nm_width(self._nm, weight_matrix(module).shape[1], name)
-
-    def stage_config(self) -> dict[str, Any]:
-        return {
-            "sparsity": self.sparsity,
-            "pattern": self.pattern,
-            "scope": self.scope,
-            "calibrate_on": self.calibrate_on,
-        }
+            check_nm_width(self.config.nm, weight_matrix(module).shape[1], name)
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
         keep = current_mask(layer)
 
         def solve(w: Tensor, norms: Tensor, rows: slice) -> Tensor:
-            sparsity = None if self._nm else self.sparsity
+            sparsity = None if self.config.nm else self.sparsity
             keep_rows = take_rows(keep, rows)
-            return wanda_mask(w, norms, sparsity, self._nm, keep_rows, scope=self.scope)
+            return wanda_mask(w, norms, sparsity, self.config.nm, keep_rows, scope=self.scope)
 
         mask = solve_by_groups(solve, weight_matrix(layer).float(), statistic, self.grouped(layer))
         state = record_mask(layer, mask)

@@ -15,11 +15,13 @@ reported by ``compression_summary`` (each layer's recorded grid counts at its ow
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ppq_lightning.errors import PPQConfigError, bad_value, check_number
+from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.quant_grid import check_bits, compute_grid
@@ -102,14 +104,24 @@ def assign_bits(
     return {name: chosen.get(name, bits) for name in modules}
 
 
-def mixed_precision_config(
-    layer_bits: dict[str, int] | None, promote: dict[str, Any] | None
-) -> dict[str, Any]:
-    """The mixed-precision part of a stage's config (empty when unused, so that state keys of
-    uniform stages do not change)."""
-    config: dict[str, Any] = {}
-    if layer_bits is not None:
-        config["layer_bits"] = layer_bits
-    if promote is not None:
-        config["promote"] = promote
-    return config
+@dataclass(frozen=True, kw_only=True)
+class MixedPrecisionConfig(StageConfig):
+    """Bits per layer beside a method's uniform ``bits``.
+
+    Args:
+        layer_bits: mixed precision by name, ``{regex: bits}`` (16 leaves matched layers
+            unquantized).
+        promote: mixed precision by sensitivity, ``{"bits": B, "fraction": f}``: the most
+            sensitive layers holding a fraction ``f`` of the weights get ``B`` bits.
+
+    Raises:
+        PPQConfigError: see :func:`check_layer_bits` and :func:`check_promote`.
+    """
+
+    layer_bits: dict[str, int] | None = None
+    promote: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "layer_bits", check_layer_bits(self.layer_bits))
+        object.__setattr__(self, "promote", check_promote(self.promote))

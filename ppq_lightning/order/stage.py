@@ -20,14 +20,20 @@ class Stage(Protocol):
 
     Attributes:
         name: what the stage is called in orders, logs and reports (``"P"``, ``"gptq"``).
-        state_key: what identifies the stage and its arguments (recorded on every module it
-            touches; a cell of a study is keyed by its stages' state keys).
+        identity: what the stage computes: its method and every argument that can change the
+            weights it produces, never its name (a cell of a study is keyed by its stages'
+            identities).
+        state_key: the stage in a run: its identity and, when given, its name (recorded on
+            every module it touches).
         kind: what the stage does (:class:`~ppq_lightning.compressed.history.StageKind`).
         b_orig: bits of an original weight, for compression rates.
     """
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def identity(self) -> str: ...
 
     @property
     def state_key(self) -> str: ...

@@ -20,6 +20,7 @@ once and copied for each continuation (``reuse_prefixes=True``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -300,13 +301,18 @@ class OrderStudy:
     ) -> dict[tuple[str, ...], Cell]:
         """Evaluate every requested order (names -> kind), depth first over shared prefixes.
 
-        Cached cells are read back, not recomputed; a prefix is applied only when some order
-        below it still needs computing.
+        Cells are keyed by the stages' identities, not their names: cached cells are read
+        back, not recomputed, and two requested orders of the same identities (a study stage
+        and a curve stage with one configuration) are computed once. A prefix is applied only
+        when some order below it still needs computing.
         """
-        key_of = {name: stage.state_key for name, stage in stages.items()}
-        tail = tuple(stage.state_key for stage in self.tail)
+        key_of = {name: stage.identity for name, stage in stages.items()}
+        tail = tuple(stage.identity for stage in self.tail)
         keys = {names: (*(key_of[n] for n in names), *tail) for names in requests}
-        todo = {names for names in requests if self._cached(keys[names]) is None}
+        first = {}  # one order per distinct keys
+        for names in sorted(requests, key=lambda n: (len(n), n)):
+            first.setdefault(keys[names], names)
+        todo = {n for n in first.values() if self._cached(keys[n]) is None}
         progress = tqdm(total=len(todo), desc=f"study {self.label}", unit="cell", leave=False)
 
         def visit(model: L.LightningModule, prefix: tuple[str, ...], seconds: float) -> None:
@@ -341,7 +347,12 @@ class OrderStudy:
                     )
                     progress.update()
         progress.close()
-        return {names: self._cached(keys[names]) for names in requests}
+        return {  # a cell shared by names is reported under the names asked for
+            names: dataclasses.replace(
+                self._cached(keys[names]), order=format_order(names), kind=requests[names]
+            )
+            for names in requests
+        }
 
     # -- the study ------------------------------------------------------------------------------
     def run(self) -> StudyResult:

@@ -197,7 +197,13 @@ def test_bad_arguments(kwargs, match):
 
 def test_stage_config_and_round_to():
     stage = DepGraphPruning(ratio=0.25, round_to=8, name="C")
-    assert stage.stage_config() == {"ratio": 0.25, "prune_heads": False, "round_to": 8}
+    assert stage.stage_config() == {
+        "ignore": None,
+        "prune_heads": False,
+        "ratio": 0.25,
+        "round_to": 8,
+        "targets": None,
+    }
     module = _resnet()
     stage.apply(module, dataloader=_batches())
     model = module.model

@@ -125,7 +125,8 @@ def test_works_on_a_users_module_with_plain_dataloaders(tmp_path):
         ([MagnitudePruning(sparsity=0.5), MagnitudePruning(sparsity=0.5)], "distinct `name`"),
         (
             [MagnitudePruning(0.5, name="P"), RTNQuantization(4, name="P")],
-            r"name two stages 'P' \(MagnitudePruning\{.*\} and RTNQuantization\{.*distinct `name`",
+            r"name two stages 'P' \(MagnitudePruning\{.*\}@P and "
+            r"RTNQuantization\{.*distinct `name`",
         ),
         (  # two unnamed stages of one method share its default name
             [MagnitudePruning(sparsity=0.3), MagnitudePruning(sparsity=0.5)],

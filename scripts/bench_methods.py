@@ -47,32 +47,26 @@ import torch
 
 from ppq_lightning.reports import write_text_atomic
 
-METHODS = {
+METHODS = {  # a benchmark row -> its stages as method registry specs (callbacks/registry.py)
     "dense": [],
-    "rtn4": [("RTNQuantization", {"bits": 4})],
-    "gptq4": [("GPTQ", {"bits": 4})],
-    "gptq4_f64": [("GPTQ", {"bits": 4, "statistics_dtype": "float64"})],
-    "gptq4_sym_act": [("GPTQ", {"bits": 4, "symmetric": True, "act_order": True})],
-    "gptq3": [("GPTQ", {"bits": 3})],
-    "gptq4_g64": [("GPTQ", {"bits": 4, "group_size": 64})],
-    "magnitude50": [("MagnitudePruning", {"sparsity": 0.5})],
-    "wanda50": [("Wanda", {"sparsity": 0.5})],
-    "sparsegpt50": [("SparseGPT", {"sparsity": 0.5})],
-    "sparsegpt24": [("SparseGPT", {"pattern": "2:4"})],
-    "sparsegpt50>gptq4": [("SparseGPT", {"sparsity": 0.5}), ("GPTQ", {"bits": 4})],
-    "gptq4>sparsegpt50": [("GPTQ", {"bits": 4}), ("SparseGPT", {"sparsity": 0.5})],
-    "sharing90": [("BasisSharing", {"group_size": 2, "ratio": 0.9})],
-    "sharing90_whiten": [("BasisSharing", {"group_size": 2, "ratio": 0.9, "whiten": True})],
-    "sharing80": [("BasisSharing", {"group_size": 2, "ratio": 0.8})],
-    "sharing80_whiten": [("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True})],
-    "sharing80_whiten>rtn4": [
-        ("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True}),
-        ("RTNQuantization", {"bits": 4}),
-    ],
-    "sharing80_whiten>gptq4": [
-        ("BasisSharing", {"group_size": 2, "ratio": 0.8, "whiten": True}),
-        ("GPTQ", {"bits": 4}),
-    ],
+    "rtn4": ["rtn:4"],
+    "gptq4": ["gptq:4"],
+    "gptq4_f64": ["gptq:4,statistics_dtype=float64"],
+    "gptq4_sym_act": ["gptq:4,symmetric=true,act_order=true"],
+    "gptq3": ["gptq:3"],
+    "gptq4_g64": ["gptq:4,group_size=64"],
+    "magnitude50": ["magnitude:0.5"],
+    "wanda50": ["wanda:0.5"],
+    "sparsegpt50": ["sparsegpt:0.5"],
+    "sparsegpt24": ["sparsegpt,pattern=2:4"],
+    "sparsegpt50>gptq4": ["sparsegpt:0.5", "gptq:4"],
+    "gptq4>sparsegpt50": ["gptq:4", "sparsegpt:0.5"],
+    "sharing90": ["sharing:0.9,group_size=2"],
+    "sharing90_whiten": ["sharing:0.9,group_size=2,whiten=true"],
+    "sharing80": ["sharing:0.8,group_size=2"],
+    "sharing80_whiten": ["sharing:0.8,group_size=2,whiten=true"],
+    "sharing80_whiten>rtn4": ["sharing:0.8,group_size=2,whiten=true", "rtn:4"],
+    "sharing80_whiten>gptq4": ["sharing:0.8,group_size=2,whiten=true", "gptq:4"],
 }
 CROSS_CORPUS = ("gptq4", "sparsegpt50", "wanda50")
 # our method -> the llm-compressor run with the same settings (its GPTQ defaults are symmetric
@@ -178,10 +172,9 @@ def reset_peak_memory(device: str) -> bool:
 
 def run_one(args: argparse.Namespace) -> dict:
     """Compress and evaluate one method in this process; print its JSON row."""
-    import ppq_lightning.callbacks as callbacks
     from ppq_lightning import check_invariants, compression_summary
     from ppq_lightning.calibration.blocks import find_blocks
-    from ppq_lightning.callbacks.calibrated import CalibratedCompression
+    from ppq_lightning.callbacks.registry import build_stage, parse_spec
 
     data = torch.load(args.data, weights_only=True)
     name, _, corpus = args.one.partition("@")
@@ -194,11 +187,15 @@ def run_one(args: argparse.Namespace) -> dict:
     batches = [{"input_ids": w[None]} for w in calibration]
     start = time.perf_counter()
     passes = 0
-    for index, (cls_name, kwargs) in enumerate(METHODS[name], start=1):
-        cls = getattr(callbacks, cls_name)
-        if issubclass(cls, CalibratedCompression) or kwargs.get("whiten"):
-            kwargs = {**kwargs, "num_calibration_batches": len(batches), "device": args.device}
-        stage = cls(**kwargs, log_layers=False, name=f"s{index}")
+    for index, spec in enumerate(METHODS[name], start=1):
+        where = {"device": args.device} if parse_spec(spec)[0].accepts("device") else {}
+        stage = build_stage(
+            spec,
+            num_calibration_batches=len(batches),
+            log_layers=False,
+            name=f"s{index}",
+            **where,
+        )
         stage.apply(module, index=index, dataloader=batches)
         report = getattr(stage, "calibration_report", None)
         passes += report.block_passes if report is not None else 0

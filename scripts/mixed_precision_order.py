@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ppq_lightning.cli.experiments import (
+    QUANTIZATION_HELP,
     command_line,
     experiment_parser,
     instantiate,
@@ -31,7 +32,7 @@ from ppq_lightning.study.report import write_report
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = experiment_parser(__doc__)
-    parser.add_argument("--quantization", type=str, default="rtn", help="rtn|gptq")
+    parser.add_argument("--quantization", type=str, default="rtn", help=QUANTIZATION_HELP)
     parser.add_argument("--q4_layers", type=str, default=r"mlp\.")
     parser.add_argument("--q2_layers", type=str, default=r"mlp\.down_proj")
     parser.add_argument("--group_size", type=int | None, default=None)

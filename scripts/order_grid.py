@@ -33,6 +33,8 @@ from typing import Any
 
 from ppq_lightning.callbacks import RTNQuantization
 from ppq_lightning.cli.experiments import (
+    PRUNING_HELP,
+    QUANTIZATION_HELP,
     command_line,
     experiment_parser,
     instantiate,
@@ -53,9 +55,9 @@ def grid_parser() -> Any:
         "--pruning",
         type=str,
         default="magnitude",
-        help="magnitude|wanda|wanda_layer|sparsegpt|block_removal|depgraph",
+        help=PRUNING_HELP,
     )
-    parser.add_argument("--quantization", type=str, default="rtn", help="rtn|gptq")
+    parser.add_argument("--quantization", type=str, default="rtn", help=QUANTIZATION_HELP)
     parser.add_argument("--sparsities", type=list[float], default=[0.2, 0.3, 0.4, 0.5, 0.6])
     parser.add_argument("--bits", type=list[int], default=[2, 3, 4, 8])
     parser.add_argument("--group_size", type=int | None, default=None)

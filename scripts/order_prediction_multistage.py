@@ -23,15 +23,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ppq_lightning.callbacks import BasisSharing, CompressionCallback, RTNQuantization
+from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
+from ppq_lightning.callbacks.registry import build_stage as registry_stage
+from ppq_lightning.callbacks.registry import parse_spec
 from ppq_lightning.cli.experiments import (
-    PRUNERS,
-    QUANTIZERS,
     command_line,
     experiment_parser,
     instantiate,
-    pruner,
-    quantizer,
     recalibration,
     write_results_readme,
 )
@@ -50,26 +48,31 @@ DEFAULT_SCHEDULES = [
 
 
 def build_stage(spec: str, n: int, b_orig: int, taken: Counter) -> CompressionCallback:
-    """One stage from ``method:value``; names are ``P30``, ``Q4``, ``S60`` (``P30b`` when a
-    name repeats).
+    """One stage from a registry spec with an intensity, ``method:value[,argument=value...]``
+    (``ppq_lightning.callbacks.registry``); names are ``P30``, ``Q4``, ``S60`` (the method's
+    letter and its intensity; ``P30b`` when a name repeats). Basis sharing shares pairs of
+    layers unless the spec says ``group_size``.
 
     Raises:
-        PPQConfigError: on a spec that is not ``method:value`` or an unknown method.
+        PPQConfigError: on a spec without an intensity, or one the registry refuses.
     """
-    method, _, value = spec.partition(":")
-    allowed = [*PRUNERS, *QUANTIZERS, "sharing"]
-    if not value or method not in allowed:
-        raise PPQConfigError(f"schedule stage {spec!r}: expected method:value, method in {allowed}")
-    number = float(value)
-    prefix = "Q" if method in QUANTIZERS else "S" if method == "sharing" else "P"
-    name = f"{prefix}{round(number) if prefix == 'Q' else round(number * 100)}"
+    found, number, arguments = parse_spec(spec, argument="schedule stage")
+    if number is None:
+        raise PPQConfigError(f"schedule stage {spec!r}: expected method:value, e.g. 'rtn:4'")
+    scaled = number if found.letter == "Q" else number * 100
+    name = f"{found.letter}{round(scaled)}"
     taken[name] += 1
     name += "" if taken[name] == 1 else "bcdefgh"[taken[name] - 2]
-    if method in QUANTIZERS:
-        return quantizer(method, int(number), name, n, b_orig=b_orig)
-    if method == "sharing":
-        return BasisSharing(group_size=2, ratio=number, name=name, b_orig=b_orig)
-    return pruner(method, number, name, n, b_orig)
+    extra = {"group_size": 2} if found.name == "sharing" and "group_size" not in arguments else {}
+    return registry_stage(
+        spec,
+        argument="schedule stage",
+        num_calibration_batches=n,
+        name=name,
+        log_layers=False,
+        b_orig=b_orig,
+        **extra,
+    )
 
 
 def judge(orders: dict[str, float], ranking: list[str], noise: float) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from ppq_lightning.cli.experiments import (
+    PRUNING_HELP,
+    QUANTIZATION_HELP,
     command_line,
     experiment_parser,
     instantiate,
@@ -29,10 +31,8 @@ from ppq_lightning.study.engine import OrderStudy
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = experiment_parser(__doc__)
-    parser.add_argument(
-        "--pruning", type=str, default="magnitude", help="magnitude|wanda|sparsegpt"
-    )
-    parser.add_argument("--quantization", type=str, default="rtn", help="rtn|gptq")
+    parser.add_argument("--pruning", type=str, default="magnitude", help=PRUNING_HELP)
+    parser.add_argument("--quantization", type=str, default="rtn", help=QUANTIZATION_HELP)
     parser.add_argument("--sparsities", type=list[float], default=[0.4, 0.5, 0.6])
     parser.add_argument("--bits", type=list[int], default=[3, 4])
     parser.add_argument("--split", type=float, default=0.5, help="P1's share of the sparsity")

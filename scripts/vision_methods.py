@@ -28,15 +28,8 @@ from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import batch_input
 from ppq_lightning.calibration.engine import observing
 from ppq_lightning.calibration.statistics import LayerStatistics
-from ppq_lightning.callbacks import (
-    GPTQ,
-    CompressionCallback,
-    DepGraphPruning,
-    MagnitudePruning,
-    RTNQuantization,
-    SparseGPT,
-    Wanda,
-)
+from ppq_lightning.callbacks import CompressionCallback
+from ppq_lightning.callbacks.registry import build_stage
 from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
@@ -61,7 +54,11 @@ METHOD_NAME = re.compile(
     r"|(?P<prune>magnitude|wanda|sparsegpt)(?:(?P<n>\d+)_(?P<m>\d+)|(?P<percent>\d+)(?P<layer>_layer)?)"
     r"|channels(?P<channels>\d+))$"
 )
-PRUNING = {"magnitude": MagnitudePruning, "wanda": Wanda, "sparsegpt": SparseGPT}
+SHORT_FORMS = (
+    "rtn<bits>, gptq<bits>, magnitude|wanda|sparsegpt<percent> or <N>_<M>, "
+    "wanda<percent>_layer, channels<percent>, or a registry spec such as 'sqs:4' "
+    "(METHOD[:INTENSITY][,ARGUMENT=VALUE...])"
+)
 
 
 def not_dividing(widths: dict[str, int], m: int) -> list[str]:
@@ -70,43 +67,35 @@ def not_dividing(widths: dict[str, int], m: int) -> list[str]:
 
 
 def method(name: str, n: int, b_orig: int, widths: dict[str, int]) -> CompressionCallback:
-    """A method from its short name (``n`` calibration batches): ``rtn4``, ``gptq3`` (bits),
-    ``magnitude50``, ``wanda25``, ``sparsegpt50`` (percent sparsity), ``wanda50_layer`` (Wanda's
-    per-layer scope), ``sparsegpt2_4`` (N:M; the layers whose input size ``widths[layer]`` M
-    does not divide are left out), ``channels30`` (DepGraph channel ratio, percent).
+    """A method of the registry (``ppq_lightning.callbacks.registry``, ``n`` calibration
+    batches) from this script's short forms, which name the rows of its reports: ``rtn4``,
+    ``gptq3`` (bits), ``magnitude50``, ``wanda25``, ``sparsegpt50`` (percent sparsity),
+    ``wanda50_layer`` (Wanda's per-layer scope), ``sparsegpt2_4`` (N:M; the layers whose input
+    size ``widths[layer]`` M does not divide are left out), ``channels30`` (DepGraph channel
+    ratio, percent); any other method as a registry spec (``sqs:4``, ``lora:8``).
 
     Raises:
         PPQConfigError: on a name of none of these forms.
     """
+    common = {"b_orig": b_orig, "log_layers": False, "name": name, "num_calibration_batches": n}
     found = METHOD_NAME.match(name)
     if found is None:
-        raise bad_value(
-            "methods",
-            name,
-            "rtn<bits>, gptq<bits>, magnitude|wanda|sparsegpt"
-            "<percent> or <N>_<M>, wanda<percent>_layer, or channels<percent>",
-        )
-    common = {"b_orig": b_orig, "log_layers": False, "name": name}
-    calibrated = {**common, "num_calibration_batches": n}
+        if ":" not in name and "," not in name:
+            raise bad_value("methods", name, SHORT_FORMS)
+        return build_stage(name, **common)
     part = found.groupdict()
     if part["quant"]:
-        bits = int(part["bits"])
-        return (
-            RTNQuantization(bits=bits, **common)
-            if part["quant"] == "rtn"
-            else GPTQ(bits=bits, **calibrated)
-        )
+        return build_stage(part["quant"], int(part["bits"]), **common)
     if part["channels"]:
-        return DepGraphPruning(ratio=int(part["channels"]) / 100, **common)
-    cls = PRUNING[part["prune"]]
-    kwargs = calibrated if cls is not MagnitudePruning else common
+        return build_stage("depgraph", int(part["channels"]) / 100, **common)
     if part["n"]:
         ignore = [rf"^{re.escape(layer)}$" for layer in not_dividing(widths, int(part["m"]))]
-        return cls(pattern=f"{part['n']}:{part['m']}", ignore=ignore or None, **kwargs)
-    if part["layer"] and cls is not Wanda:
+        pattern = f"{part['n']}:{part['m']}"
+        return build_stage(part["prune"], pattern=pattern, ignore=ignore or None, **common)
+    if part["layer"] and part["prune"] != "wanda":
         raise bad_value("methods", name, "the _layer suffix on wanda only")
     scope = {"scope": "layer"} if part["layer"] else {}
-    return cls(sparsity=int(part["percent"]) / 100, **scope, **kwargs)
+    return build_stage(part["prune"], int(part["percent"]) / 100, **scope, **common)
 
 
 def block_floor(model: Any, batches: list[Any], statistic: str | None = None) -> float:

@@ -5,53 +5,25 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from ppq_lightning.callbacks import (
-    GPTQ,
-    BatchNormRecalibration,
-    BlockRemoval,
-    CompressionCallback,
-    DepGraphPruning,
-    MagnitudePruning,
-    RTNQuantization,
-    SparseGPT,
-    Wanda,
-)
-from ppq_lightning.errors import check_choice
+from ppq_lightning.callbacks import CompressionCallback
+from ppq_lightning.callbacks.registry import build_stage, method_names
 from ppq_lightning.reports import write_text_atomic
 
 DEFAULT_CONFIG = Path(__file__).parents[2] / "configs" / "experiments" / "smollm2.yaml"
-
-PRUNERS: dict[str, Callable[..., CompressionCallback]] = {
-    "magnitude": lambda sparsity, n, **common: MagnitudePruning(sparsity=sparsity, **common),
-    "wanda": lambda sparsity, n, **common: Wanda(
-        sparsity=sparsity, num_calibration_batches=n, **common
-    ),
-    "wanda_layer": lambda sparsity, n, **common: Wanda(
-        sparsity=sparsity, scope="layer", num_calibration_batches=n, **common
-    ),
-    "sparsegpt": lambda sparsity, n, **common: SparseGPT(
-        sparsity=sparsity, num_calibration_batches=n, **common
-    ),
-    "block_removal": lambda sparsity, n, **common: BlockRemoval(
-        ratio=sparsity, num_calibration_batches=n, **common
-    ),
-    "depgraph": lambda sparsity, n, **common: DepGraphPruning(ratio=sparsity, **common),
-}
-"""Pruning method by short name -> ``(sparsity, calibration batches, name=, log_layers=,
-b_orig=)``; for ``block_removal`` the sparsity is the ratio of blocks, for ``depgraph`` (CNN and
-ViT channels through Torch-Pruning) the ratio of channels."""
-QUANTIZERS: dict[str, Callable[..., CompressionCallback]] = {
-    "rtn": lambda bits, n, **common: RTNQuantization(bits=bits, **common),
-    "gptq": lambda bits, n, **common: GPTQ(bits=bits, num_calibration_batches=n, **common),
-}
-"""Quantization method by short name -> ``(bits, calibration batches, name=, ...)``."""
+PRUNING_HELP = (
+    f"a pruning method of the registry ({', '.join(method_names('P'))}), or a spec with "
+    "arguments, e.g. 'wanda,scope=layer'"
+)
+QUANTIZATION_HELP = (
+    f"a quantization method of the registry ({', '.join(method_names('Q'))}), or a spec with "
+    "arguments, e.g. 'gptq,act_order=true'"
+)
 
 
 def experiment_parser(description: str) -> ArgumentParser:
@@ -78,34 +50,56 @@ def instantiate(parser: ArgumentParser, argv: list[str] | None = None) -> Any:
 
 
 def pruner(
-    method: str, sparsity: float, name: str, calibration: int, b_orig: int = 16
+    method: str, sparsity: float, name: str, calibration: int, b_orig: int = 16, **extra: Any
 ) -> CompressionCallback:
-    """A pruning stage by short name; for ``block_removal`` ``sparsity`` is the block ratio.
+    """A pruning stage from the method registry (``ppq_lightning.callbacks.registry``) at
+    ``sparsity``: ``magnitude``, ``wanda``, ``sparsegpt``, ``block_removal`` (the ratio of
+    blocks), ``channels`` (MLP channels), ``depgraph`` (CNN/ViT channel groups), or a spec with
+    arguments such as ``wanda,scope=layer``.
 
     Raises:
-        PPQConfigError: on an unknown method.
+        PPQConfigError: on a method that is not a registered pruning method.
     """
-    make = PRUNERS[check_choice("pruning", method, PRUNERS)]
-    return make(sparsity, calibration, name=name, log_layers=False, b_orig=b_orig)
+    return build_stage(
+        method,
+        sparsity,
+        letters="P",
+        argument="pruning",
+        num_calibration_batches=calibration,
+        name=name,
+        log_layers=False,
+        b_orig=b_orig,
+        **extra,
+    )
 
 
 def recalibration(calibration: int, name: str = "B", b_orig: int = 16) -> CompressionCallback:
     """The BatchNorm recalibration stage the vision experiments append to every cell."""
-    return BatchNormRecalibration(
-        num_calibration_batches=calibration, name=name, log_layers=False, b_orig=b_orig
+    return build_stage(
+        "bn", num_calibration_batches=calibration, name=name, log_layers=False, b_orig=b_orig
     )
 
 
 def quantizer(
     method: str, bits: int, name: str, calibration: int, group_size: int | None = None, **extra: Any
 ) -> CompressionCallback:
-    """A quantization stage by short name (per channel unless ``group_size``).
+    """A quantization stage from the method registry at ``bits`` (per channel unless
+    ``group_size``): ``rtn``, ``gptq``, or a spec with arguments (``gptq,act_order=true``).
 
     Raises:
-        PPQConfigError: on an unknown method.
+        PPQConfigError: on a method that is not a registered quantization method.
     """
-    make = QUANTIZERS[check_choice("quantization", method, QUANTIZERS)]
-    return make(bits, calibration, name=name, log_layers=False, group_size=group_size, **extra)
+    return build_stage(
+        method,
+        bits,
+        letters="Q",
+        argument="quantization",
+        num_calibration_batches=calibration,
+        name=name,
+        log_layers=False,
+        group_size=group_size,
+        **extra,
+    )
 
 
 def command_line(argv: list[str] | None = None, script: str | None = None) -> str:

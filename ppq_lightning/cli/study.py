@@ -16,7 +16,6 @@ methods without repeating the stage list: a W&B sweep parameter ``P.sparsity`` a
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
+from ppq_lightning.callbacks.registry import METHODS, callback_parameters
 from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
 from ppq_lightning.cli.class_paths import check_class_path
 from ppq_lightning.cli.lightning import instantiate_clearly
@@ -118,7 +118,9 @@ def _resolve_class(name: str, argument: str = "class_path") -> type:
             package or names no compression callback.
     """
     check_class_path(argument, name)
-    if "." not in name:
+    if name in METHODS:  # a short name of the method registry: wanda, gptq, ...
+        found = METHODS[name].callback
+    elif "." not in name:
         found = getattr(callbacks, name, None)
     else:
         module, _, attribute = name.rpartition(".")
@@ -131,7 +133,8 @@ def _resolve_class(name: str, argument: str = "class_path") -> type:
     if not (isinstance(found, type) and issubclass(found, CompressionCallback)):
         raise PPQConfigError(
             f"{argument}={name!r} is not a compression callback; use a class of "
-            "ppq_lightning.callbacks (e.g. Wanda, SparseGPT, GPTQ) or a full class path."
+            "ppq_lightning.callbacks (e.g. Wanda, SparseGPT, GPTQ), a method of its registry "
+            f"({', '.join(METHODS)}) or a full class path."
         )
     return found
 
@@ -154,20 +157,16 @@ def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str
         value = yaml.safe_load(text)
         if argument == "class_path":
             cls = _resolve_class(value, f"--{stage_name}.class_path")
-            accepted = set(inspect.signature(cls.__init__).parameters) | set(
-                inspect.signature(CompressionCallback.__init__).parameters
-            )
+            accepted = callback_parameters(cls)
             stage["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
             stage["init_args"] = {k: v for k, v in stage["init_args"].items() if k in accepted}
             continue
         cls = _resolve_class(stage["class_path"])
-        accepted = set(inspect.signature(cls.__init__).parameters) | set(
-            inspect.signature(CompressionCallback.__init__).parameters
-        )
-        if argument not in accepted - {"self", "kwargs"}:
+        accepted = callback_parameters(cls)
+        if argument not in accepted:
             raise PPQConfigError(
                 f"--{stage_name}.{argument}: {cls.__name__} has no argument {argument!r}; it "
-                f"takes {', '.join(sorted(accepted - {'self', 'kwargs'}))}."
+                f"takes {', '.join(sorted(accepted))}."
             )
         stage["init_args"][argument] = value
 

@@ -1,7 +1,5 @@
 """A stage's identity: every argument that can change the weights, never its name (#25)."""
 
-import inspect
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from ppq_lightning.callbacks import (
     SparseGPT,
     Wanda,
 )
+from ppq_lightning.callbacks.registry import callback_parameters
 from ppq_lightning.compressed.state import applied_stages, compressed_modules
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.views import weight_matrix
@@ -31,28 +30,18 @@ def _methods() -> list[type[CompressionCallback]]:
     return [
         c
         for c in found
-        if isinstance(c, type) and issubclass(c, CompressionCallback) and "default_name" in vars(c)
+        if isinstance(c, type)
+        and issubclass(c, CompressionCallback)
+        and c is not CompressionCallback
+        and "default_name" in vars(c)
     ]
-
-
-def _parameters(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and issubclass(klass, CompressionCallback):
-            signature = inspect.signature(klass.__init__)
-            names |= {
-                p.name
-                for p in signature.parameters.values()
-                if p.name != "self" and p.kind is not p.VAR_KEYWORD
-            }
-    return names
 
 
 @pytest.mark.parametrize("cls", _methods(), ids=lambda c: c.__name__)
 def test_every_argument_is_a_config_field_or_an_adapter_argument(cls):
     fields = set(cls.config_class.__dataclass_fields__)
     aliases = ALIASES.get(cls, {})
-    for parameter in _parameters(cls) - ADAPTER:
+    for parameter in callback_parameters(cls) - ADAPTER:
         assert aliases.get(parameter, parameter) in fields, (cls.__name__, parameter)
     assert not (fields & ADAPTER), cls.__name__
 

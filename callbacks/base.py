@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ppq_lightning.callbacks.fit_moment import FitMoment
 from ppq_lightning.callbacks.never_fired import never_fired_error
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
@@ -581,19 +582,18 @@ class CompressionCallback(FiresOnce):
         stages = self._stages(trainer)
         return stages.index(self) + 1 if self in stages else 1
 
-    def fit_moment(self, trainer: L.Trainer) -> str:
-        """When this stage fires in ``fit``: ``"start"``, ``"epoch"``, ``"step"``, ``"end"``
-        (after a training stage listed before it) or ``"train"`` (it is the training stage)."""
+    def fit_moment(self, trainer: L.Trainer) -> FitMoment:
+        """When this stage fires in ``fit`` (see :class:`FitMoment`)."""
         if self.trains:
-            return "train"
+            return FitMoment.TRAIN
         if self.at_epoch is not None:
-            return "epoch"
+            return FitMoment.EPOCH
         if self.at_step is not None:
-            return "step"
+            return FitMoment.STEP
         stages = self._stages(trainer)
         if self in stages and any(cb.trains for cb in stages[: stages.index(self)]):
-            return "end"
-        return "start"
+            return FitMoment.END
+        return FitMoment.START
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the Trainer's stages together and against the model's history (before any
@@ -625,7 +625,7 @@ class CompressionCallback(FiresOnce):
         check_trainer_stages(trainer.callbacks, pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_moment(trainer) == "start":
+        if self.fit_moment(trainer) is FitMoment.START:
             self._fire(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -640,9 +640,9 @@ class CompressionCallback(FiresOnce):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         moment = self.fit_moment(trainer)
-        if moment == "end":
+        if moment is FitMoment.END:
             self._fire(trainer, pl_module)
-        elif moment == "train" and not (self._applied or self.already_applied(pl_module)):
+        elif moment is FitMoment.TRAIN and not (self._applied or self.already_applied(pl_module)):
             self.log_result(trainer, self.finish(pl_module, self._index(trainer)))
 
     def finish(self, model: nn.Module, index: int = 1) -> StageResult:

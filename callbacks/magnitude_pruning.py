@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.base import CompressionCallback, log_metrics
+from ppq_lightning.callbacks.fit_moment import FitMoment
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
 from ppq_lightning.errors import bad_value, check_choice, check_int, check_number
@@ -138,8 +139,8 @@ class MagnitudePruning(CompressionCallback):
             check_nm_width(self.config.nm, weight_matrix(module).shape[1], name)
 
     # -- gradual pruning in fit --------------------------------------------------------------
-    def fit_moment(self, trainer: L.Trainer) -> str:
-        return "ramp" if self.ramp is not None else super().fit_moment(trainer)
+    def fit_moment(self, trainer: L.Trainer) -> FitMoment:
+        return FitMoment.RAMP if self.ramp is not None else super().fit_moment(trainer)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

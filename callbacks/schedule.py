@@ -263,40 +263,11 @@ class CompressionSchedule(FiresOnce):
         check_trainer_stages(trainer.callbacks, pl_module)
 
     def _delegate(self, hook: str, trainer: L.Trainer, *args: Any) -> None:
+        """Call the training stage's ``hook`` while it trains (after the stages before it,
+        before it finishes)."""
         training = self.training_stage
         if training is not None and self._applied and not training._applied:
             getattr(training, hook)(trainer, *args)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._delegate("on_train_start", trainer, pl_module)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._delegate("on_train_epoch_start", trainer, pl_module)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._delegate("on_exception", trainer, pl_module, exception)
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._delegate("on_train_batch_start", trainer, pl_module, batch, batch_idx)
-
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._delegate("on_after_backward", trainer, pl_module)
-
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
-    ) -> None:
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self._delegate("on_before_optimizer_step", trainer, pl_module, optimizer)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
-    ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
-        self._delegate("on_train_batch_end", trainer, pl_module, outputs, batch, i)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         training = self.training_stage
@@ -370,3 +341,30 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def _forwarding(hook: str) -> Any:
+    """``CompressionSchedule.<hook>``: the schedule's own behaviour (``FiresOnce``'s), then the
+    training stage's ``hook`` while it trains."""
+
+    def forward(self: CompressionSchedule, trainer: L.Trainer, *args: Any) -> None:
+        getattr(super(CompressionSchedule, self), hook)(trainer, *args)
+        self._delegate(hook, trainer, *args)
+
+    forward.__name__ = forward.__qualname__ = hook
+    forward.__doc__ = f"Forward ``{hook}`` to the schedule's training stage while it trains."
+    return forward
+
+
+OWN_HOOKS = frozenset({"on_fit_start", "on_train_end", "on_load_checkpoint"})
+"""The hooks the schedule drives itself: ``on_fit_start`` applies the stages before the training
+stage and then starts it, ``on_train_end`` finishes it and applies the rest,
+``on_load_checkpoint`` checks every stage against the restored model."""
+FORWARDED_HOOKS = tuple(
+    sorted(h for h in vars(L.Callback) if h.startswith("on_") and h not in OWN_HOOKS)
+)
+"""Every other Lightning hook reaches the training stage (``on_train_batch_end``,
+``on_validation_epoch_end``, ``on_save_checkpoint``, ...): whatever a training stage implements
+works inside a schedule as it does as a Trainer callback."""
+for _hook in FORWARDED_HOOKS:
+    setattr(CompressionSchedule, _hook, _forwarding(_hook))

@@ -9,11 +9,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ppq_lightning import check_invariants
-from ppq_lightning.callbacks import CompressionSchedule, MagnitudePruning, RTNQuantization
+from ppq_lightning.callbacks import (
+    CompressionSchedule,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+    RTNQuantization,
+)
 from ppq_lightning.compressed.state import get_state
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.models import CausalLMModule
 from ppq_lightning.modules.targets import resolve_targets
-from tests.helpers import make_trainer
+from tests.helpers import TINY_LLAMA, make_trainer
 
 
 def _stages(order):
@@ -254,3 +260,34 @@ def test_a_resumed_schedule_with_a_changed_stage_is_refused(tmp_path, tiny_data)
         )
     histories = [[e["name"] for e in state.history] for _, _, state in compressed_modules(fresh)]
     assert histories and all(h == ["P", "Q"] for h in histories)  # not P, Q, Q
+
+
+class CountingQAT(QuantizationAwareTraining):
+    """A training stage with hooks no schedule forwarded by name before (#25)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = {"on_before_zero_grad": 0, "on_train_epoch_end": 0}
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        self.calls["on_before_zero_grad"] += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.calls["on_train_epoch_end"] += 1
+
+
+def test_a_training_stage_in_a_schedule_gets_every_hook_it_implements(tmp_path):
+    windows = DataLoader(list((torch.arange(32) % 8 + 10).repeat(3, 1)), batch_size=1)
+    counts = []
+    for in_schedule in (False, True):
+        model = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+        qat = CountingQAT(bits=4)
+        stages = [MagnitudePruning(0.5), qat]
+        callbacks = (
+            [CompressionSchedule(stages, evaluate_each_stage=False)] if in_schedule else stages
+        )
+        trainer = make_trainer(tmp_path / str(in_schedule), callbacks, max_steps=3)
+        trainer.fit(model, train_dataloaders=windows)
+        counts.append(dict(qat.calls))
+    assert counts[0] == counts[1]
+    assert counts[1]["on_before_zero_grad"] == 3 and counts[1]["on_train_epoch_end"] == 1

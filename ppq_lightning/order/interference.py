@@ -44,6 +44,7 @@ from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.order.grammar import all_orders
 from ppq_lightning.order.prediction import Ranking
 from ppq_lightning.order.stage import Stage
+from ppq_lightning.order.walk import walk_orders
 
 
 def dense_hessians(model: nn.Module, batches: Sequence[Any]) -> dict[str, Tensor]:
@@ -132,36 +133,28 @@ def interference_rankings(
 
     apply = apply or default_apply
     scores: dict[str, dict[tuple[str, ...], float] | None] = {name: {} for name in measures}
-    applications = 0
-    orders = all_orders(list(by_name))
 
-    def visit(model: nn.Module, prefix: tuple[str, ...]) -> None:
-        nonlocal applications
-        if len(prefix) == len(by_name):
-            if tail:
-                model = copy.deepcopy(model)
-                for stage in tail:
-                    with torch.no_grad():
-                        apply(model, stage)
-            for name, measure in measures.items():
-                if scores[name] is None:
-                    continue
-                try:
-                    scores[name][prefix] = measure(model)
-                except PPQConfigError:
-                    if len(measures) == 1:
-                        raise
-                    scores[name] = None
-            return
-        children = sorted({o[len(prefix)] for o in orders if o[: len(prefix)] == prefix})
-        for i, name in enumerate(children):
-            child = model if i == len(children) - 1 and prefix else copy.deepcopy(model)
-            with torch.no_grad():
-                apply(child, by_name[name])
-            applications += 1
-            visit(child, (*prefix, name))
+    def visit(model: nn.Module, order: tuple[str, ...], seconds: float) -> None:
+        if tail:
+            model = copy.deepcopy(model)
+            for stage in tail:
+                with torch.no_grad():
+                    apply(model, stage)
+        for name, measure in measures.items():
+            if scores[name] is None:
+                continue
+            try:
+                scores[name][order] = measure(model)
+            except PPQConfigError:
+                if len(measures) == 1:
+                    raise
+                scores[name] = None
 
-    visit(module, ())
+    def apply_named(model: nn.Module, name: str) -> None:
+        with torch.no_grad():
+            apply(model, by_name[name])
+
+    applications = walk_orders(module, all_orders(list(by_name)), apply_named, visit)
     seconds = time.perf_counter() - start
     rankings: dict[str, Ranking | None] = {}
     for name, found in scores.items():

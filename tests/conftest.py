@@ -45,17 +45,61 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+def missing(what: str, install: str) -> None:
+    """Data or a package a test needs is absent: the test fails under CI (``CI=true``, where
+    ``make test`` installs everything), and is skipped elsewhere; either way the message says
+    how to install it."""
+    message = f"{what} is not installed; install it with: {install}"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message} (CI=true: the tests that need it fail instead of skipping)")
+    pytest.skip(message)
+
+
+def _apt(package: str) -> str:
+    return f"sudo apt-get update && sudo apt-get install -y {package} (or: make vision-data)"
+
+
 @pytest.fixture(scope="session")
-def fashion_mnist_root(tmp_path_factory):
-    """A torchvision root holding Fashion-MNIST, unpacked once per session from Debian's
-    ``dataset-fashion-mnist`` (the tests that need it skip where it is not installed)."""
+def debian_fashion_mnist():
+    """Debian's ``dataset-fashion-mnist`` (``make test`` installs it with apt-get)."""
     from pathlib import Path
 
-    from ppq_lightning.datamodules import VisionDataModule
     from ppq_lightning.datamodules.vision_datasets import DEBIAN_FASHION_MNIST
 
     if not Path(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_FASHION_MNIST})")
+        missing(
+            f"Debian's dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})",
+            _apt("dataset-fashion-mnist"),
+        )
+
+
+@pytest.fixture(scope="session")
+def debian_opencv_doc():
+    """The sample photos of Debian's ``opencv-doc`` (``make test`` installs it with apt-get)."""
+    from pathlib import Path
+
+    from ppq_lightning.datamodules.photos import OPENCV_DATA
+
+    if not Path(OPENCV_DATA).is_dir():
+        missing(f"Debian's opencv-doc ({OPENCV_DATA})", _apt("opencv-doc"))
+
+
+@pytest.fixture(scope="session")
+def all_photo_sources(debian_opencv_doc):
+    """Every source of ``PhotoDataModule``: opencv-doc, scikit-image and scikit-learn."""
+    import importlib.util
+
+    for module, package in (("skimage", "scikit-image"), ("sklearn", "scikit-learn")):
+        if importlib.util.find_spec(module) is None:
+            missing(package, "pip install -e '.[photos]' (make test does)")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory, debian_fashion_mnist):
+    """A torchvision root holding Fashion-MNIST, unpacked once per session from Debian's
+    ``dataset-fashion-mnist`` (see :func:`debian_fashion_mnist` where it is not installed)."""
+    from ppq_lightning.datamodules import VisionDataModule
+
     root = tmp_path_factory.mktemp("fashion_mnist")
     VisionDataModule(root=str(root)).prepare_data()
     return root

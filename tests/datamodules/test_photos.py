@@ -14,16 +14,11 @@ from ppq_lightning.datamodules.photos import MIN_COLOUR_SPREAD, OPENCV_DATA, _no
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models import ImageClassifierModule
 
-HAS_OPENCV = Path(OPENCV_DATA).is_dir()
-needs_opencv = pytest.mark.skipif(
-    not HAS_OPENCV, reason=f"Debian's opencv-doc is not installed ({OPENCV_DATA})"
-)
+# skipped where they are absent, failed under CI=true (tests/conftest.py)
+needs_opencv = pytest.mark.usefixtures("debian_opencv_doc")
+needs_all_sources = pytest.mark.usefixtures("all_photo_sources")  # at least 4 photos
 HAS_SKIMAGE = importlib.util.find_spec("skimage") is not None
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
-needs_all_sources = pytest.mark.skipif(
-    not (HAS_OPENCV and HAS_SKIMAGE and HAS_SKLEARN),
-    reason="needs opencv-doc, scikit-image and scikit-learn (at least 4 photos)",
-)
 # small images keep the teacher cheap on CPU: the standard transform honours image_size
 FAST = {"transform_from": None, "image_size": 96, "batch_size": 8}
 

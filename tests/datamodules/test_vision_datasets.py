@@ -11,14 +11,10 @@ from torch.nn import functional as F
 from torchvision import datasets
 
 from ppq_lightning.datamodules import VisionDataModule
-from ppq_lightning.datamodules.vision_datasets import DEBIAN_FASHION_MNIST
 from ppq_lightning.errors import PPQConfigError
 
-HAS_DEBIAN_FILES = Path(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file()
-needs_debian_files = pytest.mark.skipif(
-    not HAS_DEBIAN_FILES,
-    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_FASHION_MNIST})",
-)
+# skipped where it is absent, failed under CI=true (tests/conftest.py)
+needs_debian_files = pytest.mark.usefixtures("debian_fashion_mnist")
 RAW_NAMES = [
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import lightning as L
@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ppq_lightning.calibration.config import CalibrationConfig
 from ppq_lightning.callbacks.fit_moment import FitMoment
 from ppq_lightning.callbacks.never_fired import never_fired_error
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
@@ -42,6 +43,10 @@ from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import check_finite, weight_matrix
 from ppq_lightning.ops.quant_grid import check_group_size
+
+COMMON_FIELDS = frozenset(f.name for f in fields(CalibrationConfig))
+"""The config fields every method (or every calibrated one) shares; a history entry leaves them
+to its state key."""
 
 
 @dataclass
@@ -430,13 +435,19 @@ class CompressionCallback(FiresOnce):
         return self.identity if self._name is None else f"{self.identity}@{self._name}"
 
     def history_entry(self) -> HistoryEntry:
-        """The record appended to the history of every module this stage touches."""
+        """The record appended to the history of every module this stage touches: the state
+        key (which holds every argument), and the method's own arguments that have a value
+        (``bits``, ``sparsity``, ``pattern``, ...; not ``targets``, ``ignore`` or the
+        calibration settings, which only the key holds: every module carries this record)."""
+        arguments = {
+            k: v for k, v in self.stage_config().items() if v is not None and k not in COMMON_FIELDS
+        }
         return {
             "stage": self.state_key,
             "method": type(self).__name__,
             "kind": StageKind(self.kind).value,
             "name": self.name,
-            **self.stage_config(),
+            **arguments,
         }
 
     def compression_stages(self) -> list[CompressionCallback]:

@@ -14,7 +14,6 @@ from ppq_lightning.calibration.data import batch_input, calibration_batches
 from ppq_lightning.calibration.engine import observing
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
-from ppq_lightning.compressed.accounting import SCALE_BITS
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
 from ppq_lightning.edits.channel_units import ChannelUnit, depgraph_units, mlp_units
@@ -28,6 +27,7 @@ from ppq_lightning.ops.allocation import best_move
 from ppq_lightning.ops.channels import channel_importance
 from ppq_lightning.ops.quant_grid import check_bits, compute_grid
 from ppq_lightning.ops.reconstruction import relative_weight_error
+from ppq_lightning.ops.storage import weight_storage
 from ppq_lightning.order.interference import reference_score
 
 CHANNELS = ("auto", "mlp", "depgraph")
@@ -175,7 +175,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
             b = self.bits[levels[name]]
             lost_rows, lost_cols = removed.get(name, (0, 0))
             rows, cols = rows - lost_rows, cols - lost_cols
-            total += rows * cols * b + rows * (SCALE_BITS + b)
+            total += weight_storage(rows * cols, b, groups=rows, symmetric=False).total_bits
         return total
 
     # -- the search ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ The order metrics built on them (``G``, ``A``, ``C*``) live in ``ppq_lightning.o
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -21,8 +20,7 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import is_compressible
 from ppq_lightning.ops.masks import parse_pattern
-
-SCALE_BITS = 16  # scales are stored in fp16
+from ppq_lightning.ops.storage import weight_storage
 
 
 def nominal_compression_rate(
@@ -81,21 +79,16 @@ def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 
     if state is None:  # an uncompressed layer: dense at the original precision
         return LayerCost(numel, nonzero, b_orig, numel * b_orig, 0.0, 0.0)
     bits = state.bits if state.bits is not None else b_orig
-    overhead = 0.0
-    if state.scale is not None:
-        n_groups = state.scale.numel()
-        overhead += n_groups * (SCALE_BITS + (0 if state.symmetric else bits))
-    dense = numel * bits
     nm = _nm_of(state)
-    if nm is not None:
-        index_bits = nonzero * math.ceil(math.log2(nm[1]))
-    else:
-        index_bits = numel  # a bitmask
-    sparse = nonzero * bits + index_bits
-    if state.mask is not None and sparse < dense:
-        payload, overhead = nonzero * bits, overhead + index_bits
-    else:
-        payload = dense
+    storage = weight_storage(
+        numel,
+        bits,
+        nonzero=nonzero if state.mask is not None else None,
+        groups=state.scale.numel() if state.scale is not None else 0,
+        symmetric=state.symmetric,
+        nm_m=nm[1] if nm is not None else None,
+    )
+    payload, overhead = storage.payload_bits, storage.overhead_bits
     return LayerCost(numel, nonzero, bits, payload, overhead, _nominal_sparsity(state))
 
 

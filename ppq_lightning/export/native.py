@@ -39,6 +39,7 @@ from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_
 from ppq_lightning.ops.masks import unpack_mask
 from ppq_lightning.ops.packing import pack_codes, unpack_codes
 from ppq_lightning.ops.quant_grid import QuantGrid
+from ppq_lightning.ops.storage import sparse_is_smaller
 
 FORMAT, VERSION = "ppq", 1
 WEIGHTS = "model.safetensors"
@@ -86,9 +87,8 @@ def _encode_weight(module: nn.Module, state: Any) -> tuple[dict[str, Tensor], di
 
 
 def _sparse_is_smaller(weight: Tensor, bits: int) -> bool:
-    """Whether nonzero values plus a bitmask beat the dense codes (``compressed.accounting``)."""
-    nonzero = int((weight != 0).sum())
-    return nonzero * bits + weight.numel() < weight.numel() * bits
+    """Whether nonzero values plus a bitmask beat the dense codes (``ops.storage``)."""
+    return sparse_is_smaller(weight.numel(), int((weight != 0).sum()), bits)
 
 
 def _are_codes(zero: Tensor, state_dict: dict, key: str) -> bool:

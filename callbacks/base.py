@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ppq_lightning.calibration.config import CalibrationConfig
+from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.callbacks.fit_moment import FitMoment
 from ppq_lightning.callbacks.never_fired import never_fired_error
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
@@ -44,9 +44,9 @@ from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import check_finite, weight_matrix
 from ppq_lightning.ops.quant_grid import check_group_size
 
-COMMON_FIELDS = frozenset(f.name for f in fields(CalibrationConfig))
-"""The config fields every method (or every calibrated one) shares; a history entry leaves them
-to its state key."""
+COMMON_FIELDS = frozenset(f.name for f in fields(StageConfig))
+"""The config fields every method has (``targets``, ``ignore``); a history entry leaves them to
+its state key."""
 
 
 @dataclass
@@ -359,6 +359,14 @@ class CompressionCallback(FiresOnce):
         self._name, self.b_orig, self.log_layers = name, b_orig, log_layers
         self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
         self.result: StageResult | None = None
+        self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
+
+    @property
+    def model_forward(self) -> Callable[[nn.Module, Any], Any]:
+        """How this stage calls the model on a calibration batch: ``forward_fn(model, batch)``
+        when set (a model whose batches ``calibration.data.batch_input`` cannot read), else
+        ``calibration.data.default_forward``."""
+        return self.forward_fn or default_forward
 
     def __getattr__(self, item: str) -> Any:
         """The fields of :attr:`config` read as attributes (``stage.bits``)."""
@@ -437,8 +445,8 @@ class CompressionCallback(FiresOnce):
     def history_entry(self) -> HistoryEntry:
         """The record appended to the history of every module this stage touches: the state
         key (which holds every argument), and the method's own arguments that have a value
-        (``bits``, ``sparsity``, ``pattern``, ...; not ``targets``, ``ignore`` or the
-        calibration settings, which only the key holds: every module carries this record)."""
+        (``bits``, ``sparsity``, ``pattern``, the calibration settings, ...; not ``targets``
+        or ``ignore``, which only the key holds: every module carries this record)."""
         arguments = {
             k: v for k, v in self.stage_config().items() if v is not None and k not in COMMON_FIELDS
         }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +174,6 @@ class BasisSharing(CompressionCallback):
             **kwargs,
         )
         self.device = check_device(device)
-        self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
 
     # -- the stage ---------------------------------------------------------------------------

@@ -3,14 +3,13 @@ or fold BatchNorm into the convolutions before quantization."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ppq_lightning.calibration.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches, default_forward
+from ppq_lightning.calibration.data import calibration_batches, check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_stage
@@ -79,7 +78,6 @@ class BatchNormRecalibration(CompressionCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_calibration_batches=num_calibration_batches, layers=layers, **kwargs)
-        self.forward_fn: Callable[[nn.Module, Any], Any] = default_forward
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -94,7 +92,7 @@ class BatchNormRecalibration(CompressionCallback):
                     f"(e.g. {', '.join(list(batchnorm_layers(model))[:3]) or 'none'})."
                 )
         batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
-        metrics = recalibrate_batchnorm(model, batches, self.forward_fn, chosen or None)
+        metrics = recalibrate_batchnorm(model, batches, self.model_forward, chosen or None)
         entry = self.history_entry()
         for name in metrics:
             record_stage(model.get_submodule(name), entry)
@@ -135,7 +133,6 @@ class FoldBatchNorm(CompressionCallback):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.forward_fn: Callable[[nn.Module, Any], Any] = default_forward
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -145,7 +142,7 @@ class FoldBatchNorm(CompressionCallback):
         if self.targets is not None or self.ignore is not None:
             convs &= set(modules)
         pairs = [
-            (c, b) for c, b in conv_batchnorm_pairs(model, batch, self.forward_fn) if c in convs
+            (c, b) for c, b in conv_batchnorm_pairs(model, batch, self.model_forward) if c in convs
         ]
         if not pairs:
             raise PPQConfigError(

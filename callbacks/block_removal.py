@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.calibration.blocks import find_blocks
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches, default_forward
+from ppq_lightning.calibration.data import calibration_batches, check_num_batches
 from ppq_lightning.calibration.scoring import greedy_block_removal
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
@@ -95,7 +95,6 @@ class BlockRemoval(CompressionCallback):
             num_calibration_batches=num_calibration_batches,
             **kwargs,
         )
-        self.forward_fn = default_forward
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -116,7 +115,9 @@ class BlockRemoval(CompressionCallback):
                 f"an integer from 1 to {depth - 1} (the model has {depth} blocks in {name})",
             )
         batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
-        removed, losses = greedy_block_removal(model, name, n, batches, self.forward_fn, self.name)
+        removed, losses = greedy_block_removal(
+            model, name, n, batches, self.model_forward, self.name
+        )
         remove_and_record(model, name, removed, self.history_entry())
         return {
             name: {

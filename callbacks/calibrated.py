@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -113,7 +112,6 @@ class CalibratedCompression(CompressionCallback):
             **kwargs,
         )
         self.device = check_device(device)
-        self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
         self.calibration_report = None
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:

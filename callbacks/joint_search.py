@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.capture import evaluating
-from ppq_lightning.calibration.data import batch_input, calibration_batches
+from ppq_lightning.calibration.capture import evaluating, example_input
+from ppq_lightning.calibration.data import calibration_batches
 from ppq_lightning.calibration.engine import observing
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
@@ -201,7 +201,9 @@ class JointStructuralMixedPrecision(CompressionCallback):
                 f"a measured C these levels can reach (at most about {strongest:.2f} with "
                 f"bits={self.bits[-1]} everywhere and keep={self.keep[-1]})",
             )
-        score = reference_score(model, batches[: self.score_batches], "calibration_kl")
+        score = reference_score(
+            model, batches[: self.score_batches], "calibration_kl", self.forward_fn
+        )
         # every layer a search writes: the targets and the consumers of channel units
         layers = dict(modules) | {
             n: model.get_submodule(n)
@@ -303,7 +305,8 @@ class JointStructuralMixedPrecision(CompressionCallback):
                 )
             scores = self._channel_scores(model, modules, downs, batches)
             return mlp_units(model, downs, scores, self.keep), None
-        example = batch_input(batches[0])[:1].to(next(model.parameters()).device)
+        example = example_input(model, batches[0], self.forward_fn)
+        example = example.to(next(model.parameters()).device)
         protected = set(getattr(model, "default_ignore", None) or ())
         ignored = [m for n, m in model.named_modules() if n in protected]
         with evaluating(model):
@@ -362,7 +365,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
         projections = {d: modules[d] for d in downs}
         with torch.no_grad(), evaluating(model), observing(projections, statistics.observe):
             for batch in batches:
-                model(batch_input(batch))
+                self.model_forward(model, batch)
         means = statistics.take(downs)
         return {d: channel_importance(means[d], weight_matrix(modules[d]).float()) for d in downs}
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.calibration.capture import evaluating
-from ppq_lightning.calibration.data import batch_input
+from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.engine import observing
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.errors import PPQConfigError
@@ -46,14 +46,20 @@ from ppq_lightning.order.prediction import Ranking
 from ppq_lightning.order.stage import Stage
 from ppq_lightning.order.walk import walk_orders
 
+ForwardFn = Callable[[nn.Module, Any], Any]
 
-def dense_hessians(model: nn.Module, batches: Sequence[Any]) -> dict[str, Tensor]:
-    """``X^T X / n`` of every target layer's input over ``batches``, in one forward pass."""
+
+def dense_hessians(
+    model: nn.Module, batches: Sequence[Any], forward: ForwardFn | None = None
+) -> dict[str, Tensor]:
+    """``X^T X / n`` of every target layer's input over ``batches``, in one forward pass
+    (``forward(model, batch)``, default ``calibration.data.default_forward``)."""
     layers = resolve_targets(model)
     statistics = LayerStatistics("hessian")
+    forward = forward or default_forward
     with torch.no_grad(), evaluating(model), observing(layers, statistics.observe):
         for batch in batches:
-            model(batch_input(batch))
+            forward(model, batch)
     return statistics.take([name for name in layers if statistics.has(name)])
 
 
@@ -80,34 +86,43 @@ def output_error(dense: dict[str, Tensor], model: nn.Module, hessians: dict[str,
     return error / norm if norm else 0.0
 
 
-def _logits(model: nn.Module, batch: Any) -> Tensor:
-    output = model(batch_input(batch))
+def _logits(model: nn.Module, batch: Any, forward: ForwardFn | None = None) -> Tensor:
+    output = (forward or default_forward)(model, batch)
     return (output.logits if hasattr(output, "logits") else output).float()
 
 
-def output_kl(model: nn.Module, batches: Sequence[Any], dense: list[Tensor]) -> float:
+def output_kl(
+    model: nn.Module,
+    batches: Sequence[Any],
+    dense: list[Tensor],
+    forward: ForwardFn | None = None,
+) -> float:
     """Mean KL(dense || model) of the output distributions over ``batches`` (per position)."""
     total, count = 0.0, 0
     with torch.no_grad(), evaluating(model):
         for batch, reference in zip(batches, dense, strict=True):
             log_p = torch.log_softmax(reference, dim=-1).flatten(0, -2)
-            log_q = torch.log_softmax(_logits(model, batch), dim=-1).flatten(0, -2)
+            log_q = torch.log_softmax(_logits(model, batch, forward), dim=-1).flatten(0, -2)
             total += float((log_p.exp() * (log_p - log_q)).sum())
             count += log_p.shape[0]
     return total / max(count, 1)
 
 
 def reference_score(
-    module: nn.Module, calibration: Sequence[Any], score: str = "interference"
+    module: nn.Module,
+    calibration: Sequence[Any],
+    score: str = "interference",
+    forward: ForwardFn | None = None,
 ) -> Callable[[nn.Module], float]:
     """One pass of the dense ``module`` over ``calibration``, and the scorer of a compressed
     copy it makes: :func:`output_error` (``"interference"``) or :func:`output_kl`
-    (``"calibration_kl"``)."""
+    (``"calibration_kl"``); ``forward(model, batch)`` calls the model (a stage's
+    ``forward_fn``; default ``calibration.data.default_forward``)."""
     if score == "calibration_kl":
         with torch.no_grad(), evaluating(module):
-            reference = [_logits(module, batch) for batch in calibration]
-        return lambda model: output_kl(model, calibration, reference)
-    hessians = dense_hessians(module, calibration)
+            reference = [_logits(module, batch, forward) for batch in calibration]
+        return lambda model: output_kl(model, calibration, reference, forward)
+    hessians = dense_hessians(module, calibration, forward)
     layers = resolve_targets(module)
     dense = {name: weight_matrix(layers[name]).detach().float().clone() for name in hessians}
     return lambda model: output_error(dense, model, hessians)
@@ -179,6 +194,7 @@ def interference_ranking(
     apply: Any = None,
     score: str = "interference",
     tail: Sequence[Stage] = (),
+    forward: ForwardFn | None = None,
 ) -> Ranking:
     """Every order of ``stages`` ranked by its error (no order is evaluated).
 
@@ -192,12 +208,14 @@ def interference_ranking(
             (:func:`output_kl`).
         tail: stages applied after every order before it is scored (BatchNorm
             recalibration), as a study's ``tail``.
+        forward: how to call the model on a batch (``forward(model, batch)``); default
+            ``calibration.data.default_forward``.
 
     Raises:
         PPQConfigError: for stages that reshape layers (``interference``).
     """
     start = time.perf_counter()
-    measure = reference_score(module, calibration, score)
+    measure = reference_score(module, calibration, score, forward)
     measures = {score: measure}
     ranking = interference_rankings(module, stages, calibration, measures, apply, tail)[score]
     ranking.cost.update(dense_passes=1, seconds=time.perf_counter() - start)

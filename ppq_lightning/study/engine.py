@@ -22,12 +22,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ppq_lightning.compressed.accounting import compression_summary, nominal_compression_rate
@@ -106,6 +107,10 @@ class OrderStudy:
             and single stages included), e.g. ``[BatchNormRecalibration(name="B")]``: the same
             study with BatchNorm re-estimated after compression. They are part of each cell's
             key, so cells with and without a tail never mix.
+        forward_fn: how to call ``module`` on a calibration batch, ``forward_fn(module,
+            batch)``, for a model whose batches ``calibration.data.batch_input`` cannot read:
+            given to every stage that has none and to the predictors that run the model
+            (``interference``, ``calibration_kl``).
 
     Raises:
         PPQConfigError: on no stages, unnamed or repeated names, a bad ``search``,
@@ -142,6 +147,7 @@ class OrderStudy:
         tail: Sequence[Stage] = (),
         predictor: str = "calibration_kl",
         top_k: int = 1,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
         if not stages or not all(isinstance(s, Stage) for s in stages):
             raise PPQConfigError(
@@ -168,6 +174,7 @@ class OrderStudy:
                 "(curve=RTNQuantization.curve(), or curve_bits in ppq study)."
             )
         self.predictor, self.top_k = predictor, top_k
+        self.forward_fn = forward_fn
         if metric is None:
             metric = getattr(module, "metric_name", "loss")
         reported = getattr(module, "metric_names", None)
@@ -294,7 +301,10 @@ class OrderStudy:
         return self._evaluate(model, names, kind, keys, seconds)
 
     def _apply(self, model: L.LightningModule, stage: Stage) -> None:
-        copy.deepcopy(stage).apply(model, dataloader=self._calibration_data())
+        stage = copy.deepcopy(stage)
+        if self.forward_fn is not None and getattr(stage, "forward_fn", None) is None:
+            stage.forward_fn = self.forward_fn
+        stage.apply(model, dataloader=self._calibration_data())
         self.budget.applications += 1
 
     def measure(
@@ -426,6 +436,7 @@ class OrderStudy:
                 self._apply,
                 score=self.predictor,
                 tail=self.tail,
+                forward=self.forward_fn,
             )
             return ranking, {}
         requests = {(): "dense", **{(n,): "single" for n in names}}

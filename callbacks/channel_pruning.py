@@ -139,6 +139,7 @@ class ChannelPruning(CompressionCallback):
             solve,
             self.calibrate_on,
             self.device,
+            self.forward_fn,
             desc=self.name,
         )
         return metrics

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.data import batch_input
+from ppq_lightning.calibration.data import batch_input, default_forward
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.tree import replace_module
 
@@ -234,26 +234,44 @@ def standing_in(
             replace_module(model, names[j], blocks[j])
 
 
-def example_input(
+def model_input(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> Tensor:
-    """The tensor ``model`` is called with on ``batch`` (its first sample), for the stages that
-    trace the model on an input (DepGraph pruning, the joint search's channel groups): the
-    batch's input (``calibration.data.batch_input``), or, with a stage's ``forward_fn``, the
-    tensor that ``forward(model, batch)`` hands to ``model`` (the forward stops there).
+    """The tensor ``model`` is called with on ``batch``: the batch's input
+    (``calibration.data.batch_input``), or, with a stage's ``forward_fn``, the tensor that
+    ``forward(model, batch)`` hands to ``model`` (the forward stops there). What the stages that
+    trace the model (DepGraph pruning, the joint search's channel groups) trace it on, and the
+    token ids block removal scores the next-token loss on.
 
     Raises:
         PPQConfigError: when ``forward`` does not call ``model`` with one tensor input.
     """
-    if forward is None:
-        return batch_input(batch)[:1]
-    captured = capture_block_inputs(model, model, [batch], forward)
+    if forward is None or forward is default_forward:
+        return batch_input(batch)
+    try:
+        captured = capture_block_inputs(model, model, [batch], forward)
+    except PPQConfigError as error:
+        raise PPQConfigError(
+            "the stage reads the tensor the model's forward receives, but forward_fn did not "
+            "call the model itself (call model(x) in forward_fn, not a submodule)."
+        ) from error
     args, kwargs = captured.args[0], captured.kwargs[0]
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
     if len(tensors) != 1:
         raise PPQConfigError(
-            f"the stage traces the model on the tensor its forward receives, but forward_fn "
-            f"called it with {len(tensors)} tensors; a traced model takes one input tensor "
-            "(call model(x) in forward_fn)."
+            f"the stage reads the tensor the model's forward receives, but forward_fn called "
+            f"it with {len(tensors)} tensors; the stage needs one input tensor (call model(x) "
+            "in forward_fn)."
         )
-    return tensors[0][:1]
+    return tensors[0]
+
+
+def example_input(
+    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> Tensor:
+    """The first sample of :func:`model_input` (what a traced stage traces the model on).
+
+    Raises:
+        PPQConfigError: see :func:`model_input`.
+    """
+    return model_input(model, batch, forward)[:1]

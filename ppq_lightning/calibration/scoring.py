@@ -25,11 +25,12 @@ from ppq_lightning.calibration.capture import (
     capture_block_inputs,
     evaluating,
     first_output,
+    model_input,
     no_cache,
     recording_block_inputs,
     with_hidden,
 )
-from ppq_lightning.calibration.data import batch_input, default_forward
+from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.distributed import all_reduce_mean, reduce_device
 from ppq_lightning.errors import PPQConfigError
 
@@ -41,7 +42,7 @@ def causal_lm_loss(model: nn.Module, batches: list[Any], forward: Any = default_
     for batch in batches:
         out = forward(model, batch)
         logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, vocab)
-        ids = batch_input(batch).to(logits.device)
+        ids = model_input(model, batch, forward).to(logits.device)
         loss = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
         )

@@ -10,7 +10,9 @@ from torch import nn
 
 from ppq_lightning.callbacks.registry import build_stage
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.models.loading import load_causal_lm
 from ppq_lightning.order.interference import interference_ranking
+from tests.helpers import TINY_LLAMA, token_batches
 
 
 class UserClassifier(L.LightningModule):
@@ -75,3 +77,30 @@ def test_the_predictors_call_the_model_through_forward(score):
         UserClassifier(), stages, _batches(), score=score, forward=_forward
     )
     assert sorted(order for order, _ in ranking.orders) == [("P", "Q"), ("Q", "P")]
+
+
+class UserLM(L.LightningModule):
+    """A user's module around an HF causal LM; batches are {"tokens": ...}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = load_causal_lm(config={**TINY_LLAMA, "num_hidden_layers": 2}, seed=0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm(tokens).logits
+
+
+def _token_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch["tokens"])
+
+
+@pytest.mark.parametrize(
+    "spec", ["channels:0.25", "block_removal,n_blocks=1", "sharing:0.8,group_size=2,whiten=true"]
+)
+def test_llm_stages_call_a_users_module_through_forward_fn(spec):
+    batches = [{"tokens": ids} for ids in token_batches(2)]
+    with pytest.raises(PPQConfigError, match="batch is a dict"):
+        build_stage(spec, num_calibration_batches=2).apply(UserLM(), dataloader=batches)
+    stage = build_stage(spec, num_calibration_batches=2)
+    stage.forward_fn = _token_forward
+    assert stage.apply(UserLM(), dataloader=batches).summary.n_weights > 0

@@ -1,10 +1,16 @@
-"""Fault injection: ``ppq study`` and ``ppq sweep`` killed with SIGKILL at random moments (a
-seeded draw, a bounded number of kills and seconds) finish, when run again, with the report an
-uninterrupted run writes (timings and the cache budget aside: a resumed run reads cells
-instead of computing them)."""
+"""Fault injection: ``ppq study`` and ``ppq sweep`` killed with SIGKILL in the middle of a run (a
+seeded draw of how many new cells are on disk when the kill lands) finish, when run again, with
+the report an uninterrupted run writes (timings and the cache budget aside: a resumed run reads
+cells instead of computing them), and the cells written before a kill are read, not recomputed.
+
+Each kill is checked to have landed: the process died of SIGKILL (it had not finished), some
+but not all cells were on disk and no report was written. A tiny study writes a cell every
+~20 ms once its model is loaded, so the kill waits for the cell files (polled every ms), not
+for a time."""
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -23,25 +29,43 @@ VARYING = {
     "applications",
     "applications_without_reuse",
 }
-KILLS, WINDOW = 2, (3.0, 12.0)  # two kills per test, each 3-12 s after its start
+KILLS = 2  # two kills per study, each after 1 or 2 new cells
 
 
 def _run(command: list[str]) -> None:
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
 
 
-def _killed(command: list[str], rng: random.Random) -> None:
-    """Start ``command`` and SIGKILL it after a random delay (if it is still running)."""
+def _cells(folder: Path) -> dict[str, bytes]:
+    """The cell files on disk (name -> bytes)."""
+    return {path.name: path.read_bytes() for path in sorted((folder / "cells").glob("*.json"))}
+
+
+def _killed_when(command: list[str], ready) -> None:
+    """Start ``command``, SIGKILL it as soon as ``ready()`` holds, and check that the kill is
+    what ended it (the process had not finished before)."""
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    delay = rng.uniform(*WINDOW)
-    try:
-        process.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    deadline = time.monotonic() + 600
+    while process.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.kill()
+    code = process.wait()
     time.sleep(0.5)  # a SIGKILLed sweep's point dies of PDEATHSIG: let it go
+    assert code == -signal.SIGKILL, f"{command} ended with {code} before the kill"
+
+
+def _killed_after_new_cells(command: list[str], folder: Path, new: int, total: int) -> int:
+    """Run ``command`` until ``new`` more cells are in ``folder`` and SIGKILL it there; check
+    that the kill landed mid-run (some but not all of the ``total`` cells on disk) and return
+    how many cells it left."""
+    at = len(_cells(folder)) + new
+    assert at < total, "the study has too few cells for this kill"
+    _killed_when(command, lambda: len(_cells(folder)) >= at)
+    left = len(_cells(folder))
+    assert at <= left < total
+    return left
 
 
 def _stable(rows: list[dict]) -> list[dict]:
@@ -59,19 +83,30 @@ def _study_report(folder: Path) -> dict:
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     _run([*PPQ, "study", "--config", "configs/tiny/study.yaml", "--output_dir", str(folder)])
-    return _study_report(folder)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["studies"][0]["cached"] == 0
+    return _study_report(folder), len(_cells(folder))
 
 
-def test_a_study_killed_at_random_points_ends_with_the_uninterrupted_report(tmp_path, reference):
+def test_a_study_killed_mid_run_ends_with_the_uninterrupted_report(tmp_path, reference):
+    report, total = reference
     command = [*PPQ, "study", "--config", "configs/tiny/study.yaml", "--output_dir", str(tmp_path)]
     rng = random.Random(16)
     for _ in range(KILLS):
-        _killed(command, rng)
+        _killed_after_new_cells(command, tmp_path, rng.randint(1, 2), total)
+        assert not (tmp_path / "report.json").exists()
+    before = _cells(tmp_path)
     _run(command)
-    assert _study_report(tmp_path) == reference
+    assert _study_report(tmp_path) == report
+    after = _cells(tmp_path)
+    assert len(after) == total
+    assert {name: after[name] for name in before} == before  # read again, not rewritten
+    resumed = json.loads((tmp_path / "report.json").read_text())["studies"][0]
+    assert resumed["cached"] == len(before)
 
 
-def test_a_sweep_killed_at_random_points_ends_with_the_uninterrupted_table(tmp_path, reference):
+def test_a_sweep_killed_mid_run_ends_with_the_uninterrupted_table(tmp_path, reference):
+    report, total = reference
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
         yaml.safe_dump(
@@ -90,10 +125,25 @@ def test_a_sweep_killed_at_random_points_ends_with_the_uninterrupted_table(tmp_p
     )
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
     _run([*PPQ, "sweep", str(sweep), "--output", str(clean)])
-    rng = random.Random(17)
-    for _ in range(KILLS):
-        _killed([*PPQ, "sweep", str(sweep), "--output", str(faulty)], rng)
-    _run([*PPQ, "sweep", str(sweep), "--output", str(faulty)])
-    table = [_stable(json.loads((f / "sweep.json").read_text())) for f in (clean, faulty)]
-    assert table[0] == table[1]
-    assert table[0][0]["best_order"] == reference["studies"][0]["best_order"]
+    command = [*PPQ, "sweep", str(sweep), "--output", str(faulty)]
+
+    def done() -> list[Path]:
+        return sorted(faulty.glob("points/*/point.json"))
+
+    # in the middle of the first point (the exhaustive study; its process dies with the sweep)
+    first = _killed_after_new_cells(command, faulty, random.Random(17).randint(1, 3), total)
+    assert not done()
+    # between the points: the first one finished, the second not
+    _killed_when(command, lambda: len(done()) >= 1)
+    (finished,) = done()
+    record = finished.read_bytes()
+    assert not (faulty / "sweep.json").exists()
+    cells = _cells(faulty)
+    _run(command)
+    table = [json.loads((f / "sweep.json").read_text()) for f in (clean, faulty)]
+    assert _stable(table[0]) == _stable(table[1])
+    assert table[0][0]["best_order"] == report["studies"][0]["best_order"]
+    assert finished.read_bytes() == record  # the finished point was not run again
+    assert _cells(faulty) == cells
+    # the first point, resumed by the second run, read the cells the first kill left
+    assert table[0][0]["cached"] == 0 and table[1][0]["cached"] == first

@@ -19,21 +19,14 @@ once and copied for each continuation (``reuse_prefixes=True``).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ppq_lightning.compressed.accounting import compression_summary, nominal_compression_rate
 from ppq_lightning.compressed.history import StageKind
-from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.errors import (
     PPQConfigError,
     bad_value,
@@ -42,15 +35,9 @@ from ppq_lightning.errors import (
     check_folder,
     check_int,
 )
-from ppq_lightning.order.evaluation import evaluate_module, metric_direction
+from ppq_lightning.order.evaluation import metric_direction
 from ppq_lightning.order.grammar import all_orders, check_stage_names, format_order, parse_order
 from ppq_lightning.order.interference import interference_ranking
-from ppq_lightning.order.metrics import (
-    compression_equivalence_ratio,
-    metric_value,
-    order_advantage,
-    performance_gap,
-)
 from ppq_lightning.order.prediction import (
     PREDICTORS,
     Ranking,
@@ -60,8 +47,9 @@ from ppq_lightning.order.prediction import (
     prune_first_ranking,
 )
 from ppq_lightning.order.stage import Stage
-from ppq_lightning.order.walk import walk_orders
-from ppq_lightning.study.cells import Cell, CellCache, fingerprint
+from ppq_lightning.study.assemble import best_orders, equivalence_ratios, pair_metrics
+from ppq_lightning.study.cells import Cell, CellCache
+from ppq_lightning.study.measure import CellMeasurer
 from ppq_lightning.study.result import Budget, StudyResult
 
 SEARCH_MODES = ("exhaustive", "pih", "predict")
@@ -194,162 +182,41 @@ class OrderStudy:
         self.order = parse_order(order, names) if order is not None else None
         self.reuse_prefixes, self.logger = reuse_prefixes, logger
         self.label = label or "_".join(names)
-        self.budget = Budget()
-        self._cache: CellCache | None = None
-        self._eval_loader: Any = None
-        self._calibration: list[Any] | None = None
+        self.cells = CellMeasurer(
+            module,
+            datamodule,
+            metric,
+            higher_is_better,
+            self.cells_dir,
+            stages[0].b_orig,
+            self.tail,
+            forward_fn,
+            reuse_prefixes,
+            self.label,
+            logger,
+        )
 
-    # -- the cells ------------------------------------------------------------------------------
+    # -- the cells (study.measure) ----------------------------------------------------------
+    @property
+    def budget(self) -> Budget:
+        """What the study spent: evaluations, cached cells, stage applications."""
+        return self.cells.budget
+
     @property
     def cache(self) -> CellCache:
-        """The study's cells (keyed by the fingerprint of its model, data and metric)."""
-        if self._cache is None:
-            batches = [*self._evaluation_data(), *self._calibration_data()]
-            signature = getattr(self.module, "evaluation_signature", None)
-            settings = signature() if callable(signature) else ""
-            key = self.metric + (f"|{settings}" if settings else "")
-            self._cache = CellCache(self.cells_dir, fingerprint(self.module, batches, key))
-        return self._cache
+        """The study's cells (keyed by the fingerprint of its model, data, metric, b_orig)."""
+        return self.cells.cache
 
     @property
     def fingerprint(self) -> str:
         """What a cell's value depends on besides its stages (see ``study.cells.fingerprint``)."""
-        return self.cache.fingerprint
-
-    def _evaluation_data(self) -> Any:
-        if self._eval_loader is None:
-            self._eval_loader = list(self.datamodule.val_dataloader())
-        return self._eval_loader
-
-    def _calibration_data(self) -> list[Any]:
-        if self._calibration is None:
-            get = getattr(self.datamodule, "calibration_dataloader", None)
-            loader = get() if callable(get) else self.datamodule.val_dataloader()
-            self._calibration = list(loader)
-        return self._calibration
-
-    def _cached(self, keys: tuple[str, ...]) -> Cell | None:
-        cell, from_disk = self.cache.get(keys)
-        self.budget.cached += from_disk
-        return cell
-
-    def _evaluate(
-        self,
-        model: L.LightningModule,
-        names: tuple[str, ...],
-        kind: str,
-        keys: tuple[str, ...],
-        seconds: float,
-    ) -> Cell:
-        start = time.perf_counter()
-        check_invariants(model)
-        results = evaluate_module(model, self._evaluation_data())
-        evaluated = time.perf_counter() - start
-        if self.metric not in results:
-            raise PPQConfigError(
-                f"metric={self.metric!r} is not among the evaluated metrics {sorted(results)}."
-            )
-        b_orig = next(iter(self.stages.values())).b_orig
-        summary = compression_summary(model, b_orig)
-        value = float(results[self.metric])
-        cell = Cell(
-            order=format_order(names),
-            kind=kind,
-            keys=keys,
-            value=value,
-            M=metric_value(value, self.higher_is_better),
-            nominal_C=summary.nominal_C,
-            measured_C=summary.measured_C,
-            sparsity=summary.sparsity,
-            avg_bits=summary.avg_bits,
-            seconds=seconds + time.perf_counter() - start,
-            eval_seconds=evaluated,
-            metrics=results,
-        )
-        self.cache.put(cell)
-        self.budget.evaluations += 1
-        self.budget.applications_without_reuse += len(keys)
-        if self.logger is not None:
-            prefix = f"study/{self.label}/{cell.order}"
-            self.logger.log_metrics(
-                {
-                    **{f"{prefix}/{k}": v for k, v in results.items()},
-                    f"{prefix}/measured_C": cell.measured_C,
-                    f"{prefix}/nominal_C": cell.nominal_C,
-                },
-                step=self.budget.evaluations + self.budget.cached,
-            )
-        return cell
-
-    def _finish(
-        self,
-        model: L.LightningModule,
-        names: tuple[str, ...],
-        kind: str,
-        keys: tuple[str, ...],
-        seconds: float,
-    ) -> Cell:
-        """Evaluate the model after ``names``, on a copy with the ``tail`` stages applied when
-        there are any (the prefix itself goes on to the orders below it)."""
-        if self.tail:
-            start = time.perf_counter()
-            model = copy.deepcopy(model)
-            for stage in self.tail:
-                self._apply(model, stage)
-            seconds += time.perf_counter() - start
-            names = (*names, *(stage.name for stage in self.tail))
-        return self._evaluate(model, names, kind, keys, seconds)
-
-    def _apply(self, model: L.LightningModule, stage: Stage) -> None:
-        stage = copy.deepcopy(stage)
-        if self.forward_fn is not None and getattr(stage, "forward_fn", None) is None:
-            stage.forward_fn = self.forward_fn
-        stage.apply(model, dataloader=self._calibration_data())
-        self.budget.applications += 1
+        return self.cells.cache.fingerprint
 
     def measure(
         self, requests: dict[tuple[str, ...], str], stages: dict[str, Stage]
     ) -> dict[tuple[str, ...], Cell]:
-        """Evaluate every requested order (names -> kind), depth first over shared prefixes.
-
-        Cells are keyed by the stages' identities, not their names: cached cells are read
-        back, not recomputed, and two requested orders of the same identities (a study stage
-        and a curve stage with one configuration) are computed once. A prefix is applied only
-        when some order below it still needs computing.
-        """
-        key_of = {name: stage.identity for name, stage in stages.items()}
-        tail = tuple(stage.identity for stage in self.tail)
-        keys = {names: (*(key_of[n] for n in names), *tail) for names in requests}
-        first = {}  # one order per distinct keys
-        for names in sorted(requests, key=lambda n: (len(n), n)):
-            first.setdefault(keys[names], names)
-        todo = {n for n in first.values() if self._cached(keys[n]) is None}
-        progress = tqdm(total=len(todo), desc=f"study {self.label}", unit="cell", leave=False)
-
-        def visit(model: L.LightningModule, prefix: tuple[str, ...], seconds: float) -> None:
-            self._finish(model, prefix, requests[prefix], keys[prefix], seconds)
-            progress.update()
-
-        with torch.no_grad():
-            if self.reuse_prefixes and todo:
-                walk_orders(self.module, todo, lambda m, n: self._apply(m, stages[n]), visit)
-            elif todo:
-                for names in sorted(todo, key=len):
-                    model = copy.deepcopy(self.module)
-                    start = time.perf_counter()
-                    for name in names:
-                        self._apply(model, stages[name])
-                    self._finish(
-                        model, names, requests[names], keys[names], time.perf_counter() - start
-                    )
-                    progress.update()
-        progress.close()
-        return {  # a cell shared by names is reported under the names asked for
-            names: dataclasses.replace(
-                self._cached(keys[names]), order=format_order(names), kind=requests[names]
-            )
-            for names in requests
-        }
+        """Evaluate every requested order (see ``study.measure.CellMeasurer.measure``)."""
+        return self.cells.measure(requests, stages)
 
     # -- the study ------------------------------------------------------------------------------
     def run(self) -> StudyResult:
@@ -398,13 +265,11 @@ class OrderStudy:
                 self.measure({predicted: "order" if len(names) > 1 else "single"}, all_stages)
             )
         orders = {format_order(o): cells[o] for o in wanted}
-        best_m = max(c.M for c in orders.values())
-        tied = [o for o, c in orders.items() if best_m == c.M]  # equal metrics: every one is best
-        best = "=".join(tied)
+        best = best_orders(orders)
         pih = format_order(predicted)
         curve_cells = [cells[(n,)] for n in curve]
         dense = cells[()]
-        cer = self._cer(dense, curve_cells, singles)
+        cer = equivalence_ratios(dense, curve_cells, singles)
         return StudyResult(
             label=self.label,
             stages=names,
@@ -416,11 +281,11 @@ class OrderStudy:
             orders=orders,
             best_order=best,
             pih_order=pih,
-            pih_correct=(pih in tied) if self.search == "exhaustive" else None,
+            pih_correct=(pih in best.split("=")) if self.search == "exhaustive" else None,
             cer=cer,
             budget=self.budget,
             kinds=self._kinds(),
-            pair=self._pair_metrics(names, singles, orders, cer),
+            pair=pair_metrics(names, self._kinds(), singles, orders, cer),
         )
 
     def rank(self, names: list[str], curve: dict[str, Stage]) -> tuple[Ranking, dict]:
@@ -432,8 +297,8 @@ class OrderStudy:
             ranking = interference_ranking(
                 self.module,
                 list(self.stages.values()),
-                self._calibration_data(),
-                self._apply,
+                self.cells.calibration_data(),
+                self.cells.apply,
                 score=self.predictor,
                 tail=self.tail,
                 forward=self.forward_fn,
@@ -446,17 +311,8 @@ class OrderStudy:
         singles = {n: cells[(n,)] for n in names}
         if self.predictor == "pih":
             return pih_ranking({n: c.M for n, c in singles.items()}), cells
-        cer = self._cer(cells[()], [cells[(n,)] for n in curve], singles)
+        cer = equivalence_ratios(cells[()], [cells[(n,)] for n in curve], singles)
         return pih_cer_ranking(cer, len(curve)), cells
-
-    def _cer(self, dense: Cell, curve_cells: list[Cell], singles: dict[str, Cell]) -> dict:
-        if not curve_cells:
-            return {}
-        points = [(1.0, dense.M)] + [
-            (nominal_compression_rate(0.0, c.avg_bits, round(dense.avg_bits)), c.M)
-            for c in curve_cells
-        ]
-        return {n: compression_equivalence_ratio(points, c.M) for n, c in singles.items()}
 
     def _predict(
         self, names: list[str], curve: dict[str, Stage], all_stages: dict[str, Stage]
@@ -467,8 +323,7 @@ class OrderStudy:
         kind = "order" if len(names) > 1 else "single"
         cells.update(self.measure({(): "dense", **{o: kind for o in wanted}}, all_stages))
         orders = {format_order(o): cells[o] for o in wanted}
-        best_m = max(c.M for c in orders.values())
-        best = "=".join(o for o, c in orders.items() if best_m == c.M)
+        best = best_orders(orders)
         singles = {n: cells[(n,)] for n in names if (n,) in cells}
         curve_cells = [cells[(n,)] for n in curve if (n,) in cells]
         return StudyResult(
@@ -483,7 +338,9 @@ class OrderStudy:
             best_order=best,
             pih_order="",
             pih_correct=None,
-            cer=self._cer(cells[()], curve_cells, singles) if len(singles) == len(names) else {},
+            cer=equivalence_ratios(cells[()], curve_cells, singles)
+            if len(singles) == len(names)
+            else {},
             budget=self.budget,
             kinds=self._kinds(),
             prediction=ranking.as_dict(),
@@ -491,25 +348,3 @@ class OrderStudy:
 
     def _kinds(self) -> dict[str, str]:
         return {n: str(StageKind(s.kind)) for n, s in self.stages.items()}
-
-    def _pair_metrics(
-        self,
-        names: list[str],
-        singles: dict[str, Cell],
-        orders: dict[str, Cell],
-        cer: dict[str, float],
-    ) -> dict[str, float]:
-        """G, A and C*_P - C_Q for a two-stage exhaustive study (first stage named first)."""
-        if len(names) != 2 or len(orders) != 2:
-            return {}
-        f1, f2 = names
-        pair = {
-            "G": performance_gap(singles[f1].M, singles[f2].M),
-            "A": order_advantage(orders[f"{f1}>{f2}"].M, orders[f"{f2}>{f1}"].M),
-        }
-        kinds = {n: StageKind(self.stages[n].kind) for n in names}
-        p = next((n for n in names if kinds[n] is StageKind.PRUNE), None)
-        q = next((n for n in names if kinds[n] is StageKind.QUANTIZE), None)
-        if p and q and cer:
-            pair["C*_P - C_Q"] = cer[p] - singles[q].nominal_C
-        return pair

@@ -1,7 +1,7 @@
 """Compression methods as Lightning callbacks. List order in ``Trainer(callbacks=...)`` is
 compression order."""
 
-from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.callbacks.basis_sharing import BasisSharing
 from ppq_lightning.callbacks.batchnorm import BatchNormRecalibration, FoldBatchNorm
 from ppq_lightning.callbacks.block_removal import BlockRemoval
@@ -18,6 +18,7 @@ from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.schedule import CompressionSchedule
 from ppq_lightning.callbacks.sparsegpt import SparseGPT
 from ppq_lightning.callbacks.sqs import SQS
+from ppq_lightning.callbacks.stage import StageResult
 from ppq_lightning.callbacks.wanda import Wanda
 
 __all__ = [

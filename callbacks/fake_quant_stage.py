@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.stage import StageResult
 from ppq_lightning.compressed.state import STATE_NAME, current_mask, get_state
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.targets import resolve_targets

@@ -12,7 +12,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from ppq_lightning.callbacks.base import CompressionCallback, StageResult
+from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.stage import StageResult
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_grid, current_mask, record_stage
 from ppq_lightning.edits.lora import (

@@ -65,7 +65,7 @@ class HistoryEntry(TypedDict):
         kind: a :class:`StageKind` value.
         name: the stage's name (its ``name`` argument, else the method's default name), what
             orders and resumes call it; absent from records written before it was kept (the
-            name is then read from ``stage``, see ``callbacks.base.recorded_name``).
+            name is then read from ``stage``, see ``callbacks.stage.recorded_name``).
         sparsity, pattern: a pruning stage's target (CoDeQ: the learned sparsity).
         edit: the structural edit the entry records (``ppq_lightning.edits``), replayed when a
             fresh model loads the state.

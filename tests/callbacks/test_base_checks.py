@@ -11,7 +11,8 @@ from ppq_lightning.callbacks import (
     QuantizationAwareTraining,
     RTNQuantization,
 )
-from ppq_lightning.callbacks.base import check_trainer_stages, recorded_name
+from ppq_lightning.callbacks.base import check_trainer_stages
+from ppq_lightning.callbacks.stage import recorded_name
 from ppq_lightning.compressed.state import compressed_modules, get_state
 from ppq_lightning.edits.lora import lora_layers
 from ppq_lightning.errors import PPQConfigError

@@ -33,6 +33,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    provenance,
     write_results_readme,
 )
 from ppq_lightning.reports import markdown_table, write_json
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(rows[-1], flush=True)
             shutil.rmtree(folder)  # the table is the result, not 100 MB of weights
     windows_file.unlink()
-    write_json(out / "export_sizes.json", {"rows": rows, "command": command_line(argv)})
+    write_json(out / "export_sizes.json", {"rows": rows, **provenance(command_line(argv))})
     write_results_readme(
         out,
         "Export sizes and reloads (SmolLM2-135M)",

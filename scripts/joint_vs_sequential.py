@@ -29,6 +29,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    provenance,
     recalibration,
     write_results_readme,
 )
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "joint_layers_with_channels_removed": sum(m["keep"] < 1 for m in chosen.values()),
         "joint_layers": len(chosen),
         "seconds": time.perf_counter() - start,
-        "command": command_line(argv, "scripts/joint_vs_sequential.py"),
+        **provenance(command_line(argv, "scripts/joint_vs_sequential.py")),
     }
     write_json(out / "summary.json", summary)
     write_results_readme(

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_results_readme(
         out,
         "Progressive vs regressive mixed precision",
-        command_line(),
+        command_line(argv, "scripts/mixed_precision_order.py"),
         f"Wall time {time.perf_counter() - start:.0f} s. Dense {result.dense.value:.3f}; each "
         f"stage alone: {singles}. PIH order (weakest first): {result.pih_order}; best: "
         f"{result.best_order}.",

@@ -38,6 +38,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    provenance,
     pruner,
     quantizer,
     recalibration,
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(results, len(curve))
     summary["metric"] = results[0].metric if results else None
     command = command_line(argv, "scripts/order_grid.py")
-    summary.update(seconds=time.perf_counter() - start, command=command)
+    summary.update(seconds=time.perf_counter() - start, **provenance(command))
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_readme(out, summary, results)
     print(json.dumps(summary, indent=2))

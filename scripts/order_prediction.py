@@ -39,6 +39,7 @@ from order_grid import grid_parser, grid_points
 from ppq_lightning.cli.experiments import (
     command_line,
     instantiate,
+    provenance,
     recalibration,
     write_results_readme,
 )
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "noise_ppl": args.noise_ppl,
         "noise_acc": args.noise_acc,
         "seconds": time.perf_counter() - start,
-        "command": command_line(argv, "scripts/order_prediction.py"),
+        **provenance(command_line(argv, "scripts/order_prediction.py")),
     }
     write_json(out / "summary.json", summary)
     write_results_readme(

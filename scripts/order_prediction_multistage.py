@@ -30,6 +30,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    provenance,
     recalibration,
     write_results_readme,
 )
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "schedules": [r["schedule"] for r in rows],
         "noise": args.noise,
         "seconds": time.perf_counter() - start,
-        "command": command_line(argv, "scripts/order_prediction_multistage.py"),
+        **provenance(command_line(argv, "scripts/order_prediction_multistage.py")),
     }
     write_json(out / "summary.json", summary)
     write_results_readme(

@@ -26,6 +26,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    provenance,
     pruner,
     quantizer,
     recalibration,
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pruning_points": len(pruning),
         "quantization_better_at_equal_C": q_wins,
         "seconds": time.perf_counter() - start,
-        "command": command_line(argv, "scripts/prune_vs_quantize.py"),
+        **provenance(command_line(argv, "scripts/prune_vs_quantize.py")),
     }
     write_json(out / "summary.json", summary)
     ours = (

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_results_readme(
         out,
         "Split pruning: P>Q, Q>P and P1>Q>P2 at equal total sparsity",
-        command_line(),
+        command_line(argv, "scripts/split_pruning.py"),
         f"Wall time {time.perf_counter() - start:.0f} s; values are the evaluation metric "
         "(perplexity: lower is better); C is the nominal compression rate.",
         table,

@@ -34,6 +34,7 @@ from ppq_lightning.cli.experiments import (
     command_line,
     experiment_parser,
     instantiate,
+    provenance,
     recalibration,
     write_results_readme,
 )
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         measure(f"{second}>{first}", [table[second], table[first]])
     write_table(rows, out, "methods")
     report = {
-        "command": command_line(argv, f"scripts/{Path(__file__).name}"),
+        **provenance(command_line(argv, f"scripts/{Path(__file__).name}")),
         "model": getattr(module, "hparams", {}).get("model"),
         "blocks": len(chain) if chain is not None else 0,
         "calibration_images": sum(len(batch_input(b)) for b in calibration),

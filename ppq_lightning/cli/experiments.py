@@ -4,6 +4,7 @@ model and data from YAML, method factories by short name, and the report's front
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,37 @@ def command_line(argv: list[str] | None = None, script: str | None = None) -> st
     return "python " + " ".join(shlex.quote(a) for a in words)
 
 
+def source_commit() -> str:
+    """``git rev-parse HEAD`` of the repository this code runs from, with ``-dirty`` when its
+    tracked files differ from that commit (the figures then came from uncommitted code), or
+    ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if changed else "")
+
+
+def provenance(command: str) -> dict[str, str]:
+    """What a results file records of the run that wrote it: ``command`` and ``commit``
+    (:func:`source_commit`), e.g. ``summary.update(provenance(command_line(argv)))``."""
+    return {"command": command, "commit": source_commit()}
+
+
 def write_results_readme(folder: str | Path, title: str, command: str, *blocks: str) -> Path:
     """Write an experiment's ``README.md``: the title, the command that produced it, then the
     paragraphs and tables, one blank line apart.
@@ -116,13 +148,14 @@ def write_results_readme(folder: str | Path, title: str, command: str, *blocks: 
     Args:
         folder: the report folder (created if needed).
         title: the heading, without the ``#``.
-        command: the command line (:func:`command_line`), indented as a code block.
+        command: the command line (:func:`command_line`), indented as a code block after the
+            commit it ran at (:func:`source_commit`).
         blocks: paragraphs and Markdown tables, in order; empty ones (e.g. the table of no rows)
             are left out, trailing newlines dropped.
 
     Returns:
         The path of the written ``README.md``.
     """
-    parts = [f"# {title}", "Produced by:", f"    {command}"]
+    parts = [f"# {title}", f"Produced at commit `{source_commit()}` by:", f"    {command}"]
     parts += [block.rstrip("\n") for block in blocks if block.strip()]
     return write_text_atomic(Path(folder) / "README.md", "\n\n".join(parts) + "\n")

@@ -2,12 +2,13 @@
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from ppq_lightning.cli.experiments import write_results_readme
+from ppq_lightning.cli.experiments import provenance, source_commit, write_results_readme
 
 ROOT = Path(__file__).parents[2]
 TINY = ["--config", str(ROOT / "configs" / "experiments" / "tiny.yaml")]
@@ -145,7 +146,7 @@ def test_write_results_readme(tmp_path):
     assert path.read_text() == (
         "# Title\n"
         "\n"
-        "Produced by:\n"
+        f"Produced at commit `{source_commit()}` by:\n"
         "\n"
         "    python scripts/x.py --a b\n"
         "\n"
@@ -156,3 +157,15 @@ def test_write_results_readme(tmp_path):
         "|---|\n"
     )
     assert [p.name for p in folder.iterdir()] == ["README.md"]  # no temporary file left
+
+
+def test_results_record_the_commit_they_were_made_at():
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert source_commit() in (head, f"{head}-dirty")
+    assert provenance("python scripts/x.py") == {
+        "command": "python scripts/x.py",
+        "commit": source_commit(),
+    }

@@ -19,8 +19,8 @@ from ppq_lightning.errors import (
     bad_value,
     check_bool,
     check_choice,
+    check_count_or_ratio,
     check_int,
-    check_number,
 )
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
@@ -55,13 +55,7 @@ class BasisSharingConfig(StageConfig):
         check_num_batches(self.num_calibration_batches)
         check_solver_args(1, self.damp)
         check_int("group_size", self.group_size, minimum=2)
-        rank, ratio = self.rank, self.ratio
-        if (rank is None) == (ratio is None):
-            raise PPQConfigError(f"rank={rank!r}, ratio={ratio!r}: give exactly one.")
-        check_int("rank", rank, minimum=1, allow_none=True, allowed="an integer >= 1")
-        check_number(
-            "ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)"
-        )
+        check_count_or_ratio("rank", self.rank, self.ratio)
         projections = self.projections
         projections = list(LLAMA_PROJECTIONS) if projections is None else projections
         projections = [projections] if isinstance(projections, str) else projections

@@ -13,7 +13,11 @@ from ppq_lightning.calibration.scoring import greedy_block_removal
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.blocks import remove_and_record
-from ppq_lightning.errors import PPQConfigError, bad_value, check_int, check_number
+from ppq_lightning.errors import (
+    PPQConfigError,
+    bad_value,
+    check_count_or_ratio,
+)
 from ppq_lightning.modules.config import StageConfig
 
 
@@ -32,13 +36,7 @@ class BlockRemovalConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        n_blocks, ratio = self.n_blocks, self.ratio
-        if (n_blocks is None) == (ratio is None):
-            raise PPQConfigError(f"n_blocks={n_blocks!r}, ratio={ratio!r}: give exactly one.")
-        check_int("n_blocks", n_blocks, minimum=1, allow_none=True, allowed="an integer >= 1")
-        check_number(
-            "ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)"
-        )
+        check_count_or_ratio("n_blocks", self.n_blocks, self.ratio)
         check_num_batches(self.num_calibration_batches)
 
 

@@ -183,3 +183,16 @@ def check_folder(argument: str, value: Any) -> Path:
                 raise bad_value(argument, str(value), f"a folder, but {str(part)!r} is a file")
             break
     return path
+
+
+def check_count_or_ratio(count_argument: str, count: Any, ratio: Any) -> None:
+    """Accept exactly one of an integer count >= 1 (``count_argument``: ``n_blocks``,
+    ``rank``) and a ``ratio`` in (0, 1).
+
+    Raises:
+        PPQConfigError: naming both when both or neither are given, else the bad one.
+    """
+    if (count is None) == (ratio is None):
+        raise PPQConfigError(f"{count_argument}={count!r}, ratio={ratio!r}: give exactly one.")
+    check_int(count_argument, count, minimum=1, allow_none=True, allowed="an integer >= 1")
+    check_number("ratio", ratio, 0, 1, True, True, allow_none=True, allowed="a number in (0, 1)")

@@ -32,8 +32,6 @@ from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.ops.masks import parse_pattern, resolve_sparsity
 from ppq_lightning.ops.quant_grid import check_group_size
 
-IDENTITY_VERSION = 2  # identities of version 1 (before 2026-12) left arguments out
-
 
 def canonical(value: Any) -> Any:
     """``value`` in one spelling per meaning: tuples as lists, dicts with sorted keys (so that

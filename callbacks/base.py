@@ -195,12 +195,13 @@ class FiresOnce(L.Callback):
 
 
 class CompressionCallback(CompressionStage, FiresOnce):
-    """Base class of every compression method.
+    """Base class of every compression method: a :class:`CompressionStage` Lightning drives.
 
-    Subclasses set ``default_name`` and ``kind``, define :meth:`stage_config` (the arguments
-    that define the stage) and :meth:`compress` (the work on the chosen modules). A stage has
-    one name, :attr:`name` (the ``name`` argument, else ``default_name``), used in orders, logs
-    and reports, and one identity, :attr:`state_key` (its class and arguments).
+    Subclasses set ``default_name``, ``kind`` and ``config_class`` (the frozen config of every
+    argument that can change the weights; the stage's :attr:`identity` follows from it) and
+    define :meth:`compress` (the work on the chosen modules). A stage has one name,
+    :attr:`name` (the ``name`` argument, else ``default_name``), used in orders, logs and
+    reports, and one key in a run, :attr:`state_key` (the identity, ``@name`` when named).
 
     Args:
         targets: regex or list of regexes of module names to compress (``re.search``); default

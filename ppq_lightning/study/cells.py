@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppq_lightning.modules.config import is_legacy_key
 from ppq_lightning.reports import write_json
 
 
@@ -96,6 +97,7 @@ class CellCache:
     def __init__(self, folder: str | Path, fingerprint: str) -> None:
         self.folder, self.fingerprint = Path(folder), fingerprint
         self._cells: dict[tuple[str, ...], Cell] = {}
+        self._checked_legacy = False
 
     def path(self, keys: tuple[str, ...]) -> Path:
         """The file of the cell with the state keys ``keys``."""
@@ -109,6 +111,7 @@ class CellCache:
             return self._cells[keys], False
         path = self.path(keys)
         if not path.exists():
+            self._warn_legacy()
             return None, False
         try:
             data = json.loads(path.read_text())
@@ -123,6 +126,29 @@ class CellCache:
             return None, False
         self._cells[keys] = cell
         return cell, True
+
+    def _warn_legacy(self) -> None:
+        """Say once when ``folder`` holds cells keyed by version-1 stage keys (written before a
+        stage's identity covered every argument): they are never matched, so their orders are
+        computed again rather than reinterpreted."""
+        if self._checked_legacy:
+            return
+        self._checked_legacy = True
+        legacy = 0
+        for path in self.folder.glob("*.json") if self.folder.is_dir() else ():
+            try:
+                keys = json.loads(path.read_text()).get("keys", [])
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+                continue
+            legacy += any(isinstance(k, str) and is_legacy_key(k) for k in keys)
+        if legacy:
+            warnings.warn(
+                f"{legacy} cell file(s) in {self.folder} were keyed by stage keys of an earlier "
+                "ppq-lightning, which left out arguments that change the weights (targets, "
+                "damping, calibration settings); they are not reused, and this study computes "
+                "its cells again (delete them to silence this).",
+                stacklevel=3,
+            )
 
     def put(self, cell: Cell) -> None:
         """Keep ``cell`` and write it (atomically: on disk whole or not at all)."""

@@ -174,3 +174,17 @@ def test_a_corrupt_cell_file_is_named_in_a_warning_and_computed_again(tmp_path, 
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     with pytest.warns(UserWarning, match=f"cell file {path} is unreadable"):
         assert CellCache(tmp_path, "abc").get(cell.keys) == (None, False)
+
+
+def test_cells_of_version_one_keys_are_not_reused_and_said_so(tmp_path):
+    from ppq_lightning.study.cells import Cell, CellCache
+
+    old = Cell(
+        "Q", "single", ("RTNQuantization{'name': 'Q', 'bits': 4}",), 9.0, -9.0, 4, 4, 0, 4, 1
+    )
+    CellCache(tmp_path, "f").put(old)
+    cache = CellCache(tmp_path, "f")
+    new_keys = ("RTNQuantization{'bits': 4, 'targets': None}",)
+    with pytest.warns(UserWarning, match="1 cell file.*earlier ppq-lightning.*not reused"):
+        assert cache.get(new_keys) == (None, False)
+    assert cache.get(old.keys)[0] == old  # the file itself is intact, only never matched

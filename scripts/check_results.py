@@ -1,42 +1,52 @@
-"""Check that docs/results/README.md says what the committed result files beside it say.
+"""Check that the documentation says what the committed result files say.
 
-Every table and every marked number of the README is re-derived from the CSV/JSON files that the
-experiment scripts wrote under ``docs/results/*/``; the data wins. Exit status 1 names every
-mismatch (README line, the file or expression it was derived from, expected against written);
-0 when everything checked agrees. Nothing is re-run: only committed files are read, with the
-standard library.
+The documents are docs/results/README.md (the index of the results), README.md and every
+docs/*.md. Every derived table and every marked number of them is re-derived from the CSV/JSON
+files that the experiment scripts wrote under ``docs/results/*/``; the data wins. Exit status 1
+names every mismatch (document and line, the file or expression it was derived from, expected
+against written); 0 when everything checked agrees. Nothing is re-run: only committed files are
+read, with the standard library, so the check is fast enough for every test run.
 
-What the README marks (HTML comments, invisible when rendered):
+What a document marks (HTML comments, invisible when rendered):
 
 - a table is preceded (last non-blank line before it) by ``<!-- derived: KIND -->``; the
-  checker knows the kinds in :data:`TABLES`. A table without a marker, or with a kind it does
-  not know, is a failure that names the table: no table goes unchecked. ``folders`` (the
-  index): every folder a row names exists (``<x>`` and ``[x]`` are patterns) and every result
-  folder is named by a row. The keyed kinds
+  checker knows the kinds in :data:`TABLES`. In the results index every table needs one: a
+  table without a marker, or with a kind it does not know, is a failure that names the table.
+  In the other documents an unmarked table is one of settings or definitions and is not
+  checked as a table (its numbers may carry ``<!-- = EXPR -->`` markers, and ``--strict``
+  lists the ones that do not). ``folders`` (the index): every folder a row names exists
+  (``<x>`` and ``[x]`` are patterns) and every result folder is named by a row. The keyed kinds
   (``vision_grids``, ``prediction``) find each row's data by the name in backticks in its first
   cell (a folder, a grid, or a folder for its ``all`` row); the rest of that cell is a label
   and is not checked. Every other cell is re-derived and compared, and the header must be the
   kind's header.
-- a number in prose is followed at once by ``<!-- = EXPR -->``: ``0.22<!-- = val(...) -->`` s.
-  ``EXPR`` is a Python expression over the helpers of :func:`namespace` (``val``, ``cell``,
-  ``col``, ``rows``, ``metric``, ``frac``, ``mean``, ...) and the names of earlier
-  ``<!-- let NAME = EXPR -->`` markers; file paths are relative to ``docs/results``.
-- every backticked repository path (``configs/...``, ``scripts/...``, ``docs/...``, with
-  ``{a,b}`` alternatives) must exist.
+- a number in prose or in a table cell is followed at once by ``<!-- = EXPR -->``:
+  ``0.22<!-- = val(...) -->`` s. ``EXPR`` is a Python expression over the helpers of
+  :func:`namespace` (``val``, ``cell``, ``col``, ``rows``, ``metric``, ``frac``, ``mean``, ...;
+  ``repo`` and ``size`` for the few results a committed script wrote elsewhere in the
+  repository, such as the shipped model's record) and the names of earlier
+  ``<!-- let NAME = EXPR -->`` markers of the same document; file paths are relative to
+  ``docs/results``. A marker that cannot be evaluated (unknown name, missing file or row) fails.
+- every backticked repository path (``configs/...``, ``scripts/...``, ``docs/...``, ``tests/...``,
+  ``ppq_lightning/...``, with ``{a,b}`` alternatives; ``*`` and ``<name>`` as wildcards) must
+  exist.
 
 How a written number is compared: it must be the expected value rounded to the digits written
 (``0.22`` matches 0.2246, ``1.1e4`` matches 11410, ``45`` matches 45.07); counts (ints) must be
 equal. Non-numeric text in a derived cell must be equal.
 
-What it does not check: prose numbers without a marker (``--strict`` lists them), the labels in
-the first cell of keyed tables, the script and question columns of the index beyond their paths
-and marked numbers, the wording of claims around the checked numbers, plots (``*.png``), the
-other docs and the folders' own README.md files, and whether the committed files themselves are
-right (they are the reference; most record their command, none the git commit).
+What it does not check: numbers without a marker (``--strict`` lists them: in the other
+documents most are settings, such as bit widths, sparsities and windows, which are not
+measurements), the labels in the first cell of keyed tables, the script and question columns of
+the index beyond their paths and marked numbers, text cells of unmarked tables, the wording of
+claims around the checked numbers, plots (``*.png``), the folders' own README.md files, and
+whether the committed files themselves are right (they are the reference; most record their
+command, and only runs made after the writers learnt it their git commit).
 
-    python scripts/check_results.py                 # docs/results/README.md against docs/results
-    python scripts/check_results.py --results DIR   # another copy (DIR/README.md against DIR)
-    python scripts/check_results.py --strict        # also fail on unmarked numbers in prose
+    python scripts/check_results.py                 # the index, README.md, docs/*.md
+    python scripts/check_results.py README.md       # only these documents
+    python scripts/check_results.py --results DIR   # against another copy (DIR/README.md too)
+    python scripts/check_results.py --strict        # also fail on unmarked numbers
 """
 
 from __future__ import annotations
@@ -69,15 +79,17 @@ REPO_PATH = re.compile(r"`((?:configs|scripts|docs|tests|ppq_lightning)/[^`\s]+)
 
 
 class Mismatch(NamedTuple):
-    """One disagreement: where in the README, what it was derived from, expected vs written."""
+    """One disagreement: where (document and line), what it was derived from, expected vs
+    written."""
 
     line: int
     source: str
     expected: str
     written: str
+    doc: str = "README.md"
 
     def __str__(self) -> str:
-        where = f"README.md:{self.line}: {self.source}"
+        where = f"{self.doc}:{self.line}: {self.source}"
         return f"{where}: expected {self.expected}, written {self.written}"
 
 
@@ -121,6 +133,16 @@ class Files:
             self._cache[name] = json.loads(self.path(name).read_text())
         return self._cache[name]
 
+    def repository_json(self, name: str) -> Any:
+        """A JSON file committed outside ``docs/results`` (a path from the repository root)."""
+        key = f"repository:{name}"
+        if key not in self._cache:
+            path = ROOT / name
+            if not path.is_file():
+                raise CheckError(f"no file {name} in the repository")
+            self._cache[key] = json.loads(path.read_text())
+        return self._cache[key]
+
     def csv(self, name: str) -> list[dict[str, Any]]:
         if name not in self._cache:
             with self.path(name).open(newline="") as f:
@@ -156,7 +178,22 @@ def namespace(files: Files) -> dict[str, Any]:
     def val(name: str, *keys: Any) -> Any:
         """A value of a JSON file: ``val("x/summary.json", "seconds")``; a list of objects is
         indexed by an int or by ``"field=value"``."""
-        value = files.json(name)
+        return walk(name, files.json(name), keys)
+
+    def repo(name: str, *keys: Any) -> Any:
+        """A value of a JSON file that a committed script wrote elsewhere in the repository,
+        as :func:`val` (the shipped model's record: ``repo("ppq_lightning/models/assets/
+        fashion_mnist_resnet18.json", "test_acc")``)."""
+        return walk(name, files.repository_json(name), keys)
+
+    def size(name: str) -> int:
+        """The bytes of a file committed in the repository (a path from its root)."""
+        path = ROOT / name
+        if not path.is_file():
+            raise CheckError(f"no file {name} in the repository")
+        return path.stat().st_size
+
+    def walk(name: str, value: Any, keys: tuple[Any, ...]) -> Any:
         for key in keys:
             if isinstance(key, str) and "=" in key and isinstance(value, list):
                 wanted = [condition.split("=", 1) for condition in key.split("&")]
@@ -189,6 +226,8 @@ def namespace(files: Files) -> dict[str, Any]:
         "cell": cell,
         "col": col,
         "val": val,
+        "repo": repo,
+        "size": size,
         "frac": frac,
         "metric": metric,
         "mean": statistics.fmean,
@@ -461,8 +500,9 @@ def line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def prose_without_markup(text: str) -> str:
-    """The README with comments, code, tables and link targets blanked (offsets kept)."""
+def prose_without_markup(text: str, tables: bool = True) -> str:
+    """The document with comments, code, link targets and (``tables``) table rows blanked
+    (offsets kept)."""
 
     def blank(match: re.Match[str]) -> str:
         return re.sub(r"[^\n]", " ", match.group(0))
@@ -472,13 +512,17 @@ def prose_without_markup(text: str) -> str:
     text = re.sub(r"```.*?```", blank, text, flags=re.S)
     text = re.sub(r"`[^`\n]*`", blank, text)
     text = re.sub(r"\]\([^)]*\)", blank, text)
-    return re.sub(r"(?m)^\s*\|.*$", blank, text)
+    return re.sub(r"(?m)^\s*\|.*$", blank, text) if tables else text
 
 
-def unmarked_numbers(text: str) -> list[tuple[int, str]]:
-    """Numbers in prose that no marker checks (``--strict`` fails on them)."""
-    prose = prose_without_markup(text)
-    return [(line_of(prose, m.start()), m.group(1)) for m in PROSE_NUMBER.finditer(prose)]
+def unmarked_numbers(
+    text: str, tables: bool = True, skip: frozenset[int] = frozenset()
+) -> list[tuple[int, str]]:
+    """Numbers in prose (and, unless ``tables``, in tables) that no marker checks, outside the
+    lines ``skip`` (``--strict`` fails on them)."""
+    prose = prose_without_markup(text, tables)
+    found = [(line_of(prose, m.start()), m.group(1)) for m in PROSE_NUMBER.finditer(prose)]
+    return [(line, number) for line, number in found if line not in skip]
 
 
 def expand_braces(path: str) -> list[str]:
@@ -493,31 +537,68 @@ def expand_braces(path: str) -> list[str]:
     )
 
 
-def check(results: Path, strict: bool = False) -> tuple[list[Mismatch], dict[str, int]]:
-    """Every mismatch between ``results/README.md`` and the files under ``results``, and counts
-    of what was checked."""
-    readme = results / "README.md"
-    text = readme.read_text()
+def path_exists(path: str) -> bool:
+    """A backticked repository path: ``*`` and ``<name>`` are wildcards (at least one match),
+    ``::name`` names something inside the file, ``ppq_lightning/{callbacks,datamodules}/`` are
+    the top-level folders the package maps them from (``pyproject.toml``)."""
+    path = path.split("::")[0]
+    for package in ("callbacks", "datamodules"):
+        if path.startswith(f"ppq_lightning/{package}/"):
+            path = path.removeprefix("ppq_lightning/")
+    pattern = re.sub(r"<[^>]+>", "*", path)
+    if "*" in pattern:
+        return any(ROOT.glob(pattern.rstrip("/")))
+    return (ROOT / path).exists()
+
+
+def show_path(path: Path) -> str:
+    """A document's name in messages: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def default_documents(results: Path) -> list[Path]:
+    """What is checked by default: the results index, README.md and every docs/*.md."""
+    return [results / "README.md", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def check_document(
+    path: Path, files: Files, index: bool, strict: bool = False
+) -> tuple[list[Mismatch], dict[str, int]]:
+    """Every mismatch between one document and the committed result files, and counts of what
+    was checked. ``index`` (the results README): every table must be derived; elsewhere a table
+    is checked when a ``derived`` marker precedes it, and its numbers count as unmarked if not."""
+    doc = show_path(path)
+    text = path.read_text()
     lines = text.splitlines()
-    files = Files(results)
-    names = namespace(files)
+    names = namespace(files)  # a document's let-names are its own
     mismatches: list[Mismatch] = []
     counts = {"tables": 0, "numbers": 0, "paths": 0, "unmarked": 0}
+    derived_lines: set[int] = set()
+
+    def fail(line: int, source: str, expected: str, written: str) -> None:
+        mismatches.append(Mismatch(line, source, expected, written, doc))
 
     for before, table in find_tables(lines):
-        counts["tables"] += 1
         kind = marker_before(lines, before)
         title = "| " + " | ".join(table.header) + " |"
+        if kind is None and not index:
+            continue  # a table of settings or definitions: its numbers are unmarked
+        counts["tables"] += 1
+        last = table.rows[-1][0] if table.rows else table.line + 1
+        derived_lines.update(range(table.line, last + 1))
+        found: list[Mismatch] = []
         if kind is None:
-            mismatches.append(
+            found.append(
                 Mismatch(table.line, "table " + title, "a <!-- derived: KIND --> marker", "none")
             )
         elif kind.split()[0] not in TABLES:
-            mismatches.append(
-                Mismatch(table.line, "table " + title, f"a kind in {TABLES}", repr(kind))
-            )
+            found.append(Mismatch(table.line, "table " + title, f"a kind in {TABLES}", repr(kind)))
         else:
-            check_table(files, kind.split()[0], table, mismatches, f"derived: {kind}")
+            check_table(files, kind.split()[0], table, found, f"derived: {kind}")
+        mismatches.extend(m._replace(doc=doc) for m in found)
 
     code = re.sub(r"`[^`\n]*`", lambda m: " " * len(m.group(0)), text)  # markers in code: text
     inline = {m.start(2): m for m in INLINE.finditer(code)}
@@ -530,48 +611,78 @@ def check(results: Path, strict: bool = False) -> tuple[list[Mismatch], dict[str
             try:
                 names[name] = evaluate(body, names)
             except CheckError as error:
-                mismatches.append(Mismatch(line, f"let {name}", "a value", str(error)))
+                fail(line, f"let {name}", "a value", str(error))
             continue
         number = inline.get(marker.start(2))
         if number is None:
-            mismatches.append(Mismatch(line, body, "a number just before <!-- =", "none"))
+            fail(line, body, "a number just before <!-- =", "none")
             continue
         counts["numbers"] += 1
         try:
             expected = evaluate(body, names)
         except CheckError as error:
-            mismatches.append(Mismatch(line, body, "a value", str(error)))
+            fail(line, body, "a value", str(error))
             continue
         if not agrees(number.group(1), expected):
-            mismatches.append(Mismatch(line, body, show(expected), number.group(1)))
+            fail(line, body, show(expected), number.group(1))
 
-    for found in REPO_PATH.finditer(text):
-        for path in expand_braces(found.group(1).rstrip(".,;:)")):
+    for found_path in REPO_PATH.finditer(text):
+        for repo_path in expand_braces(found_path.group(1).rstrip(".,;:)")):
             counts["paths"] += 1
-            if not (ROOT / path).exists():
-                line = line_of(text, found.start())
-                mismatches.append(Mismatch(line, "path", "an existing path", path))
+            if not path_exists(repo_path):
+                fail(line_of(text, found_path.start()), "path", "an existing path", repo_path)
 
-    unmarked = unmarked_numbers(text)
+    unmarked = unmarked_numbers(text, tables=index, skip=frozenset(derived_lines))
     counts["unmarked"] = len(unmarked)
     if strict:
         for line, number in unmarked:
-            mismatches.append(Mismatch(line, "prose", "a <!-- = EXPR --> marker", number))
+            fail(line, "prose", "a <!-- = EXPR --> marker", number)
+    return mismatches, counts
+
+
+def check(
+    results: Path, strict: bool = False, documents: list[Path] | None = None
+) -> tuple[list[Mismatch], dict[str, dict[str, int]]]:
+    """Every mismatch between the documents (default: :func:`default_documents`) and the files
+    under ``results``, and per document the counts of what was checked."""
+    files = Files(results)
+    index = (results / "README.md").resolve()
+    mismatches: list[Mismatch] = []
+    counts: dict[str, dict[str, int]] = {}
+    for path in documents if documents is not None else default_documents(results):
+        found, counted = check_document(path, files, path.resolve() == index, strict)
+        mismatches += found
+        counts[show_path(path)] = counted
     return mismatches, counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="check_results.py", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "documents",
+        nargs="*",
+        type=Path,
+        help="Markdown files to check (default: RESULTS/README.md, README.md, docs/*.md)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="default: docs/results")
     parser.add_argument("--strict", action="store_true", help="fail on unmarked prose numbers")
     args = parser.parse_args(argv)
-    mismatches, counts = check(args.results, args.strict)
+    mismatches, counts = check(args.results, args.strict, args.documents or None)
     for mismatch in mismatches:
-        print(f"{args.results}/{mismatch}", file=sys.stderr)
+        print(mismatch, file=sys.stderr)
+    per_doc = {doc: sum(m.doc == doc for m in mismatches) for doc in counts}
+    for doc, counted in counts.items():
+        print(
+            f"{doc}: {counted['tables']} tables, {counted['numbers']} marked numbers, "
+            f"{counted['paths']} paths checked; {per_doc[doc]} mismatches; "
+            f"{counted['unmarked']} numbers not checked"
+        )
+    total = {key: sum(c[key] for c in counts.values()) for key in ("tables", "numbers", "paths")}
+    unmarked = sum(c["unmarked"] for c in counts.values())
     print(
-        f"{args.results}/README.md: {counts['tables']} tables, {counts['numbers']} marked "
-        f"numbers, {counts['paths']} paths checked; {len(mismatches)} mismatches; "
-        f"{counts['unmarked']} numbers in prose not checked (--strict lists them)"
+        f"{len(counts)} documents against {args.results}: {total['tables']} tables, "
+        f"{total['numbers']} marked numbers, {total['paths']} paths checked; "
+        f"{len(mismatches)} mismatches; {unmarked} numbers not checked (--strict lists them)"
     )
     return 1 if mismatches else 0
 

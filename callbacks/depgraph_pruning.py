@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from ppq_lightning.calibration.capture import example_input
+from ppq_lightning.calibration.capture import evaluating, example_input
 from ppq_lightning.calibration.data import calibration_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
-from ppq_lightning.edits.depgraph import prune_channels
+from ppq_lightning.edits.depgraph import output_layers, prune_channels
 from ppq_lightning.errors import check_bool, check_int
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
@@ -97,6 +97,8 @@ class DepGraphPruning(CompressionCallback):
             for n, m in model.named_modules()
             if n in protected or (patterns and any(p.search(n) for p in patterns))
         ]
+        with evaluating(model):  # the model's output layers keep their output channels
+            ignored += output_layers(model, example.to(device))
         result = prune_channels(
             model,
             example.to(device),

@@ -31,6 +31,30 @@ from ppq_lightning.modules.views import is_compressible, weight_matrix
 DEPGRAPH_PRUNING = "depgraph_channels"
 
 
+def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
+    """The layers whose output is the model's output (a classifier, an LM head): pruning their
+    output channels would change what the model predicts (its number of classes), so channel
+    pruning leaves them whole, on any model. Found by one forward of ``example``: the leaf
+    modules whose output tensor is the one the model returns (or its ``logits``)."""
+    produced: dict[int, nn.Module] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            produced[id(output)] = module
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            output = model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    output = getattr(output, "logits", output)
+    outputs = output if isinstance(output, (tuple, list)) else [output]
+    return [produced[id(o)] for o in outputs if isinstance(o, Tensor) and id(o) in produced]
+
+
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """The fused ``qkv`` projections of timm attention modules and their head counts."""
     return {

@@ -29,7 +29,7 @@ from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import record_grid, record_stage
 from ppq_lightning.edits.channel_units import ChannelUnit, depgraph_units, mlp_units
 from ppq_lightning.edits.channels import apply_channel_edits, mlp_inputs, plan_channel_edits
-from ppq_lightning.edits.depgraph import attention_heads, prune_chosen_channels
+from ppq_lightning.edits.depgraph import attention_heads, output_layers, prune_chosen_channels
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
@@ -194,7 +194,8 @@ def search_space(
     example = example_input(model, batches[0], forward).to(next(model.parameters()).device)
     protected = set(getattr(model, "default_ignore", None) or ())
     ignored = [m for n, m in model.named_modules() if n in protected]
-    with evaluating(model):
+    with evaluating(model):  # the model's output layers keep their output channels
+        ignored += output_layers(model, example)
         units, graph = depgraph_units(model, example, ignored, keep, set(attention_heads(model)))
     units = [  # groups whose producers are all targets
         u

@@ -64,8 +64,12 @@ def test_every_stage_that_runs_the_model_calls_it_through_forward_fn(spec):
         )
     stage = build_stage(spec, num_calibration_batches=2, **extra)
     stage.forward_fn = _forward
-    result = stage.apply(UserClassifier(), dataloader=_batches())
+    model = UserClassifier()
+    result = stage.apply(model, dataloader=_batches())
     assert result.summary.n_weights > 0
+    # channel pruning never prunes what the model predicts: still 10 classes (the module has
+    # no default_ignore; its classifier is found as the layer that makes the model's output)
+    assert model(_batches(1)[0]["image"]).shape == (4, 10)
 
 
 @pytest.mark.parametrize("score", ["interference", "calibration_kl"])

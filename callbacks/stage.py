@@ -170,6 +170,22 @@ class CompressionStage:
         ``calibration.data.default_forward``."""
         return self.forward_fn or default_forward
 
+    def __setattr__(self, item: str, value: Any) -> None:
+        """Refuse to set a config field on the stage: the config is frozen, and a stage whose
+        weights-changing argument changed after it was built would keep its old identity.
+
+        Raises:
+            PPQConfigError: naming the field and how to get a stage with another value.
+        """
+        config = self.__dict__.get("config")
+        if config is not None and item in config.__dataclass_fields__:
+            raise PPQConfigError(
+                f"{type(self).__name__}.{item} is a field of the stage's frozen config (it is "
+                f"part of the stage's identity): build a new stage with {item}={value!r} "
+                "instead of setting it."
+            )
+        super().__setattr__(item, value)
+
     def __getattr__(self, item: str) -> Any:
         """The fields of :attr:`config` read as attributes (``stage.bits``)."""
         config = self.__dict__.get("config")
@@ -290,15 +306,7 @@ class CompressionStage:
                 if entry.get("stage") not in expected and recorded_name(entry) == self.name
             }
         )
-        legacy = [key for key in recorded if is_legacy_key(key)]
-        if legacy:
-            raise PPQConfigError(
-                f"stage {self.name!r}: the model records a stage {self.name!r} as {legacy[0]}, "
-                "written by an earlier ppq-lightning whose stage identities left out arguments "
-                "that change the weights (targets, ignore, damping, calibration settings), so "
-                f"whether it is this run's {self.state_key} cannot be known. Compress a dense "
-                "model again with this version (the model's weights are kept as they are)."
-            )
+        self.check_not_legacy(model)
         if recorded:
             raise PPQConfigError(
                 f"stage {self.name!r}: the model already records a stage {self.name!r} as "
@@ -306,6 +314,32 @@ class CompressionStage:
                 f"stack a second {self.name!r} stage on the first. Load a dense model (or use "
                 "the configuration the model was compressed with), or give the new stage "
                 "another `name` to stack it deliberately."
+            )
+
+    def check_not_legacy(self, model: nn.Module) -> None:
+        """Refuse a model whose history records a stage of this name under a key of version 1
+        (written before a stage's identity covered every argument): whether it is this stage
+        cannot be known.
+
+        Raises:
+            PPQConfigError: naming the recorded key and what to do.
+        """
+        recorded = sorted(
+            {
+                entry["stage"]
+                for _, _, state in compressed_modules(model)
+                for entry in state.history
+                if isinstance(entry.get("stage"), str) and recorded_name(entry) == self.name
+            }
+        )
+        legacy = [key for key in recorded if is_legacy_key(key)]
+        if legacy:
+            raise PPQConfigError(
+                f"stage {self.name!r}: the model records a stage {self.name!r} as {legacy[0]}, "
+                "written by an earlier ppq-lightning whose stage identities left out arguments "
+                "that change the weights (targets, ignore, damping, calibration settings), so "
+                f"whether it is this run's {self.state_key} cannot be known. Nothing was changed; "
+                "compress a dense model again with this version."
             )
 
     def apply(
@@ -330,12 +364,15 @@ class CompressionStage:
 
         Raises:
             PPQConfigError: when ``targets``/``ignore`` select no module, a selected layer has a
-                NaN/Inf weight or cannot be compressed by this stage, or this stage is
-                already recorded on ``model``.
+                NaN/Inf weight or cannot be compressed by this stage, this stage is already
+                recorded on ``model``, or a stage of this name is recorded under a key of an
+                earlier version (:meth:`check_not_legacy`). Stacking stages of one name is
+                allowed here (a run's Trainer refuses it: :meth:`check_not_replaced`).
             CompressionError: when the stage produced a non-finite weight (the layers are
                 restored).
         """
         self.trainer, self.dataloader = trainer, dataloader
+        self.check_not_legacy(model)
         if self.state_key in applied_stages(model):
             raise PPQConfigError(
                 f"stage {self.name!r} ({self.state_key}) is already applied to this model: its "

@@ -34,10 +34,10 @@ from ppq_lightning.ops.quant_grid import check_group_size
 
 
 def canonical(value: Any) -> Any:
-    """``value`` in one spelling per meaning: tuples as lists, dicts with sorted keys (so that
-    the ``repr`` of equal configurations is equal)."""
+    """``value`` in one spelling per meaning: tuples as lists, dicts keyed by strings in their
+    given order (an order can carry meaning: in ``layer_bits`` the first matching regex wins)."""
     if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
     return value

@@ -144,3 +144,26 @@ def test_a_model_compressed_by_an_older_identity_is_refused_clearly(tiny_lm):
     assert stage.state_key not in applied_stages(tiny_lm)
     with pytest.raises(PPQConfigError, match="earlier ppq-lightning whose stage identities"):
         RTNQuantization(bits=4, name="Q").check_not_replaced(tiny_lm)
+
+
+def test_apply_without_a_trainer_refuses_an_older_identity_too(tiny_lm):
+    RTNQuantization(bits=4, name="Q").apply(tiny_lm)
+    for _, _, state in compressed_modules(tiny_lm):
+        for entry in state.history:
+            entry["stage"] = "RTNQuantization{'name': 'Q', 'bits': 4}"
+    with pytest.raises(PPQConfigError, match="earlier ppq-lightning whose stage identities"):
+        RTNQuantization(bits=4, name="Q").apply(tiny_lm)
+
+
+def test_a_config_field_cannot_be_set_on_a_built_stage():
+    stage = GPTQ(bits=4)
+    with pytest.raises(PPQConfigError, match=r"GPTQ.damp is a field of the stage's frozen config"):
+        stage.damp = 10.0
+    assert stage.damp == 0.01 and stage.identity == GPTQ(bits=4).identity
+    stage.forward_fn = print  # adapter attributes stay settable
+
+
+def test_the_order_of_layer_bits_is_part_of_the_identity():
+    first = RTNQuantization(bits=4, layer_bits={"mlp": 8, "up_proj": 2})
+    second = RTNQuantization(bits=4, layer_bits={"up_proj": 2, "mlp": 8})
+    assert first.identity != second.identity  # the first matching regex wins

@@ -28,6 +28,7 @@ class JointSearchConfig(StageConfig):
     """
 
     budget: float
+    b_orig: int = 16  # the budget is a measured C, whose unit is B_orig bits per weight
     bits: list[int] | None = None
     keep: list[float] | None = None
     num_calibration_batches: int = 16

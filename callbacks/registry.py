@@ -103,6 +103,12 @@ class Method:
         if intensity is not None:
             if self.intensity is None:
                 raise bad_value(f"{self.name} intensity", intensity, "none (the method has none)")
+            if self.intensity in arguments:
+                raise PPQConfigError(
+                    f"{self.name}: its intensity {self.intensity} is given twice "
+                    f"({intensity!r} and {self.intensity}={arguments[self.intensity]!r}): give it "
+                    "once."
+                )
             arguments[self.intensity] = intensity
         return self.callback(**arguments)
 
@@ -215,7 +221,14 @@ def build_stage(
     """
     found, given, arguments = parse_spec(spec, letters, argument)
     if given is not None and intensity is not None:
-        raise bad_value(argument, spec, f"a method without an intensity (it is set to {intensity})")
+        raise PPQConfigError(
+            f"{argument}={spec!r} gives an intensity, and {intensity!r} is given too: give it once."
+        )
     if num_calibration_batches is not None and found.accepts("num_calibration_batches"):
         arguments.setdefault("num_calibration_batches", num_calibration_batches)
-    return found.build(given if given is not None else intensity, **{**common, **arguments})
+    twice = sorted(set(common) & set(arguments))
+    if twice:
+        raise PPQConfigError(
+            f"{argument}={spec!r} sets {twice[0]}, which is given too: give it once."
+        )
+    return found.build(given if given is not None else intensity, **common, **arguments)

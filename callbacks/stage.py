@@ -156,6 +156,8 @@ class CompressionStage:
         check_choice("b_orig", b_orig, (8, 16, 32))
         check_bool("log_layers", log_layers)
         self._name, self.b_orig, self.log_layers = name, b_orig, log_layers
+        if "b_orig" in self.config_class.__dataclass_fields__:  # its math reads B_orig
+            arguments["b_orig"] = b_orig
         self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
         self.result: StageResult | None = None
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None

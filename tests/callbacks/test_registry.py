@@ -55,8 +55,14 @@ def test_a_spec_builds_the_stage_its_arguments_say(spec, direct):
 
 def test_an_intensity_comes_from_the_spec_or_the_caller_not_both():
     assert build_stage("rtn", 4).identity == build_stage("rtn:4").identity
-    with pytest.raises(PPQConfigError, match="method='rtn:4'"):
+    with pytest.raises(PPQConfigError, match="method='rtn:4' gives an intensity"):
         build_stage("rtn:4", 3)
+    with pytest.raises(PPQConfigError, match="its intensity bits is given twice"):
+        build_stage("gptq:4,bits=3")
+    with pytest.raises(PPQConfigError, match="its intensity bits is given twice"):
+        build_stage("gptq:4", bits=3)
+    with pytest.raises(PPQConfigError, match="sets group_size, which is given too"):
+        build_stage("rtn:4,group_size=32", group_size=64)
     with pytest.raises(PPQConfigError, match=r"fold intensity=0\.5"):
         build_stage("fold:0.5")
 

@@ -44,24 +44,29 @@ from ppq_lightning.callbacks.qat import QuantizationAwareTraining
 from ppq_lightning.callbacks.rtn_quantization import RTNQuantization
 from ppq_lightning.callbacks.sparsegpt import SparseGPT
 from ppq_lightning.callbacks.sqs import SQS
+from ppq_lightning.callbacks.stage import CompressionStage
 from ppq_lightning.callbacks.wanda import Wanda
 from ppq_lightning.errors import PPQConfigError, bad_value, check_choice
 from ppq_lightning.modules.config import StageConfig
 
 
-def callback_parameters(cls: type[CompressionCallback]) -> set[str]:
-    """Every argument a compression callback class takes: those of its own ``__init__`` and of
-    every base's it passes ``**kwargs`` on to (its config's fields and the adapter's ``name``,
-    ``b_orig``, ``log_layers``, ``at_epoch``, ``at_step``, ``device`` where it has one)."""
-    names: set[str] = set()
+def callback_signature(cls: type[CompressionCallback]) -> dict[str, inspect.Parameter]:
+    """Every argument a compression callback class takes, by name: those of its own
+    ``__init__`` and of every base's it passes ``**kwargs`` on to (its config's fields and the
+    adapter's ``name``, ``b_orig``, ``log_layers``, ``at_epoch``, ``at_step``, ``device`` where
+    it has one); a subclass's parameter (and its default) wins."""
+    found: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
-        if "__init__" in vars(klass) and issubclass(klass, CompressionCallback):
-            names |= {
-                p.name
-                for p in inspect.signature(klass.__init__).parameters.values()
-                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-            }
-    return names
+        if "__init__" in vars(klass) and issubclass(klass, CompressionStage):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    found.setdefault(p.name, p)
+    return found
+
+
+def callback_parameters(cls: type[CompressionCallback]) -> set[str]:
+    """The names of :func:`callback_signature`."""
+    return set(callback_signature(cls))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ methods without repeating the stage list: a W&B sweep parameter ``P.sparsity`` a
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
-from ppq_lightning.callbacks.registry import METHODS, callback_parameters
+from ppq_lightning.callbacks.registry import METHODS, callback_parameters, callback_signature
 from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
 from ppq_lightning.cli.class_paths import check_class_path
 from ppq_lightning.cli.lightning import instantiate_clearly
@@ -146,6 +147,8 @@ def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str
         PPQConfigError: when no stage has the name, or the method has no such argument.
     """
     by_name = {(s.get("init_args") or {}).get("name"): s for s in stages}
+    # a stage's class first, so that its other overrides are checked against the new class
+    overrides = sorted(overrides, key=lambda o: o[1] != "class_path")
     for stage_name, argument, text in overrides:
         stage = by_name.get(stage_name)
         if stage is None:
@@ -156,10 +159,28 @@ def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str
             )
         value = yaml.safe_load(text)
         if argument == "class_path":
+            old = callback_signature(_resolve_class(stage["class_path"]))
             cls = _resolve_class(value, f"--{stage_name}.class_path")
-            accepted = callback_parameters(cls)
+            new = callback_signature(cls)
             stage["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
-            stage["init_args"] = {k: v for k, v in stage["init_args"].items() if k in accepted}
+            stage["init_args"] = {  # what was set, not the old class's defaults
+                k: v
+                for k, v in stage["init_args"].items()
+                if k in new
+                and (
+                    k not in old or old[k].default is inspect.Parameter.empty or v != old[k].default
+                )
+            }
+            missing = [
+                k
+                for k, p in new.items()
+                if p.default is inspect.Parameter.empty and k not in stage["init_args"]
+            ]
+            if missing and not any(o[0] == stage_name and o[1] in missing for o in overrides):
+                raise PPQConfigError(
+                    f"--{stage_name}.class_path {value}: {cls.__name__} needs "
+                    f"{', '.join(missing)}; add --{stage_name}.{missing[0]} VALUE."
+                )
             continue
         cls = _resolve_class(stage["class_path"])
         accepted = callback_parameters(cls)

@@ -49,8 +49,10 @@ def test_stage_overrides_change_arguments_and_methods():
         },
     ]
     apply_overrides(stages, [*overrides, ("P", "class_path", "Wanda")])
-    # shared arguments are kept (Wanda has a scope too), the others dropped (ramp)
-    assert stages[0]["init_args"] == {"name": "P", "sparsity": 0.7, "scope": "layer"}
+    # what was set is kept when Wanda takes it (sparsity); MagnitudePruning's default scope
+    # ('layer', as a parsed config holds it) is not carried over: Wanda's own ('row') applies;
+    # what Wanda does not take is dropped (ramp)
+    assert stages[0]["init_args"] == {"name": "P", "sparsity": 0.7}
     assert stages[0]["class_path"] == "ppq_lightning.callbacks.wanda.Wanda"
     assert stages[1]["init_args"]["bits"] == 3
     with pytest.raises(PPQConfigError, match="no stage is named 'X'; named stages: P, Q"):
@@ -61,6 +63,26 @@ def test_stage_overrides_change_arguments_and_methods():
         apply_overrides(stages, [("Q", "class_path", "Nothing")])
     with pytest.raises(PPQConfigError, match="needs a value"):
         split_overrides(["--P.sparsity"])
+
+
+def test_a_stage_class_override_applies_first_and_names_what_the_class_needs():
+    def stages():
+        return [
+            {
+                "class_path": "ppq_lightning.callbacks.MagnitudePruning",
+                "init_args": {"name": "P", "sparsity": 0.5, "scope": "layer", "ramp": None},
+            }
+        ]
+
+    swapped = stages()  # the argument of the new class before the class: same result
+    apply_overrides(swapped, [("P", "num_calibration_batches", "2"), ("P", "class_path", "wanda")])
+    assert swapped[0]["init_args"] == {"name": "P", "sparsity": 0.5, "num_calibration_batches": 2}
+    assert swapped[0]["class_path"] == "ppq_lightning.callbacks.wanda.Wanda"  # a registry name
+    with pytest.raises(PPQConfigError, match=r"--P\.class_path gptq: GPTQ needs bits; add --P\.bits"):
+        apply_overrides(stages(), [("P", "class_path", "gptq")])
+    given = stages()
+    apply_overrides(given, [("P", "class_path", "gptq"), ("P", "bits", "3")])
+    assert given[0]["init_args"]["bits"] == 3
 
 
 def test_a_bad_order_on_the_command_line_is_a_clear_error(tmp_path):

@@ -78,7 +78,7 @@ def test_a_stage_class_override_applies_first_and_names_what_the_class_needs():
     apply_overrides(swapped, [("P", "num_calibration_batches", "2"), ("P", "class_path", "wanda")])
     assert swapped[0]["init_args"] == {"name": "P", "sparsity": 0.5, "num_calibration_batches": 2}
     assert swapped[0]["class_path"] == "ppq_lightning.callbacks.wanda.Wanda"  # a registry name
-    with pytest.raises(PPQConfigError, match=r"--P\.class_path gptq: GPTQ needs bits; add --P\.bits"):
+    with pytest.raises(PPQConfigError, match=r"gptq: GPTQ needs bits; add --P\.bits"):
         apply_overrides(stages(), [("P", "class_path", "gptq")])
     given = stages()
     apply_overrides(given, [("P", "class_path", "gptq"), ("P", "bits", "3")])

@@ -261,13 +261,17 @@ class CompressionSchedule(FiresOnce):
             PPQConfigError: naming the stage, what the model records and what is configured.
         """
         check_trainer_stages(trainer.callbacks, pl_module)
+        if self.training_stage is not None:
+            self.training_stage.on_load_checkpoint(trainer, pl_module, checkpoint)
 
-    def _delegate(self, hook: str, trainer: L.Trainer, *args: Any) -> None:
+    def _delegate(self, hook: str, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         """Call the training stage's ``hook`` while it trains (after the stages before it,
-        before it finishes)."""
+        before it finishes), or after it finished for the hooks of :data:`AFTER_TRAINING`."""
         training = self.training_stage
-        if training is not None and self._applied and not training._applied:
-            getattr(training, hook)(trainer, *args)
+        if training is None or not self._applied:
+            return
+        if not training._applied or hook in AFTER_TRAINING:
+            getattr(training, hook)(trainer, *args, **kwargs)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         training = self.training_stage
@@ -275,6 +279,16 @@ class CompressionSchedule(FiresOnce):
             return
         self._apply(trainer, pl_module, self.stages[self.stages.index(training) :])
         self._report(trainer)
+        training.on_train_end(trainer, pl_module)  # finished above: only its own additions run
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whether the schedule fired, and each stage's own callback state."""
+        return {**super().state_dict(), "stages": [s.state_dict() for s in self.stages]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for stage, state in zip(self.stages, state_dict.get("stages", ()), strict=False):
+            stage.load_state_dict(state)
 
     def rows(self) -> list[dict[str, Any]]:
         """The schedule's table: the model before any stage, then one row per stage."""
@@ -347,24 +361,28 @@ def _forwarding(hook: str) -> Any:
     """``CompressionSchedule.<hook>``: the schedule's own behaviour (``FiresOnce``'s), then the
     training stage's ``hook`` while it trains."""
 
-    def forward(self: CompressionSchedule, trainer: L.Trainer, *args: Any) -> None:
-        getattr(super(CompressionSchedule, self), hook)(trainer, *args)
-        self._delegate(hook, trainer, *args)
+    def forward(self: CompressionSchedule, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        getattr(super(CompressionSchedule, self), hook)(trainer, *args, **kwargs)
+        self._delegate(hook, trainer, *args, **kwargs)
 
     forward.__name__ = forward.__qualname__ = hook
     forward.__doc__ = f"Forward ``{hook}`` to the schedule's training stage while it trains."
     return forward
 
 
+AFTER_TRAINING = frozenset({"on_fit_end", "on_save_checkpoint", "on_exception", "teardown"})
+"""Hooks that reach the training stage after it finished too (a fit ends after training)."""
 OWN_HOOKS = frozenset({"on_fit_start", "on_train_end", "on_load_checkpoint"})
 """The hooks the schedule drives itself: ``on_fit_start`` applies the stages before the training
 stage and then starts it, ``on_train_end`` finishes it and applies the rest,
 ``on_load_checkpoint`` checks every stage against the restored model."""
-FORWARDED_HOOKS = tuple(
-    sorted(h for h in vars(L.Callback) if h.startswith("on_") and h not in OWN_HOOKS)
+FORWARDED_HOOKS = (
+    *sorted(h for h in vars(L.Callback) if h.startswith("on_") and h not in OWN_HOOKS),
+    "teardown",
 )
 """Every other Lightning hook reaches the training stage (``on_train_batch_end``,
-``on_validation_epoch_end``, ``on_save_checkpoint``, ...): whatever a training stage implements
-works inside a schedule as it does as a Trainer callback."""
+``on_validation_epoch_end``, ``on_save_checkpoint``, ``teardown``, ...), and the schedule's own
+three call it after their work: whatever a training stage implements works inside a schedule as
+it does as a Trainer callback (its state is saved in the schedule's)."""
 for _hook in FORWARDED_HOOKS:
     setattr(CompressionSchedule, _hook, _forwarding(_hook))

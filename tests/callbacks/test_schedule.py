@@ -267,7 +267,10 @@ class CountingQAT(QuantizationAwareTraining):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.calls = {"on_before_zero_grad": 0, "on_train_epoch_end": 0}
+        self.calls = dict.fromkeys(
+            ["on_before_zero_grad", "on_train_epoch_end", "on_train_end", "on_fit_end", "teardown"],
+            0,
+        )
 
     def on_before_zero_grad(self, trainer, pl_module, optimizer):
         self.calls["on_before_zero_grad"] += 1
@@ -275,11 +278,22 @@ class CountingQAT(QuantizationAwareTraining):
     def on_train_epoch_end(self, trainer, pl_module):
         self.calls["on_train_epoch_end"] += 1
 
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        self.calls["on_train_end"] += 1
+
+    def on_fit_end(self, trainer, pl_module):
+        self.calls["on_fit_end"] += 1
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        self.calls["teardown"] += 1
+
 
 def test_a_training_stage_in_a_schedule_gets_every_hook_it_implements(tmp_path):
     windows = DataLoader(list((torch.arange(32) % 8 + 10).repeat(3, 1)), batch_size=1)
-    counts = []
-    for in_schedule in (False, True):
+    counts, states = [], []
+    for in_schedule in (True, False):
         model = CausalLMModule(model_config=TINY_LLAMA, seed=0)
         qat = CountingQAT(bits=4)
         stages = [MagnitudePruning(0.5), qat]
@@ -289,5 +303,8 @@ def test_a_training_stage_in_a_schedule_gets_every_hook_it_implements(tmp_path):
         trainer = make_trainer(tmp_path / str(in_schedule), callbacks, max_steps=3)
         trainer.fit(model, train_dataloaders=windows)
         counts.append(dict(qat.calls))
+        states.append(callbacks[0].state_dict())
     assert counts[0] == counts[1]
-    assert counts[1]["on_before_zero_grad"] == 3 and counts[1]["on_train_epoch_end"] == 1
+    assert counts[0]["on_before_zero_grad"] == 3 and counts[1]["on_train_epoch_end"] == 1
+    assert counts[0]["on_train_end"] == counts[1]["on_fit_end"] == counts[1]["teardown"] == 1
+    assert states[0]["stages"][1] == {"applied": True}  # the stage's state in the schedule's

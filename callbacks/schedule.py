@@ -94,9 +94,9 @@ class CompressionSchedule(FiresOnce):
         if repeated:
             both = [s.state_key for s in stages if s.name == repeated[0]]
             raise PPQConfigError(
-                f"stages name two stages {repeated[0]!r} ({' and '.join(both)}): a stage's name "
-                "is its identity in orders, reports and the recorded history; give the stages "
-                "distinct `name` arguments (e.g. name='P1', name='P2')."
+                f"stages name two stages {repeated[0]!r} ({' and '.join(both)}): a schedule tells "
+                "its stages apart by name in orders, reports and the recorded history; give the "
+                "stages distinct `name` arguments (e.g. name='P1', name='P2')."
             )
         check_bool("evaluate_each_stage", evaluate_each_stage)
         check_bool("log_layers", log_layers)

@@ -15,6 +15,12 @@ from torch import Tensor, nn
 from ppq_lightning.calibration.distributed import shard, world
 from ppq_lightning.errors import PPQConfigError, check_int
 
+FORWARD_FN_HELP = (
+    "set the stage's `forward_fn` to say how the model is called on a batch, e.g. "
+    "stage.forward_fn = lambda model, batch: model(batch['image']) "
+    "(OrderStudy(forward_fn=...) for a study)"
+)
+
 
 def check_num_batches(value: int) -> int:
     """Validate ``num_calibration_batches``: an integer >= 1."""
@@ -28,16 +34,16 @@ def batch_input(batch: Any) -> Any:
     if isinstance(batch, dict):
         if "input_ids" not in batch:
             raise PPQConfigError(
-                f"a batch is a dict with keys {sorted(batch)}; expected 'input_ids' (for a "
-                "calibrated stage, or set the stage's `forward_fn`)."
+                f"a batch is a dict with keys {sorted(batch)}; expected 'input_ids' (a tensor "
+                f"batch or a list/tuple whose first item is the input work as they are), or "
+                f"{FORWARD_FN_HELP}."
             )
         return batch["input_ids"]
     if isinstance(batch, (list, tuple)) and batch:
         return batch[0]
     raise PPQConfigError(
         f"cannot feed a batch of type {type(batch).__name__} to the model: expected a "
-        "tensor, a dict with 'input_ids' or a non-empty list/tuple (for a calibrated stage, "
-        "or set the stage's `forward_fn`)."
+        f"tensor, a dict with 'input_ids' or a non-empty list/tuple, or {FORWARD_FN_HELP}."
     )
 
 

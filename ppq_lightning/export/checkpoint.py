@@ -42,6 +42,10 @@ def safe_torch_load(path: str | Path) -> Any:
         raise PPQConfigError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
 
 
+LIGHTNING_CLI_KEYS = ("_class_path", "_instantiator")
+"""What LightningCLI records beside a module's hyperparameters: how it built it, not arguments."""
+
+
 def _module_class(hparams: dict[str, Any]) -> type[L.LightningModule]:
     """The module class whose own hyperparameters the checkpoint saved."""
     if "model_config" in hparams:
@@ -63,7 +67,11 @@ def load_lightning_checkpoint(path: str | Path) -> L.LightningModule:
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise PPQConfigError(f"{path} is not a Lightning checkpoint (no state_dict).")
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams = {  # LightningCLI adds its own keys to the module's (``ppq fit`` checkpoints)
+        k: v
+        for k, v in (checkpoint.get("hyper_parameters") or {}).items()
+        if k not in LIGHTNING_CLI_KEYS
+    }
     cls = _module_class(hparams)
     if cls is ImageClassifierModule:
         hparams["pretrained"] = False  # every weight comes from the checkpoint

@@ -78,3 +78,29 @@ def test_export_needs_exactly_one_source(tmp_path):
             ]
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_ppq_fit_then_ppq_export_of_the_checkpoint_it_wrote(tmp_path):
+    """#26 point 3: LightningCLI's keys in the hyperparameters broke `ppq export --ckpt`."""
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/tiny/llama_p_then_q.yaml",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.enable_checkpointing",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--report_dir",
+            str(tmp_path),
+        ]
+    )
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    manifest = main(
+        ["export", "--ckpt", str(ckpt), "--format", "ppq", "--path", str(tmp_path / "x")]
+    )
+    assert manifest["measured_C"] > 1 and (tmp_path / "x" / "export.json").is_file()

@@ -300,14 +300,7 @@ class CompressionStage:
             PPQConfigError: saying what is recorded, what is configured, and the choices.
         """
         expected = {self.state_key} | {s.state_key for s in configured}
-        recorded = sorted(
-            {
-                entry["stage"]
-                for _, _, state in compressed_modules(model)
-                for entry in state.history
-                if entry.get("stage") not in expected and recorded_name(entry) == self.name
-            }
-        )
+        recorded = sorted(self._recorded_keys(model) - expected)
         self.check_not_legacy(model)
         if recorded:
             raise PPQConfigError(
@@ -318,6 +311,15 @@ class CompressionStage:
                 "another `name` to stack it deliberately."
             )
 
+    def _recorded_keys(self, model: nn.Module) -> set[str]:
+        """The state keys ``model``'s history records under this stage's name."""
+        return {
+            entry["stage"]
+            for _, _, state in compressed_modules(model)
+            for entry in state.history
+            if isinstance(entry.get("stage"), str) and recorded_name(entry) == self.name
+        }
+
     def check_not_legacy(self, model: nn.Module) -> None:
         """Refuse a model whose history records a stage of this name under a key of version 1
         (written before a stage's identity covered every argument): whether it is this stage
@@ -326,15 +328,7 @@ class CompressionStage:
         Raises:
             PPQConfigError: naming the recorded key and what to do.
         """
-        recorded = sorted(
-            {
-                entry["stage"]
-                for _, _, state in compressed_modules(model)
-                for entry in state.history
-                if isinstance(entry.get("stage"), str) and recorded_name(entry) == self.name
-            }
-        )
-        legacy = [key for key in recorded if is_legacy_key(key)]
+        legacy = sorted(k for k in self._recorded_keys(model) if is_legacy_key(k))
         if legacy:
             raise PPQConfigError(
                 f"stage {self.name!r}: the model records a stage {self.name!r} as {legacy[0]}, "

@@ -180,7 +180,6 @@ class OrderStudy:
             "cells_dir", cells_dir if cells_dir is not None else self.output_dir / "cells"
         )
         self.order = parse_order(order, names) if order is not None else None
-        self.reuse_prefixes, self.logger = reuse_prefixes, logger
         self.label = label or "_".join(names)
         self.cells = CellMeasurer(
             module,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -18,6 +18,7 @@ _C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
+C4_EVAL_DOCUMENTS = 1100  # documents of C4's validation shard per evaluation split (as GPTQ)
 
 
 class _Windows(Dataset):
@@ -101,28 +102,48 @@ def read_text_file(path: str | Path, argument: str = "paths") -> str:
         ) from err
 
 
-def load_corpus(
-    source: str, paths: list[str] | None = None, prefix: str = ""
-) -> tuple[str, str | None]:
-    """The text of a corpus: ``(train_text, eval_text)``; ``eval_text`` is None for corpora
-    that have no separate evaluation split (they are split by token position instead).
+class Corpus(NamedTuple):
+    """The text of a corpus by split.
+
+    Attributes:
+        train: the text calibration and training draw from (a single corpus: all of it).
+        validation: the text of ``val_dataloader``; None for a single corpus (``pydoc``,
+            ``files``), which is split by token position instead.
+        test: the text of ``test_dataloader``, disjoint from ``validation``; None for a single
+            corpus.
+    """
+
+    train: str
+    validation: str | None = None
+    test: str | None = None
+
+
+def load_corpus(source: str, paths: list[str] | None = None, prefix: str = "") -> Corpus:
+    """The text of a corpus, by split (see :class:`TextDataModule` for which text each split
+    of each source is).
 
     Args:
         source: ``pydoc``, ``files``, ``wikitext2`` or ``c4``.
         paths: the text files of ``source="files"``.
         prefix: prefix of the argument names in error messages (``"calibration_"``).
 
+    Returns:
+        The :class:`Corpus`: ``wikitext2`` gives its train, validation and test splits; ``c4``
+        its first 5000 train documents, and documents ``[0, 1100)`` (validation) and
+        ``[1100, 2200)`` (test) of its first validation shard; ``pydoc`` and ``files`` one text.
+
     Raises:
         PPQConfigError: on an unknown source, missing files, or an unreachable hub dataset.
     """
     if source == "pydoc":
-        return pydoc_text(), None
+        return Corpus(pydoc_text())
     if source == "files":
         paths = check_paths(paths, f"{prefix}paths")
-        return "\n\n".join(read_text_file(p, f"{prefix}paths") for p in paths), None
+        return Corpus("\n\n".join(read_text_file(p, f"{prefix}paths") for p in paths))
     if source == "wikitext2":
         data = _load_dataset(source, "wikitext", "wikitext-2-raw-v1")
-        return "\n\n".join(data["train"]["text"]), "\n\n".join(data["test"]["text"])
+        splits = ("train", "validation", "test")
+        return Corpus(*("\n\n".join(data[split]["text"]) for split in splits))
     if source == "c4":
         train = _load_dataset(
             source, "allenai/c4", data_files={"train": _C4_SHARDS["train"]}, split="train"
@@ -133,22 +154,37 @@ def load_corpus(
             data_files={"validation": _C4_SHARDS["validation"]},
             split="validation",
         )
-        return "\n\n".join(train[:5000]["text"]), " ".join(val[:1100]["text"])
+        n = C4_EVAL_DOCUMENTS
+        return Corpus(
+            "\n\n".join(train[:5000]["text"]),
+            " ".join(val[:n]["text"]),
+            " ".join(val[n : 2 * n]["text"]),
+        )
     raise bad_value(f"{prefix}source", source, f"one of {', '.join(SOURCES)}")
 
 
 class TextDataModule(L.LightningDataModule):
-    """Token windows of a text corpus for evaluation, calibration and training.
+    """Token windows of a text corpus for validation, test, calibration and training.
 
-    Single-corpus sources (``pydoc``, ``files``) are tokenised once and split by position: the
-    first ``1 - eval_fraction`` of the tokens feed calibration and training, the rest
-    evaluation, so the two never overlap. ``wikitext2`` and ``c4`` use their own train and
-    evaluation splits, as the GPTQ/SparseGPT scripts do (``c4``: the first shard of each split;
-    evaluation on its first 1100 documents, calibration and training on its first 5000 train
-    documents joined, where GPTQ draws each sample from one random document). Evaluation
-    windows are consecutive, non-overlapping, ``seqlen`` long; calibration windows are
-    ``num_calibration_samples`` random ``seqlen`` slices of the train part (seeded).
-    Batches are ``{"input_ids": (B, seqlen)}``.
+    Which text each split reads (deterministic; validation and test never share a token):
+
+    - ``pydoc``, ``files`` (one text, tokenised once, split by position): the first
+      ``1 - eval_fraction`` of the tokens feed calibration and training; the rest is held out
+      and cut into consecutive windows. Validation reads the first ``max_eval_windows`` of
+      them, test the ones after those (at most ``max_eval_windows``). With
+      ``max_eval_windows=None`` validation reads every held-out window and none is left for
+      test: ``test_dataloader`` raises.
+    - ``wikitext2``: its own splits — calibration and training from ``train``, validation from
+      ``validation``, test from ``test`` (the split GPTQ and SparseGPT report perplexity on).
+    - ``c4``: the first shard of each split, as the GPTQ/SparseGPT scripts take it —
+      calibration and training from its first 5000 train documents joined (GPTQ draws each
+      sample from one random document), validation from documents 0-1099 of the validation
+      shard (GPTQ's evaluation set), test from documents 1100-2199 of the same shard (C4 has
+      no test split).
+
+    Validation and test windows are consecutive, non-overlapping, ``seqlen`` long, at most
+    ``max_eval_windows`` of each; calibration windows are ``num_calibration_samples`` random
+    ``seqlen`` slices of the train part (seeded). Batches are ``{"input_ids": (B, seqlen)}``.
 
     Args:
         source: ``pydoc`` (CPython's documentation text, offline), ``files``, ``wikitext2`` or
@@ -156,8 +192,9 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: ``smollm2-135m``, ``bytes``, a local directory or a hub id.
         seqlen: tokens per window.
         num_calibration_samples: calibration windows.
-        max_eval_windows: keep only the first evaluation windows (None: all).
-        eval_fraction: share of a single corpus held out for evaluation, in (0, 1).
+        max_eval_windows: keep only the first validation windows, and as many test windows
+            (None: all; then a single corpus has none left for test).
+        eval_fraction: share of a single corpus held out for validation and test, in (0, 1).
         batch_size: windows per batch.
         seed: seed of the calibration draw and the training shuffle.
         paths: text files for ``source="files"``.
@@ -168,7 +205,8 @@ class TextDataModule(L.LightningDataModule):
     Raises:
         PPQConfigError: on any invalid argument (booleans are not integers; ``paths`` or
             ``calibration_paths`` given where no source reads them, missing files); in
-            ``setup``, a file that is not UTF-8 text, or texts too short for one window.
+            ``setup``, a file that is not UTF-8 text, or texts too short for one window; in
+            ``test_dataloader``, no test window (see above).
 
     Example (YAML)::
 
@@ -235,6 +273,7 @@ class TextDataModule(L.LightningDataModule):
         self.paths, self.calibration_source = paths, calibration_source
         self.calibration_paths = calibration_paths
         self.eval_windows: Tensor | None = None
+        self.test_windows: Tensor | None = None
         self.train_tokens: Tensor | None = None
 
     def _tokenize(self, tokenizer: Any, text: str) -> Tensor:
@@ -243,35 +282,59 @@ class TextDataModule(L.LightningDataModule):
         return torch.tensor(ids, dtype=torch.long)
 
     def _split(
-        self, tokenizer: Any, source: str, paths: list[str] | None, prefix: str = ""
-    ) -> tuple[Tensor, Tensor]:
-        train_text, eval_text = load_corpus(source, paths, prefix)
-        if eval_text is not None:
-            return self._tokenize(tokenizer, train_text), self._tokenize(tokenizer, eval_text)
-        tokens = self._tokenize(tokenizer, train_text)
+        self,
+        tokenizer: Any,
+        source: str,
+        paths: list[str] | None,
+        prefix: str = "",
+        held_out: bool = True,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(train, validation, test)`` tokens of ``source``. A single corpus gives all its
+        held-out tokens as ``validation`` and None as ``test`` (its test windows follow the
+        validation windows); ``held_out=False`` (a calibration source) tokenises no split of
+        a hub corpus but ``train``."""
+        corpus = load_corpus(source, paths, prefix)
+        if corpus.validation is not None:
+            if not held_out:
+                return self._tokenize(tokenizer, corpus.train), None, None
+            train, validation, test = (self._tokenize(tokenizer, text) for text in corpus)
+            return train, validation, test
+        tokens = self._tokenize(tokenizer, corpus.train)
         cut = int(len(tokens) * (1 - self.eval_fraction))
-        return tokens[:cut], tokens[cut:]
+        return tokens[:cut], tokens[cut:], None
+
+    def _windows(self, tokens: Tensor) -> Tensor:
+        """The first ``max_eval_windows`` (None: all) consecutive ``seqlen`` windows of
+        ``tokens``, ``(n, seqlen)``."""
+        n = len(tokens) // self.seqlen
+        if self.max_eval_windows is not None:
+            n = min(n, self.max_eval_windows)
+        return tokens[: n * self.seqlen].reshape(n, self.seqlen)
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenise the corpus once (later calls do nothing)."""
         if self.eval_windows is not None:
             return
         tokenizer = load_tokenizer(self.tokenizer_name)
-        train, held_out = self._split(tokenizer, self.source, self.paths)
+        train, held_out, test = self._split(tokenizer, self.source, self.paths)
         if self.calibration_source is not None:
-            train, _ = self._split(
-                tokenizer, self.calibration_source, self.calibration_paths, "calibration_"
+            train, _, _ = self._split(
+                tokenizer,
+                self.calibration_source,
+                self.calibration_paths,
+                "calibration_",
+                held_out=False,
             )
-        n_eval = len(held_out) // self.seqlen
         if min(len(held_out), len(train)) < self.seqlen:
             raise PPQConfigError(
                 f"the corpus is too short for seqlen={self.seqlen}: {len(held_out)} evaluation "
                 f"and {len(train)} calibration/training tokens, each part needs at least "
                 f"{self.seqlen}; use a shorter seqlen, more text, or another eval_fraction."
             )
-        if self.max_eval_windows is not None:
-            n_eval = min(n_eval, self.max_eval_windows)
-        self.eval_windows = held_out[: n_eval * self.seqlen].reshape(n_eval, self.seqlen)
+        self.eval_windows = self._windows(held_out)
+        if test is None:  # a single corpus: the held-out windows after the validation ones
+            test = held_out[self.eval_windows.numel() :]
+        self.test_windows = self._windows(test)
         self.train_tokens = train
 
     def calibration_windows(self) -> Tensor:
@@ -306,5 +369,28 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(_Windows(self.eval_windows), batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        """The same windows as ``val_dataloader``."""
-        return self.val_dataloader()
+        """The test windows, in order: held out like the validation windows and disjoint from
+        them (which text, per source: see the class docstring).
+
+        Raises:
+            PPQConfigError: when there is no test window: a single corpus whose held-out part
+                the validation windows use up (``max_eval_windows=None`` or too large for
+                ``eval_fraction``), or a test split shorter than ``seqlen``.
+        """
+        self.setup()
+        if len(self.test_windows) == 0:
+            if self.source in ("pydoc", "files"):
+                held_out = len(self.eval_windows)
+                raise PPQConfigError(
+                    f"source={self.source!r} has no test window left: its held-out part "
+                    f"(eval_fraction={self.eval_fraction}) holds {held_out} window(s) of "
+                    f"seqlen={self.seqlen}, and validation reads all of them "
+                    f"(max_eval_windows={self.max_eval_windows}); test reads the held-out "
+                    "windows after the validation ones, so set max_eval_windows below "
+                    f"{held_out}, or raise eval_fraction."
+                )
+            raise PPQConfigError(
+                f"source={self.source!r}: its test split is shorter than seqlen={self.seqlen} "
+                "tokens; use a shorter seqlen."
+            )
+        return DataLoader(_Windows(self.test_windows), batch_size=self.batch_size)

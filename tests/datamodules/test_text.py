@@ -1,4 +1,5 @@
 import importlib.util
+import math
 import sys
 
 import pytest
@@ -8,6 +9,7 @@ from ppq_lightning.datamodules import TextDataModule
 from ppq_lightning.datamodules.text import pydoc_text
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models.loading import load_tokenizer
+from tests.helpers import make_trainer
 
 
 def _positions(haystack: torch.Tensor, needle: torch.Tensor) -> list[int]:
@@ -146,6 +148,93 @@ def test_eval_part_follows_train_part_and_window_counts(tiny_data):
     assert train.shape == (cut // 64, 64)
     assert torch.equal(train.sort(dim=0).values, full[: cut // 64 * 64].view(-1, 64).sort(0).values)
     assert len(tiny_data.test_dataloader()) == len(tiny_data.val_dataloader()) == 4
+
+
+def test_test_windows_are_the_held_out_windows_after_the_validation_ones(tiny_data):
+    """`ppq test` and `ppq validate` printed the same numbers: test_dataloader returned the
+    validation windows."""
+    full = torch.tensor(
+        load_tokenizer("bytes").encode(pydoc_text(), add_special_tokens=False, verbose=False)
+    )
+    cut = int(len(full) * 0.9)
+    tested = torch.cat([b["input_ids"] for b in tiny_data.test_dataloader()])
+    assert torch.equal(tested.flatten(), full[cut + 4 * 64 : cut + 8 * 64])  # after validation's
+    validated = torch.cat([b["input_ids"] for b in tiny_data.val_dataloader()])
+    assert torch.equal(validated.flatten(), full[cut : cut + 4 * 64])  # unchanged
+
+
+def test_validate_and_test_report_different_numbers(tmp_path, tiny_lm, tiny_data):
+    trainer = make_trainer(tmp_path)
+    validated = trainer.validate(tiny_lm, datamodule=tiny_data, verbose=False)[0]["val/ppl"]
+    tested = trainer.test(tiny_lm, datamodule=tiny_data, verbose=False)[0]["test/ppl"]
+    assert math.isfinite(tested) and tested != pytest.approx(validated, rel=1e-6)
+
+
+def test_no_test_window_left_is_a_clear_error(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)  # 180 held-out bytes
+    for windows in (None, 5, 6):  # 5 windows of 32 held out: validation reads all of them
+        data = TextDataModule(
+            source="files",
+            paths=[str(text)],
+            tokenizer="bytes",
+            seqlen=32,
+            max_eval_windows=windows,
+        )
+        assert len(data.val_dataloader()) == 5
+        with pytest.raises(
+            PPQConfigError,
+            match=rf"no test window left: .* holds 5 window\(s\) of seqlen=32, and validation "
+            rf"reads all of them \(max_eval_windows={windows}\).*set max_eval_windows below 5",
+        ):
+            data.test_dataloader()
+    data = TextDataModule(
+        source="files", paths=[str(text)], tokenizer="bytes", seqlen=32, max_eval_windows=3
+    )
+    assert [len(data.val_dataloader()), len(data.test_dataloader())] == [3, 2]
+
+
+def _hub_splits(monkeypatch):
+    """`datasets` objects of the shape wikitext2 and c4 load, built offline: every split's
+    documents say which split and document they are."""
+    datasets = pytest.importorskip("datasets")
+    from ppq_lightning.datamodules import text
+
+    def documents(split, n):
+        return datasets.Dataset.from_dict({"text": [f"<{split} {i}> " * 3 for i in range(n)]})
+
+    def load(source, *args, **kwargs):
+        if source == "wikitext2":
+            return datasets.DatasetDict(
+                {s: documents(s, 50) for s in ("train", "validation", "test")}
+            )
+        return documents(kwargs["split"], 3000)
+
+    monkeypatch.setattr(text, "_load_dataset", load)
+
+
+def _text(windows: torch.Tensor) -> str:
+    return load_tokenizer("bytes").decode(windows.flatten().tolist())
+
+
+def test_wikitext2_validates_on_its_validation_split_and_tests_on_its_test_split(monkeypatch):
+    _hub_splits(monkeypatch)
+    data = TextDataModule(source="wikitext2", tokenizer="bytes", seqlen=32, max_eval_windows=None)
+    data.setup()
+    validated, tested = _text(data.eval_windows), _text(data.test_windows)
+    assert "<validation 0>" in validated and "test" not in validated
+    assert "<test 0>" in tested and "validation" not in tested
+    assert "<train" in _text(data.calibration_windows())
+
+
+def test_c4_tests_on_the_validation_documents_after_the_evaluated_ones(monkeypatch):
+    _hub_splits(monkeypatch)
+    data = TextDataModule(source="c4", tokenizer="bytes", seqlen=64, max_eval_windows=None)
+    data.setup()
+    validated, tested = _text(data.eval_windows), _text(data.test_windows)
+    assert validated.startswith("<validation 0>") and "<validation 1099>" in validated
+    assert tested.startswith("<validation 1100>") and "<validation 2199>" in tested
+    assert "<validation 1099>" not in tested and "<validation 2200>" not in tested
 
 
 def test_all_eval_windows_and_lazy_calibration_dataloader():

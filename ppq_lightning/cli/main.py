@@ -9,12 +9,19 @@
   ...``: export a compressed model (``ppq_lightning.cli.export``).
 - ``ppq sweep SWEEP.yaml --output DIR``: run a W&B sweep file locally, one run per grid point,
   and aggregate the results (``ppq_lightning.cli.sweep``).
+- ``ppq``, ``ppq -h``, ``ppq --help``: every subcommand with a one-line description.
 """
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import re
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from lightning.pytorch import Trainer
 
 from ppq_lightning.cli.class_paths import check_command_line
 from ppq_lightning.cli.export import export_main
@@ -22,6 +29,61 @@ from ppq_lightning.cli.lightning import PPQCLI
 from ppq_lightning.cli.study import study_main
 from ppq_lightning.cli.sweep import sweep_main
 from ppq_lightning.errors import PPQConfigError
+
+# the subcommands ppq adds to LightningCLI's: name -> (entry point, one-line description)
+OWN_SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
+    "study": (study_main, "Measure or predict the best order of the stages."),
+    "sweep": (sweep_main, "Run a W&B sweep file locally, one run per point."),
+    "export": (export_main, "Write a compressed model in a format runtimes load."),
+}
+HELP = ("-h", "--help")
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(text.strip().split("\n\n")[0].split())
+    match = re.match(r"(.+?\.)(\s|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
+def subcommand_help() -> dict[str, str]:
+    """Every ``ppq`` subcommand with its one-line description: LightningCLI's (``fit``,
+    ``validate``, ``test``, ``predict``: the first sentence of the ``Trainer`` method's
+    docstring) and ppq's own (``study``, ``sweep``, ``export``)."""
+    lightning = {
+        name: _first_sentence(inspect.getdoc(getattr(Trainer, name)) or name)
+        for name in PPQCLI.subcommands()
+    }
+    return lightning | {name: text for name, (_, text) in OWN_SUBCOMMANDS.items()}
+
+
+def help_text() -> str:
+    """What ``ppq --help`` prints: the subcommands, each with one line, and LightningCLI's
+    options that go before a subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="ppq",
+        description="ppq-lightning: model compression as Lightning callbacks, with the order "
+        "of the methods as a variable to configure, study and predict.",
+        epilog="fit, validate, test and predict are LightningCLI's: the compression callbacks "
+        "of their config fire first, in list order. `ppq SUBCOMMAND --help` lists the "
+        "arguments of a subcommand.",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        help="(fit, validate, test, predict) a config file given before the subcommand",
+    )
+    parser.add_argument(
+        "--print_config",
+        metavar="=flags",
+        nargs="?",
+        help="(fit, validate, test, predict) print the configuration and exit",
+    )
+    subcommands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    for name, text in subcommand_help().items():
+        subcommands.add_parser(name, help=text)
+    return parser.format_help()
 
 
 def main(args: list[str] | None = None) -> Any:
@@ -32,21 +94,30 @@ def main(args: list[str] | None = None) -> Any:
 
     Returns:
         What the command returns: the ``PPQCLI`` of ``fit``/``validate``/``test``/``predict``,
-        the ``StudyResult`` of ``study``, the rows of ``sweep``, the manifest of ``export``.
+        the ``StudyResult`` of ``study``, the rows of ``sweep``, the manifest of ``export``;
+        None for ``ppq --help`` (the help is printed).
 
     Raises:
-        PPQConfigError: on a bad argument (a class path that is not a dotted identifier path of
-            an installed package is refused before anything is imported), or a compression
-            stage that never fired (``--trainer.limit_val_batches 0``, an empty dataloader).
+        PPQConfigError: on no subcommand or an unknown one (naming every subcommand), on a bad
+            argument (a class path that is not a dotted identifier path of an installed package
+            is refused before anything is imported), or a compression stage that never fired
+            (``--trainer.limit_val_batches 0``, an empty dataloader).
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "sweep":
+    if argv[:1] and argv[0] in HELP:
+        print(help_text())
+        return None
+    known = list(subcommand_help())
+    if not argv or (not argv[0].startswith("-") and argv[0] not in known):
+        given = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand given"
+        raise PPQConfigError(
+            f"{given}: expected one of {', '.join(known)} (`ppq --help` says what each does)."
+        )
+    if argv[0] == "sweep":
         return sweep_main(argv[1:])
     check_command_line(argv)
-    if argv and argv[0] == "study":
-        return study_main(argv[1:])
-    if argv and argv[0] == "export":
-        return export_main(argv[1:])
+    if argv[0] in OWN_SUBCOMMANDS:
+        return OWN_SUBCOMMANDS[argv[0]][0](argv[1:])
     return PPQCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -1,20 +1,22 @@
-"""``ppq study``: run an :class:`~ppq_lightning.study.OrderStudy` from YAML and the command line.
+"""ppq study: run an order study (ppq_lightning.study.OrderStudy) from YAML and the command
+line, print its cells and its best order, and write its report to --output_dir.
 
-    ppq study --config configs/study/smollm2_sparsegpt_gptq.yaml
+    ppq study --config configs/study/smollm2_order.yaml
     ppq study --config configs/tiny/study.yaml --search pih --output_dir outputs/tiny_study
     ppq study --config configs/tiny/study.yaml --order "Q>P" --P.sparsity 0.6 --Q.bits 3
     ppq study --config configs/tiny/study.yaml --search predict --predictor interference
 
-Besides the study's own arguments, ``--<Stage>.<argument> VALUE`` (or ``=VALUE``) sets an
-argument of the stage named ``<Stage>`` in ``stages`` (the value is read as YAML), and
-``--<Stage>.class_path NAME`` swaps its method (``Wanda`` or a full class path; the arguments the
-new method shares with the old one are kept). That is how sweep points vary intensities and
-methods without repeating the stage list: a W&B sweep parameter ``P.sparsity`` arrives as
-``--P.sparsity=0.5``.
+Besides the study's own arguments, --<Stage>.<argument> VALUE (or =VALUE) sets an argument of
+the stage named <Stage> in `stages` (the value is read as YAML), and --<Stage>.class_path NAME
+swaps its method (Wanda, a short name of the method registry, or a full class path; the
+arguments the new method shares with the old one are kept). That is how sweep points vary
+intensities and methods without repeating the stage list: a W&B sweep parameter P.sparsity
+arrives as --P.sparsity=0.5.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import re
@@ -23,7 +25,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
@@ -48,9 +50,13 @@ TOP_LEVEL = {"model", "data", "logger", "config"}
 STUDY_CONFIG = "study.yaml"
 
 
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description's lines and example commands kept as written."""
+
+
 def study_parser() -> ArgumentParser:
     """The argument parser of ``ppq study``."""
-    parser = ArgumentParser(prog="ppq study", description=__doc__)
+    parser = ArgumentParser(prog="ppq study", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these arguments")
     parser.add_subclass_arguments(L.LightningModule, "model", help="the dense model")
     parser.add_subclass_arguments(L.LightningDataModule, "data", help="evaluation/calibration data")

@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -108,3 +109,50 @@ def test_two_identical_stages_get_our_message_before_the_trainer_is_built(tmp_pa
     message = str(info.value) + capsys.readouterr().err
     assert "set `name=` on each" in message and "state_key` must be unique" not in message
     assert not (tmp_path / "tiny_llama_p_then_q").exists()
+
+
+SUBCOMMANDS = ["fit", "validate", "test", "predict", "study", "sweep", "export"]
+ROOT = Path(__file__).parents[2]
+
+
+def _help(argv: list[str], capsys) -> str:
+    """What ``ppq ARGV --help`` prints (a subcommand's parser exits 0 after printing)."""
+    try:
+        main([*argv, "--help"])
+    except SystemExit as done:
+        assert done.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_subcommand_with_one_line(capsys, monkeypatch):
+    """`ppq --help` listed neither study nor sweep nor export."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = _help([], capsys)
+    listed = {}
+    for line in text.splitlines():
+        words = line.split(maxsplit=1)
+        if line.startswith("    ") and words and words[0] in SUBCOMMANDS:
+            listed[words[0]] = words[1] if len(words) > 1 else ""
+    assert list(listed) == SUBCOMMANDS
+    assert all(description.endswith(".") for description in listed.values()), listed
+    assert listed["test"] == "Perform one evaluation epoch over the test set."
+
+
+@pytest.mark.parametrize("argv", [["stdy"], []])
+def test_an_unknown_or_missing_subcommand_names_every_subcommand(argv):
+    from ppq_lightning.errors import PPQConfigError
+
+    with pytest.raises(PPQConfigError, match=", ".join(SUBCOMMANDS)):
+        main(argv)
+
+
+def test_every_config_a_help_text_cites_exists(capsys):
+    """`ppq study --help` cited configs/study/smollm2_sparsegpt_gptq.yaml, which does not
+    exist: every `configs/...` path in the help of ppq and of each subcommand must."""
+    cited = {}
+    for argv in [[], *([name] for name in SUBCOMMANDS)]:
+        for path in re.findall(r"configs/[\w./-]*\w", _help(argv, capsys)):
+            cited.setdefault(path, " ".join(["ppq", *argv, "--help"]))
+    assert {"ppq study --help", "ppq sweep --help", "ppq export --help"} <= set(cited.values())
+    missing = {path: where for path, where in cited.items() if not (ROOT / path).is_file()}
+    assert not missing, f"help texts cite configs that do not exist: {missing}"

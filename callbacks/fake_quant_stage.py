@@ -27,6 +27,7 @@ from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.callbacks.stage import StageResult
 from ppq_lightning.compressed.state import STATE_NAME, current_mask, get_state
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.attention import check_runs_modules
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.transforms import (
     WeightTransform,
@@ -76,6 +77,7 @@ class FakeQuantStage(CompressionCallback):
         if stage != TrainerFn.FITTING or self._layers or self.already_applied(pl_module):
             return  # outside fit, the base class refuses the stage once the model is restored
         modules = resolve_targets(pl_module, self.targets, self.ignore)
+        check_runs_modules(modules, f"{self.name}'s fake-quantizing forward")
         for name, module in modules.items():  # check every layer before touching any
             if has_weight_transform(module):
                 raise PPQConfigError(

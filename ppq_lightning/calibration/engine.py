@@ -46,6 +46,7 @@ from ppq_lightning.calibration.capture import (
 )
 from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.errors import PPQConfigError, check_choice
+from ppq_lightning.modules.attention import check_runs_modules
 
 CALIBRATE_ON = ("compressed", "original")
 
@@ -200,11 +201,18 @@ def calibrate_sequentially(
         forward: how to call the model on a batch; default :func:`default_forward`.
         desc: progress-bar label.
 
+    An ``nn.MultiheadAttention``'s projections (``modules.attention``) are observed like any
+    linear layer: while hooked, the attention calls them as modules, so ``q_proj``/``k_proj``/
+    ``v_proj`` see the query, key and value it receives and ``out_proj`` the attention output.
+
     Raises:
         PPQConfigError: on an empty calibration set, a bad ``calibrate_on``, a forward that
-            never reaches the first block, or NaN/Inf activations (naming the layer).
+            never reaches the first block, NaN/Inf activations (naming the layer), a target
+            that never runs as a module (the projection of an attention subclass with its own
+            forward; or, from the observer, a layer the forward never called).
     """
     check_calibrate_on(calibrate_on)
+    check_runs_modules(targets, "calibration statistics")
     forward = forward or default_forward
     batches = list(batches)
     if not batches:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.calibration.distributed import all_reduce_mean
-from ppq_lightning.errors import check_choice
+from ppq_lightning.errors import PPQConfigError, check_choice
 from ppq_lightning.modules.views import conv_input, input_rows
 from ppq_lightning.ops.conv_statistics import accumulate_conv_act_norms, accumulate_conv_hessian
 from ppq_lightning.ops.hessian import accumulate_hessian
@@ -95,7 +95,21 @@ class LayerStatistics:
 
     def take(self, names: list[str]) -> dict[str, Tensor]:
         """The float32 statistic of each of ``names``, averaged over data-parallel ranks (once
-        per shared statistic), and forget them."""
+        per shared statistic), and forget them.
+
+        Raises:
+            PPQConfigError: naming a layer that was never observed (its forward never ran).
+        """
+        never = [name for name in names if not self.has(name)]
+        if never:
+            listed = ", ".join(never[:3]) + (
+                f" and {len(never) - 3} more" if len(never) > 3 else ""
+            )
+            raise PPQConfigError(
+                f"{listed} never ran during calibration: the model's forward did not call "
+                "them as modules on any calibration batch (it reads their weights as tensors, "
+                "or skips them), so they have no statistics. List them in `ignore`."
+            )
         reduced: dict[str, Tensor] = {}
         for name in names:
             source = self._shares.get(name, name)

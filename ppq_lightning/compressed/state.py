@@ -115,7 +115,8 @@ def ensure_state(module: nn.Module) -> CompressionState:
     """The :class:`CompressionState` of ``module``, created if missing."""
     state = get_state(module)
     if state is None:
-        tensor = next(module.parameters(), None)
+        weight = getattr(module, "weight", None)  # a view owns no parameter (modules.attention)
+        tensor = weight if isinstance(weight, Tensor) else next(module.parameters(), None)
         state = CompressionState()
         if tensor is not None:
             state = state.to(tensor.device)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ppq_lightning.compressed.state import compressed_modules, current_mask
 from ppq_lightning.modules.transforms import has_weight_transform
-from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
+from ppq_lightning.modules.views import set_weight_matrix, weight_grad, weight_matrix
 from ppq_lightning.ops.projection import project
 
 
@@ -35,9 +35,10 @@ def mask_gradients(model: nn.Module) -> int:
     """Zero the gradients of pruned weights; returns how many layers were masked."""
     masked = 0
     for _, module, state in compressed_modules(model):
-        if not _trainable(module) or module.weight.grad is None or state.mask is None:
+        grad = weight_grad(module) if _trainable(module) else None
+        if grad is None or state.mask is None:
             continue
-        module.weight.grad.mul_(state.mask.to(module.weight.grad.device))
+        grad.mul_(state.mask.to(grad.device))
         masked += 1
     return masked
 

@@ -21,6 +21,7 @@ from ppq_lightning.compressed.state import STATE_NAME, ensure_state, get_state
 from ppq_lightning.edits.lora import check_adapter_records
 from ppq_lightning.edits.registry import replay_entry
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.attention import install_projection_views
 from ppq_lightning.modules.tree import find_module
 
 _LOADING_HOOK_FLAG = "_ppq_state_loading_enabled"
@@ -74,6 +75,7 @@ def enable_state_loading(model: nn.Module) -> None:
         return
 
     def attach_states(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        install_projection_views(module)  # states and adapters of ...self_attn.q_proj
         check_adapter_records(module, state_dict, prefix)
         for owner in state_owners(state_dict, prefix):
             extra = state_dict.get(f"{prefix}{state_path(owner)}._extra_state")

@@ -4,7 +4,8 @@ A layer-wise method (GPTQ, SparseGPT, Wanda) can fail in a late block: NaN activ
 Cholesky factorisation that never succeeds, a device running out of memory. Without care the
 earlier blocks stay compressed and the model is half of each. :func:`restored_on_error` keeps
 a copy of every selected layer (its own parameters and buffers on the CPU, its children by
-reference, its compression state by copy) and, when the block it guards raises, puts each layer
+reference, its compression state by copy; for an ``nn.MultiheadAttention`` projection, which
+owns no tensor, the attention's parameters) and, when the block it guards raises, puts each layer
 back at its place with its original tensors, then re-raises with a note saying so. Parameters
 keep their identity (``param.data`` is restored), so an optimizer that holds them stays valid.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.tree import find_module, replace_module
 
 
@@ -58,6 +60,13 @@ def _restore(model: nn.Module, name: str, saved: _Saved) -> None:
     module._modules.update(saved.copies)
 
 
+def _viewed(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules whose parameters the views among ``modules`` write (the
+    ``nn.MultiheadAttention`` of a ``q_proj``/``k_proj``/``v_proj``), by name."""
+    owners = {id(m.attention) for m in modules.values() if isinstance(m, AttentionProjection)}
+    return {name: m for name, m in model.named_modules() if id(m) in owners} if owners else {}
+
+
 @contextmanager
 def restored_on_error(
     model: nn.Module, modules: dict[str, nn.Module], copied: tuple[str, ...] = ("ppq_state",)
@@ -74,13 +83,15 @@ def restored_on_error(
             layers were restored.
     """
     saved = {name: _save(module, copied) for name, module in modules.items()}
+    for name, module in _viewed(model, modules).items():
+        saved.setdefault(name, _save(module, copied))
     try:
         yield
     except BaseException as error:
         for name, entry in saved.items():
             _restore(model, name, entry)
         error.add_note(
-            f"[ppq] the {len(saved)} layer(s) the stage was compressing were restored to their "
+            f"[ppq] the {len(modules)} layer(s) the stage was compressing were restored to their "
             "state before it; the model is as it was."
         )
         raise

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.modules.attention import install_projection_views
 from ppq_lightning.modules.views import is_compressible
 
 
@@ -88,7 +89,10 @@ def resolve_targets(
         ignore: regexes of module names to leave out, applied after ``targets``.
 
     LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
-    layer they adapt is (``...q_proj.base_layer``).
+    layer they adapt is (``...q_proj.base_layer``). An ``nn.MultiheadAttention``'s query, key
+    and value projections are targets as ``...q_proj``/``k_proj``/``v_proj`` (views of its
+    ``in_proj_weight``, installed here by ``modules.attention.install_projection_views``: no
+    state-dict key and no output changes), its ``out_proj`` as itself.
 
     Raises:
         PPQConfigError: when a regex is invalid, nothing matches, or a chosen layer's weight is
@@ -96,6 +100,7 @@ def resolve_targets(
     """
     wanted = compile_patterns(targets, "targets")
     unwanted = compile_patterns(ignore, "ignore")
+    install_projection_views(model)
     embeddings = _embedding_weights(model) if not wanted else set()
     exempt = set(getattr(model, "default_ignore", None) or ()) if not wanted else set()
     chosen: dict[str, nn.Module] = {}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.attention import check_runs_modules
 from ppq_lightning.modules.views import as_matrix, is_compressible
 
 TRANSFORM_ATTRIBUTE = "_ppq_weight_transform"
@@ -60,9 +61,13 @@ def attach_weight_transform(module: nn.Module, fn: WeightTransform) -> None:
             (a module-level function or a ``functools.partial`` of one) if the model is
             pickled or deep-copied while it is attached.
 
+    A projection of an ``nn.MultiheadAttention`` (``modules.attention``) gets the transform
+    too: the attention computes through its projections while one is attached.
+
     Raises:
-        PPQConfigError: when ``module`` is not a supported layer, or already has a transform
-            (two training stages on one layer at once).
+        PPQConfigError: when ``module`` is not a supported layer, already has a transform
+            (two training stages on one layer at once), or is a projection of an attention
+            subclass whose own forward reads the weights as tensors.
     """
     if not is_compressible(module):
         raise PPQConfigError(
@@ -74,6 +79,7 @@ def attach_weight_transform(module: nn.Module, fn: WeightTransform) -> None:
             f"{type(module).__name__} already has a weight transform attached: one training "
             "stage (QAT, CoDeQ) per layer at a time."
         )
+    check_runs_modules({type(module).__name__: module}, "a training-time weight transform")
     # kept out of nn.Module's registries (a module-valued fn must not add state-dict keys)
     module.__dict__[_SAVED_FORWARD] = module.__dict__.get("forward", _NO_FORWARD)
     module.__dict__[TRANSFORM_ATTRIBUTE] = fn

@@ -5,6 +5,10 @@ are the layer's inputs: ``nn.Linear.weight`` as is, ``nn.Conv2d.weight`` flatten
 ``(out_channels, in_channels * kh * kw)`` (the columns of the unfolded input), and the
 ``Conv1D`` of Hugging Face GPT-2 (stored ``(in, out)``) transposed. A layer's input reads as
 rows ``(n, in_features)`` matching those columns (:func:`input_rows`).
+
+``nn.MultiheadAttention`` computes its query/key/value and output projections from tensors, not
+layers: ``modules.attention`` exposes them as ``nn.Linear`` views (``...self_attn.q_proj``,
+whose weight is rows of ``in_proj_weight``), which every function here handles as linear layers.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ def to_weight_layout(module: nn.Module, matrix: Tensor) -> Tensor:
     if _is_hf_conv1d(module):
         return matrix.t()
     return matrix.reshape(module.weight.shape)
+
+
+def weight_grad(module: nn.Module) -> Tensor | None:
+    """The gradient of ``module.weight`` in its layout, or None when it has none. A layer
+    whose weight is a view of another module's parameter (an ``nn.MultiheadAttention``
+    projection, ``modules.attention``) reads its rows of that parameter's gradient."""
+    own = getattr(module, "weight_grad", None)
+    if callable(own):
+        return own()
+    return module.weight.grad
 
 
 def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:

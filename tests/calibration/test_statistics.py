@@ -104,7 +104,7 @@ def test_take_forgets_the_statistics_it_returns():
     stats.observe("fc", layer, first)
     stats.take(["fc"])
     assert not stats.has("fc")
-    with pytest.raises(KeyError):
+    with pytest.raises(PPQConfigError, match="fc never ran during calibration"):
         stats.take(["fc"])
     stats.observe("fc", layer, second)  # starts afresh
     x = _rows([second])

@@ -11,16 +11,17 @@ from torch import Tensor, nn
 
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage, add_gradients
 from ppq_lightning.compressed.history import StageKind
-from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
+from ppq_lightning.edits.training import (
+    QUANTIZER_NAME,
+    attach_dead_zone_quantizer,
+    finalise_dead_zone,
+    remove_child,
+)
 from ppq_lightning.errors import bad_value, check_bool, check_number
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.transforms import WeightTransform
-from ppq_lightning.modules.views import as_matrix, set_weight_matrix, to_weight_layout
-from ppq_lightning.ops.dead_zone import DeadZoneQuantizer, dead_zone_grid
+from ppq_lightning.modules.views import as_matrix, to_weight_layout
 from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS, check_bits
-from ppq_lightning.ops.reconstruction import relative_weight_error
-
-QUANTIZER_NAME = "ppq_dead_zone"  # the child module holding a layer's learnable parameters
 
 
 def codeq_weight(module: nn.Module, weight: Tensor) -> Tensor:
@@ -114,6 +115,7 @@ class DeadZoneQuantization(FakeQuantStage):
     default_name = "codeq"
     config_class = DeadZoneConfig
     kind = StageKind.PRUNE_QUANTIZE
+    completion = "dead_zone"
 
     def __init__(
         self,
@@ -137,37 +139,20 @@ class DeadZoneQuantization(FakeQuantStage):
 
     # -- setup and the end ------------------------------------------------------------------
     def prepare(self, name: str, module: nn.Module) -> WeightTransform:
-        quantizer = DeadZoneQuantizer(
-            self.bits, self.init_dead_zone, self.temperature, self.learn_bits
+        attach_dead_zone_quantizer(
+            module, self.bits, self.init_dead_zone, self.temperature, self.learn_bits
         )
-        module.add_module(QUANTIZER_NAME, quantizer.to(module.weight.device))
         return partial(codeq_weight, module)
 
     def remove_parameters(self, module: nn.Module) -> list[nn.Parameter]:
-        quantizer = module._modules.pop(QUANTIZER_NAME, None)
-        return [] if quantizer is None else list(quantizer.parameters())
+        return remove_child(module, QUANTIZER_NAME)
 
     def after_step(self) -> None:
         for module in self._layers.values():
             module.get_submodule(QUANTIZER_NAME).project()
 
     def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
-        quantizer = module.get_submodule(QUANTIZER_NAME)
-        w = self.latent_weight(module)
-        bits = quantizer.integer_bits()
-        q = quantizer(w)  # exactly 0 in the dead zone, on the grid outside
-        error = relative_weight_error(w, q)
-        set_weight_matrix(module, q)
-        record_grid(module, dead_zone_grid(w, bits))
-        state = record_mask(module, q != 0)
-        sparsity = 1 - state.mask.float().mean().item()
-        record_stage(module, {**self.history_entry(), "sparsity": sparsity})
-        return {
-            "sparsity": sparsity,
-            "bits": float(bits),
-            "dead_zone": quantizer.dead_zone(),
-            "weight_error": error,
-        }
+        return finalise_dead_zone(module, self.history_entry())
 
     # -- the regulariser, added to the gradients after every backward ------------------------
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,12 +11,17 @@ Lifecycle in ``fit`` (the base class does not call ``compress`` for a training s
 - ``on_train_end`` (or ``finish`` from a ``CompressionSchedule``): the quantized weights are
   written into ``module.weight``, the grid, mask and history are recorded, the transform and
   parameters are removed, and the stage is logged.
+
+From ``setup`` until then, every state dict of the module (every checkpoint written during the
+fit) carries the fit record (``callbacks.fit_record``): a fresh model that loads one completes the
+stage with the same per-layer ``finalise`` (``edits.training.COMPLETIONS[completion]``), as the
+model computed at that step; a resumed fit continues from the latent weights and parameters.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -24,8 +29,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.fit_record import FitRecorder
 from ppq_lightning.callbacks.stage import StageResult
-from ppq_lightning.compressed.state import STATE_NAME, current_mask, get_state
+from ppq_lightning.compressed.state import STATE_NAME, get_state
+from ppq_lightning.edits.training import latent_weight
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.attention import check_runs_modules
 from ppq_lightning.modules.targets import resolve_targets
@@ -35,7 +42,6 @@ from ppq_lightning.modules.transforms import (
     detach_weight_transform,
     has_weight_transform,
 )
-from ppq_lightning.modules.views import weight_matrix
 
 
 class FakeQuantStage(CompressionCallback):
@@ -43,10 +49,14 @@ class FakeQuantStage(CompressionCallback):
 
     Subclasses define :meth:`check_layer`, :meth:`prepare` (returns the transform, may add
     learnable child modules), :meth:`finalise` (writes and records one layer, returns its
-    metrics) and, if they add children, :meth:`remove_parameters`.
+    metrics: the function of ``edits.training`` that completes a layer of a checkpoint written
+    mid-fit, so a checkpoint loads as the model the stage would have written at that step),
+    ``completion`` (that function's key in ``edits.training.COMPLETIONS``) and, if they add
+    children, :meth:`remove_parameters`.
     """
 
     trains = True
+    completion: ClassVar[str]  # how a fresh model completes a checkpoint written mid-fit
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -54,6 +64,7 @@ class FakeQuantStage(CompressionCallback):
         self._trainer: L.Trainer | None = None
         self._load_hook: Any = None
         self._started = 0.0
+        self._fit_record = FitRecorder(self)
 
     # -- what subclasses define -----------------------------------------------------------
     def check_layer(self, name: str, module: nn.Module) -> None:
@@ -89,6 +100,7 @@ class FakeQuantStage(CompressionCallback):
             attach_weight_transform(module, self.prepare(name, module))
         self._layers, self._trainer = modules, trainer
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._before_restore)
+        self._fit_record.attach(trainer, pl_module, list(modules))
 
     def _before_restore(self, model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         """Loading a checkpoint taken after this stage ended: undo ``setup`` before the load."""
@@ -101,6 +113,7 @@ class FakeQuantStage(CompressionCallback):
 
     def release(self) -> list[nn.Parameter]:
         """Detach every transform and remove the learnable parameters (nothing recorded)."""
+        self._fit_record.detach()
         removed: list[nn.Parameter] = []
         for module in self._layers.values():
             detach_weight_transform(module)
@@ -136,10 +149,8 @@ class FakeQuantStage(CompressionCallback):
     @staticmethod
     def latent_weight(module: nn.Module) -> Tensor:
         """The layer's final latent weight ``(out, in)``, float32, with the recorded mask's
-        zeros exact (they are re-applied after every step; kept whatever happened since)."""
-        w = weight_matrix(module).float()
-        mask = current_mask(module)
-        return w if mask is None else w * mask.to(w.device)
+        zeros exact (see ``edits.training.latent_weight``)."""
+        return latent_weight(module)
 
     def after_step(self) -> None:
         """Projections of the stage's own parameters after an optimizer step."""
@@ -148,12 +159,18 @@ class FakeQuantStage(CompressionCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._remove_load_hook()
+        self._fit_record.detach()
         if not self._applied:
             self.release()  # leave a plain model (latent weights), nothing recorded
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fit_record.detach()  # a fit that ended before training did (max_steps=0)
+        super().teardown(trainer, pl_module, stage)
 
     # -- the end: write, record, log ------------------------------------------------------
     def finish(self, model: nn.Module, index: int = 1) -> StageResult:
         """End the stage on ``model``: write the quantized weights, record, and summarise."""
+        self._fit_record.detach()
         layers: dict[str, dict[str, float]] = {}
         removed: list[nn.Parameter] = []
         with torch.no_grad():

@@ -13,14 +13,14 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.fit_record import FitRecorder
 from ppq_lightning.callbacks.stage import StageResult
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_grid, current_mask, record_stage
 from ppq_lightning.edits.lora import (
     ADAPTER,
-    LORA_ADAPTERS,
     adapter_update,
-    adapter_weights,
+    keep_adapter,
     lora_layers,
     merge_adapter,
 )
@@ -115,6 +115,7 @@ class LoRAFineTune(CompressionCallback):
     config_class = LoRAConfig
     kind = StageKind.LORA
     trains = True
+    completion = "lora"  # a checkpoint written mid-fit loads with the adapters kept
 
     def __init__(
         self,
@@ -137,6 +138,7 @@ class LoRAFineTune(CompressionCallback):
         )
         self._trainable: list[str] = []
         self._started = 0.0
+        self._fit_record = FitRecorder(self)  # every checkpoint until finish says what it holds
 
     # -- fit: inject at setup (before the optimizer and any checkpoint restore) -----------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -161,6 +163,7 @@ class LoRAFineTune(CompressionCallback):
         inject_adapter_in_model(config, pl_module, adapter_name=ADAPTER)
         for name, parameter in pl_module.named_parameters():
             parameter.requires_grad = ".lora_" in name
+        self._fit_record.attach(trainer, pl_module, list(lora_layers(pl_module)))
 
     def check_grouped_convs(self, modules: dict[str, nn.Module]) -> None:
         """peft adapts a grouped convolution only when ``r`` is a multiple of its groups.
@@ -213,6 +216,7 @@ class LoRAFineTune(CompressionCallback):
 
     def finish(self, model: nn.Module, index: int = 1) -> StageResult:
         """End the stage on ``model``: merge or keep the adapters, record, and summarise."""
+        self._fit_record.detach()
         entry = self.history_entry()
         layers: dict[str, dict[str, float]] = {}
         with torch.no_grad():
@@ -224,9 +228,7 @@ class LoRAFineTune(CompressionCallback):
                     metrics["projection_loss"] = merge_adapter(model, name, layer)
                     record_stage(base, entry)
                 else:
-                    adapter = adapter_weights(layer)
-                    record_stage(base, {**entry, "edit": LORA_ADAPTERS, "adapter_weights": adapter})
-                    metrics["adapter_params"] = float(adapter)
+                    metrics["adapter_params"] = float(keep_adapter(layer, entry))
                 layers[name] = metrics
         if self.merge == "at_end":
             trainable = set(self._trainable)
@@ -234,3 +236,12 @@ class LoRAFineTune(CompressionCallback):
                 parameter.requires_grad = name in trainable
         seconds = time.perf_counter() - self._started if self._started else 0.0
         return self.conclude(model, index, layers, seconds)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._fit_record.detach()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fit_record.detach()  # a fit that ended before training did (max_steps=0)
+        super().teardown(trainer, pl_module, stage)

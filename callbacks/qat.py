@@ -10,17 +10,11 @@ from torch import Tensor, nn
 
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.compressed.history import StageKind
-from ppq_lightning.compressed.state import record_grid, record_stage
+from ppq_lightning.edits.training import finalise_qat
 from ppq_lightning.modules.config import GridConfig
 from ppq_lightning.modules.transforms import WeightTransform
-from ppq_lightning.modules.views import (
-    as_matrix,
-    set_weight_matrix,
-    to_weight_layout,
-    weight_matrix,
-)
+from ppq_lightning.modules.views import as_matrix, to_weight_layout, weight_matrix
 from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
-from ppq_lightning.ops.reconstruction import relative_weight_error
 from ppq_lightning.ops.ste import fake_quantize_ste
 
 
@@ -95,6 +89,7 @@ class QuantizationAwareTraining(FakeQuantStage):
     default_name = "qat"
     config_class = QATConfig
     kind = StageKind.QUANTIZE
+    completion = "qat"
 
     def __init__(
         self,
@@ -112,11 +107,4 @@ class QuantizationAwareTraining(FakeQuantStage):
         return partial(qat_weight, module, self.bits, self.group_size, self.symmetric)
 
     def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
-        w = self.latent_weight(module)
-        grid = compute_grid(w, self.bits, self.group_size, self.symmetric)
-        q = grid.fake_quantize(w)
-        error = relative_weight_error(w, q)
-        set_weight_matrix(module, q)
-        record_grid(module, grid)
-        record_stage(module, self.history_entry())
-        return {"bits": float(self.bits), "weight_error": error}
+        return finalise_qat(module, self.history_entry())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -13,16 +12,19 @@ from torch import Tensor, nn
 
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage, add_gradients
 from ppq_lightning.compressed.history import StageKind
-from ppq_lightning.compressed.state import current_mask, record_grid, record_mask, record_stage
+from ppq_lightning.compressed.state import current_mask
+from ppq_lightning.edits.training import (
+    POSTERIOR_NAME,
+    attach_sqs_posterior,
+    finalise_sqs,
+    remove_child,
+)
 from ppq_lightning.errors import bad_value, check_int, check_number
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.transforms import WeightTransform
-from ppq_lightning.modules.views import as_matrix, set_weight_matrix, to_weight_layout
+from ppq_lightning.modules.views import as_matrix, to_weight_layout
 from ppq_lightning.ops.quant_grid import check_bits
-from ppq_lightning.ops.reconstruction import relative_weight_error
-from ppq_lightning.ops.sqs import SQSPosterior, sqs_grid
-
-POSTERIOR_NAME = "ppq_sqs"  # the child module holding a layer's posterior parameters
+from ppq_lightning.ops.sqs import SQSPosterior
 
 
 def sqs_weight(module: nn.Module, stage: SQS, weight: Tensor) -> Tensor:
@@ -146,6 +148,7 @@ class SQS(FakeQuantStage):
     default_name = "sqs"
     config_class = SQSConfig
     kind = StageKind.PRUNE_QUANTIZE
+    completion = "sqs"
 
     def __init__(
         self,
@@ -208,37 +211,20 @@ class SQS(FakeQuantStage):
         super().setup(trainer, pl_module, stage)
 
     def prepare(self, name: str, module: nn.Module) -> WeightTransform:
-        w = as_matrix(module, module.weight.detach()).float()
-        posterior = SQSPosterior(w, self.bits, self.init_inclusion, self.sigma, self.logit_scale)
-        posterior.layer_seed = zlib.crc32(name.encode())
-        module.add_module(POSTERIOR_NAME, posterior)
+        attach_sqs_posterior(
+            module, name, self.bits, self.init_inclusion, self.sigma, self.logit_scale
+        )
         return partial(sqs_weight, module, self)
 
     def remove_parameters(self, module: nn.Module) -> list[nn.Parameter]:
-        posterior = module._modules.pop(POSTERIOR_NAME, None)
-        return [] if posterior is None else list(posterior.parameters())
+        return remove_child(module, POSTERIOR_NAME)
 
     def after_step(self) -> None:
         for module in self._layers.values():
             module.get_submodule(POSTERIOR_NAME).step += 1
 
     def finalise(self, name: str, module: nn.Module) -> dict[str, float]:
-        posterior: SQSPosterior = module.get_submodule(POSTERIOR_NAME)
-        w = self.latent_weight(module)
-        q, _ = posterior.collapse(w)
-        error = relative_weight_error(w, q)
-        set_weight_matrix(module, q)
-        record_grid(module, sqs_grid(posterior.scale, self.bits))
-        state = record_mask(module, q != 0)
-        sparsity = 1 - state.mask.float().mean().item()
-        record_stage(module, {**self.history_entry(), "sparsity": sparsity})
-        levels = torch.unique(torch.round(q / posterior.scale)).numel()
-        return {
-            "sparsity": sparsity,
-            "bits": float(self.bits),
-            "levels_used": float(levels),
-            "weight_error": error,
-        }
+        return finalise_sqs(module, self.history_entry())
 
     # -- the KL term, added to the gradients after every backward ----------------------------
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -77,6 +77,10 @@ class HistoryEntry(TypedDict):
         removed_weights: original weights the edit removed (stored in 0 bits).
         original_weights: original weights a factor stands for (basis sharing).
         adapter_weights: weights of unmerged LoRA adapters (stored at ``B_orig`` bits).
+        mid_fit: ``{"epoch": e, "step": s}`` when the entry was completed from a checkpoint
+            written while the stage trained (``edits.training``): the layer holds what the stage
+            computed at that step (LoRA adapters unmerged; a fake-quantized weight on its grid),
+            not what it would have recorded at the end of training.
     """
 
     stage: str
@@ -95,3 +99,59 @@ class HistoryEntry(TypedDict):
     removed_weights: NotRequired[int]
     original_weights: NotRequired[int]
     adapter_weights: NotRequired[int]
+    mid_fit: NotRequired[dict[str, int]]
+
+
+FIT_RECORD = "ppq_fit"
+"""The state-dict key (at the saved module's prefix) of the :class:`FitRecord` that every state
+dict taken while a training stage trains carries (so every checkpoint ``fit`` writes then)."""
+
+APPLIED, TRAINING, PENDING = "applied", "training", "pending"
+"""The status of a stage of a fit when a checkpoint was written (:class:`FitStage`)."""
+
+
+class FitStage(TypedDict):
+    """One stage of a fit, as a checkpoint written during that fit records it.
+
+    Keys:
+        stage, method, kind, name: as in :class:`HistoryEntry`.
+        status: ``"applied"`` (its result is in the weights), ``"training"`` (the weights hold
+            its training state at that step) or ``"pending"`` (it had not fired: not in the
+            weights).
+    """
+
+    stage: str
+    method: str
+    kind: str
+    name: str
+    status: str
+
+
+class TrainingRecord(TypedDict):
+    """The stage that was training when a checkpoint was written, and how to complete it.
+
+    Keys:
+        completion: how a fresh model completes it (a key of ``edits.training.COMPLETIONS``).
+        entry: the history entry the stage records when it finishes.
+        layers: the modules it trains (names relative to the module whose state dict it is).
+    """
+
+    completion: str
+    entry: HistoryEntry
+    layers: list[str]
+
+
+class FitRecord(TypedDict):
+    """What a state dict taken during ``fit`` holds (under :data:`FIT_RECORD`).
+
+    Keys:
+        epoch, step: the Trainer's ``current_epoch`` and ``global_step`` then (those of
+            ``ModelCheckpoint``'s file names).
+        stages: every compression stage of the fit, in compression order, with its status.
+        training: the stage that was training, if any.
+    """
+
+    epoch: int
+    step: int
+    stages: list[FitStage]
+    training: NotRequired[TrainingRecord]

@@ -6,8 +6,13 @@ and channels, shared-basis factors, kept LoRA adapters). :func:`enable_state_loa
 a load pre-hook that, for every module the state dict carries a ``ppq_state`` for (parents
 before children), replays the structural edits its history records (``edits.registry``) and
 attaches an empty :class:`~ppq_lightning.compressed.state.CompressionState`; the normal loading
-then fills them. :func:`require_state_loading` makes a model without that hook refuse such a
-state dict with an error that says so, instead of a list of unexpected keys.
+then fills them. A state dict written while a training stage trained (every checkpoint of
+``fit`` before training ends) carries a fit record instead of that stage's history: a fresh model
+completes the stage as the model computed at that step, and warns with what the checkpoint
+holds and which stages had not fired (``edits.training``); a model resuming the fit pops the
+record and loads the training state as it is. :func:`require_state_loading` makes a model
+without that hook refuse such a state dict with an error that says so, instead of a list of
+unexpected keys.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from typing import Any
 
 from torch import nn
 
-from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.compressed.history import FIT_RECORD, HistoryEntry
 from ppq_lightning.compressed.state import STATE_NAME, ensure_state, get_state
 from ppq_lightning.edits.lora import check_adapter_records
 from ppq_lightning.edits.registry import replay_entry
+from ppq_lightning.edits.training import PendingCompletion, finish_completion, start_completion
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.attention import install_projection_views
 from ppq_lightning.modules.tree import find_module
@@ -65,17 +71,29 @@ def enable_state_loading(model: nn.Module) -> None:
     (removed blocks and channels, shared-basis factors, kept LoRA adapters) and attaches an
     empty :class:`~ppq_lightning.compressed.state.CompressionState` wherever the state dict has
     one. Every compression callback calls it in ``setup``, before Lightning restores a
-    checkpoint.
+    checkpoint. A state dict written while a training stage trained (its fit record, see
+    ``edits.training``) has the record removed before the load; unless ``model`` trains that
+    stage itself (a resumed fit), the stage is completed after the load (a post-hook) as the
+    model computed at that step, and a ``MidFitCheckpointWarning`` says what the state dict
+    holds and which stages had not fired.
 
     Raises:
-        PPQConfigError: (at load time) for LoRA adapters without a LoRAFineTune record, or an
-            edit kind this version cannot replay.
+        PPQConfigError: (at load time) for LoRA adapters without a LoRAFineTune record, an
+            edit kind this version cannot replay, or a fit record this version cannot
+            complete.
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
+    completing: list[PendingCompletion] = []  # from the pre-hook to the post-hook of one load
 
     def attach_states(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         install_projection_views(module)  # states and adapters of ...self_attn.q_proj
+        completing.clear()
+        record = state_dict.pop(prefix + FIT_RECORD, None)  # torch hands hooks a copy
+        if record is not None:
+            pending = start_completion(module, record)  # re-injects adapters, attaches children
+            if pending is not None:
+                completing.append(pending)
         check_adapter_records(module, state_dict, prefix)
         for owner in state_owners(state_dict, prefix):
             extra = state_dict.get(f"{prefix}{state_path(owner)}._extra_state")
@@ -85,7 +103,12 @@ def enable_state_loading(model: nn.Module) -> None:
             if target is not None:  # else reported by load_state_dict as unexpected keys
                 ensure_state(target)
 
+    def complete(module: nn.Module, incompatible_keys: Any) -> None:
+        while completing:
+            finish_completion(module, completing.pop())
+
     model.register_load_state_dict_pre_hook(attach_states)
+    model.register_load_state_dict_post_hook(complete)
     setattr(model, _LOADING_HOOK_FLAG, True)
 
 
@@ -98,7 +121,9 @@ def require_state_loading(model: nn.Module) -> None:
     state dict carrying a compression state for a module that has none, before any tensor is
     copied. Also with ``strict=False``: the pre-hook cannot tell (torch passes its modules
     ``strict=True`` and sorts the keys out afterwards), and dropping the states would lose
-    the masks and grids silently.
+    the masks and grids silently. A state dict written during ``fit`` while a training stage
+    trained (it carries a fit record) is refused the same way: its training stage must be
+    completed.
 
     Raises:
         PPQConfigError: (at load time) naming the first such layer and
@@ -114,14 +139,23 @@ def require_state_loading(model: nn.Module) -> None:
             if (target := find_module(module, owner)) is None or get_state(target) is None
         ]
         if lacking:
-            raise PPQConfigError(
-                f"the state dict holds the compression state of {len(lacking)} layer(s) (e.g. "
+            what = (
+                f"the compression state of {len(lacking)} layer(s) (e.g. "
                 f"{prefix}{state_path(lacking[0])}) that this fresh {type(module).__name__} has "
-                "no place for: it is a compressed checkpoint. Call "
-                "ppq_lightning.edits.enable_state_loading(model) before load_state_dict (it "
-                "replays the recorded structural edits and attaches the states), or load a "
-                "Lightning checkpoint with load_from_checkpoint or "
-                "ppq_lightning.export.checkpoint.load_lightning_checkpoint."
+                "no place for: it is a compressed checkpoint"
             )
+        elif prefix + FIT_RECORD in state_dict:
+            what = (
+                f"a fit record ({prefix}{FIT_RECORD}): it was written during fit while a "
+                "training stage trained, and that stage must be completed on load"
+            )
+        else:
+            return
+        raise PPQConfigError(
+            f"the state dict holds {what}. Call ppq_lightning.edits.enable_state_loading(model) "
+            "before load_state_dict (it replays the recorded structural edits and attaches the "
+            "states), or load a Lightning checkpoint with load_from_checkpoint or "
+            "ppq_lightning.export.checkpoint.load_lightning_checkpoint."
+        )
 
     model.register_load_state_dict_pre_hook(refuse)

@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ppq_lightning.compressed.history import HistoryEntry
-from ppq_lightning.compressed.state import STATE_NAME, current_grid, current_mask
+from ppq_lightning.compressed.state import STATE_NAME, current_grid, current_mask, record_stage
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.tree import find_module, replace_module
 from ppq_lightning.modules.views import as_matrix, set_weight_matrix, weight_matrix
@@ -63,6 +63,18 @@ def merge_adapter(model: nn.Module, name: str, layer: LoraLayer) -> float:
     return lost.item()
 
 
+def keep_adapter(layer: LoraLayer, entry: HistoryEntry) -> int:
+    """Record on the base of ``layer`` that its adapters are kept (unmerged): ``entry`` with the
+    edit :data:`LORA_ADAPTERS` (what replays them on a fresh model) and their weight count.
+
+    Returns:
+        How many weights the adapters hold.
+    """
+    count = adapter_weights(layer)
+    record_stage(layer.get_base_layer(), {**entry, "edit": LORA_ADAPTERS, "adapter_weights": count})
+    return count
+
+
 def _entry_of(history: list[HistoryEntry]) -> HistoryEntry | None:
     return next((h for h in history if h.get("method") == LORA_METHOD), None)
 
@@ -70,8 +82,9 @@ def _entry_of(history: list[HistoryEntry]) -> HistoryEntry | None:
 def check_adapter_records(model: nn.Module, state_dict: dict, prefix: str = "") -> None:
     """Refuse a state dict with LoRA adapters that ``model`` lacks and that were not kept by this
     framework's LoRAFineTune (their base layer carries no LoRAFineTune record, so nothing says
-    how to rebuild them). Adapters ``model`` already has (a fit resumed while LoRA trains) load
-    as they are.
+    how to rebuild them). Adapters ``model`` already has (a fit resumed while LoRA trains, or
+    adapters a checkpoint written while LoRA trained has just re-injected:
+    ``edits.training``) load as they are.
 
     Raises:
         PPQConfigError: naming the first such layer.
@@ -86,7 +99,9 @@ def check_adapter_records(model: nn.Module, state_dict: dict, prefix: str = "") 
         if _entry_of(history) is None:
             raise PPQConfigError(
                 f"the state dict has LoRA adapters on {owner} but no LoRAFineTune record on its "
-                "base layer: it was not saved by this framework's LoRAFineTune stage."
+                "base layer and no record of a LoRAFineTune that was training when it was saved: "
+                "it was not saved by this framework's LoRAFineTune stage (checkpoints written "
+                "during fit by ppq-lightning before the fit record existed lack it too)."
             )
 
 

@@ -104,3 +104,60 @@ def test_ppq_fit_then_ppq_export_of_the_checkpoint_it_wrote(tmp_path):
         ["export", "--ckpt", str(ckpt), "--format", "ppq", "--path", str(tmp_path / "x")]
     )
     assert manifest["measured_C"] > 1 and (tmp_path / "x" / "export.json").is_file()
+
+
+TRAINING_STAGES = {
+    "lora": None,  # the config's own LoRAFineTune
+    "qat": {"class_path": "ppq_lightning.callbacks.QuantizationAwareTraining", "bits": 4},
+    "codeq": {"class_path": "ppq_lightning.callbacks.DeadZoneQuantization", "bits": 4},
+    "sqs": {"class_path": "ppq_lightning.callbacks.SQS", "bits": 4},
+}
+
+
+@pytest.mark.parametrize("training", sorted(TRAINING_STAGES))
+def test_ppq_fit_checkpoints_taken_while_a_stage_trains_export(tmp_path, training):
+    """#26 point 4: `ppq fit` of Q>L>P with checkpointing wrote a checkpoint while L trained (P
+    fires when training ends) that `ppq export --ckpt` refused for LoRA ("no LoRAFineTune
+    record"); it exports, as the model computed then, saying P had not fired."""
+    from pathlib import Path
+
+    import yaml
+
+    from ppq_lightning.edits.training import MidFitCheckpointWarning
+
+    config = yaml.safe_load(Path("configs/tiny/lora_orders.yaml").read_text())
+    stages = config["trainer"]["callbacks"][0]["init_args"]["stages"]
+    stage = TRAINING_STAGES[training]
+    if stage is not None:  # the same schedule with another training stage named L
+        stage = dict(stage)
+        stages[-1] = {"class_path": stage.pop("class_path"), "init_args": {**stage, "name": "L"}}
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    main(
+        [
+            "fit",
+            "--config",
+            str(tmp_path / "fit.yaml"),
+            "--order",
+            "Q>L>P",
+            "--trainer.enable_checkpointing",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--report_dir",
+            str(tmp_path),
+        ]
+    )
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    method = stages[-1]["class_path"].rsplit(".", 1)[-1]
+    said = f"before MagnitudePruning 'P' fired; it holds RTNQuantization 'Q', {method} 'L' \\(tr"
+    with pytest.warns(MidFitCheckpointWarning, match=said):
+        manifest = main(
+            ["export", "--ckpt", str(ckpt), "--format", "ppq", "--path", str(tmp_path / "x")]
+        )
+    model = load_compressed(tmp_path / "x")
+    recorded = {
+        entry["name"] for _, _, state in compressed_modules(model) for entry in state.history
+    }
+    assert recorded == {"Q", "L"} and manifest["measured_C"] > 1

@@ -1,5 +1,7 @@
 """Scoring blocks for removal (SLEB, Song et al., 2024): the calibration loss of the model
-without each candidate block, and the greedy search built on it.
+without each candidate block, and the greedy search built on it. The loss is the next-token
+cross-entropy for a language model (SLEB's) and the cross-entropy against the batch's labels
+for a classifier (a ViT's encoder blocks).
 
 A step with ``K`` blocks left scores the ``K`` candidates with about ``K²/2`` block forwards
 over the calibration batches (plus ``K`` passes of the embeddings and head), half of the ``K²``
@@ -34,19 +36,72 @@ from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.distributed import all_reduce_mean, reduce_device
 from ppq_lightning.errors import PPQConfigError
 
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+"""Keys under which a dict batch holds a classifier's labels."""
 
-def causal_lm_loss(model: nn.Module, batches: list[Any], forward: Any = default_forward) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``batches`` (logits or ``.logits`` out),
-    averaged over all ranks' batches under data-parallel calibration."""
+
+def _labels(batch: Any, size: int) -> torch.Tensor | None:
+    """A classifier's labels in ``batch``: the integer tensor of shape ``(size,)`` under one of
+    :data:`LABEL_KEYS` of a dict, or among the items of a tuple/list (``(images, labels)``)."""
+    items = (
+        [batch[k] for k in LABEL_KEYS if k in batch]
+        if isinstance(batch, dict)
+        else list(batch)
+        if isinstance(batch, (tuple, list))
+        else []
+    )
+    for item in items:
+        integer = isinstance(item, torch.Tensor) and not item.is_floating_point()
+        if integer and item.shape == (size,):
+            return item
+    return None
+
+
+def _batch_loss(model: nn.Module, batch: Any, forward: Any) -> torch.Tensor:
+    """The loss block removal scores on one batch: the next-token cross-entropy of a language
+    model (logits ``(B, T, vocab)`` over the integer ids it was called with), or the
+    cross-entropy of a classifier (logits ``(B, classes)``) against the batch's labels.
+
+    Raises:
+        PPQConfigError: when the output is neither, or a classifier's batch holds no labels.
+    """
+    out = forward(model, batch)
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        ids = model_input(model, batch, forward).to(logits.device)
+        if not ids.is_floating_point() and ids.shape == logits.shape[:2]:
+            return nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+            )
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        labels = _labels(batch, logits.shape[0])
+        if labels is None:
+            raise PPQConfigError(
+                f"block removal scores a classifier (output {tuple(logits.shape)}) by its "
+                "cross-entropy against the batch's labels, but the calibration batch holds no "
+                f"integer tensor of shape ({logits.shape[0]},) (as items of a tuple, or under "
+                f"one of {list(LABEL_KEYS)} of a dict). Calibrate on labelled batches."
+            )
+        return nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(out).__name__
+    raise PPQConfigError(
+        f"block removal scores a language model (logits (batch, tokens, vocab) over its token "
+        f"ids) or a classifier (logits (batch, classes) and labelled batches); the model's "
+        f"output is {shape}. Pass forward_fn=... to the stage so that it returns such logits."
+    )
+
+
+def calibration_loss(model: nn.Module, batches: list[Any], forward: Any = default_forward) -> float:
+    """Mean loss of ``model`` over ``batches`` (:func:`_batch_loss`: next-token cross-entropy
+    of a language model, cross-entropy of a classifier against the batch's labels), averaged
+    over all ranks' batches under data-parallel calibration.
+
+    Raises:
+        PPQConfigError: as :func:`_batch_loss`.
+    """
     total = torch.zeros((), dtype=torch.float64)
     for batch in batches:
-        out = forward(model, batch)
-        logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, vocab)
-        ids = model_input(model, batch, forward).to(logits.device)
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
-        )
-        total += loss.detach().double().cpu()
+        total += _batch_loss(model, batch, forward).detach().double().cpu()
     mean, _ = all_reduce_mean((total / len(batches)).to(reduce_device()), len(batches))
     return float(mean)
 
@@ -108,7 +163,7 @@ def candidate_losses(
                 without_blocks(model, name, set(range(position)), {position: replay}),
                 recording as following,
             ):
-                scores[index] = causal_lm_loss(model, batches, forward)
+                scores[index] = calibration_loss(model, batches, forward)
             if replay.calls != len(batches):
                 raise PPQConfigError(
                     f"the model ran its blocks on {replay.calls} of {len(batches)} "

@@ -5,9 +5,14 @@ import pytest
 import torch
 from torch import nn
 
+from ppq_lightning import PPQConfigError
 from ppq_lightning.calibration.blocks import without_blocks
 from ppq_lightning.calibration.capture import no_cache
-from ppq_lightning.calibration.scoring import candidate_losses, causal_lm_loss, greedy_block_removal
+from ppq_lightning.calibration.scoring import (
+    calibration_loss,
+    candidate_losses,
+    greedy_block_removal,
+)
 from tests.helpers import TINY_GPT2, TINY_LLAMA, TINY_OPT, tiny_causal_lm, token_batches
 
 ARCHS = {
@@ -42,7 +47,7 @@ def _whole_model_losses(model, name, removed, batches) -> dict[int, float]:
         if candidate not in removed:
             # no KV cache: its layers are indexed by the blocks' original layer_idx
             with no_cache(model), without_blocks(model, name, {*removed, candidate}):
-                losses[candidate] = causal_lm_loss(model, batches)
+                losses[candidate] = calibration_loss(model, batches)
     return losses
 
 
@@ -103,3 +108,18 @@ def test_model_is_restored_when_the_search_fails(arch):
     assert model.get_submodule(name) is container and list(container) == blocks
     assert model.config.to_dict() == config
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_a_classifier_is_scored_by_its_cross_entropy_against_the_labels():
+    """A ViT-like classifier (logits ``(B, classes)``) is scored against the batch's labels
+    (SLEB's next-token loss read its images as token ids: a raw dtype error)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    x, y = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 3])
+    expected = nn.functional.cross_entropy(model(x), y).item()
+    assert calibration_loss(model, [(x, y)]) == pytest.approx(expected)
+    assert calibration_loss(model, [{"x": x, "labels": y}], lambda m, b: m(b["x"])) == (
+        pytest.approx(expected)
+    )
+    with pytest.raises(PPQConfigError, match=r"holds no integer tensor of shape \(4,\)"):
+        calibration_loss(model, [(x,)])

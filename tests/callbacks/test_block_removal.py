@@ -3,7 +3,7 @@ import torch
 
 from ppq_lightning import check_invariants
 from ppq_lightning.calibration.blocks import without_blocks
-from ppq_lightning.calibration.scoring import causal_lm_loss
+from ppq_lightning.calibration.scoring import calibration_loss
 from ppq_lightning.callbacks import BlockRemoval
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models import CausalLMModule
@@ -22,7 +22,7 @@ def test_removes_the_block_whose_loss_increase_is_smallest(tmp_path, tiny_data):
         expected = {}
         for i in range(4):
             with without_blocks(module, "model.model.layers", {i}):
-                expected[i] = causal_lm_loss(module, batches)
+                expected[i] = calibration_loss(module, batches)
     assert len(module.model.model.layers) == 4  # restored
     stage = BlockRemoval(n_blocks=1, num_calibration_batches=len(batches))
     make_trainer(tmp_path, [stage]).validate(module, datamodule=tiny_data, verbose=False)

@@ -54,10 +54,12 @@ def export_parser() -> ArgumentParser:
 
 
 def study_order(folder: Path, order: str | None) -> str:
-    """The order ``--order`` names in the study at ``folder`` (``best``: its best order).
+    """The order ``--order`` names in the study at ``folder`` (``best``: the best order of its
+    study, or of the latest one when ``ppq study`` added several to the folder's report: the
+    one ``study.yaml`` describes).
 
     Raises:
-        PPQConfigError: when the study has no report or several studies.
+        PPQConfigError: when the study has no report, or several studies and none is the latest.
     """
     if order not in (None, "best"):
         return order
@@ -65,6 +67,10 @@ def study_order(folder: Path, order: str | None) -> str:
     if not report.is_file():
         raise PPQConfigError(f"--from-study {str(folder)!r} has no report.json: run ppq study.")
     studies = json.loads(report.read_text())["studies"]
+    records = folder / "results.json"  # ppq study keeps earlier studies; study.yaml: the latest
+    if len(studies) > 1 and records.is_file():
+        data = json.loads(records.read_text())
+        studies = [r for r in data["results"] if [r["key"]] == data["latest"]] or studies
     if len(studies) != 1 or not studies[0].get("best_order"):
         raise PPQConfigError(
             f"{report} holds {len(studies)} studies; name the order: --order 'P>Q'."

@@ -12,6 +12,11 @@ swaps its method (Wanda, a short name of the method registry, or a full class pa
 arguments the new method shares with the old one are kept). That is how sweep points vary
 intensities and methods without repeating the stage list: a W&B sweep parameter P.sparsity
 arrives as --P.sparsity=0.5.
+
+The report (studies.csv/.md, cells.csv, report.json, plots) holds every study run with this
+--output_dir: a study is one row, keyed by its stages' identities, search and data, so running
+the same study again replaces its row and another study adds one. study.yaml is the last
+study's configuration (what ppq export --from-study rebuilds).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from typing import Any
 import lightning as L
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from ppq_lightning import callbacks
 from ppq_lightning.callbacks import CompressionCallback, RTNQuantization
@@ -44,6 +52,7 @@ from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS
 from ppq_lightning.order.prediction import PREDICTORS
 from ppq_lightning.reports import write_text_atomic
 from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
+from ppq_lightning.study.report import read_results
 
 OVERRIDE = re.compile(r"--([A-Za-z][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$", re.S)
 TOP_LEVEL = {"model", "data", "logger", "config"}
@@ -281,11 +290,96 @@ def build_study(
 
 
 def finish_study(study: OrderStudy, output_dir: str, logger: Any | None = None) -> StudyResult:
-    """Run ``study`` and write its report to ``output_dir``; the outcome goes to ``logger``."""
+    """Run ``study`` and add it to the report in ``output_dir`` (the studies already there keep
+    their rows; the same study run again replaces its row); the outcome goes to ``logger``."""
     result = study.run()
-    write_report([result], output_dir)
+    write_report([result], output_dir, merge=True)
     log_result(result, logger, output_dir)
     return result
+
+
+def _number(value: float, digits: str = ".4g") -> str:
+    return format(value, digits)
+
+
+def print_study(
+    result: StudyResult,
+    output_dir: str | Path,
+    cells_dir: str | Path | None = None,
+    console: Console | None = None,
+) -> None:
+    """Print what ``ppq study`` found: a table of the study's cells (the best order in bold),
+    the best order, the PIH or predicted order, ``G``/``A``/``C*``, the budget, and where the
+    report and the cells are.
+
+    Args:
+        result: the study's result.
+        output_dir: the folder of the report (``studies.md``, ``cells.csv``, ...).
+        cells_dir: the folder of the cells (None: ``output_dir/cells``).
+        console: where to print (None: a ``rich`` console on stdout).
+    """
+    console = console or Console()
+    folder = Path(output_dir)
+    best = set(result.best_order.split("="))
+    table = Table(
+        title=f"study {result.label} ({result.search}, {result.metric})",
+        box=box.SIMPLE_HEAD,
+        caption="C: compression rate (nominal; measured from the tensors)",
+    )
+    table.add_column("order")
+    table.add_column("kind")
+    for column in (result.metric, "nominal C", "measured C", "sparsity", "bits", "seconds"):
+        table.add_column(column, justify="right")
+    for cell in result.cells():
+        is_best = any(cell is result.orders.get(name) for name in best)
+        table.add_row(
+            cell.order,
+            "best" if is_best else cell.kind,
+            _number(cell.value),
+            _number(cell.nominal_C, ".3g"),
+            _number(cell.measured_C, ".3f"),
+            _number(cell.sparsity, ".3f"),
+            _number(cell.avg_bits, ".3g"),
+            _number(cell.seconds, ".1f"),
+            style="bold" if is_best else None,
+        )
+    console.print(table)
+    top = result.best
+    lines = [
+        f"best order: {result.best_order} ({result.metric} {_number(top.value)}, measured C "
+        f"{_number(top.measured_C, '.3f')})"
+    ]
+    if result.pih_order:
+        verdict = {True: " (the best order)", False: " (not the best order)", None: ""}
+        lines.append(f"PIH order: {result.pih_order}{verdict[result.pih_correct]}")
+    if result.prediction:
+        ranking = result.prediction["orders"]
+        lines.append(f"predicted order ({result.prediction['predictor']}): {ranking[0]['order']}")
+    if result.pair or result.cer:
+        pairs = {**{f"C*[{n}]": v for n, v in result.cer.items()}, **result.pair}
+        lines.append(", ".join(f"{k} = {_number(v)}" for k, v in pairs.items()))
+    budget = result.budget
+    lines.append(
+        f"cells: {budget.evaluations} evaluated, {budget.cached} cached; stage applications: "
+        f"{budget.applications} ({budget.applications_without_reuse} without prefix reuse)"
+    )
+    written = [
+        name
+        for name in ("studies.md", "studies.csv", "cells.csv", "report.json", STUDY_CONFIG)
+        if (folder / name).is_file()
+    ] + sorted(p.name for p in folder.glob("*.png"))
+    studies = read_results(folder)
+    count = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}"
+    lines.append(f"report ({count}): {folder}/ {', '.join(written)}")
+    same_label = sum(r.label == result.label for r in studies)
+    if same_label > 1:
+        lines.append(
+            f"{same_label} studies of the report are labelled {result.label!r}: --label names "
+            "a study's row."
+        )
+    lines.append(f"cells: {Path(cells_dir) if cells_dir is not None else folder / 'cells'}/")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def run_study(
@@ -381,4 +475,6 @@ def study_main(argv: list[str]) -> StudyResult:
     )
     # what `ppq export --from-study` rebuilds the study's models from
     write_text_atomic(Path(init.output_dir) / STUDY_CONFIG, parser.dump(cfg, skip_none=False))
-    return finish_study(study, init.output_dir, init.logger)
+    result = finish_study(study, init.output_dir, init.logger)
+    print_study(result, init.output_dir, init.cells_dir)
+    return result

@@ -19,6 +19,8 @@ once and copied for each continuation (``reuse_prefixes=True``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,24 @@ class OrderStudy:
         """Evaluate every requested order (see ``study.measure.CellMeasurer.measure``)."""
         return self.cells.measure(requests, stages)
 
+    def study_key(self) -> str:
+        """What identifies the study's row in a report folder: the fingerprint of its model,
+        data and metric, the metric's direction, its search (with the order, or the predictor
+        and ``top_k``), and the names and identities of its stages, curve and tail; never its
+        label. Running the same study again gives the same key (its row is replaced)."""
+        search = "order" if self.order is not None else self.search
+        parts = {
+            "fingerprint": self.fingerprint,
+            "higher_is_better": self.higher_is_better,
+            "search": search,
+            "order": list(self.order) if self.order is not None else None,
+            "predictor": [self.predictor, self.top_k] if search == "predict" else None,
+            "stages": [[name, stage.identity] for name, stage in self.stages.items()],
+            "curve": [[s.name, s.identity] for s in self.curve] if search != "order" else [],
+            "tail": [stage.identity for stage in self.tail],
+        }
+        return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
     # -- the study ------------------------------------------------------------------------------
     def run(self) -> StudyResult:
         """Run the study (resuming from ``output_dir``) and return its result."""
@@ -245,6 +265,7 @@ class OrderStudy:
                 cer={},
                 budget=self.budget,
                 kinds=self._kinds(),
+                key=self.study_key(),
             )
         if self.search == "predict":
             return self._predict(names, curve, all_stages)
@@ -285,6 +306,7 @@ class OrderStudy:
             budget=self.budget,
             kinds=self._kinds(),
             pair=pair_metrics(names, self._kinds(), singles, orders, cer),
+            key=self.study_key(),
         )
 
     def rank(self, names: list[str], curve: dict[str, Stage]) -> tuple[Ranking, dict]:
@@ -343,6 +365,7 @@ class OrderStudy:
             budget=self.budget,
             kinds=self._kinds(),
             prediction=ranking.as_dict(),
+            key=self.study_key(),
         )
 
     def _kinds(self) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ppq_lightning.study.cells import Cell
@@ -32,6 +32,9 @@ class StudyResult:
 
     ``best_order`` is the order with the highest ``M``; orders tied exactly are all named,
     joined by ``=`` (``"P>Q=Q>P"``), and the PIH prediction is right if it is one of them.
+    ``key`` identifies the study in a report folder (``OrderStudy.study_key``: its data,
+    metric, search and stages, not its label); a report merged with an earlier one replaces the
+    row of the same key (``study.report.write_report(merge=True)``); ``""`` matches nothing.
     """
 
     label: str
@@ -50,6 +53,34 @@ class StudyResult:
     kinds: dict[str, str] = field(default_factory=dict)
     pair: dict[str, float] = field(default_factory=dict)
     prediction: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain data (what ``report.json`` keeps under ``results``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyResult:
+        """The result :meth:`to_dict` gave (read back from ``report.json``).
+
+        Raises:
+            KeyError, TypeError: when ``data`` is not what :meth:`to_dict` writes.
+        """
+
+        def cell(d: dict[str, Any]) -> Cell:
+            return Cell(**{**d, "keys": tuple(d["keys"])})
+
+        known = {f.name for f in fields(cls)}
+        return cls(
+            **{
+                **{k: v for k, v in data.items() if k in known},
+                "dense": cell(data["dense"]),
+                "singles": {n: cell(c) for n, c in data["singles"].items()},
+                "curve": [cell(c) for c in data["curve"]],
+                "orders": {n: cell(c) for n, c in data["orders"].items()},
+                "budget": Budget(**data["budget"]),
+            }
+        )
 
     @property
     def best(self) -> Cell:

@@ -106,6 +106,34 @@ def test_ppq_fit_then_ppq_export_of_the_checkpoint_it_wrote(tmp_path):
     assert manifest["measured_C"] > 1 and (tmp_path / "x" / "export.json").is_file()
 
 
+def test_export_best_of_a_folder_of_several_studies_takes_the_latest(tmp_path):
+    """ppq study keeps earlier studies' rows in the folder's report; study.yaml is the latest
+    study's, so `--order best` is the latest study's best order (it was refused as ambiguous)."""
+    study = tmp_path / "study"
+    argv = ["study", "--config", "configs/tiny/study.yaml", "--curve_bits", "[]"]
+    main([*argv, "--output_dir", str(study)])
+    latest = main([*argv, "--output_dir", str(study), "--P.sparsity", "0.75"])
+    assert len(json.loads((study / "report.json").read_text())["studies"]) == 2
+    path = tmp_path / "out"
+    main(
+        [
+            "export",
+            "--from-study",
+            str(study),
+            "--order",
+            "best",
+            "--format",
+            "ppq",
+            "--path",
+            str(path),
+        ]
+    )
+    stages = next(state.stages for _, _, state in compressed_modules(load_compressed(path)))
+    pruning = [s for s in stages if s.startswith("MagnitudePruning")]
+    assert len(stages) == 2 and "0.75" in pruning[0]
+    assert stages.index(pruning[0]) == latest.best_order.split(">").index("P")
+
+
 TRAINING_STAGES = {
     "lora": None,  # the config's own LoRAFineTune
     "qat": {"class_path": "ppq_lightning.callbacks.QuantizationAwareTraining", "bits": 4},

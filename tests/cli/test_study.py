@@ -1,3 +1,4 @@
+import csv
 import json
 from pathlib import Path
 
@@ -174,3 +175,36 @@ def test_study_arguments_are_checked_before_anything_is_written(tmp_path, argv, 
     with pytest.raises(PPQConfigError, match=match):
         main(["study", "--config", CONFIG, "--output_dir", str(out), *argv])
     assert not out.exists()
+
+
+def test_ppq_study_prints_its_cells_best_order_and_files(tmp_path, capsys, monkeypatch):
+    """`ppq study` printed only a progress bar: the best order and the table were in files."""
+    monkeypatch.setenv("COLUMNS", "120")
+    argv = ["study", "--config", CONFIG, "--curve_bits", "[8]", "--output_dir", str(tmp_path)]
+    result = main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    for cell in result.cells():  # one table row per cell: its order, kind and metric
+        best = [result.orders[order] for order in result.best_order.split("=")]
+        kind = "best" if any(cell is b for b in best) else cell.kind
+        row = [cell.order, kind, f"{cell.value:.4g}"]
+        assert [line for line in lines if line.split()[:3] == row], (row, lines)
+    best = f"best order: {result.best_order} (ppl {result.best.value:.4g}, measured C "
+    assert [line for line in lines if line.startswith(best)]
+    assert f"PIH order: {result.pih_order} (" in "\n".join(lines)
+    report = next(line for line in lines if line.startswith("report (1 study): "))
+    assert str(tmp_path) in report and "studies.md" in report and "report.json" in report
+    assert f"cells: {tmp_path / 'cells'}/" in lines
+
+
+def test_a_second_ppq_study_in_the_folder_keeps_the_first_ones_row(tmp_path, capsys):
+    """A second study in the same output folder dropped the first one's row."""
+    argv = ["study", "--config", CONFIG, "--curve_bits", "[]", "--output_dir", str(tmp_path)]
+    first = main(argv)
+    second = main([*argv, "--P.sparsity", "0.75", "--label", "P75"])
+    main(argv)  # the first study again: its row is replaced, not added
+    with open(tmp_path / "studies.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["study"] for r in rows] == [first.label, "P75"]
+    assert [r["best_order"] for r in rows] == [first.best_order, second.best_order]
+    assert "report (2 studies)" in capsys.readouterr().out
+

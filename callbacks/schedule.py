@@ -22,6 +22,7 @@ from ppq_lightning.callbacks.base import (
 )
 from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.errors import PPQConfigError, check_bool, check_folder
+from ppq_lightning.loggers import run_folder
 from ppq_lightning.order.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.order.grammar import arrange
 from ppq_lightning.reports import columns_of, write_table
@@ -33,9 +34,12 @@ class CompressionSchedule(FiresOnce):
     Fires once, like any compression callback (before the first evaluation, or at fit start).
     After every stage it logs ``stage/<i>_<name>/<metric>`` (e.g. ``stage/1_magnitude/ppl``,
     ``.../sparsity``, ``.../avg_bits``, ``.../nominal_C``, ``.../measured_C``) and per-layer
-    metrics; ``stage/0_dense/...`` holds the model before any stage. The table of all stages is
-    printed and written as ``schedule.json`` and ``schedule.csv`` to ``output_dir`` (default: the
-    trainer's log directory). Stages already recorded in the model (a resumed run) are skipped.
+    metrics; ``stage/0_dense/...`` holds the model before any stage and ``stage/final/...`` the
+    model after the whole schedule, whatever the order (the key a sweep over orders optimises,
+    e.g. ``stage/final/ppl``). The table of all stages is printed and written as
+    ``schedule.json`` and ``schedule.csv`` to ``output_dir`` (default: the run's folder,
+    ``ppq_lightning.loggers.run_folder``: the logger's ``log_dir``, ``SAVE_DIR/PROJECT/RUN_ID``
+    for a W&B logger). Stages already recorded in the model (a resumed run) are skipped.
 
     Args:
         stages: the compression callbacks, in compression order (each is used through this
@@ -46,7 +50,7 @@ class CompressionSchedule(FiresOnce):
             the knob a sweep turns.
         evaluate_each_stage: evaluate after every stage (and before the first) on the running
             evaluation's dataloader or the datamodule's ``val_dataloader``.
-        output_dir: where to write the report; None for the trainer's ``log_dir``.
+        output_dir: where to write the report; None for the run's folder (``run_folder``).
         log_layers: log one metric per layer and stage.
 
     Raises:
@@ -319,13 +323,19 @@ class CompressionSchedule(FiresOnce):
         rows = self.rows()
         if not rows:
             return
-        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        folder = Path(self.output_dir or run_folder(trainer))
         report = {
             "order": self.order,
             "stages": rows,
             "layers": {f"{r.index}_{r.name}": r.layers for r in self.results},
         }
         write_table(rows, folder, "schedule", json_data=report, formats=("csv", "json"))
+        final = {
+            f"stage/final/{k}": float(v)
+            for k, v in rows[-1].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        log_metrics(trainer, final)
         columns = columns_of(rows)
         shown = [
             c

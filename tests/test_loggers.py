@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,75 @@ def test_an_open_offline_run_ends_without_terminal_escape_codes(tmp_path, end):
     assert "anonymous" not in output
     (log,) = Path(tmp_path, "wandb").glob("offline-run-*/logs/debug.log")
     assert f"got exitcode: {1 if end else 0}" in log.read_text()  # a crash is a failed run
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    """No W&B variables, no credentials: what a fresh shell has."""
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return monkeypatch
+
+
+def test_under_wandb_agent_the_logger_attaches_to_the_agents_run(wandb_env, tmp_path):
+    """The run id, the folder and the run's own folder come from what `wandb agent` sets."""
+    wandb_env.setenv("WANDB_SWEEP_ID", "sweep1")
+    wandb_env.setenv("WANDB_RUN_ID", "agentrun1")
+    wandb_env.setenv("WANDB_DIR", str(tmp_path / "agent"))
+    wandb_env.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="ppq-test")
+    # known before the run starts: where config.yaml and the schedule's report go
+    assert logger.version == "agentrun1"
+    assert logger.log_dir == str(tmp_path / "agent" / "ppq-test" / "agentrun1")
+    assert logger._wandb_init["id"] == "agentrun1"  # passed to wandb.init, not left to W&B
+    logger.log_metrics({"m": 1.0})
+    try:
+        assert logger.experiment.id == "agentrun1"
+        assert Path(logger.experiment.dir).is_relative_to(tmp_path / "agent" / "wandb")
+    finally:
+        logger.experiment.finish()
+
+
+def test_without_an_agent_a_run_has_its_own_folder_under_outputs(wandb_env, tmp_path):
+    wandb_env.chdir(tmp_path)
+    logger = WandbLogger(project="ppq-test")
+    assert logger.save_dir == "outputs" and logger.version is None and logger.log_dir is None
+    logger.log_metrics({"m": 1.0})  # the run starts: its id names the folder
+    try:
+        assert logger.log_dir == os.path.join("outputs", "ppq-test", logger.experiment.id)
+    finally:
+        logger.experiment.finish()
+
+
+def test_a_run_id_that_is_no_folder_name_is_refused(wandb_env):
+    from ppq_lightning.errors import PPQConfigError
+
+    wandb_env.setenv("WANDB_RUN_ID", "../x")
+    with pytest.raises(PPQConfigError, match=r"WANDB_RUN_ID='../x' is not allowed: expected a"):
+        WandbLogger(project="ppq-test")
+
+
+def test_a_schedule_without_output_dir_reports_into_the_runs_folder(
+    wandb_env, tmp_path, tiny_lm, tiny_data
+):
+    """Trainer.log_dir is a W&B logger's save_dir, shared by every run: schedule.json landed
+    there, overwritten by the next run. The schedule also logs the model after the whole
+    schedule as stage/final/*, the key a sweep over orders optimises."""
+    wandb_env.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="ppq-test", save_dir=str(tmp_path))
+    schedule = CompressionSchedule(
+        stages=[MagnitudePruning(sparsity=0.5, name="P"), RTNQuantization(bits=4, name="Q")],
+        order="Q>P",
+    )
+    make_trainer(tmp_path, [schedule], logger=logger).validate(
+        tiny_lm, datamodule=tiny_data, verbose=False
+    )
+    summary = dict(logger.experiment.summary)
+    folder = tmp_path / "ppq-test" / logger.experiment.id
+    logger.experiment.finish()
+    report = json.loads((folder / "schedule.json").read_text())
+    assert not (tmp_path / "schedule.json").exists()
+    assert [r["stage"] for r in report["stages"]] == ["0_dense", "1_Q", "2_P"]
+    assert summary["stage/final/ppl"] == pytest.approx(report["stages"][-1]["ppl"])
+    assert summary["stage/final/sparsity"] == pytest.approx(0.5)

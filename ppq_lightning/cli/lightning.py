@@ -1,16 +1,21 @@
-"""``PPQCLI``: LightningCLI with the compression schedule's ``--order`` and ``--report_dir``."""
+"""``PPQCLI``: LightningCLI with the compression schedule's ``--order`` and ``--report_dir``,
+and one folder per run for ``config.yaml`` and the schedule's report."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import lightning as L
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ppq_lightning.callbacks import CompressionSchedule
 from ppq_lightning.callbacks.base import check_trainer_stages
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.loggers import agent_run_id, run_folder
 
 T = TypeVar("T")
 
@@ -48,6 +53,44 @@ def instantiate_clearly(instantiate: Callable[[], T]) -> T:
         raise found from None
 
 
+class RunConfigCallback(SaveConfigCallback):
+    """LightningCLI's ``SaveConfigCallback`` writing ``config.yaml`` into the run's own folder
+    (:func:`ppq_lightning.loggers.run_folder`: ``SAVE_DIR/PROJECT/RUN_ID`` with a W&B logger)
+    instead of ``Trainer.log_dir``, which is the W&B logger's ``save_dir`` shared by every run.
+    Everything else (``overwrite``, ``multifile``, ``config_filename``, rank 0 writes, the
+    ``save_config`` hook) is Lightning's."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if self.save_to_log_dir:
+            folder = trainer.strategy.broadcast(run_folder(trainer))
+            path = os.path.join(folder, self.config_filename)
+            fs = get_filesystem(folder)
+            exists = trainer.strategy.broadcast(
+                fs.isfile(path) if trainer.is_global_zero and not self.overwrite else False
+            )
+            if exists:
+                raise RuntimeError(
+                    f"{type(self).__name__} expected {path} to NOT exist. Aborting to avoid "
+                    "overwriting results of a previous run (LightningCLI's "
+                    'save_config_kwargs={"overwrite": True} overwrites it).'
+                )
+            if trainer.is_global_zero:
+                fs.makedirs(folder, exist_ok=True)
+                self.parser.save(
+                    self.config,
+                    path,
+                    skip_none=False,
+                    overwrite=self.overwrite,
+                    multifile=self.multifile,
+                )
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 class PPQCLI(LightningCLI):
     """LightningCLI with ``--order`` and ``--report_dir`` for the config's compression schedule.
 
@@ -55,7 +98,16 @@ class PPQCLI(LightningCLI):
     read from ``sys.argv`` as ``args``, so LightningCLI's warning about ``args`` given beside
     ``sys.argv`` (meant for a script that passes other arguments than its own) is not shown.
     A constructor's :class:`PPQConfigError` reaches the caller as itself.
+
+    ``config.yaml`` goes into the run's own folder (:class:`RunConfigCallback`), as does the
+    schedule's report when no folder is named. Under ``wandb agent`` (``WANDB_RUN_ID`` set), a
+    report folder that is named (``--report_dir``, a schedule's ``output_dir``) gets a subfolder
+    named by the run id, so that the sweep's points do not overwrite each other's reports.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
+        super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         with warnings.catch_warnings():
@@ -89,7 +141,8 @@ class PPQCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
-        """Build the model, datamodule and trainer, then apply ``--order``/``--report_dir``.
+        """Build the model, datamodule and trainer, then apply ``--order``/``--report_dir``;
+        under ``wandb agent`` a named report folder gets the run id as a subfolder.
 
         Raises:
             PPQConfigError: from a constructor, or when ``--order``/``--report_dir`` is given
@@ -98,10 +151,8 @@ class PPQCLI(LightningCLI):
         instantiate_clearly(super().instantiate_classes)
         config = self.config[self.subcommand] if self.subcommand else self.config
         order, report_dir = config.get("order"), config.get("report_dir")
-        if order is None and report_dir is None:
-            return
         schedules = [cb for cb in self.trainer.callbacks if isinstance(cb, CompressionSchedule)]
-        if not schedules:
+        if (order is not None or report_dir is not None) and not schedules:
             raise PPQConfigError(
                 f"--order={order!r} / --report_dir={report_dir!r} need a CompressionSchedule "
                 "(ppq_lightning.callbacks.CompressionSchedule) in trainer.callbacks."
@@ -110,3 +161,8 @@ class PPQCLI(LightningCLI):
             schedules[0].set_order(order)
         if report_dir is not None:
             schedules[0].output_dir = report_dir
+        run_id = agent_run_id()
+        if run_id is not None:  # a sweep's points must not share a named report folder
+            for schedule in schedules:
+                if schedule.output_dir is not None:
+                    schedule.output_dir = os.path.join(schedule.output_dir, run_id)

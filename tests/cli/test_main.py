@@ -1,10 +1,12 @@
 import json
+import os
 import re
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ppq_lightning import check_invariants
 from ppq_lightning.cli import main
@@ -156,3 +158,34 @@ def test_every_config_a_help_text_cites_exists(capsys):
     assert {"ppq study --help", "ppq sweep --help", "ppq export --help"} <= set(cited.values())
     missing = {path: where for path, where in cited.items() if not (ROOT / path).is_file()}
     assert not missing, f"help texts cite configs that do not exist: {missing}"
+
+
+def test_with_the_wandb_logger_config_each_run_has_its_own_folder(tmp_path, monkeypatch):
+    """`configs/loggers/wandb.yaml` put config.yaml and schedule.json/csv into `outputs/`
+    itself (Trainer.log_dir is a W&B logger's save_dir), overwritten by every run."""
+    import wandb
+
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)  # the runs go to outputs/ of the working directory
+    logger_config = CONFIG.parents[1] / "loggers" / "wandb.yaml"
+    runs = []
+    for _ in range(2):
+        cli = main(["validate", "--config", str(CONFIG), "--config", str(logger_config)])
+        runs.append(cli.trainer.logger.experiment.id)
+        wandb.finish()
+    outputs = tmp_path / "outputs"
+    assert not {"config.yaml", "schedule.json", "schedule.csv"} & {
+        p.name for p in outputs.iterdir()
+    }
+    for run in runs:  # what Lightning's checkpoints of this logger use: save_dir/project/run id
+        folder = outputs / "ppq-lightning" / run
+        assert json.loads((folder / "schedule.json").read_text())["order"] == "P>Q"
+        assert (folder / "schedule.csv").exists()
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["trainer"]["logger"]["class_path"] == "ppq_lightning.loggers.WandbLogger"
+        # the CSVLogger's save_dir and name of the first config did not carry over
+        assert config["trainer"]["logger"]["init_args"]["save_dir"] is None
+    assert len(list((outputs / "wandb").glob("offline-run-*"))) == 2

@@ -48,6 +48,7 @@ from ppq_lightning.errors import (
     check_folder,
     check_int,
 )
+from ppq_lightning.loggers import agent_run_id
 from ppq_lightning.ops.quant_grid import MAX_BITS, MIN_BITS
 from ppq_lightning.order.prediction import PREDICTORS
 from ppq_lightning.reports import write_text_atomic
@@ -432,7 +433,9 @@ def study_main(argv: list[str]) -> StudyResult:
 
     Every argument is checked before the model is built and before ``study.yaml`` is written
     to ``--output_dir``; a constructor's refusal (``paths: [/nope]`` of a text datamodule)
-    is raised as its own :class:`PPQConfigError`.
+    is raised as its own :class:`PPQConfigError`. Under ``wandb agent`` (``WANDB_RUN_ID`` set)
+    the report goes to ``OUTPUT_DIR/RUN_ID`` and the cells stay shared in ``OUTPUT_DIR/cells``
+    (unless ``--cells_dir`` is given), so a sweep's points do not overwrite each other.
 
     Raises:
         PPQConfigError: on a bad argument or override (see :func:`check_study_arguments`,
@@ -446,6 +449,11 @@ def study_main(argv: list[str]) -> StudyResult:
         plain = yaml.safe_load(data) if isinstance(data, str) else data
         apply_overrides(plain["stages"], overrides)
         cfg = parser.parse_object(plain)
+    run_id = agent_run_id()
+    if run_id is not None:
+        if cfg.cells_dir is None:
+            cfg.cells_dir = str(Path(cfg.output_dir) / "cells")
+        cfg.output_dir = str(Path(cfg.output_dir) / run_id)
     check_study_arguments(cfg)
     init = instantiate_clearly(
         lambda: (

@@ -1,5 +1,6 @@
-"""``ppq sweep SWEEP.yaml --output DIR``: run a W&B sweep file locally (``study.sweep``), print
-the table, and exit non-zero when a point failed."""
+"""``ppq sweep SWEEP.yaml --output DIR``: run a W&B sweep file locally as ``wandb agent`` runs it
+(``study.sweep``), print the table of what each point's W&B run reported, and exit non-zero
+when a point failed (1) or the sweep file is bad (2, through ``ppq``'s error handling)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from ppq_lightning.study.sweep import failed_points, run_sweep
 def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
     """Parse ``ppq sweep`` arguments, run the sweep, print its table.
 
+    Args:
+        argv: the arguments after ``ppq sweep``.
+
+    Returns:
+        The table's rows.
+
     Raises:
+        PPQConfigError: on a bad sweep file (missing, not YAML, not a grid, a bad command or
+            metric) or ``--output``, before any point runs.
         SystemExit: naming the failed points (after every point ran and the table is written).
     """
     parser = argparse.ArgumentParser(prog="ppq sweep", description=SWEEP_DOC)

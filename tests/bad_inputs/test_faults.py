@@ -107,25 +107,35 @@ def test_a_study_killed_mid_run_ends_with_the_uninterrupted_report(tmp_path, ref
 
 def test_a_sweep_killed_mid_run_ends_with_the_uninterrupted_table(tmp_path, reference):
     report, total = reference
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(
-        yaml.safe_dump(
-            {
-                "method": "grid",
-                "parameters": {"search": {"values": ["exhaustive", "pih"]}},
-                "command": [
-                    *PPQ,
-                    "study",
-                    "--config",
-                    "configs/tiny/study.yaml",
-                    "${args}",
-                ],
-            }
-        )
-    )
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    _run([*PPQ, "sweep", str(sweep), "--output", str(clean)])
-    command = [*PPQ, "sweep", str(sweep), "--output", str(faulty)]
+
+    def sweep(folder: Path) -> Path:
+        """A sweep whose points log to W&B (what `ppq sweep` reads) and report to
+        ``folder/<run id>``, sharing the cells in ``folder/cells``."""
+        path = tmp_path / f"{folder.name}.yaml"
+        command = [*PPQ, "study", "--config", "configs/tiny/study.yaml"]
+        command += ["--config", "configs/loggers/study_wandb.yaml", f"--output_dir={folder}"]
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "method": "grid",
+                    "metric": {"name": "result/ppl", "goal": "minimize"},
+                    "parameters": {"search": {"values": ["exhaustive", "pih"]}},
+                    "command": [*command, "${args}"],
+                }
+            )
+        )
+        return path
+
+    def study(folder: Path, row: dict) -> dict:
+        return json.loads((folder / row["id"] / "report.json").read_text())["studies"][0]
+
+    def stable(rows: list[dict]) -> list[dict]:  # ids hash the commands, which name the folders
+        varying = {"id", "result/evaluations", "result/applications"}
+        return [{k: v for k, v in row.items() if k not in varying} for row in rows]
+
+    _run([*PPQ, "sweep", str(sweep(clean)), "--output", str(clean)])
+    command = [*PPQ, "sweep", str(sweep(faulty)), "--output", str(faulty)]
 
     def done() -> list[Path]:
         return sorted(faulty.glob("points/*/point.json"))
@@ -141,9 +151,10 @@ def test_a_sweep_killed_mid_run_ends_with_the_uninterrupted_table(tmp_path, refe
     cells = _cells(faulty)
     _run(command)
     table = [json.loads((f / "sweep.json").read_text()) for f in (clean, faulty)]
-    assert _stable(table[0]) == _stable(table[1])
-    assert table[0][0]["best_order"] == report["studies"][0]["best_order"]
+    assert "error" not in table[0][0] and stable(table[0]) == stable(table[1])
+    assert study(clean, table[0][0])["best_order"] == report["studies"][0]["best_order"]
     assert finished.read_bytes() == record  # the finished point was not run again
     assert _cells(faulty) == cells
     # the first point, resumed by the second run, read the cells the first kill left
-    assert table[0][0]["cached"] == 0 and table[1][0]["cached"] == first
+    assert study(clean, table[0][0])["cached"] == 0
+    assert study(faulty, table[1][0])["cached"] == first

@@ -208,3 +208,18 @@ def test_a_second_ppq_study_in_the_folder_keeps_the_first_ones_row(tmp_path, cap
     assert [r["best_order"] for r in rows] == [first.best_order, second.best_order]
     assert "report (2 studies)" in capsys.readouterr().out
 
+
+def test_under_wandb_agent_each_run_reports_into_its_own_folder(tmp_path, monkeypatch):
+    """Every point of a sweep wrote its report into the same output_dir (the last one won);
+    the points still share the cells."""
+    argv = ["study", "--config", CONFIG, "--curve_bits", "[]", "--output_dir", str(tmp_path)]
+    for run, order in (("run1", "P>Q"), ("run2", "Q>P")):
+        monkeypatch.setenv("WANDB_RUN_ID", run)
+        main([*argv, "--order", order])
+    for run, order in (("run1", "P>Q"), ("run2", "Q>P")):
+        report = json.loads((tmp_path / run / "report.json").read_text())
+        assert report["studies"][0]["best_order"] == order  # its only order
+        assert (tmp_path / run / "study.yaml").exists()
+    assert not (tmp_path / "report.json").exists()
+    second = json.loads((tmp_path / "run2" / "report.json").read_text())["studies"][0]
+    assert second["cached"] > 0  # the dense model and single stages of run1, read again

@@ -60,6 +60,9 @@ class UserLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
 
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
@@ -214,6 +217,35 @@ def no_encoder_fast_path():
     torch.backends.mha.set_fastpath_enabled(False)
     yield
     torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@pytest.mark.parametrize("how", ["loaded, then validated", "validate(ckpt_path=...)"])
+def test_the_pending_stages_run_on_a_mid_fit_checkpoint_with_the_fits_callbacks(tmp_path, how):
+    """What the warning advises: the stages held are recognised (not applied twice), the
+    pending one fires."""
+    before, training, after = STAGES["lora-never"]()
+    torch.manual_seed(0)
+    fit(tmp_path, UserLM(), [*before, training, after], tokens(), Probe((PROBE,)))
+    ckpt = tmp_path / "epochs" / "epoch=0-step=4.ckpt"
+    before, training, after = STAGES["lora-never"]()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        callbacks=[*before, training, after],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(MidFitCheckpointWarning):
+        if how == "validate(ckpt_path=...)":
+            model = UserLM()
+            trainer.validate(model, tokens(), ckpt_path=ckpt, verbose=False)
+        else:
+            model = UserLM.load_from_checkpoint(ckpt)
+            trainer.validate(model, tokens(), verbose=False)
+    assert before[0].result is None and training.result is None and after.result is not None
+    stages = applied_stages(model)
+    assert {before[0].state_key, training.state_key, after.state_key} <= stages
+    assert check_invariants(model)
 
 
 def test_lightning_demo_transformer_with_lora(tmp_path, no_encoder_fast_path):

@@ -290,3 +290,34 @@ def test_a_module_without_state_loading_is_told_what_to_do(tmp_path):
     require_state_loading(fresh)
     with pytest.raises(PPQConfigError, match=r"a fit record .*enable_state_loading"):
         fresh.load_state_dict(saved)
+
+
+class Failing(UserLM):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 1:
+            raise RuntimeError("the user's step failed")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("stage", [LoRAFineTune, QuantizationAwareTraining])
+@pytest.mark.parametrize("how", ["max_steps=0", "an exception"])
+def test_a_fit_that_ends_before_the_stage_finished_leaves_no_record_behind(tmp_path, stage, how):
+    """The record describes a stage that trains; once the fit is over without it finishing, a
+    state dict of the module must not claim one still does."""
+    from ppq_lightning.errors import PPQConfigError
+
+    module = (UserLM if how == "max_steps=0" else Failing)()
+    training = stage(r=2) if stage is LoRAFineTune else stage(bits=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=0 if how == "max_steps=0" else 4,
+        callbacks=[training],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    error = (PPQConfigError, "max_steps=0") if how == "max_steps=0" else (RuntimeError, "failed")
+    with pytest.raises(error[0], match=error[1]):
+        trainer.fit(module, tokens())
+    assert FIT_RECORD not in module.state_dict()

@@ -13,12 +13,15 @@ from ppq_lightning.compressed.state import get_state, record_mask, record_stage
 from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.edits.training import (
     COMPLETIONS,
+    POSTERIOR_NAME,
     QUANTIZER_NAME,
     MidFitCheckpointWarning,
     attach_dead_zone_quantizer,
+    attach_sqs_posterior,
     describe_fit,
     finalise_dead_zone,
     finalise_qat,
+    finalise_sqs,
 )
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.transforms import attach_weight_transform
@@ -107,6 +110,39 @@ def test_codeq_parameters_load_into_a_quantizer_then_the_layer_ends_on_its_grid(
     assert check_invariants(fresh) == 1
 
 
+def test_an_sqs_posterior_on_a_convolution_collapses_after_the_load():
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    entry = {
+        "stage": "SQS",
+        "method": "SQS",
+        "kind": "PQ",
+        "name": "sqs",
+        "bits": 3,
+        "init_inclusion": 0.9,
+        "sigma": 0.5,
+        "logit_scale": 10.0,
+    }
+    for index in (0, 2):
+        posterior = attach_sqs_posterior(source[index], str(index), 3, 0.9, 0.5, 10.0)
+        with torch.no_grad():  # "trained": some weights out, the mixture skewed
+            posterior.inclusion_raw.copy_(torch.randn_like(posterior.inclusion_raw) * 0.3)
+            posterior.mixture_raw.copy_(torch.randn_like(posterior.mixture_raw) * 0.1)
+    saved = {**source.state_dict(), FIT_RECORD: record("sqs", entry, ["0", "2"], pending=False)}
+    expected = copy.deepcopy(source)
+    with torch.no_grad():
+        for index in (0, 2):
+            finalise_sqs(expected[index], {**entry, "mid_fit": {"epoch": 1, "step": 7}})
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    enable_state_loading(fresh)
+    with pytest.warns(MidFitCheckpointWarning):
+        fresh.load_state_dict(saved)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(fresh(x), expected(x)) and not hasattr(fresh[0], POSTERIOR_NAME)
+    assert 0 < get_state(fresh[0]).mask.float().mean() < 1
+    assert check_invariants(fresh) == 2
+
+
 def test_a_model_that_trains_the_stage_itself_loads_the_training_state_as_it_is():
     """A resumed fit: the layers are set up by the stage before the restore."""
     source = pruned_net()
@@ -126,7 +162,10 @@ def test_a_model_that_trains_the_stage_itself_loads_the_training_state_as_it_is(
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
-        ({"completion": "distill", "layers": ["0"]}, r"completion 'distill' .*known: dead_zone, lora, qat, sqs"),
+        (
+            {"completion": "distill", "layers": ["0"]},
+            r"completion 'distill' .*known: dead_zone, lora, qat, sqs",
+        ),
         ({"completion": "qat", "layers": ["9"]}, r"layer 9, which this Sequential lacks"),
     ],
 )

@@ -52,6 +52,10 @@ def run_folder(trainer: L.Trainer) -> str:
     ``Trainer.log_dir`` gives the ``save_dir`` itself for every logger but CSV and TensorBoard,
     so with a W&B logger every run wrote into the same folder. Nothing is broadcast: call it
     on every rank and broadcast the result, or on rank 0 only.
+
+    Args:
+        trainer: the Trainer of the run (its loggers have started their runs: Lightning starts
+            them before any callback's ``setup``).
     """
     if trainer.loggers:
         logger = trainer.loggers[0]

@@ -294,7 +294,14 @@ def agent_environment(
     """The environment ``wandb agent`` gives a run, for a point run offline in ``folder``:
     ``WANDB_DIR``, ``WANDB_RUN_ID``, ``WANDB_SWEEP_PARAM_PATH`` (the point's values written
     where and as the agent writes them: ``WANDB_DIR/wandb/sweep-ID/config-RUN.yaml``) and
-    ``WANDB_MODE=offline``; ``WANDB_SWEEP_ID`` is removed (no sweep exists on a server)."""
+    ``WANDB_MODE=offline``; ``WANDB_SWEEP_ID`` is removed (no sweep exists on a server).
+
+    Args:
+        base: the runner's environment.
+        folder: the point's folder (its ``WANDB_DIR``).
+        run_id: the point's W&B run id.
+        point: the point's parameter values.
+    """
     params = folder / "wandb" / LOCAL_SWEEP / f"config-{run_id}.yaml"
     params.parent.mkdir(parents=True, exist_ok=True)
     values = {name: {"value": value} for name, value in point.items()}
@@ -318,6 +325,9 @@ def read_summary(run: Path) -> dict[str, Any]:
     """The summary of the W&B run in the folder ``run`` (``.../wandb/offline-run-*``): its
     ``files/wandb-summary.json`` when W&B wrote one, else what wandb's reader of the run's
     ``.wandb`` transaction log gives (``wandb leet inspect --summary --json``).
+
+    Args:
+        run: the run's folder.
 
     Raises:
         RuntimeError: when neither can be read.
@@ -349,7 +359,12 @@ def scalars(summary: dict[str, Any]) -> dict[str, Any]:
 def result_columns(summary: dict[str, Any], metric: str | None) -> dict[str, Any]:
     """A point's result columns: the sweep's ``metric`` and the values the run reported beside
     it (the keys with the same parent: ``result/*`` for ``result/ppl``); every value without a
-    metric; ``{"error": ...}`` when the run never reported the metric."""
+    metric; ``{"error": ...}`` when the run never reported the metric.
+
+    Args:
+        summary: the run's summary (:func:`scalars`).
+        metric: the sweep's ``metric.name``, if it has one.
+    """
     if metric is None:
         return dict(summary)
     if metric not in summary:
@@ -374,6 +389,13 @@ def run_point(
     ``folder/point.json`` (written atomically, last, only when the run reported the sweep's
     metric) marks the point done; ``command.txt`` holds the command as a shell would read it,
     ``log.txt`` its output.
+
+    Args:
+        command: the point's agent command (:func:`agent_command`).
+        point: the point's parameter values.
+        folder: the point's folder, ``OUTPUT/points/ID`` (``ID`` is its W&B run id).
+        env: the runner's environment (:func:`agent_environment` adds the agent's variables).
+        metric: the sweep's ``metric.name``, if it has one.
 
     Returns:
         The run's summary (:func:`scalars`) and None, or ``{}`` and why the point failed.
@@ -417,6 +439,14 @@ def run_sweep(path: str | Path, output: str | Path) -> list[dict[str, Any]]:
     metric in it) gets a row with its ``error`` (the end of its log; the whole of it is in
     ``OUTPUT/points/ID/log.txt``) and the sweep goes on; the table is written after the last
     point (:func:`failed_points` lists the failures).
+
+    Args:
+        path: the sweep file (:func:`load_sweep`).
+        output: the folder of the points (``points/ID``) and of ``sweep.csv|json|md``.
+
+    Returns:
+        One row per grid point: ``point`` (its index), ``id``, its values, and its result
+        columns (:func:`result_columns`) or its ``error``.
 
     Raises:
         PPQConfigError: on a bad sweep file or an output path that is a file (before any

@@ -215,6 +215,10 @@ class CompressionCallback(CompressionStage, FiresOnce):
         at_epoch: in ``fit``, fire at the start of this (0-based) training epoch instead of at
             fit start; ignored by ``validate``/``test``/``predict``.
         at_step: in ``fit``, fire before the training batch at this global step.
+        forward_fn: how the stage calls the model on a calibration batch,
+            ``forward_fn(model, batch)``; None for the default forward, which maps tensors,
+            dicts and ``(inputs..., labels)`` tuples onto the model's forward signature (see
+            ``docs/user_modules.md``).
 
     When ``fit`` has a training stage (``trains``: LoRA, QAT, CoDeQ) earlier in the Trainer's
     callback list, a stage without ``at_epoch``/``at_step`` fires when training ends, after

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches
+from ppq_lightning.calibration.data import check_num_batches
 from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
@@ -171,6 +171,10 @@ class BasisSharing(CompressionCallback):
         self.calibration_report = None
 
     # -- the stage ---------------------------------------------------------------------------
+    def calls_model(self) -> bool:
+        """Only a whitened sharing runs the model on calibration batches."""
+        return self.whiten
+
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
@@ -205,7 +209,7 @@ class BasisSharing(CompressionCallback):
                 share(group, whitening_factor(hessian, self.damp))
                 pending.remove(group)
 
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        batches = self.calibration_batches(self.num_calibration_batches)
         self.calibration_report = calibrate_sequentially(
             model,
             targets,

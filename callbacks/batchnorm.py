@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.calibration.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches
+from ppq_lightning.calibration.data import check_num_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_stage
@@ -91,7 +91,7 @@ class BatchNormRecalibration(CompressionCallback):
                     f"layers={self.layers!r} matched none of the BatchNorm layers "
                     f"(e.g. {', '.join(list(batchnorm_layers(model))[:3]) or 'none'})."
                 )
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        batches = self.calibration_batches(self.num_calibration_batches)
         metrics = recalibrate_batchnorm(model, batches, self.model_forward, chosen or None)
         entry = self.history_entry()
         for name in metrics:
@@ -137,7 +137,7 @@ class FoldBatchNorm(CompressionCallback):
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
-        batch = calibration_batches(self.trainer, 1, self.dataloader)[0]
+        batch = self.calibration_batches(1)[0]
         convs = {name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
         if self.targets is not None or self.ignore is not None:
             convs &= set(modules)

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.calibration.blocks import find_blocks
-from ppq_lightning.calibration.data import calibration_batches, check_num_batches
+from ppq_lightning.calibration.data import check_num_batches
 from ppq_lightning.calibration.scoring import greedy_block_removal
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
@@ -112,7 +112,7 @@ class BlockRemoval(CompressionCallback):
                 n,
                 f"an integer from 1 to {depth - 1} (the model has {depth} blocks in {name})",
             )
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        batches = self.calibration_batches(self.num_calibration_batches)
         removed, losses = greedy_block_removal(
             model, name, n, batches, self.model_forward, self.name
         )

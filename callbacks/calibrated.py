@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.calibration.config import CalibrationConfig
-from ppq_lightning.calibration.data import calibration_batches
 from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
@@ -73,7 +72,10 @@ class CalibratedCompression(CompressionCallback):
 
     Args:
         num_calibration_batches: batches taken from the calibration dataloader
-            (``datamodule.calibration_dataloader()``, else the running loop's dataloader).
+            (``datamodule.calibration_dataloader()``, else the running loop's dataloader: the
+            train dataloader in ``fit``; in ``validate`` the data it evaluates on, which the
+            stage warns about and its report records). A shorter dataloader gives all its
+            batches, with a warning naming both numbers.
         calibrate_on: ``"compressed"`` (statistics from the model as compressed so far) or
             ``"original"`` (from the dense model).
         device: where each block runs during calibration (e.g. ``"cuda"``); None keeps the
@@ -84,13 +86,16 @@ class CalibratedCompression(CompressionCallback):
             batches (GPTQ's and SparseGPT's error feedback amplify float32's summation rounding
             into perplexity differences of a few tenths on SmolLM2), at about twice the cost of
             the accumulation matrix products (see docs/benchmarks.md).
-        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``.
+        **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``,
+            ``forward_fn`` (how the model is called on a batch; see ``CompressionStage``).
 
     Raises:
         PPQConfigError: on a bad ``num_calibration_batches``, ``calibrate_on``,
-            ``statistics_dtype`` or ``device`` (not a torch device); at run time (before any
-            weight changes) on a ``device`` this machine does not have (CUDA unavailable), on
-            missing or empty calibration data, or NaN/Inf activations.
+            ``statistics_dtype``, ``device`` (not a torch device) or ``forward_fn``; at run
+            time (before any weight changes) on a ``device`` this machine does not have (CUDA
+            unavailable), on missing or empty calibration data, a batch the default forward
+            cannot feed to the model (naming the module, its forward, the batch and
+            ``forward_fn``), or NaN/Inf activations.
     """
 
     statistic: ClassVar[str] = "hessian"
@@ -148,7 +153,7 @@ class CalibratedCompression(CompressionCallback):
                     values["relative_error"] = relative_output_error(before, after, statistic)
                 metrics[name] = values
 
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        batches = self.calibration_batches(self.num_calibration_batches)
         self.calibration_report = calibrate_sequentially(
             model,
             modules,

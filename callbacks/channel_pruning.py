@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.calibration.config import CalibrationConfig
-from ppq_lightning.calibration.data import calibration_batches
 from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
@@ -130,7 +129,7 @@ class ChannelPruning(CompressionCallback):
                     "channels": float(scores.numel()),
                 }
 
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        batches = self.calibration_batches(self.num_calibration_batches)
         calibrate_sequentially(
             model,
             outputs,

@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.calibration.capture import evaluating, example_input
-from ppq_lightning.calibration.data import calibration_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.depgraph import output_layers, prune_channels
@@ -87,7 +86,7 @@ class DepGraphPruning(CompressionCallback):
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
-        batch = calibration_batches(self.trainer, 1, self.dataloader)[0]
+        batch = self.calibration_batches(1)[0]
         example = example_input(model, batch, self.forward_fn)
         device = next(model.parameters()).device
         protected = set(getattr(model, "default_ignore", None) or ())

@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from ppq_lightning.calibration.data import calibration_batches
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
@@ -148,7 +147,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
     ) -> dict[str, dict[str, float]]:
         """Search the levels (``order.joint_search``), then apply them for real."""
         start = time.perf_counter()
-        batches = calibration_batches(self.trainer, self.num_calibration_batches, self.dataloader)
+        batches = self.calibration_batches(self.num_calibration_batches)
         if not batches:
             raise PPQConfigError(f"{self.name}: no calibration batches to score the search on.")
         space = search_space(

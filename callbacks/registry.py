@@ -53,8 +53,8 @@ from ppq_lightning.modules.config import StageConfig
 def callback_signature(cls: type[CompressionCallback]) -> dict[str, inspect.Parameter]:
     """Every argument a compression callback class takes, by name: those of its own
     ``__init__`` and of every base's it passes ``**kwargs`` on to (its config's fields and the
-    adapter's ``name``, ``b_orig``, ``log_layers``, ``at_epoch``, ``at_step``, ``device`` where
-    it has one); a subclass's parameter (and its default) wins."""
+    adapter's ``name``, ``b_orig``, ``log_layers``, ``at_epoch``, ``at_step``, ``forward_fn``,
+    ``device`` where it has one); a subclass's parameter (and its default) wins."""
     found: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
         if "__init__" in vars(klass) and issubclass(klass, CompressionStage):

@@ -48,8 +48,11 @@ class CompressionSchedule(FiresOnce):
             ``"Q>P"`` or ``"P1>Q>P2"`` (see ``ppq_lightning.order``): the stages are applied in
             that order instead of list order; stages it does not name are not applied. This is
             the knob a sweep turns.
-        evaluate_each_stage: evaluate after every stage (and before the first) on the running
-            evaluation's dataloader or the datamodule's ``val_dataloader``.
+        evaluate_each_stage: evaluate after every stage (and before the first) as a plain
+            ``validate`` would: on the data the running Trainer call evaluates on (in ``fit``,
+            its ``val_dataloaders``, the datamodule's or the module's ``val_dataloader()``),
+            reporting the module's ``evaluate(dataloader)`` if it has one, else what its
+            validation hooks log with ``self.log`` (see ``order.evaluation``).
         output_dir: where to write the report; None for the run's folder (``run_folder``).
         log_layers: log one metric per layer and stage.
 
@@ -57,7 +60,9 @@ class CompressionSchedule(FiresOnce):
         PPQConfigError: when ``stages`` is empty, holds something that is not a compression
             callback, or two stages with the same name (``name``, else the method's default
             name: two unnamed stages of one method collide); ``evaluate_each_stage`` or
-            ``log_layers`` not a bool; on a bad ``order`` (unknown or repeated names, empty).
+            ``log_layers`` not a bool; on a bad ``order`` (unknown or repeated names, empty);
+            when it fires, before any stage runs, on a stage whose calibration batch the
+            model cannot be called on (:meth:`check_forwards`), or no data to evaluate on.
 
     Example (YAML)::
 
@@ -159,9 +164,10 @@ class CompressionSchedule(FiresOnce):
         self._applied = True
         if not self.dense_evaluation:  # else measured in setup, before a training transform
             self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
+        self.check_forwards(pl_module, trainer)
         if self.evaluate_each_stage:
             if not self.dense_evaluation:
-                self.dense_evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
+                self.dense_evaluation = self._evaluate(trainer, pl_module)
             log_metrics(
                 trainer, {f"stage/0_dense/{k}": v for k, v in self.dense_evaluation.items()}
             )
@@ -179,6 +185,31 @@ class CompressionSchedule(FiresOnce):
             self._report(trainer)
         else:
             training.on_fit_start(trainer, pl_module)
+
+    def check_forwards(self, model: nn.Module, trainer: L.Trainer | None = None) -> None:
+        """Check, before the first stage changes any weight, that every pending stage that runs
+        the model can call it on its first calibration batch (``CompressionStage.
+        check_forward``): a schedule whose GPTQ cannot read the batch must not prune first.
+
+        Raises:
+            PPQConfigError: naming the stage, the module, its forward, the batch and
+                ``forward_fn``; or missing calibration data.
+        """
+        for stage in self.stages:
+            if stage.trains or stage.already_applied(model):
+                continue
+            try:
+                stage.check_forward(model, trainer)
+            except PPQConfigError as error:
+                raise PPQConfigError(
+                    f"schedule {self.order}: stage {stage.name!r} ({type(stage).__name__}) "
+                    f"cannot run, so no stage was applied: {error}"
+                ) from error
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The module's metrics now, as a plain ``validate`` would report them
+        (``order.evaluation``)."""
+        return evaluate_module(pl_module, evaluation_dataloader(trainer), trainer)
 
     def check_ahead(self, model: nn.Module) -> None:
         """Check every stage still to run (and the report folder) before the first one changes
@@ -222,7 +253,7 @@ class CompressionSchedule(FiresOnce):
         self, trainer: L.Trainer, pl_module: L.LightningModule, result: StageResult
     ) -> None:
         if self.evaluate_each_stage:
-            result.evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
+            result.evaluation = self._evaluate(trainer, pl_module)
         self.results.append(result)
         log_metrics(trainer, result.metrics(self.log_layers))
         log_layer_table(trainer, result)
@@ -252,7 +283,7 @@ class CompressionSchedule(FiresOnce):
                 and not training.already_applied(pl_module)
             ):  # the training stage attaches its transform now: measure the dense model first
                 self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
-                self.dense_evaluation = evaluate_module(pl_module, evaluation_dataloader(trainer))
+                self.dense_evaluation = self._evaluate(trainer, pl_module)
             training.setup(trainer, pl_module, stage)
 
     def on_load_checkpoint(
@@ -314,6 +345,7 @@ class CompressionSchedule(FiresOnce):
                     **r.summary.as_dict(),
                     "seconds": r.seconds,
                     **r.evaluation,
+                    **r.calibration,
                 }
             )
         return rows
@@ -336,22 +368,10 @@ class CompressionSchedule(FiresOnce):
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         log_metrics(trainer, final)
+        evaluated = columns_of([self.dense_evaluation, *(r.evaluation for r in self.results)])
         columns = columns_of(rows)
-        shown = [
-            c
-            for c in (
-                "stage",
-                "kind",
-                "sparsity",
-                "avg_bits",
-                "nominal_C",
-                "measured_C",
-                "ppl",
-                "loss",
-                "seconds",
-            )
-            if c in columns
-        ]
+        summary = ("stage", "kind", "sparsity", "avg_bits", "nominal_C", "measured_C")
+        shown = [c for c in (*summary, *evaluated, "seconds") if c in columns]
         table = Table(title=f"Compression schedule {self.order}")
         for column in shown:
             table.add_column(column, justify="left" if column in ("stage", "kind") else "right")

@@ -21,11 +21,23 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ppq_lightning.calibration.data import default_forward
+from ppq_lightning.calibration.data import (
+    CalibrationData,
+    calibration_data,
+    default_forward,
+    first_calibration_batch,
+    forward_call,
+)
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
 from ppq_lightning.compressed.state import applied_stages, compressed_modules, get_state
-from ppq_lightning.errors import CompressionError, PPQConfigError, check_bool, check_choice
+from ppq_lightning.errors import (
+    CompressionError,
+    PPQConfigError,
+    bad_value,
+    check_bool,
+    check_choice,
+)
 from ppq_lightning.modules.config import StageConfig, identity, is_legacy_key
 from ppq_lightning.modules.rollback import restored_on_error
 from ppq_lightning.modules.targets import resolve_targets
@@ -53,6 +65,9 @@ class StageResult:
         summary: compression of the whole model after the stage.
         seconds: wall time of the stage.
         evaluation: metrics of the model after the stage (filled by ``CompressionSchedule``).
+        calibration: where the stage's calibration batches came from and how many it used
+            (``calibration_data``, ``calibration_batches``: see
+            ``CompressionStage.calibration_record``); empty for a stage that reads no data.
     """
 
     index: int
@@ -63,6 +78,7 @@ class StageResult:
     summary: CompressionSummary
     seconds: float
     evaluation: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -73,6 +89,10 @@ class StageResult:
         out = {f"{self.prefix}/{k}": float(v) for k, v in self.summary.as_dict().items()}
         out[f"{self.prefix}/seconds"] = self.seconds
         out.update({f"{self.prefix}/{k}": float(v) for k, v in self.evaluation.items()})
+        if "calibration_batches" in self.calibration:
+            out[f"{self.prefix}/calibration_batches"] = float(
+                self.calibration["calibration_batches"]
+            )
         if log_layers:
             for name, values in self.layers.items():
                 for key, value in values.items():
@@ -128,11 +148,16 @@ class CompressionStage:
         b_orig: bits of an original weight, for compression rates (16 for LLMs, 32 for fp32
             vision models).
         log_layers: also log one metric per layer.
+        forward_fn: how the stage calls the model on a calibration batch,
+            ``forward_fn(model, batch)``, for a batch the default forward cannot read
+            (``calibration.data.forward_call``), e.g. ``lambda model, batch:
+            model(batch["image"])``; None for the default. Not part of the identity.
         **arguments: the method's own arguments, fields of ``config_class``.
 
     Raises:
         PPQConfigError: a ``name`` that is not a non-empty string, ``b_orig`` not in
-            {8, 16, 32}, ``log_layers`` not a bool, or what the config refuses.
+            {8, 16, 32}, ``log_layers`` not a bool, ``forward_fn`` not callable, or what the
+            config refuses.
     """
 
     default_name: ClassVar[str] = "stage"
@@ -149,28 +174,82 @@ class CompressionStage:
         name: str | None = None,
         b_orig: int = 16,
         log_layers: bool = True,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         **arguments: Any,
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise PPQConfigError(f"name={name!r} is not allowed: expected a non-empty string.")
         check_choice("b_orig", b_orig, (8, 16, 32))
         check_bool("log_layers", log_layers)
+        if forward_fn is not None and not callable(forward_fn):
+            raise bad_value("forward_fn", forward_fn, "None or a callable forward_fn(model, batch)")
         self._name, self.b_orig, self.log_layers = name, b_orig, log_layers
         if "b_orig" in self.config_class.__dataclass_fields__:  # its math reads B_orig
             arguments["b_orig"] = b_orig
         self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
         self.result: StageResult | None = None
-        self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
+        self.forward_fn = forward_fn
         self.trainer: L.Trainer | None = None
         self.dataloader: Iterable[Any] | None = None
+        self.calibration: CalibrationData | None = None
         self._applied = False
 
     @property
     def model_forward(self) -> Callable[[nn.Module, Any], Any]:
         """How this stage calls the model on a calibration batch: ``forward_fn(model, batch)``
-        when set (a model whose batches ``calibration.data.batch_input`` cannot read), else
-        ``calibration.data.default_forward``."""
+        when set (a model whose batches the default forward cannot map onto its signature),
+        else ``calibration.data.default_forward``."""
         return self.forward_fn or default_forward
+
+    def calls_model(self) -> bool:
+        """Whether the stage runs the model on calibration batches: here, whether its config
+        has ``num_calibration_batches`` (GPTQ, SparseGPT, Wanda, SLEB, ...). A stage that reads
+        data only for some arguments overrides it."""
+        return "num_calibration_batches" in self.config.__dataclass_fields__
+
+    def calibration_batches(self, num_batches: int) -> list[Any]:
+        """This stage's calibration batches (``calibration.data.calibration_data``, from
+        :meth:`apply`'s ``dataloader`` or the running Trainer), recorded in :attr:`calibration`
+        for the stage's result and report, saying once what a user would not see otherwise: a
+        dataloader shorter than ``num_batches`` (the stage calibrates on what there is), and
+        calibration data that is the data the run evaluates on (``validate`` without a
+        ``calibration_dataloader()``).
+
+        Raises:
+            PPQConfigError: see ``calibration.data.calibration_data``.
+        """
+        data = calibration_data(self.trainer, num_batches, self.dataloader)
+        self.calibration = data
+        label = f"stage {self.name!r} ({type(self).__name__})"
+        if data.short:
+            per_rank = " on this rank" if data.requested < num_batches else ""
+            rank_zero_warn(
+                f"[ppq] {label}: num_calibration_batches={num_batches}, but {data.origin} has "
+                f"only {data.taken} batch(es){per_rank}: it calibrates on {data.taken}. Give it "
+                f"more calibration data, or set num_calibration_batches={data.taken} to ask for "
+                "what there is."
+            )
+        if data.evaluation:
+            rank_zero_warn(
+                f"[ppq] calibrating on {data.origin}, the data this run evaluates on: "
+                f"`{self.trainer.state.fn.value}` has no training data, so the stages calibrate "
+                "on the batches their result is measured on. Give the datamodule a "
+                "calibration_dataloader() (or pass calibration data to stage.apply) to "
+                "calibrate on other data; the stage's report records the source."
+            )
+        return data.batches
+
+    def check_forward(self, model: nn.Module, trainer: L.Trainer | None = None) -> None:
+        """Refuse, before any weight changes, a calibration batch the default forward cannot
+        feed to ``model`` (``calibration.data.forward_call``): what a schedule checks for each
+        of its stages before the first one runs. Nothing to check for a stage with a
+        ``forward_fn`` or one that does not run the model (:meth:`calls_model`).
+
+        Raises:
+            PPQConfigError: naming the module, its forward, the batch and ``forward_fn``.
+        """
+        if self.forward_fn is None and self.calls_model():
+            forward_call(model, first_calibration_batch(trainer, self.dataloader))
 
     def __setattr__(self, item: str, value: Any) -> None:
         """Refuse to set a config field on the stage: the config is frozen, and a stage whose
@@ -367,7 +446,7 @@ class CompressionStage:
             CompressionError: when the stage produced a non-finite weight (the layers are
                 restored).
         """
-        self.trainer, self.dataloader = trainer, dataloader
+        self.trainer, self.dataloader, self.calibration = trainer, dataloader, None
         self.check_not_legacy(model)
         if self.state_key in applied_stages(model):
             raise PPQConfigError(
@@ -415,9 +494,20 @@ class CompressionStage:
             layers,
             summary,
             seconds,
+            calibration=self.calibration_record(),
         )
         self._applied = True
         return self.result
+
+    def calibration_record(self) -> dict[str, Any]:
+        """The stage's calibration data for its result: ``calibration_data`` (where the batches
+        came from) and ``calibration_batches`` (how many it read: fewer than
+        ``num_calibration_batches`` from a shorter dataloader; per rank from a dataloader the
+        strategy shards); empty when the stage read none."""
+        data = self.calibration
+        if data is None:
+            return {}
+        return {"calibration_data": data.origin, "calibration_batches": data.taken}
 
     def already_applied(self, model: nn.Module) -> bool:
         """Whether this stage is recorded in ``model`` (a resumed or reloaded run)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.data import batch_input, default_forward
+from ppq_lightning.calibration.data import default_forward, forward_call, forward_error
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.tree import replace_module
 
@@ -237,17 +237,31 @@ def standing_in(
 def model_input(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> Tensor:
-    """The tensor ``model`` is called with on ``batch``: the batch's input
-    (``calibration.data.batch_input``), or, with a stage's ``forward_fn``, the tensor that
+    """The tensor ``model`` is called with on ``batch``: the one tensor the default forward
+    passes it (``calibration.data.forward_call``; ``input_ids`` when it passes several, as an HF
+    batch with an attention mask), or, with a stage's ``forward_fn``, the tensor that
     ``forward(model, batch)`` hands to ``model`` (the forward stops there). What the stages that
     trace the model (DepGraph pruning, the joint search's channel groups) trace it on, and the
     token ids block removal scores the next-token loss on.
 
     Raises:
-        PPQConfigError: when ``forward`` does not call ``model`` with one tensor input.
+        PPQConfigError: when the default forward cannot call ``model`` on ``batch``
+            (``calibration.data.forward_error``), or the model is called with other than one
+            tensor input.
     """
     if forward is None or forward is default_forward:
-        return batch_input(batch)
+        args, kwargs = forward_call(model, batch)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+        if isinstance(kwargs.get("input_ids"), Tensor):
+            return kwargs["input_ids"]
+        raise forward_error(
+            model,
+            batch,
+            f"the stage reads the one tensor the model's forward receives, but the batch gives "
+            f"it {len(tensors)}",
+        )
     try:
         captured = capture_block_inputs(model, model, [batch], forward)
     except PPQConfigError as error:

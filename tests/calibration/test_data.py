@@ -13,8 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from ppq_lightning.calibration.data import (
     batch_input,
     calibration_batches,
+    calibration_data,
     check_num_batches,
     default_forward,
+    describe_batch,
+    forward_call,
 )
 from ppq_lightning.errors import PPQConfigError
 from tests.helpers import make_trainer
@@ -217,7 +220,153 @@ def test_calibration_batches_ignore_a_calibration_dataloader_that_is_not_callabl
 
 
 def test_calibration_batches_from_an_empty_calibration_dataloader_raise_naming_it(tmp_path):
-    message = "the calibration dataloader (datamodule.calibration_dataloader()) is empty."
+    message = "the calibration dataloader is empty: datamodule.calibration_dataloader() yielded no"
     trainer = make_trainer(tmp_path, [Collect(2)])
     with pytest.raises(PPQConfigError, match=re.escape(message)):
         trainer.validate(TinyModule(), datamodule=EmptyCalibrationData())
+
+
+# -- the default forward reads the model's signature (#26, point 9) ---------------------------
+class Pair(nn.Module):
+    """``forward(inputs, target)``, as Lightning's demo Transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.layer(inputs) + target
+
+
+class Keywords(nn.Module):
+    """``forward(**batch)``, as an HF model wrapped in a user's LightningModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.layer(batch["x"]) * batch["scale"]
+
+
+class Masked(nn.Module):
+    """``forward(input_ids, attention_mask=None)``: keys it does not take are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.layer(input_ids) * (1 if attention_mask is None else attention_mask)
+
+
+def test_forward_call_gives_a_tuple_batch_as_the_forwards_required_inputs():
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    assert forward_call(Pair(), (x, y)) == ((x, y), {})
+    assert forward_call(Pair(), [x, y, torch.zeros(3)]) == ((x, y), {})  # extra items: labels
+    assert forward_call(nn.Linear(4, 2), (x, y)) == ((x,), {})  # forward(input): y is a label
+    pair = Pair()
+    assert torch.equal(default_forward(pair, (x, y)), pair(x, y))
+
+
+def test_forward_call_gives_a_dict_by_name_or_whole_to_a_forward_taking_keywords():
+    x, scale, labels = torch.randn(3, 4), torch.full((3, 1), 2.0), torch.ones(3)
+    assert forward_call(Keywords(), {"x": x, "scale": scale}) == ((), {"x": x, "scale": scale})
+    mask = torch.ones(3, 1)
+    batch = {"input_ids": x, "attention_mask": mask, "labels": labels}
+    assert forward_call(Masked(), batch) == ((), {"input_ids": x, "attention_mask": mask})
+    keywords = Keywords()
+    assert torch.equal(
+        default_forward(keywords, {"x": x, "scale": scale}), keywords(x=x, scale=scale)
+    )
+
+
+def test_forward_call_reads_input_ids_for_a_forward_whose_parameter_has_another_name():
+    x = torch.randn(3, 4)
+    assert forward_call(nn.Linear(4, 2), {"input_ids": x, "labels": x}) == ((x,), {})
+
+
+@pytest.mark.parametrize(
+    ("model", "batch", "reason", "example"),
+    [
+        (Pair(), torch.zeros(3, 4), "the batch is one tensor", "model(batch)"),
+        (
+            Pair(),
+            (torch.zeros(3, 4),),
+            "the forward needs 2 inputs (inputs, target), the batch has 1 item(s)",
+            "model(batch[0], batch[1])",
+        ),
+        (
+            nn.Linear(4, 2),
+            {"image": torch.zeros(3, 4), "label": torch.ones(3)},
+            "the batch is a dict with keys ['image', 'label'], none of which the forward takes",
+            "model(batch['image'])",
+        ),
+        (
+            Keywords(),
+            (torch.zeros(3, 4),),
+            "the batch is a tuple, and the forward takes no positional input",
+            "model(batch[0])",
+        ),
+    ],
+)
+def test_a_batch_the_default_forward_cannot_read_names_module_signature_batch_and_fix(
+    model, batch, reason, example
+):
+    with pytest.raises(PPQConfigError) as error:
+        forward_call(model, batch)
+    message = str(error.value)
+    name = type(model).__name__
+    assert message.startswith(f"cannot call {name} on a batch: {reason}")
+    assert f"Its forward is {name}.forward(" in message
+    assert f"the batch is {describe_batch(batch)}" in message
+    assert f"forward_fn=lambda model, batch: {example}" in message
+
+
+def test_describe_batch_gives_the_structure_with_shapes_and_dtypes():
+    batch = {"image": torch.zeros(4, 3, 8, 8), "label": torch.zeros(4, dtype=torch.long)}
+    assert (
+        describe_batch(batch) == "dict(image: Tensor[4, 3, 8, 8] float32, label: Tensor[4] int64)"
+    )
+    assert describe_batch((torch.zeros(2), [1, 2])) == "tuple(Tensor[2] float32, list(int, int))"
+
+
+def test_a_type_error_inside_the_forward_gets_a_note_on_how_it_was_called():
+    class Strict(nn.Module):
+        def forward(self, x):
+            raise TypeError("unsupported operand")
+
+    with pytest.raises(TypeError) as error:
+        default_forward(Strict(), (torch.zeros(2), torch.ones(2)))
+    assert "the default forward called Strict(Tensor[2] float32)" in "".join(error.value.__notes__)
+
+
+# -- where calibration batches come from, said and recorded (#26, point 9) --------------------
+def test_calibration_data_says_the_loader_was_short_and_where_it_came_from():
+    data = calibration_data(None, 8, dataloader=[torch.zeros(1)] * 3)
+    assert (data.origin, data.requested, data.taken, data.short) == (
+        "the dataloader given to apply()",
+        8,
+        3,
+        True,
+    )
+    assert not data.evaluation and len(data.batches) == 3
+    assert not calibration_data(None, 2, dataloader=[torch.zeros(1)] * 3).short
+
+
+class CollectData(Collect):
+    def _collect(self, trainer) -> None:
+        self.batches = calibration_data(trainer, self.n)
+
+
+@pytest.mark.parametrize(
+    ("call", "evaluation"), [("validate", True), ("test", True), ("fit", False)]
+)
+def test_calibration_data_says_when_it_is_the_data_the_run_evaluates_on(tmp_path, call, evaluation):
+    for data, evaluated in ((Data(), evaluation), (CalibrationData(), False)):
+        collect = CollectData(2)
+        trainer = make_trainer(tmp_path, [collect], max_steps=1, num_sanity_val_steps=0)
+        arguments = {} if call == "fit" else {"verbose": False}
+        getattr(trainer, call)(TinyModule(), datamodule=data, **arguments)
+        assert collect.batches.evaluation is evaluated
+    assert collect.batches.origin == "datamodule.calibration_dataloader()"

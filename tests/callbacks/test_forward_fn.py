@@ -95,16 +95,16 @@ class UserLM(L.LightningModule):
 
 
 def _token_forward(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(batch["tokens"])
+    return model(batch["token_ids"])
 
 
 @pytest.mark.parametrize(
     "spec", ["channels:0.25", "block_removal,n_blocks=1", "sharing:0.8,group_size=2,whiten=true"]
 )
 def test_llm_stages_call_a_users_module_through_forward_fn(spec):
-    batches = [{"tokens": ids} for ids in token_batches(2)]
+    # the forward takes `tokens`; the batch names them `token_ids`: no key to match by name
+    batches = [{"token_ids": ids} for ids in token_batches(2)]
     with pytest.raises(PPQConfigError, match="batch is a dict"):
         build_stage(spec, num_calibration_batches=2).apply(UserLM(), dataloader=batches)
-    stage = build_stage(spec, num_calibration_batches=2)
-    stage.forward_fn = _token_forward
+    stage = build_stage(spec, num_calibration_batches=2, forward_fn=_token_forward)
     assert stage.apply(UserLM(), dataloader=batches).summary.n_weights > 0

@@ -20,9 +20,9 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.study.engine import OrderStudy
 
-# arguments of the Lightning adapter: when it fires, what it logs, where it runs, what it is
-# called; none of them can change the weights a stage produces
-ADAPTER = {"name", "b_orig", "log_layers", "at_epoch", "at_step", "device"}
+# arguments of the Lightning adapter: when it fires, what it logs, where and how the model runs,
+# what it is called; none of them can change the weights a stage produces
+ADAPTER = {"name", "b_orig", "log_layers", "at_epoch", "at_step", "device", "forward_fn"}
 ALIASES = {LoRAFineTune: {"target_modules": "targets"}}
 
 

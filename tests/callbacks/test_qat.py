@@ -137,7 +137,8 @@ def test_not_a_stage_to_apply_at_once_nor_to_time():
 
 def test_a_schedule_starting_with_a_training_stage_reports_the_dense_model(tmp_path, tiny_data):
     model = CausalLMModule(model_config=TINY_LLAMA, seed=0)
-    dense = model.evaluate(tiny_data.val_dataloader())["ppl"]
+    # the fit validates one batch (limit_val_batches=1), and so do the stages' evaluations
+    dense = model.evaluate([next(iter(tiny_data.val_dataloader()))])["ppl"]
     schedule = CompressionSchedule(
         [QuantizationAwareTraining(bits=2, name="Q")], evaluate_each_stage=True
     )

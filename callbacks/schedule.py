@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ppq_lightning.calibration.data import first_calibration_batch, forward_call
 from ppq_lightning.callbacks.base import (
     CompressionCallback,
     FiresOnce,
@@ -187,24 +188,30 @@ class CompressionSchedule(FiresOnce):
             training.on_fit_start(trainer, pl_module)
 
     def check_forwards(self, model: nn.Module, trainer: L.Trainer | None = None) -> None:
-        """Check, before the first stage changes any weight, that every pending stage that runs
-        the model can call it on its first calibration batch (``CompressionStage.
-        check_forward``): a schedule whose GPTQ cannot read the batch must not prune first.
+        """Check, before the first stage changes any weight, that the default forward can call
+        the model on the first calibration batch when a pending stage runs the model through it
+        (``CompressionStage.runs_default_forward``): a schedule whose GPTQ cannot read the batch
+        must not prune first. The batch is read once, for all of them.
 
         Raises:
-            PPQConfigError: naming the stage, the module, its forward, the batch and
-                ``forward_fn``; or missing calibration data.
+            PPQConfigError: naming those stages, the module, its forward, the batch and
+                ``forward_fn`` (``calibration.data.forward_call``); or missing calibration data.
         """
-        for stage in self.stages:
-            if stage.trains or stage.already_applied(model):
-                continue
-            try:
-                stage.check_forward(model, trainer)
-            except PPQConfigError as error:
-                raise PPQConfigError(
-                    f"schedule {self.order}: stage {stage.name!r} ({type(stage).__name__}) "
-                    f"cannot run, so no stage was applied: {error}"
-                ) from error
+        stages = [
+            s
+            for s in self.stages
+            if not s.trains and not s.already_applied(model) and s.runs_default_forward()
+        ]
+        if not stages:
+            return
+        try:
+            forward_call(model, first_calibration_batch(trainer))
+        except PPQConfigError as error:
+            names = ", ".join(f"{s.name!r} ({type(s).__name__})" for s in stages)
+            raise PPQConfigError(
+                f"schedule {self.order}: stage(s) {names} run the model on calibration batches "
+                f"and cannot call it, so no stage was applied: {error}"
+            ) from error
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The module's metrics now, as a plain ``validate`` would report them

@@ -21,13 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ppq_lightning.calibration.data import (
-    CalibrationData,
-    calibration_data,
-    default_forward,
-    first_calibration_batch,
-    forward_call,
-)
+from ppq_lightning.calibration.data import CalibrationData, calibration_data, default_forward
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
 from ppq_lightning.compressed.state import applied_stages, compressed_modules, get_state
@@ -239,17 +233,10 @@ class CompressionStage:
             )
         return data.batches
 
-    def check_forward(self, model: nn.Module, trainer: L.Trainer | None = None) -> None:
-        """Refuse, before any weight changes, a calibration batch the default forward cannot
-        feed to ``model`` (``calibration.data.forward_call``): what a schedule checks for each
-        of its stages before the first one runs. Nothing to check for a stage with a
-        ``forward_fn`` or one that does not run the model (:meth:`calls_model`).
-
-        Raises:
-            PPQConfigError: naming the module, its forward, the batch and ``forward_fn``.
-        """
-        if self.forward_fn is None and self.calls_model():
-            forward_call(model, first_calibration_batch(trainer, self.dataloader))
+    def runs_default_forward(self) -> bool:
+        """Whether the stage calls the model through the default forward: it runs the model
+        (:meth:`calls_model`) and has no ``forward_fn``."""
+        return self.forward_fn is None and self.calls_model()
 
     def __setattr__(self, item: str, value: Any) -> None:
         """Refuse to set a config field on the stage: the config is frozen, and a stage whose

@@ -32,6 +32,7 @@ from ppq_lightning.errors import (
     check_int,
     check_number,
 )
+from ppq_lightning.modules.attention import check_runs_modules
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
@@ -80,6 +81,13 @@ class LoRAFineTune(CompressionCallback):
     adapter update that the projection lost is reported per layer (``projection_loss``,
     ``||W + dW - proj(W + dW)||^2 / ||dW||^2``). A later pruning stage on a model with
     unmerged adapters prunes the base only (with a warning: the adapters stay dense).
+
+    An ``nn.MultiheadAttention``'s projections are adapted like linear layers: peft's
+    ``lora.Linear`` wraps its ``q_proj``/``k_proj``/``v_proj`` views of ``in_proj_weight``
+    and its ``out_proj`` (``modules.attention``), and the attention computes through them while
+    they carry adapters, so the adapters train and count. (peft's own ``MultiheadAttention``
+    layer merges the adapters into ``in_proj_weight`` before every forward and subtracts them
+    after, which moves the frozen compressed base off its grid by rounding.)
 
     Args:
         r: adapter rank, an integer >= 1.
@@ -152,6 +160,7 @@ class LoRAFineTune(CompressionCallback):
             )
         modules = resolve_targets(pl_module, self.targets, self.ignore)
         self.check_grouped_convs(modules)
+        check_runs_modules(modules, "LoRA adapters (their forward adds B A x)")
         self._trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         config = LoraConfig(
             r=self.r,

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ppq_lightning.edits.channels import mlp_inputs
 from ppq_lightning.edits.depgraph import kernel_area
+from ppq_lightning.modules.attention import projection_views_hidden
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.ops.channels import keep_most_important
 
@@ -162,7 +163,7 @@ def depgraph_units(
     """
     import torch_pruning as tp
 
-    with torch.enable_grad():  # Torch-Pruning traces the forward through autograd
+    with torch.enable_grad(), projection_views_hidden(model):  # as edits.depgraph traces it
         graph = tp.DependencyGraph().build_dependency(model, example, verbose=False)
     names = {m: n for n, m in model.named_modules()}
     importance = tp.importance.GroupMagnitudeImportance(p=2)

@@ -26,6 +26,8 @@ from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.edits.channels import check_columns_removable, slice_state
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.attention import PROJECTIONS, projection_views_hidden
 from ppq_lightning.modules.views import is_compressible, weight_matrix
 
 DEPGRAPH_PRUNING = "depgraph_channels"
@@ -156,18 +158,19 @@ def _prune_channels(
     heads = attention_heads(model) if prune_heads else {}
     counted = set(counted_layers(model))  # removed weights count only where C counts them
     shapes = _recorded_shapes(model)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio,
-        ignored_layers=ignored,
-        num_heads=heads,
-        prune_num_heads=bool(heads),
-        prune_head_dims=not heads,
-        head_pruning_ratio=ratio if heads else 0.0,
-        round_to=round_to,
-    )
+    with projection_views_hidden(model):  # traced: Torch-Pruning prunes the attention itself
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            num_heads=heads,
+            prune_num_heads=bool(heads),
+            prune_head_dims=not heads,
+            head_pruning_ratio=ratio if heads else 0.0,
+            round_to=round_to,
+        )
     groups = list(pruner.step(interactive=True))
     removed = _prune_groups(model, pruner.DG, groups, counted, shapes)
     head_counts = _set_heads(model, pruner) if heads else {}
@@ -196,6 +199,8 @@ def _prune_groups(
             module = item.dep.target.module
             if module in shapes and not out_channel_fn(item.dep.handler):
                 check_columns_removable(module)
+            if isinstance(module, nn.MultiheadAttention):
+                _check_projections_dense(module)
     for group in groups:
         recorded = [
             (item.dep.target.module, out_channel_fn(item.dep.handler), list(item.idxs))
@@ -207,6 +212,25 @@ def _prune_groups(
             _slice_recorded(module, out_channel, pruned, shapes[module])
             shapes[module] = (tuple(weight_matrix(module).shape), kernel_area(module))
     return before - _counted_weights(model, counted)
+
+
+def _check_projections_dense(attention: nn.MultiheadAttention) -> None:
+    """Refuse to prune the channels of an attention whose query/key/value projections carry a
+    compression state: their recorded masks and grids are not sliced with ``in_proj_weight``.
+
+    Raises:
+        PPQConfigError: naming the projection, its stages and the fix.
+    """
+    for name in PROJECTIONS:
+        view = getattr(attention, name, None)
+        state = get_state(getattr(view, "base_layer", view)) if view is not None else None
+        if state is not None:
+            raise PPQConfigError(
+                f"channel pruning would shrink the {name} of an nn.MultiheadAttention that stages "
+                f"{state.stages} already compressed (its mask and grid are recorded on the rows "
+                "of in_proj_weight, and are not sliced with them): prune channels before those "
+                "stages, or list the attention's layers in their `ignore`."
+            )
 
 
 def _record(
@@ -266,7 +290,7 @@ def replay_depgraph(model: nn.Module, owner: str, entry: HistoryEntry) -> None:
     target = model.get_submodule(owner)
     parameter = next(target.parameters())
     example = torch.zeros(entry["input_shape"], dtype=parameter.dtype, device=parameter.device)
-    with torch.enable_grad():  # Torch-Pruning traces the forward through autograd
+    with torch.enable_grad(), projection_views_hidden(target):  # traced as in prune_channels
         graph = tp.DependencyGraph().build_dependency(target, example, verbose=False)
     graph.load_pruning_history(entry["pruning_history"])
     for name, count in entry.get("num_heads", {}).items():

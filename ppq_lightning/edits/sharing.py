@@ -26,6 +26,7 @@ from ppq_lightning.calibration.blocks import find_blocks
 from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.tree import replace_module
 from ppq_lightning.modules.views import is_compressible, weight_matrix
 from ppq_lightning.ops.basis_sharing import factor_params, max_rank, rank_for_ratio, shared_basis
@@ -200,6 +201,13 @@ def _projections(
             linear_names.append(inner)
             if not hits or id(layer) not in selected:
                 continue
+            if isinstance(layer, AttentionProjection):
+                raise PPQConfigError(
+                    f"projections={projections!r} matches {full}, a view of the in_proj_weight "
+                    "of an nn.MultiheadAttention: BasisSharing replaces a layer by factors, and "
+                    "this one's weight would stay in in_proj_weight. Leave it out of "
+                    "`projections` (or list it in `ignore`); its out_proj can be shared."
+                )
             state = get_state(layer)
             if state is not None:
                 raise PPQConfigError(

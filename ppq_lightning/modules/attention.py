@@ -154,8 +154,12 @@ def _plain(module: nn.Module | None) -> bool:
 
 def needs_modules(attention: nn.MultiheadAttention) -> bool:
     """Whether one of ``attention``'s projections must run as a module (see the module
-    docstring): hooked, transformed or replaced."""
-    return any(not _plain(attention._modules.get(n)) for n in (*PROJECTIONS, "out_proj"))
+    docstring): hooked, transformed or replaced. Never while its views are out of the model
+    (:func:`projection_views_hidden`): it then computes as torch's own module."""
+    children = attention._modules
+    if not all(n in children for n in PROJECTIONS):
+        return False
+    return any(not _plain(children.get(n)) for n in (*PROJECTIONS, "out_proj"))
 
 
 def _fused_need_modules(layer: nn.Module) -> bool:
@@ -248,6 +252,29 @@ def install_projection_views(model: nn.Module) -> list[str]:
         if routable(module):
             _install_dispatch(module)
     return added
+
+
+@contextlib.contextmanager
+def projection_views_hidden(model: nn.Module) -> Iterator[None]:
+    """Take every attention's ``q_proj``/``k_proj``/``v_proj`` out of ``model`` while in the
+    context, and put them back (in their place, before ``out_proj``) whatever happens.
+
+    For a tracer that hooks every ``nn.Linear`` and maps the graph onto layers (Torch-Pruning's
+    ``DependencyGraph``): hooked, the views would run as layers of their own, and the tracer
+    would reshape them instead of the attention it knows how to prune.
+    """
+    hidden: list[tuple[nn.MultiheadAttention, dict[str, nn.Module]]] = []
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                views = {n: module._modules.pop(n) for n in PROJECTIONS if n in module._modules}
+                hidden.append((module, views))
+        yield
+    finally:
+        for attention, views in hidden:
+            attention._modules.update(views)
+            if "out_proj" in attention._modules:
+                attention._modules["out_proj"] = attention._modules.pop("out_proj")
 
 
 def _base(module: nn.Module) -> nn.Module:

@@ -28,7 +28,6 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
@@ -212,12 +211,51 @@ def _validate_in(
     return logged, outputs
 
 
-def _validate_alone(pl_module: L.LightningModule, dataloader: Iterable[Any]) -> list[Any]:
-    """Every ``validation_step`` output over ``dataloader``, outside any Trainer."""
-    return [
-        pl_module.validation_step(move_data_to_device(batch, pl_module.device), batch_idx)
-        for batch_idx, batch in enumerate(dataloader)
-    ]
+class _StepOutputs(L.Callback):
+    """Keeps every ``validation_step`` output of a ``validate`` run."""
+
+    def __init__(self) -> None:
+        self.outputs: list[Any] = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.outputs.append(outputs)
+
+
+def _validate_alone(
+    pl_module: L.LightningModule, dataloader: Iterable[Any]
+) -> tuple[dict[str, float], list[Any]]:
+    """``validate`` ``pl_module`` on ``dataloader`` in a Trainer of its own (on the module's
+    device; no logger, checkpoint, progress bar or summary): what the module logs (the
+    epoch-level values ``validate`` returns) and every step's output. The module keeps the
+    Trainer it was attached to."""
+    device = pl_module.device
+    steps = _StepOutputs()
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[steps],
+    )
+    if isinstance(dataloader, (list, tuple)):  # batches (a study's), not several dataloaders
+        dataloader = FirstBatches(dataloader, len(dataloader))
+    attached = pl_module._trainer
+    try:
+        results = trainer.validate(pl_module, dataloaders=dataloader, verbose=False)
+    finally:
+        pl_module.trainer = attached
+    logged = {name: float(value) for name, value in (results[0] if results else {}).items()}
+    return logged, steps.outputs
 
 
 def evaluate_module(
@@ -227,19 +265,21 @@ def evaluate_module(
 
     Uses ``pl_module.evaluate(dataloader) -> dict[str, float]`` when the module defines it
     (``CausalLMModule``: perplexity; ``ImageClassifierModule``: accuracy). Otherwise runs the
-    module's validation: inside a running ``trainer`` (the one ``pl_module`` is attached to),
-    as a plain ``validate`` would, reporting what the module logs with ``self.log`` (its
-    epoch-level values, under the names ``validate`` returns: ``val_acc``, ``val/loss``, ...);
-    without one, ``validation_step`` alone. A module that logs nothing there gets the loss its
-    ``validation_step`` returns (a tensor, or a dict with ``"loss"``), averaged over the
-    batches, as ``loss``. Evaluation runs in eval mode without gradients; every module gets its
-    mode back and the module's torchmetrics objects their state (:func:`metric_states_kept`).
+    module's validation as a plain ``validate`` would, reporting what the module logs with
+    ``self.log`` (its epoch-level values, under the names ``validate`` returns: ``val_acc``,
+    ``val/loss``, ...): inside a running ``trainer`` (the one ``pl_module`` is attached to), or,
+    without one (an ``OrderStudy``'s cells), in a ``validate`` of a Trainer of its own. A
+    module that logs nothing there gets the loss its ``validation_step`` returns (a tensor, or
+    a dict with ``"loss"``), averaged over the batches, as ``loss``. Evaluation runs in eval
+    mode without gradients; every module gets its mode back and the module's torchmetrics
+    objects their state (:func:`metric_states_kept`).
 
     Args:
         pl_module: the module to evaluate.
         dataloader: the data (see :func:`evaluation_dataloader` inside a Trainer).
         trainer: the running Trainer ``pl_module`` is attached to, whose machinery runs the
-            validation hooks and collects what they log; None outside a Trainer.
+            validation hooks and collects what they log; None outside a Trainer (a Trainer of
+            the evaluation's own then runs ``validate``).
 
     Raises:
         PPQConfigError: when the module defines neither ``evaluate`` nor ``validation_step``,
@@ -261,7 +301,7 @@ def evaluate_module(
         if inside:
             logged, outputs = _validate_in(trainer, pl_module, dataloader)
         else:
-            logged, outputs = {}, _validate_alone(pl_module, dataloader)
+            logged, outputs = _validate_alone(pl_module, dataloader)
     if not outputs:
         raise PPQConfigError(
             "the evaluation dataloader yielded no batch: there is no metric to report "

@@ -1,12 +1,21 @@
 """``ppq export``: write a compressed model in a format runtimes load.
 
     ppq export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --format ppq --path out/ppq
+    ppq export --ckpt checkpoints/epoch=0-step=4.ckpt --module my_package.my_module.MyModule \
+        --module_args '{"lr": 0.01}' --format ppq --path out/mine
     ppq export --from-study outputs/study --order best --format compressed-tensors --path out/ct
     ppq export --config configs/llm/smollm2_p_then_q.yaml --format compressed-tensors --path out/ct
 
 Sources (exactly one):
 
-- ``--ckpt FILE``: a Lightning checkpoint of ``ppq fit`` (read with ``weights_only=True``);
+- ``--ckpt FILE``: a Lightning checkpoint (read with ``weights_only=True``), written during or
+  after a fit, by ``ppq fit`` or a plain ``Trainer``. Its LightningModule class: ``--module
+  package.module.ClassName`` (imported; Python finds it on ``sys.path``: an installed package or
+  a folder on ``PYTHONPATH``), else the class the checkpoint names (LightningCLI's
+  ``_class_path``: ``ppq fit``'s checkpoints), else this project's ``CausalLMModule`` or
+  ``ImageClassifierModule``. A plain ``Trainer``'s checkpoint names no class: pass ``--module``.
+  ``--module_args`` gives constructor arguments its hyperparameters lack or replace, as JSON or
+  YAML (``'{"lr": 0.01}'``) or one by one (``--module_args.lr 0.01``);
 - ``--from-study DIR``: the output folder of ``ppq study`` (its ``study.yaml``); ``--order``
   names the order to rebuild (``best``: the study's best order; or e.g. ``"Q>P"``), whose stages
   are applied again to the dense model (the calibrated methods are deterministic);
@@ -28,7 +37,9 @@ from jsonargparse import ArgumentParser
 from ppq_lightning.cli.lightning import PPQCLI
 from ppq_lightning.cli.study import STUDY_CONFIG, study_parser
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.export import FORMATS, export, export_lightning_checkpoint
+from ppq_lightning.export import FORMATS, export
+from ppq_lightning.export.checkpoint import import_module_class, load_lightning_checkpoint
+from ppq_lightning.export.folder import check_target
 from ppq_lightning.order.grammar import parse_order
 
 
@@ -38,6 +49,20 @@ def export_parser() -> ArgumentParser:
     parser.add_argument("--format", type=str, required=True, help=f"one of {list(FORMATS)}")
     parser.add_argument("--path", type=str, required=True, help="the folder to write")
     parser.add_argument("--ckpt", type=str | None, default=None, help="a Lightning checkpoint")
+    parser.add_argument(
+        "--module",
+        type=str | None,
+        default=None,
+        help="with --ckpt: its LightningModule class, package.module.ClassName (default: the "
+        "class the checkpoint names, or this project's modules)",
+    )
+    parser.add_argument(
+        "--module_args",
+        type=dict[str, Any] | None,
+        default=None,
+        help="with --ckpt: constructor arguments of the module its hyperparameters lack or "
+        "replace, e.g. '{\"lr\": 0.01}' or --module_args.lr 0.01",
+    )
     parser.add_argument(
         "--from-study",
         "--from_study",
@@ -112,7 +137,23 @@ def model_from_config(config: str, order: str | None) -> L.LightningModule:
 
 
 def export_main(argv: list[str]) -> dict[str, Any]:
-    """Parse ``ppq export`` arguments, build the model from its source, export, print sizes."""
+    """Parse ``ppq export`` arguments, build the model from its source, export, print sizes.
+
+    Args:
+        argv: the arguments after ``ppq export``.
+
+    Returns:
+        The manifest the export wrote (``export.json``).
+
+    Raises:
+        PPQConfigError: naming the argument and its value, before any checkpoint is read or
+            stage runs: not exactly one source, an unknown ``--format``, an existing ``--path``
+            without ``--overwrite``, ``--order`` with ``--ckpt``, ``--module``/``--module_args``
+            without it, a ``--module`` that names no importable LightningModule class; then
+            whatever reading the source or exporting refuses
+            (:func:`~ppq_lightning.export.checkpoint.load_lightning_checkpoint`,
+            :func:`~ppq_lightning.export.export`).
+    """
     cfg = export_parser().parse_args(argv)
     sources = [s for s in ("ckpt", "from_study", "config") if cfg.get(s) is not None]
     if len(sources) != 1:
@@ -120,13 +161,22 @@ def export_main(argv: list[str]) -> dict[str, Any]:
             f"ppq export needs exactly one of --ckpt, --from-study, --config (got {sources})."
         )
     options = {"overwrite": cfg.overwrite, "dtype": cfg.dtype}
+    if cfg.format not in FORMATS:  # before any checkpoint is read or compression runs
+        raise PPQConfigError(f"--format={cfg.format!r} is not allowed: expected {FORMATS}.")
+    check_target(cfg.path, cfg.overwrite)  # likewise: an existing folder without --overwrite
     if cfg.ckpt is not None:
         if cfg.order is not None:
             raise PPQConfigError("--order applies to --from-study and --config, not --ckpt.")
-        manifest = export_lightning_checkpoint(cfg.ckpt, cfg.format, cfg.path, **options)
+        module_class = None if cfg.module is None else import_module_class(cfg.module, "--module")
+        model = load_lightning_checkpoint(cfg.ckpt, module_class, **(cfg.module_args or {}))
+        manifest = export(model, cfg.format, cfg.path, **options)
     else:
-        if cfg.format not in FORMATS:  # before any compression runs
-            raise PPQConfigError(f"--format={cfg.format!r} is not allowed: expected {FORMATS}.")
+        for given in ("module", "module_args"):
+            if cfg.get(given) is not None:
+                raise PPQConfigError(
+                    f"--{given} applies to --ckpt only (--from-study and --config build the "
+                    "model their files describe)."
+                )
         if cfg.from_study is not None:
             model = model_from_study(cfg.from_study, cfg.order)
         else:

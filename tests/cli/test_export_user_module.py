@@ -118,7 +118,7 @@ def test_a_plain_trainer_checkpoint_exports_with_module(tmp_path, case):
         expected = load_lightning_checkpoint(ckpt, cls)
     assert manifest["format"] == "ppq" and (out / "export.json").is_file()
     # the fresh model is built as the user builds it, with the checkpoint's own arguments
-    fresh = cls(**{k: v for k, v in expected.hparams.items()})
+    fresh = cls(**expected.hparams)
     loaded = load_compressed(out, model=fresh)
     assert_same_weights(loaded, expected)
     if "lora" in case:  # mid-fit: the adapters as they trained, unmerged, even with at_end

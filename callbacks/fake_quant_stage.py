@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from ppq_lightning.calibration.boundary import trace_default_boundary
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.callbacks.fit_record import FitRecorder
 from ppq_lightning.callbacks.stage import StageResult
@@ -87,6 +88,7 @@ class FakeQuantStage(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.FITTING or self._layers or self.already_applied(pl_module):
             return  # outside fit, the base class refuses the stage once the model is restored
+        trace_default_boundary(pl_module, self.targets, trainer, None, self.forward_fn)
         modules = resolve_targets(pl_module, self.targets, self.ignore)
         check_runs_modules(modules, f"{self.name}'s fake-quantizing forward")
         for name, module in modules.items():  # check every layer before touching any

@@ -12,6 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from ppq_lightning.calibration.boundary import trace_default_boundary
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.callbacks.fit_record import FitRecorder
 from ppq_lightning.callbacks.stage import StageResult
@@ -158,6 +159,7 @@ class LoRAFineTune(CompressionCallback):
                 f"{self.name}: the model already carries LoRA adapters "
                 f"({', '.join(list(lora_layers(pl_module))[:3])}); one LoRA stage per model."
             )
+        trace_default_boundary(pl_module, self.targets, trainer, None, self.forward_fn)
         modules = resolve_targets(pl_module, self.targets, self.ignore)
         self.check_grouped_convs(modules)
         check_runs_modules(modules, "LoRA adapters (their forward adds B A x)")

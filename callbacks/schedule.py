@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ppq_lightning.calibration.boundary import trace_default_boundary
 from ppq_lightning.calibration.data import first_calibration_batch, forward_call
 from ppq_lightning.callbacks.base import (
     CompressionCallback,
@@ -163,6 +164,7 @@ class CompressionSchedule(FiresOnce):
         if self._applied:
             return
         self._applied = True
+        self._trace_boundary(trainer, pl_module)
         if not self.dense_evaluation:  # else measured in setup, before a training transform
             self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
         self.check_forwards(pl_module, trainer)
@@ -217,6 +219,13 @@ class CompressionSchedule(FiresOnce):
         """The module's metrics now, as a plain ``validate`` would report them
         (``order.evaluation``)."""
         return evaluate_module(pl_module, evaluation_dataloader(trainer), trainer)
+
+    def _trace_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the model's output layer and stem before the dense row is measured, so that
+        every row counts the same layers (``calibration.boundary``; once per model)."""
+        stage = next((s for s in self.stages if s.targets is None), None)
+        if stage is not None:
+            trace_default_boundary(pl_module, None, trainer, None, stage.forward_fn)
 
     def check_ahead(self, model: nn.Module) -> None:
         """Check every stage still to run (and the report folder) before the first one changes
@@ -289,6 +298,7 @@ class CompressionSchedule(FiresOnce):
                 and not self._applied
                 and not training.already_applied(pl_module)
             ):  # the training stage attaches its transform now: measure the dense model first
+                self._trace_boundary(trainer, pl_module)
                 self.start_summary = compression_summary(pl_module, self.stages[0].b_orig)
                 self.dense_evaluation = self._evaluate(trainer, pl_module)
             training.setup(trainer, pl_module, stage)

@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from ppq_lightning.calibration.boundary import trace_default_boundary
 from ppq_lightning.calibration.data import CalibrationData, calibration_data, default_forward
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
@@ -303,6 +304,7 @@ class CompressionStage:
         """
         if any(stage.edits_structure for stage in earlier):
             return
+        trace_default_boundary(model, self.targets, self.trainer, self.dataloader, self.forward_fn)
         modules = resolve_targets(model, self.targets, self.ignore)
         self.check_layers(modules)
         check_finite(modules, f"stage {self.name!r}: cannot compress")
@@ -441,6 +443,7 @@ class CompressionStage:
                 "layers' history records it, and applying it again would compress them twice. "
                 "Apply it to a fresh model, or give a deliberate second stage another `name`."
             )
+        trace_default_boundary(model, self.targets, trainer, dataloader, self.forward_fn)
         modules = resolve_targets(model, self.targets, self.ignore)
         adapted = [  # bases whose trained LoRA adapters were kept separate
             name

@@ -106,13 +106,16 @@ def original_weights(module: nn.Module, state: CompressionState | None) -> int:
 class CompressionSummary:
     """Compression of a model's compressible weights.
 
-    Counted: every linear/conv layer that a stage would target by default (embeddings and the
-    LM head excluded), every layer that carries a compression state, and the weights of blocks
-    or channels removed by structured pruning (stored in 0 bits). Uncompressed layers count at
-    ``B_orig`` bits. The factors of a shared-basis factorisation count as the original weights
-    they replace (:func:`original_weights`; a shared basis once) and are stored at their own
-    precision. Unmerged LoRA adapters add their weights at ``B_orig`` bits to the storage
-    (nominal and measured).
+    Counted: every linear/conv layer that a stage would target by default (embeddings, the LM
+    head and the model's other boundary layers excluded: ``modules.targets.resolve_targets``),
+    every layer that carries a compression state, and the weights of blocks or channels removed
+    by structured pruning (stored in 0 bits). An ``nn.MultiheadAttention``'s query, key and
+    value projections count as the layers they are (``modules.attention``: every row of its
+    ``in_proj_weight``). Uncompressed layers count at ``B_orig`` bits. The factors of a
+    shared-basis factorisation count as the original weights they replace
+    (:func:`original_weights`; a shared basis once) and are stored at their own precision.
+    Unmerged LoRA adapters add their weights at ``B_orig`` bits to the storage (nominal and
+    measured).
 
     Attributes:
         n_layers: layers that carry a compression state.
@@ -139,8 +142,8 @@ class CompressionSummary:
 
 def counted_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose weights the compression rate counts: every layer a stage targets by
-    default (not embeddings, the LM head, a classifier's stem and head) and every layer that
-    carries a compression state."""
+    default (not embeddings, the LM head, the model's output layer and stem as
+    ``modules.boundary`` knows them) and every layer that carries a compression state."""
     try:
         layers = dict(resolve_targets(model))
     except PPQConfigError:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.attention import install_projection_views
+from ppq_lightning.modules.boundary import boundary_layers, output_embeddings
 from ppq_lightning.modules.views import is_compressible
 
 
@@ -38,13 +39,7 @@ ADAPTER = re.compile(r"(^|\.)lora_(A|B)(\.|$)")
 def _embedding_weights(model: nn.Module) -> set[int]:
     """Ids of weights that are embeddings: input embeddings, and output heads tied or declared."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for module in model.modules():
-        get_output = getattr(module, "get_output_embeddings", None)
-        if callable(get_output):
-            head = get_output()
-            if isinstance(head, nn.Module) and hasattr(head, "weight"):
-                ids.add(id(head.weight))
-    return ids
+    return ids | {id(head.weight) for head in output_embeddings(model)}
 
 
 def _check_untied(
@@ -83,9 +78,16 @@ def resolve_targets(
     Args:
         model: the module tree (names are relative to it, e.g. ``model.layers.0.mlp.up_proj``).
         targets: regex or list of regexes searched (``re.search``) in module names; None means
-            every linear and conv layer except embeddings and the LM head, and except the
-            names the model lists in its ``default_ignore`` attribute (an image classifier's
-            stem convolution and classifier, see ``ImageClassifierModule``).
+            the default targets: every linear and conv layer except embeddings (input ones,
+            and the output embeddings a Hugging Face model declares, tied or not) and the
+            model's boundary layers. The boundary is what the model lists in its
+            ``default_ignore`` attribute when it has one (``ImageClassifierModule``: its stem
+            and classifier); else its output layer and stem as a traced forward found them
+            (``modules.boundary``: a stage traces one of its batches; Lightning's
+            ``example_input_array`` is traced here); with neither, what timm models declare
+            (``get_classifier()``, ``pretrained_cfg['first_conv']``). Without any of these
+            (no data, no example input, no declaration) the output layer and stem of a model
+            are default targets like any layer.
         ignore: regexes of module names to leave out, applied after ``targets``.
 
     LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
@@ -103,6 +105,7 @@ def resolve_targets(
     install_projection_views(model)
     embeddings = _embedding_weights(model) if not wanted else set()
     exempt = set(getattr(model, "default_ignore", None) or ()) if not wanted else set()
+    boundary = boundary_layers(model) if not wanted else {}
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_compressible(module) or ADAPTER.search(name):
@@ -111,15 +114,30 @@ def resolve_targets(
             continue
         if not wanted and (id(module.weight) in embeddings or name in exempt):
             continue
+        if not wanted and _base_name(name) in boundary:
+            continue
         if any(p.search(name) for p in unwanted):
             continue
         chosen[name] = module
     if not chosen:
         layers = [n for n, m in model.named_modules() if is_compressible(m)]
         sample = ", ".join(layers[:5]) or "none"
+        left = [f"{n} (its {boundary[n]} layer)" for n in list(boundary)[:3]]
+        why = (
+            f" By default a model's output layer and stem stay dense: {', '.join(left)}; "
+            "name them in `targets` to compress them."
+            if left and not wanted
+            else ""
+        )
         raise PPQConfigError(
             f"targets={targets!r} with ignore={ignore!r} matched no nn.Linear/nn.Conv2d module. "
-            f"The model has {len(layers)} such layers, e.g. {sample}. Please check `targets`."
+            f"The model has {len(layers)} such layers, e.g. {sample}.{why} Please check "
+            "`targets`."
         )
     _check_untied(model, chosen, targets)
     return chosen
+
+
+def _base_name(name: str) -> str:
+    """The name a layer had before peft wrapped it (``...fc.base_layer`` -> ``...fc``)."""
+    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name

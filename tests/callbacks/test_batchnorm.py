@@ -100,8 +100,8 @@ def test_recalibration_stage_errors():
     module = _module()
     with pytest.raises(PPQConfigError, match=r"layers='nothing' matched none of the BatchNorm"):
         BatchNormRecalibration(layers="nothing").apply(module, dataloader=_batches())
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    plain(torch.zeros(1, 3, 8, 8))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    plain(torch.zeros(1, 3, 8, 8))  # the middle conv: a default target (not the stem or head)
     with pytest.raises(PPQConfigError, match=r"found no BatchNorm layer"):
         BatchNormRecalibration().apply(plain, dataloader=[torch.zeros(1, 3, 8, 8)])
     with pytest.raises(PPQConfigError, match=r"needs calibration data"):
@@ -196,7 +196,9 @@ def test_fold_stage_refuses_quantized_convolutions_before_changing_anything():
 
 
 def test_fold_stage_needs_a_conv_followed_by_batchnorm():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    model = nn.Sequential(  # conv, ReLU, BatchNorm; the middle conv is a default target
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+    )
     with pytest.raises(PPQConfigError, match=r"found no convolution followed directly by Batch"):
         FoldBatchNorm().apply(model, dataloader=[torch.zeros(1, 3, 8, 8)])
     with pytest.raises(PPQConfigError, match=r"targets='fc'"):

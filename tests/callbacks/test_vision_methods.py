@@ -166,7 +166,7 @@ def test_gptq_on_a_grouped_conv_equals_gptq_per_group():
     conv = model[0]
     w = weight_matrix(conv).clone()
     hessians = _per_group(conv, batches, accumulate_hessian)
-    GPTQ(bits=4).apply(model, dataloader=batches)
+    GPTQ(bits=4, targets="0").apply(model, dataloader=batches)  # its only layer: stem and head
     parts = [gptq(w[3 * j : 3 * j + 3], h, 4) for j, h in enumerate(hessians)]
     expected = torch.cat([p.weight for p in parts])
     assert torch.allclose(weight_matrix(conv), expected, atol=1e-6)
@@ -183,11 +183,11 @@ def test_sparsegpt_and_wanda_on_a_grouped_conv_equal_their_ops_per_group():
     hessians = _per_group(conv, batches, accumulate_hessian)
     norms = _per_group(conv, batches, accumulate_act_norms)
     wanda_model = copy.deepcopy(model)
-    SparseGPT(sparsity=0.5).apply(model, dataloader=batches)
+    SparseGPT(sparsity=0.5, targets="0").apply(model, dataloader=batches)
     parts = [sparsegpt(w[3 * j : 3 * j + 3], h, sparsity=0.5) for j, h in enumerate(hessians)]
     assert torch.allclose(weight_matrix(conv), torch.cat([p.weight for p in parts]), atol=1e-6)
     assert torch.equal(current_mask(conv), torch.cat([p.mask for p in parts]))
-    Wanda(sparsity=0.5).apply(wanda_model, dataloader=batches)
+    Wanda(sparsity=0.5, targets="0").apply(wanda_model, dataloader=batches)
     masks = [wanda_mask(w[3 * j : 3 * j + 3], n, 0.5) for j, n in enumerate(norms)]
     assert torch.equal(current_mask(wanda_model[0]), torch.cat(masks))
 
@@ -197,7 +197,7 @@ def test_wanda_layer_scope_on_a_grouped_conv_thresholds_each_group():
     conv = model[0]
     w = weight_matrix(conv).clone()
     norms = _per_group(conv, batches, accumulate_act_norms)
-    Wanda(sparsity=0.5, scope="layer").apply(model, dataloader=batches)
+    Wanda(sparsity=0.5, scope="layer", targets="0").apply(model, dataloader=batches)
     masks = [wanda_mask(w[3 * j : 3 * j + 3], n, 0.5, scope="layer") for j, n in enumerate(norms)]
     assert torch.equal(current_mask(conv), torch.cat(masks))
     assert not torch.equal(
@@ -209,9 +209,9 @@ def test_wanda_layer_scope_on_a_grouped_conv_thresholds_each_group():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: MagnitudePruning(pattern="2:4"), r"pattern='2:4' .*\b0 has 9 inputs"),
-        (lambda: Wanda(pattern="2:4"), r"pattern='2:4' .*\b0 has 9 inputs"),
-        (lambda: SparseGPT(pattern="2:4"), r"pattern='2:4' .*\b0 has 9 inputs"),
+        (lambda: MagnitudePruning(pattern="2:4", targets="0"), r"pattern='2:4' .*\b0 has 9 inputs"),
+        (lambda: Wanda(pattern="2:4", targets="0"), r"pattern='2:4' .*\b0 has 9 inputs"),
+        (lambda: SparseGPT(pattern="2:4", targets="0"), r"pattern='2:4' .*\b0 has 9 inputs"),
     ],
     ids=["magnitude", "wanda", "sparsegpt"],
 )

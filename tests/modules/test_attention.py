@@ -14,6 +14,7 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.attention import (
     AttentionProjection,
     check_runs_modules,
+    fastpath_disabled,
     forward_through_projections,
     install_projection_views,
 )
@@ -156,6 +157,27 @@ def test_a_weight_transform_on_a_projection_changes_what_the_attention_computes(
     assert not torch.allclose(transformed, dense)
     torch.testing.assert_close(transformed, expected)
     assert torch.equal(restored, dense)
+
+
+def test_installing_keeps_the_fused_encoder_layers_fast_path_and_its_outputs(monkeypatch):
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(E, 2, 16, dropout=0.0, batch_first=True), 2,
+        enable_nested_tensor=False,
+    ).eval()  # fmt: skip
+    fused, calls = torch._transformer_encoder_layer_fwd, []
+    monkeypatch.setattr(
+        torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(1) or fused(*a)
+    )
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        expected = encoder(x)  # eval + no_grad + batch_first: torch's fused kernel
+        install_projection_views(encoder)
+        assert torch.equal(encoder(x), expected)
+        assert len(calls) == 4  # two layers, twice: the fast path stayed
+        with fastpath_disabled():
+            torch.testing.assert_close(encoder(x), expected)
+    assert len(calls) == 4
 
 
 def test_the_fused_encoder_layer_leaves_its_fast_path_while_a_layer_is_transformed():

@@ -14,7 +14,6 @@ from lightning.pytorch.demos import LightningTransformer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppq_lightning.callbacks import (
     GPTQ,
@@ -27,51 +26,14 @@ from ppq_lightning.callbacks import (
 from ppq_lightning.callbacks.registry import build_stage
 from ppq_lightning.errors import PPQConfigError
 from tests.helpers import make_trainer
+from tests.user_modules import modules
 
 VOCAB, SEQ = 64, 16
 
 
-class HFModule(L.LightningModule):
-    """A user's module around an HF causal LM, called as ``self(**batch)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        self.model = LlamaForCausalLM(config)
-
-    def forward(self, **batch):
-        return self.model(**batch)
-
-    def validation_step(self, batch, batch_idx):
-        loss = self(**batch).loss
-        self.log("val_loss", loss)
-
-
-class TokenDicts(Dataset):
-    """A tokenizer's dicts, with labels."""
-
-    def __init__(self, n: int = 8) -> None:
-        self.tokens = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.tokens[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
 def token_dicts() -> DataLoader:
-    return DataLoader(TokenDicts(), batch_size=4)
+    """A tokenizer's dicts, with labels: two batches."""
+    return modules.token_dicts(n=8)
 
 
 def token_pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,8 +62,8 @@ def _changed(before: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
     ids=["gptq", "sparsegpt", "wanda", "sleb"],
 )
 def test_calibrated_methods_call_an_hf_style_forward_with_the_batch_dict(stage):
-    # raised TypeError: HFModule.forward() takes 1 positional argument but 2 were given
-    model = HFModule()
+    # raised TypeError: UserCausalLM.forward() takes 1 positional argument but 2 were given
+    model = modules.UserCausalLM()
     before = _weights(model)
     result = stage().apply(model, dataloader=token_dicts())
     assert result.summary.n_weights > 0 and _changed(before, model)

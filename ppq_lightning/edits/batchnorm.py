@@ -25,6 +25,7 @@ from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.produced import ProducedBy
 from ppq_lightning.modules.tree import replace_module
 
 FOLDED_BATCHNORM = "fold_batchnorm"
@@ -34,20 +35,32 @@ def conv_batchnorm_pairs(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] = default_forward
 ) -> list[tuple[str, str]]:
     """``(conv name, batchnorm name)`` for every BatchNorm whose input is the output of a
-    ``Conv2d``, from one forward pass of ``batch`` (in eval mode; hooks removed after)."""
-    outputs: dict[int, str] = {}
+    ``Conv2d``, from one forward pass of ``batch`` (in eval mode; hooks removed after).
+
+    The BatchNorm's input must be the very tensor the convolution returned, unmodified: a
+    tensor that merely reuses the id of a freed convolution output, or a convolution output
+    changed in place since (``ReLU(inplace=True)`` between them), is no pair
+    (:class:`~ppq_lightning.modules.produced.ProducedBy`).
+
+    Args:
+        model: the model (names are relative to it).
+        batch: one batch ``forward`` accepts.
+        forward: how to call the model on ``batch``.
+    """
+    outputs: ProducedBy[str] = ProducedBy()
     pairs: list[tuple[str, str]] = []
     handles = []
 
     def conv_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            outputs[id(output)] = name
+            if isinstance(output, torch.Tensor):
+                outputs.record(output, name)
 
         return hook
 
     def bn_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            source = outputs.get(id(args[0]))
+            source = outputs.get(args[0]) if args else None
             if source is not None and (source, name) not in pairs:
                 pairs.append((source, name))
 

@@ -28,6 +28,7 @@ from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.edits.channels import check_columns_removable, slice_state
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.attention import PROJECTIONS, projection_views_hidden
+from ppq_lightning.modules.produced import ProducedBy
 from ppq_lightning.modules.views import is_compressible, weight_matrix
 
 DEPGRAPH_PRUNING = "depgraph_channels"
@@ -37,12 +38,13 @@ def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     """The layers whose output is the model's output (a classifier, an LM head): pruning their
     output channels would change what the model predicts (its number of classes), so channel
     pruning leaves them whole, on any model. Found by one forward of ``example``: the leaf
-    modules whose output tensor is the one the model returns (or its ``logits``)."""
-    produced: dict[int, nn.Module] = {}
+    modules whose output tensor is the one the model returns (or its ``logits``): the same
+    object, not one that reuses a freed output's id (:class:`ProducedBy`)."""
+    produced: ProducedBy[nn.Module] = ProducedBy()
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
-            produced[id(output)] = module
+            produced.record(output, module)
 
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
@@ -54,7 +56,8 @@ def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
             handle.remove()
     output = getattr(output, "logits", output)
     outputs = output if isinstance(output, (tuple, list)) else [output]
-    return [produced[id(o)] for o in outputs if isinstance(o, Tensor) and id(o) in produced]
+    found = [produced.get(o, unmodified=False) for o in outputs]
+    return [module for module in found if module is not None]
 
 
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:

@@ -183,3 +183,37 @@ def test_folding_batchnorm_act_keeps_its_activation():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+class _LayerScaleBlock(nn.Module):
+    """conv, a layer scale, then BatchNorm of its ReLU: the conv output is freed after the
+    scaling, and the ReLU output is allocated at its address (the same ``id()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.scale = nn.Parameter(torch.full((4, 1, 1), 0.5))
+        self.bn = nn.BatchNorm2d(4)
+        self.ids: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        self.ids.append(id(x))
+        x = x * self.scale  # the conv output is freed here
+        x = torch.relu(x)
+        self.ids.append(id(x))
+        return self.bn(x)
+
+
+def test_conv_batchnorm_pairs_ignore_a_tensor_that_reuses_a_freed_conv_outputs_id():
+    model = _LayerScaleBlock()
+    assert conv_batchnorm_pairs(model, _images()) == []  # relu(conv * scale) is no conv output
+    assert model.ids[0] == model.ids[1]  # the case the test is about did happen
+
+
+def test_conv_batchnorm_pairs_ignore_a_conv_output_changed_in_place():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+    )
+    model.append(nn.BatchNorm2d(4))
+    assert conv_batchnorm_pairs(model, _images()) == [("3", "4")]  # not ("0", "2")

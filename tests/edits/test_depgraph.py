@@ -8,7 +8,12 @@ from ppq_lightning import check_invariants
 from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
 from ppq_lightning.compressed.state import current_mask, get_state
 from ppq_lightning.edits import enable_state_loading
-from ppq_lightning.edits.depgraph import DEPGRAPH_PRUNING, prune_channels, replay_depgraph
+from ppq_lightning.edits.depgraph import (
+    DEPGRAPH_PRUNING,
+    output_layers,
+    prune_channels,
+    replay_depgraph,
+)
 from ppq_lightning.edits.registry import EDITS
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models import ImageClassifierModule
@@ -174,3 +179,26 @@ def test_pruned_state_dict_loads_into_a_fresh_model(family):
     assert check_invariants(fresh) == check_invariants(model)
     if family == "vit":
         assert [b.attn.num_heads for b in fresh.blocks] == [b.attn.num_heads for b in model.blocks]
+
+
+class _LogSoftmaxNet(nn.Module):
+    """A classifier returning ``log_softmax`` of its head: no layer's output is the model's
+    output, though the result is allocated where the freed LayerNorm output was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.conv(x)).flatten(1)
+        return self.fc(self.norm(x)).log_softmax(-1)
+
+
+def test_output_layers_are_the_layers_returning_the_output_object_not_a_reused_id():
+    model = _LogSoftmaxNet()
+    assert output_layers(model, torch.randn(2, 3, 8, 8)) == []  # was [model.norm]
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(288, 4))
+    assert output_layers(plain, torch.randn(2, 3, 8, 8)) == [plain[2]]

@@ -12,6 +12,13 @@ weights of compressed layers encoded:
 - ``dense``: anything else, as is (also a weight that left its grid, e.g. after training
   without projection): never lossy.
 
+An ``nn.MultiheadAttention``'s query, key and value projections are views of rows of its
+``in_proj_weight`` (or of ``q_proj_weight``, ...; ``modules.attention``): the file stores that
+parameter as its views' weights, ``...q_proj.weight``, ``...k_proj.weight`` and
+``...v_proj.weight``, each encoded as above with its own state (a view without a state is
+stored dense), and the metadata's ``views`` record says which rows each fills, so the stored
+bytes of a compressed attention are what the measured C counts for its projections.
+
 The masks are the states' own bit-packed buffers (one bit per weight; for 2:4 as small as
 N:M indices). Non-tensor state (grid settings, histories, the structural edits they record)
 and the architecture record go to the file's metadata as JSON, so loading executes no code: a
@@ -21,6 +28,7 @@ and loads the decoded state dict strictly.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -30,18 +38,20 @@ from torch import Tensor, nn
 
 from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.invariants import check_invariants
-from ppq_lightning.compressed.state import STATE_NAME, compressed_modules
+from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, get_state
 from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.architecture import build, describe, floating_dtype, unwrap, wrap
 from ppq_lightning.export.folder import counted_bytes, open_safetensors
+from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
 from ppq_lightning.ops.masks import unpack_mask
 from ppq_lightning.ops.packing import pack_codes, unpack_codes
 from ppq_lightning.ops.quant_grid import QuantGrid
 from ppq_lightning.ops.storage import sparse_is_smaller
 
-FORMAT, VERSION = "ppq", 1
+FORMAT, VERSION = "ppq", 2
+READS = (1, 2)  # version 1 stored an attention's in_proj_weight dense, as a plain tensor
 WEIGHTS = "model.safetensors"
 # what a compressed layer's weight costs in the file
 STORED_PARTS = ("weight", *(f"{STATE_NAME}.{b}" for b in ("scale", "zero", "mask_bits")))
@@ -129,6 +139,8 @@ def encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     for name, module, state in compressed_modules(model):
         if isinstance(getattr(module, "weight", None), Tensor):
             weights[f"{name}.weight" if name else "weight"] = (module, state)
+    views = _projection_views(model, state_dict)
+    layouts: dict[str, Any] = {}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             extra[key] = _json_safe(key, value)
@@ -138,7 +150,19 @@ def encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             aliases[key] = owners[identity]
             continue
         owners[identity] = key
-        if key in weights:
+        if key in views:  # an attention's projections: each view's rows, as its own weight
+            parts = []
+            for view_key, (rows, module, state) in views[key].items():
+                if state is None:
+                    stored = {"": module.weight.detach().clone()}  # not the parameter's memory
+                    record = {"encoding": "dense"}
+                else:
+                    stored, record = _encode_weight(module, state)
+                encodings[view_key] = record
+                tensors[view_key] = stored[""]
+                parts.append([view_key, *rows])
+            layouts[key] = {"shape": list(value.shape), "dtype": str(value.dtype), "parts": parts}
+        elif key in weights:
             stored, record = _encode_weight(*weights[key])
             encodings[key] = record
             tensors[key] = stored[""]
@@ -168,8 +192,47 @@ def encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "encodings": encodings,
         "aliases": aliases,
         "extra_state": extra,
+        "views": layouts,
     }
     return tensors, metadata
+
+
+def _projection_views(
+    model: nn.Module, state_dict: dict[str, Any]
+) -> dict[str, dict[str, tuple[tuple[int, int], nn.Module, Any]]]:
+    """``{parameter key: {view weight key: ((first row, end row), view, state or None)}}`` for
+    every attention parameter whose rows the projection views of ``model`` cover entirely and
+    of which at least one view carries a compression state."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found: dict[str, dict[str, tuple[tuple[int, int], nn.Module, Any]]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, AttentionProjection) or id(module.attention) not in names:
+            continue
+        owner = names[id(module.attention)]
+        key = f"{owner}.{module.parameter_name}" if owner else module.parameter_name
+        parameter = state_dict.get(key)
+        if not isinstance(parameter, Tensor):
+            continue
+        weight = module.weight
+        step = parameter.stride(0) * parameter.element_size() if parameter.dim() else 0
+        offset = weight.data_ptr() - parameter.data_ptr()
+        if not step or offset % step or weight.shape[1:] != parameter.shape[1:]:
+            continue
+        first = offset // step
+        view_key = f"{name}.weight" if name else "weight"
+        found.setdefault(key, {})[view_key] = (
+            (first, first + weight.shape[0]),
+            module,
+            get_state(module),
+        )
+    complete = {}
+    for key, parts in found.items():
+        rows = sorted(r for r, _, _ in parts.values())
+        covered = all(a[1] == b[0] for a, b in itertools.pairwise(rows))
+        whole = rows[0][0] == 0 and rows[-1][1] == state_dict[key].shape[0] and covered
+        if whole and any(state is not None for _, _, state in parts.values()):
+            complete[key] = dict(sorted(parts.items(), key=lambda item: item[1][0]))
+    return complete
 
 
 def save(model: nn.Module, folder: Path) -> dict[str, Any]:
@@ -197,6 +260,11 @@ def _decode(tensors: dict[str, Tensor], metadata: dict[str, Any]) -> dict[str, A
     for key, record in encodings.items():
         if not key.endswith((f"{STATE_NAME}.scale", f"{STATE_NAME}.zero")):
             state_dict[key] = _decode_weight(key, tensors[key], record, state_dict)
+    for key, layout in metadata.get("views", {}).items():  # an attention's rows, view by view
+        parameter = torch.empty(layout["shape"], dtype=_DTYPES[layout["dtype"]])
+        for view_key, first, end in layout["parts"]:
+            parameter[first:end] = state_dict.pop(view_key)
+        state_dict[key] = parameter
     for key, owner in metadata["aliases"].items():
         state_dict[key] = state_dict[owner]
     return state_dict
@@ -262,10 +330,10 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 f"{file} is a safetensors file but not a ppq export (no metadata)."
             )
         metadata = json.loads(raw)
-        if metadata.get("version") != VERSION:
+        if metadata.get("version") not in READS:
             raise PPQConfigError(
                 f"{file} is a ppq export of version {metadata.get('version')}; this "
-                f"ppq-lightning reads version {VERSION}."
+                f"ppq-lightning reads versions {list(READS)}."
             )
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     return tensors, metadata

@@ -8,7 +8,8 @@ it did. In ``Trainer(callbacks=[...])`` the list order is the compression order.
 recorded on every module it touched (``ppq_lightning.compressed``), so a run resumed from a
 checkpoint of an already-compressed model never applies it twice. While ``fit`` trains, the
 Trainer's first compression callback keeps every layer on its mask and grid
-(:class:`FiresOnce`: the one place of that upkeep).
+(:class:`FiresOnce`: the one place of that upkeep), and makes every state dict of the module
+taken while a stage of the fit is unfinished carry the fit record (``callbacks.fit_record``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ppq_lightning.callbacks.fit_moment import FitMoment
+from ppq_lightning.callbacks.fit_record import FitRecorder
 from ppq_lightning.callbacks.never_fired import never_fired_error
 from ppq_lightning.callbacks.stage import CompressionStage, StageResult
+from ppq_lightning.compressed.history import RampProgress
 from ppq_lightning.compressed.upkeep import mask_gradients, project_onto_state
 from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.errors import PPQConfigError, bad_value, check_int
@@ -109,11 +112,16 @@ class FiresOnce(L.Callback):
     validation loops inside ``fit`` never fire it. While ``fit`` trains, the first such callback
     of the Trainer keeps every compressed layer on its mask and grid
     (``ppq_lightning.compressed.upkeep``): pruned gradients are zeroed before each optimizer
-    step and trainable compressed weights are projected back after it.
+    step and trainable compressed weights are projected back after it; and from ``setup``
+    until the fit ends, every state dict of the module taken while a stage of the Trainer is
+    not applied carries the fit record (``callbacks.fit_record``: which stages it holds, which
+    had not fired, a ramp's progress), so a checkpoint written before a later stage fired says
+    so.
     """
 
     def __init__(self) -> None:
         self._applied = False
+        self._fit_record_of_fit = FitRecorder()
 
     def _fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
@@ -125,6 +133,13 @@ class FiresOnce(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         enable_state_loading(pl_module)  # before Lightning restores a checkpoint into it
+        if stage == TrainerFn.FITTING and self._keeps_invariants(trainer):
+            self._fit_record_of_fit.attach(trainer, pl_module)  # before the restore: a resume
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._fit_record_of_fit.detach()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fire(trainer, pl_module)
@@ -181,6 +196,7 @@ class FiresOnce(L.Callback):
         Raises:
             PPQConfigError: naming the stages that never fired and the likely cause.
         """
+        self._fit_record_of_fit.detach()
         if trainer.interrupted or not self._keeps_invariants(trainer):
             return  # one report, from the first compression callback
         pending = [
@@ -342,6 +358,11 @@ class CompressionCallback(CompressionStage, FiresOnce):
             self._fire(trainer, pl_module)
         elif moment is FitMoment.TRAIN and not (self._applied or self.already_applied(pl_module)):
             self.log_result(trainer, self.finish(pl_module, self._index(trainer)))
+
+    def ramp_progress(self, model: nn.Module, step: int) -> RampProgress | None:
+        """How far this stage's ramp had got on ``model`` at optimizer step ``step`` (for the
+        fit record); None: the stage does not ramp (gradual stages define it)."""
+        return None
 
     def finish(self, model: nn.Module, index: int = 1) -> StageResult:
         """End a training stage (``trains``) on ``model`` when training ends: write and record

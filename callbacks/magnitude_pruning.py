@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ppq_lightning.callbacks.base import CompressionCallback, log_metrics
 from ppq_lightning.callbacks.fit_moment import FitMoment
-from ppq_lightning.compressed.history import StageKind
+from ppq_lightning.compressed.history import RampProgress, StageKind
 from ppq_lightning.compressed.state import current_mask, record_mask, record_stage
 from ppq_lightning.errors import bad_value, check_choice, check_int, check_number
 from ppq_lightning.modules.config import SparsityConfig
@@ -160,6 +160,29 @@ class MagnitudePruning(CompressionCallback):
         progress = min(max((step - start) / (end - start), 0.0), 1.0)
         initial = self.ramp["initial_sparsity"]
         return self.sparsity + (initial - self.sparsity) * (1 - progress) ** 3
+
+    def ramp_progress(self, model: nn.Module, step: int) -> RampProgress | None:
+        """How far the ramp had got on ``model`` when optimizer step ``step`` was next (the fit
+        record of a checkpoint written then): whether it had recorded masks (it records them
+        from the batch at ``start_step`` on) and the fraction of zeros they give its layers,
+        measured on the masks; None without a ramp."""
+        if self.ramp is None:
+            return None
+        start, end = self.ramp["start_step"], self.ramp["end_step"]
+        recorded = step > start or self.already_applied(model)
+        sparsity = None
+        if recorded:
+            modules = resolve_targets(model, self.targets, self.ignore)
+            masks = [m for m in map(current_mask, modules.values()) if m is not None]
+            total = sum(int(w.weight.numel()) for w in modules.values())
+            sparsity = sum(int((~m).sum()) for m in masks) / total if total else 0.0
+        return {
+            "start_step": int(start),
+            "end_step": int(end),
+            "target": float(self.sparsity),
+            "masks_recorded": recorded,
+            "sparsity": sparsity,
+        }
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -104,10 +104,31 @@ class HistoryEntry(TypedDict):
 
 FIT_RECORD = "ppq_fit"
 """The state-dict key (at the saved module's prefix) of the :class:`FitRecord` that every state
-dict taken while a training stage trains carries (so every checkpoint ``fit`` writes then)."""
+dict taken during ``fit`` carries while a stage of the fit has not finished (a training stage
+trains, a ramp ramps, a stage has not fired), so every checkpoint ``fit`` writes then."""
 
-APPLIED, TRAINING, PENDING = "applied", "training", "pending"
+APPLIED, TRAINING, RAMPING, PENDING = "applied", "training", "ramping", "pending"
 """The status of a stage of a fit when a checkpoint was written (:class:`FitStage`)."""
+
+
+class RampProgress(TypedDict):
+    """How far a gradual stage (``MagnitudePruning(ramp=...)``) had got when a checkpoint was
+    written.
+
+    Keys:
+        start_step, end_step: the ramp's first and last steps.
+        target: the sparsity it reaches at ``end_step`` (when the stage is recorded).
+        masks_recorded: whether the ramp had recorded masks on its layers yet (from the batch
+            at ``start_step`` on); the stage itself is recorded only when the ramp ends.
+        sparsity: the fraction of zeros those masks give the ramp's layers then (earlier
+            stages' zeros included, as the ramp counts them); None before the ramp started.
+    """
+
+    start_step: int
+    end_step: int
+    target: float
+    masks_recorded: bool
+    sparsity: float | None
 
 
 class FitStage(TypedDict):
@@ -116,8 +137,10 @@ class FitStage(TypedDict):
     Keys:
         stage, method, kind, name: as in :class:`HistoryEntry`.
         status: ``"applied"`` (its result is in the weights), ``"training"`` (the weights hold
-            its training state at that step) or ``"pending"`` (it had not fired: not in the
-            weights).
+            its training state at that step), ``"ramping"`` (a ramp had recorded masks but not
+            the stage: its zeros so far are in the weights) or ``"pending"`` (it had not
+            fired: not in the weights).
+        ramp: a gradual stage's progress (:class:`RampProgress`), whatever its status.
     """
 
     stage: str
@@ -125,6 +148,7 @@ class FitStage(TypedDict):
     kind: str
     name: str
     status: str
+    ramp: NotRequired[RampProgress]
 
 
 class TrainingRecord(TypedDict):
@@ -148,7 +172,8 @@ class FitRecord(TypedDict):
         epoch, step: the Trainer's ``current_epoch`` and ``global_step`` then (those of
             ``ModelCheckpoint``'s file names).
         stages: every compression stage of the fit, in compression order, with its status.
-        training: the stage that was training, if any.
+        training: the stage that was training, if any (absent from a fit without one, whose
+            record says which stages had not fired or not finished their ramp).
     """
 
     epoch: int

@@ -6,13 +6,13 @@ and channels, shared-basis factors, kept LoRA adapters). :func:`enable_state_loa
 a load pre-hook that, for every module the state dict carries a ``ppq_state`` for (parents
 before children), replays the structural edits its history records (``edits.registry``) and
 attaches an empty :class:`~ppq_lightning.compressed.state.CompressionState`; the normal loading
-then fills them. A state dict written while a training stage trained (every checkpoint of
-``fit`` before training ends) carries a fit record instead of that stage's history: a fresh model
-completes the stage as the model computed at that step, and warns with what the checkpoint
-holds and which stages had not fired (``edits.training``); a model resuming the fit pops the
-record and loads the training state as it is. :func:`require_state_loading` makes a model
-without that hook refuse such a state dict with an error that says so, instead of a list of
-unexpected keys.
+then fills them. A state dict written during ``fit`` while a stage of it was unfinished (a
+training stage training, a stage not fired yet, a ramp ramping) carries a fit record: a fresh
+model completes a training stage as the model computed at that step, and warns with what the
+checkpoint holds and which stages had not fired or finished (``edits.training``); a model
+resuming the fit pops the record and loads the state as it is. :func:`require_state_loading`
+makes a model without that hook refuse such a state dict with an error that says so, instead
+of a list of unexpected keys.
 """
 
 from __future__ import annotations
@@ -71,11 +71,12 @@ def enable_state_loading(model: nn.Module) -> None:
     (removed blocks and channels, shared-basis factors, kept LoRA adapters) and attaches an
     empty :class:`~ppq_lightning.compressed.state.CompressionState` wherever the state dict has
     one. Every compression callback calls it in ``setup``, before Lightning restores a
-    checkpoint. A state dict written while a training stage trained (its fit record, see
-    ``edits.training``) has the record removed before the load; unless ``model`` trains that
-    stage itself (a resumed fit), the stage is completed after the load (a post-hook) as the
-    model computed at that step, and a ``MidFitCheckpointWarning`` says what the state dict
-    holds and which stages had not fired.
+    checkpoint. A state dict written during ``fit`` while a stage of it was unfinished (its fit
+    record, see ``edits.training``) has the record removed before the load; unless ``model``
+    is resuming that fit (it trains the stage itself, or a running fit of it restores the
+    record), a training stage is completed after the load (a post-hook) as the model computed
+    at that step, and a ``MidFitCheckpointWarning`` says what the state dict holds and which
+    stages had not fired or finished their ramp.
 
     Raises:
         PPQConfigError: (at load time) for LoRA adapters without a LoRAFineTune record, an
@@ -121,9 +122,9 @@ def require_state_loading(model: nn.Module) -> None:
     state dict carrying a compression state for a module that has none, before any tensor is
     copied. Also with ``strict=False``: the pre-hook cannot tell (torch passes its modules
     ``strict=True`` and sorts the keys out afterwards), and dropping the states would lose
-    the masks and grids silently. A state dict written during ``fit`` while a training stage
-    trained (it carries a fit record) is refused the same way: its training stage must be
-    completed.
+    the masks and grids silently. A state dict written during ``fit`` while a stage of it was
+    unfinished (it carries a fit record) is refused the same way: its training stage must be
+    completed, and what it holds said.
 
     Raises:
         PPQConfigError: (at load time) naming the first such layer and
@@ -146,8 +147,10 @@ def require_state_loading(model: nn.Module) -> None:
             )
         elif prefix + FIT_RECORD in state_dict:
             what = (
-                f"a fit record ({prefix}{FIT_RECORD}): it was written during fit while a "
-                "training stage trained, and that stage must be completed on load"
+                f"a fit record ({prefix}{FIT_RECORD}): it was written during fit before every "
+                "stage had finished (a training stage training, a stage not fired yet, a ramp "
+                "ramping), and loading it must complete the training stage and say what it "
+                "holds"
             )
         else:
             return

@@ -18,11 +18,21 @@ recorded, as the stage records them at the end of training (the callbacks run th
 functions, :data:`COMPLETIONS`). Each completed entry carries ``mid_fit`` (epoch, step). Stages
 still pending are not applied; a :class:`MidFitCheckpointWarning` says what the checkpoint holds
 and which stages had not fired.
+
+A fit without a training stage writes the record too while one of its stages has not fired
+(``at_epoch``, ``at_step``) or not finished its ramp (``MagnitudePruning(ramp=...)``), without
+the ``training`` part. A fresh model that loads it is the model the fit computed then: the stages
+applied by then; a ramp's zeros so far, with the masks the ramp recorded on its layers (so every
+later stage and fine-tune keeps them at zero), but not the ramp's stage, which had not reached
+its sparsity (running it on the loaded model prunes to that sparsity at once, keeping those
+masks). The same warning says so. A fit resumed from it (:func:`fitting` says the model is being
+fit) loads it silently.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,6 +43,7 @@ from torch import Tensor, nn
 from ppq_lightning.compressed.history import (
     APPLIED,
     PENDING,
+    RAMPING,
     TRAINING,
     FitRecord,
     FitStage,
@@ -285,6 +296,31 @@ COMPLETIONS: dict[str, Completion] = {
 a fresh model completes it."""
 
 
+_FITS: weakref.WeakKeyDictionary[nn.Module, Callable[[], bool]] = weakref.WeakKeyDictionary()
+
+
+def mark_fitting(model: nn.Module, running: Callable[[], bool] | None) -> None:
+    """Say whether a Trainer is fitting ``model`` with its compression stages (so a state dict
+    with a fit record that it loads is a resume, not a fresh model's load).
+
+    Args:
+        model: the module the fit trains (the one whose state dicts carry the record).
+        running: tells whether that fit is still running (checked at load time); None: the
+            fit is over.
+    """
+    if running is None:
+        _FITS.pop(model, None)
+    else:
+        _FITS[model] = running
+
+
+def fitting(model: nn.Module) -> bool:
+    """Whether a running ``fit`` with compression stages trains ``model`` (see
+    :func:`mark_fitting`)."""
+    running = _FITS.get(model)
+    return running is not None and bool(running())
+
+
 class PendingCompletion(NamedTuple):
     """A fit record being loaded into a fresh model: the layers still to complete after the
     load, with the completion and the entry to record (``mid_fit`` included)."""
@@ -302,7 +338,8 @@ def start_completion(model: nn.Module, record: FitRecord) -> PendingCompletion |
 
     Returns:
         What :func:`finish_completion` completes after the load; None when ``model`` trains
-        every such layer itself (nothing to complete, nothing to say).
+        every such layer itself, or for a record without a training stage when a running fit
+        of ``model`` restores it (:func:`fitting`): nothing to complete, nothing to say.
 
     Raises:
         PPQConfigError: for a record that is not a fit record, a completion this version does
@@ -315,7 +352,7 @@ def start_completion(model: nn.Module, record: FitRecord) -> PendingCompletion |
         )
     training = record.get("training")
     if training is None:
-        return PendingCompletion(record, None, None, [])
+        return None if fitting(model) else PendingCompletion(record, None, None, [])
     kind = training.get("completion")
     if kind not in COMPLETIONS:
         raise PPQConfigError(
@@ -349,19 +386,36 @@ def _label(stage: FitStage) -> str:
     return f"{stage.get('method', '?')} {stage.get('name', '?')!r}"
 
 
+def _ramped(stage: FitStage) -> str:
+    ramp = stage.get("ramp") or {}
+    reached = ramp.get("sparsity")
+    so_far = "?" if reached is None else f"{reached:.3f}"
+    return (
+        f"{_label(stage)} mid-ramp (sparsity {so_far} so far, {ramp.get('target')} when it "
+        f"ends at step {ramp.get('end_step')}: its masks so far are recorded and kept, the "
+        "stage is not)"
+    )
+
+
+def _held(stage: FitStage, when: str) -> str:
+    status = stage.get("status")
+    if status == RAMPING:
+        return _ramped(stage)
+    return _label(stage) + (f" (training, {when})" if status == TRAINING else "")
+
+
 def describe_fit(record: FitRecord) -> str:
     """What a checkpoint written during ``fit`` holds, in one message: when it was taken, the
-    stages that had not fired, the stages it holds and the one that was training."""
+    stages that had not fired or finished their ramp, the stages it holds and the one that was
+    training."""
     when = f"epoch {record['epoch']}, step {record['step']}"
     stages = record["stages"]
     pending = [_label(s) for s in stages if s.get("status") == PENDING]
-    held = [
-        _label(s) + (f" (training, {when})" if s.get("status") == TRAINING else "")
-        for s in stages
-        if s.get("status") in (APPLIED, TRAINING)
-    ]
+    ramping = [_label(s) for s in stages if s.get("status") == RAMPING]
+    held = [_held(s, when) for s in stages if s.get("status") in (APPLIED, TRAINING, RAMPING)]
     text = f"this checkpoint was taken during fit at {when}"
     text += f", before {', '.join(pending)} fired" if pending else ""
+    text += f", while {', '.join(ramping)} ramped" if ramping else ""
     text += f"; it holds {', '.join(held) if held else 'no compression stage'}."
     training = record.get("training")
     completion = COMPLETIONS.get(training["completion"]) if training is not None else None
@@ -370,10 +424,11 @@ def describe_fit(record: FitRecord) -> str:
             " The training stage is loaded as the model computed at that step "
             f"({completion.result}; its history entry records mid_fit)."
         )
-    if pending:
+    if pending or ramping:
         text += (
-            " The pending stages are not applied: run them on the loaded model (e.g. "
-            "Trainer(callbacks=[...]).validate(model)), or save a checkpoint after fit "
+            " The stages that had not fired or finished are not applied: run them on the "
+            "loaded model (e.g. Trainer(callbacks=[...]).validate(model)), or save a "
+            "checkpoint after fit "
             "(trainer.save_checkpoint)."
         )
     return text

@@ -264,5 +264,6 @@ def find_block_chain(model: nn.Module) -> BlockChain | None:
     if found is None:
         return None
     name, container = found
-    names = tuple(f"{name}.{i}" if name else str(i) for i in range(len(container)))
-    return BlockChain(names, tuple(container), "repeated")
+    children = list(container.named_children())  # their own names (Sequential(OrderedDict))
+    names = tuple(f"{name}.{child}" if name else child for child, _ in children)
+    return BlockChain(names, tuple(block for _, block in children), "repeated")

@@ -184,16 +184,18 @@ def _projections(
     chosen: dict[str, list[tuple[str, nn.Module]]] = {}
     linear_names: list[str] = []
     prefix = f"{container_name}." if container_name else ""
-    for index, block in enumerate(blocks):
+    # blocks by their own names: an nn.Sequential(OrderedDict(...)) names them (torchvision's
+    # ViT: encoder.layers.encoder_layer_0), an nn.ModuleList by position
+    for child, block in blocks.named_children():
         factorised = [n for n, m in block.named_modules() if isinstance(m, SharedBasisLinear)]
         for inner, layer in block.named_modules():
             hits = [i for i, p in enumerate(patterns) if p.search(inner)]
-            full = f"{prefix}{index}.{inner}"
+            full = f"{prefix}{child}.{inner}"
             inside = [n for n in factorised if inner == n or inner.startswith(n + ".")]
             if hits and inside:
                 raise PPQConfigError(
                     f"projections={projections!r} matches {full}, which is already "
-                    f"factorised with a shared basis ({prefix}{index}.{inside[0]}); "
+                    f"factorised with a shared basis ({prefix}{child}.{inside[0]}); "
                     "a projection can be shared once."
                 )
             if not is_compressible(layer) or isinstance(layer, nn.Conv2d):

@@ -7,6 +7,7 @@ from torch import nn
 
 from ppq_lightning.calibration.blocks import (
     feeds_directly,
+    find_block_chain,
     find_blocks,
     renumber_blocks,
     set_depth,
@@ -248,3 +249,20 @@ def test_feeds_directly_only_through_plain_sequentials():
     assert not feeds_directly(resnet, "layer1.1", "layer2.0")  # ResNet.forward calls them
     llama = tiny_causal_lm(TINY_LLAMA, 2)
     assert not feeds_directly(llama, "model.layers.0", "model.layers.1")  # a ModuleList
+
+
+def test_block_chain_of_named_children_uses_their_names():
+    """torchvision's ViT: ``encoder.layers`` is an ``nn.Sequential(OrderedDict(...))`` whose
+    blocks are ``encoder_layer_0``...; the chain named them ``encoder.layers.0``, so the
+    calibration engine found none of their layers in a block and ran them all model-wide."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+    chain = find_block_chain(model)
+    names = tuple(f"encoder.layers.encoder_layer_{i}" for i in range(3))
+    assert chain is not None and chain.names == names
+    assert all(model.get_submodule(n) is b for n, b in zip(chain.names, chain.blocks, strict=True))
+    assert chain.index_of("encoder.layers.encoder_layer_2.mlp.3") == 2
+    assert find_blocks(model) == ("encoder.layers", model.encoder.layers)

@@ -333,3 +333,31 @@ def test_whitened_sharing_of_every_projection_accumulates_shared_inputs_once(tin
     shared = [m for m in tiny_lm.modules() if isinstance(m, SharedBasisLinear)]
     assert len(shared) == 14
     assert torch.isfinite(_logits(tiny_lm)).all() and not torch.equal(_logits(tiny_lm), dense)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_sharing_the_mlps_of_a_torchvision_vit_with_named_blocks(tmp_path, whiten):
+    """torchvision's ViT holds its blocks in an ``nn.Sequential(OrderedDict(...))``:
+    ``encoder.layers.encoder_layer_0``, not ``encoder.layers.0`` (the names BasisSharing used
+    to build, which it then failed to find)."""
+    from tests.user_modules.modules import UserClassifier, images
+
+    model = UserClassifier("torchvision_vit")
+    layers = model.net.encoder.layers
+    assert [n for n, _ in layers.named_children()] == ["encoder_layer_0", "encoder_layer_1"]
+    stage = BasisSharing(group_size=2, rank=8, projections=[r"mlp\.0", r"mlp\.3"], whiten=whiten)
+    trainer = make_trainer(tmp_path, [stage])
+    dense = trainer.validate(model, dataloaders=images(), verbose=False)[0]["val_acc"]
+    assert 0.0 <= dense <= 1.0
+    first, second = layers.encoder_layer_0.mlp, layers.encoder_layer_1.mlp
+    for index in (0, 3):
+        assert isinstance(first[index], SharedBasisLinear)
+        assert first[index].basis is second[index].basis and first[index].rank == 8
+    assert check_invariants(model) == 4 + 2  # coefficients per layer, a basis per group
+    fresh = UserClassifier("torchvision_vit")
+    enable_state_loading(fresh)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = next(iter(images()))[0]
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

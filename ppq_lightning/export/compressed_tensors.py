@@ -38,6 +38,7 @@ from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, ensur
 from ppq_lightning.errors import PPQConfigError, check_choice
 from ppq_lightning.export.architecture import describe, edited_layers, floating_dtype, unwrap
 from ppq_lightning.export.folder import counted_bytes, open_safetensors
+from ppq_lightning.modules.attention import attention_of
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import as_matrix, to_weight_layout
 from ppq_lightning.ops.quant_grid import QuantGrid
@@ -62,7 +63,8 @@ def check(model: nn.Module, dtype: str | None = None) -> None:
 
     Raises:
         PPQConfigError: for a model that is not a transformers model, structural edits or
-            unmerged adapters, a width outside 2/4/8, or weights off their recorded grids.
+            unmerged adapters, a compressed projection of an ``nn.MultiheadAttention``, a width
+            outside 2/4/8, or weights off their recorded grids.
     """
     network = unwrap(model)
     _export_dtype(network, dtype)
@@ -80,6 +82,15 @@ def check(model: nn.Module, dtype: str | None = None) -> None:
             "(structural edits) / format='peft' (adapters)."
         )
     for name, module, state in compressed_modules(network):
+        if attention_of(module) is not None:
+            raise PPQConfigError(
+                f"{name}: format='compressed-tensors' cannot hold a compressed projection of an "
+                "nn.MultiheadAttention: its q_proj/k_proj/v_proj are rows of in_proj_weight "
+                "(views ppq-lightning installs, no layer of the model transformers builds), and "
+                "torch's attention reads out_proj.weight as a tensor, which compressed-tensors "
+                "replaces by packed codes. Use format='ppq', or leave the attention out "
+                "(`ignore`)."
+            )
         if state.bits is not None and not isinstance(module, nn.Linear):
             raise PPQConfigError(
                 f"{name}: compressed-tensors quantizes nn.Linear layers, not "

@@ -9,6 +9,12 @@ adapters' base layers keep their masks and grids) and ``adapter/`` (``adapter_co
 
 rebuilds the fine-tuned model. A model whose adapters were merged (``merge="at_end"``) has no
 adapters left: export it with ``format="compressed-tensors"``.
+
+Adapters on an ``nn.MultiheadAttention``'s projections are refused (:func:`check`): its
+``q_proj``/``k_proj``/``v_proj`` are views ppq-lightning installs (``modules.attention``), not
+modules of the user's base model, so peft cannot target them there, and torch's attention reads
+``out_proj.weight`` as a tensor, so a peft adapter on ``out_proj`` would never run. The native
+format (``format="ppq"``) keeps such adapters and reloads them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ppq_lightning.edits.lora import ADAPTER, BASE_SUFFIX, LORA_ADAPTERS, lora_l
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export import compressed_tensors
 from ppq_lightning.export.architecture import unwrap
+from ppq_lightning.modules.attention import AttentionProjection, attention_of
 from ppq_lightning.modules.tree import replace_module
 
 BASE, ADAPTER_DIR = "base", "adapter"
@@ -46,13 +53,32 @@ def check(model: nn.Module) -> None:
     """Refuse a model without adapters or with a base compressed-tensors cannot hold.
 
     Raises:
-        PPQConfigError: naming what is wrong.
+        PPQConfigError: naming what is wrong: no adapters, an adapter on a projection of an
+            ``nn.MultiheadAttention`` (see the module docstring), or a base model that
+            compressed-tensors refuses.
     """
     network = unwrap(model)
-    if not lora_layers(network):
+    layers = lora_layers(network)
+    if not layers:
         raise PPQConfigError(
             "format='peft' needs unmerged LoRA adapters (LoRAFineTune(merge='never')); this model "
             "has none: export it with format='compressed-tensors'."
+        )
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        if attention_of(base) is None:
+            continue
+        reason = (
+            "a view of the attention's in_proj_weight that ppq-lightning installs, not a module "
+            "of the base model, so PeftModel.from_pretrained cannot target it"
+            if isinstance(base, AttentionProjection)
+            else "read by the attention's forward as a tensor, so a peft adapter on it would "
+            "never run on the base model"
+        )
+        raise PPQConfigError(
+            f"format='peft' cannot export the LoRA adapter on {name}: it is a projection of an "
+            f"nn.MultiheadAttention, {reason}. Export with format='ppq', which keeps the "
+            "adapters and reloads them (load_compressed)."
         )
     compressed_tensors.check(_without_adapters(network))
 

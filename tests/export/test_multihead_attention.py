@@ -11,11 +11,13 @@ import torch
 
 from ppq_lightning.callbacks import (
     GPTQ,
+    LoRAFineTune,
     MagnitudePruning,
     RTNQuantization,
     Wanda,
 )
 from ppq_lightning.compressed.accounting import compression_summary, counted_layers
+from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export import export, load_compressed
 from ppq_lightning.export.native import STORED_PARTS, WEIGHTS
 from ppq_lightning.export.native import read as read_native
@@ -139,3 +141,68 @@ def test_vit_attention_with_an_ignored_view(tmp_path):
     reloaded = load_compressed(tmp_path / "out", model=modules.UserClassifier("torchvision_vit"))
     assert_bit_identical(module, reloaded)
     _assert_same_outputs(module, reloaded, next(iter(modules.images()))[0])
+
+
+@pytest.mark.parametrize(
+    ("targets", "layer", "reason"),
+    [
+        (None, r"encoder\.layers\.0\.self_attn\.q_proj", "view of the attention's in_proj_weight"),
+        (["out_proj"], r"encoder\.layers\.0\.self_attn\.out_proj", "would never run"),
+    ],
+    ids=["views", "out_proj"],
+)
+def test_peft_refuses_adapters_on_attention_projections(tmp_path, targets, layer, reason):
+    """peft's adapters on an attention's projections cannot be reloaded on the user's base
+    model (the views are not its modules; its attention never calls out_proj): refused before
+    anything is written, naming the layer, the reason and format='ppq', which keeps them."""
+    stages = [RTNQuantization(bits=4, name="Q"), LoRAFineTune(r=2, targets=targets, name="L")]
+    module = modules.demo_transformer()
+    _trainer(tmp_path, stages, max_steps=1).fit(module, train_dataloaders=modules.token_pairs())
+    with pytest.raises(
+        PPQConfigError,
+        match=rf"LoRA adapter on model\.transformer\.{layer}.*"
+        rf"{reason}.*format='ppq'",
+    ):
+        export(module, "peft", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    export(module, "ppq", tmp_path / "native")  # the fix the message names
+    reloaded = load_compressed(tmp_path / "native", model=modules.demo_transformer())
+    assert_bit_identical(module, reloaded)
+    _assert_same_outputs(module, reloaded, *next(iter(modules.token_pairs())))
+
+
+@pytest.mark.parametrize("format", ["compressed-tensors", "gguf"])
+def test_runtime_formats_refuse_users_attention_models(tmp_path, format):
+    """compressed-tensors and GGUF describe transformers / llama.cpp models: a user's ViT with a
+    compressed nn.MultiheadAttention is refused before anything is written."""
+    module = compressed_vit(tmp_path, [RTNQuantization(bits=4, name="Q")])
+    with pytest.raises(PPQConfigError, match=r"use format='.*ppq"):
+        export(module, format, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_refuses_a_transformers_model_with_a_compressed_attention(tmp_path):
+    """A transformers model built on nn.MultiheadAttention (SigLIP's pooling head): its
+    compressed q/k/v views are no layers of the model transformers builds, and torch's
+    attention reads out_proj.weight as a tensor: refused, naming the layer, before writing."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    model = SiglipVisionModel(config)
+    RTNQuantization(bits=4, targets=[r"head\.attention"]).apply(model)
+    with pytest.raises(PPQConfigError, match=r"head\.attention\.q_proj: .*nn\.MultiheadAttention"):
+        export(model, "compressed-tensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model = SiglipVisionModel(config)
+    RTNQuantization(bits=4, targets=[r"head\.attention\.out_proj"]).apply(model)
+    with pytest.raises(PPQConfigError, match=r"head\.attention\.out_proj: .*out_proj\.weight"):
+        export(model, "compressed-tensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

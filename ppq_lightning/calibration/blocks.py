@@ -9,6 +9,7 @@ that its own forward builds the right masks for the blocks it runs.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -110,9 +111,19 @@ def without_blocks(
 def subset_blocks(
     container: nn.Module, keep: list[int], replace: dict[int, nn.Module] | None = None
 ) -> nn.Module:
-    """A new container of the same kind holding the blocks ``keep`` (or their ``replace``)."""
+    """A new container of the same kind holding the blocks ``keep`` (or their ``replace``).
+
+    Blocks named by position are renumbered (``0, 1, 2``, as ``nn.ModuleList`` does); blocks
+    of an ``nn.Sequential(OrderedDict(...))`` with names of their own (torchvision's ViT:
+    ``encoder_layer_0``...) keep them, so a kept block is found under its original name.
+    """
     blocks = [(replace or {}).get(i, container[i]) for i in keep]
-    return nn.ModuleList(blocks) if isinstance(container, nn.ModuleList) else nn.Sequential(*blocks)
+    if isinstance(container, nn.ModuleList):
+        return nn.ModuleList(blocks)
+    names = [name for name, _ in container.named_children()]
+    if names == [str(i) for i in range(len(names))]:
+        return nn.Sequential(*blocks)
+    return nn.Sequential(OrderedDict((names[i], b) for i, b in zip(keep, blocks, strict=True)))
 
 
 @dataclass(frozen=True)

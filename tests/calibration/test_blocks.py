@@ -1,6 +1,8 @@
 """Repeated blocks (ppq_lightning.calibration.blocks): finding them in tiny HF models and plain
 modules, and running a model without some of them while its configs follow."""
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -266,3 +268,12 @@ def test_block_chain_of_named_children_uses_their_names():
     assert all(model.get_submodule(n) is b for n, b in zip(chain.names, chain.blocks, strict=True))
     assert chain.index_of("encoder.layers.encoder_layer_2.mlp.3") == 2
     assert find_blocks(model) == ("encoder.layers", model.encoder.layers)
+
+
+def test_subset_blocks_keeps_the_names_of_named_blocks():
+    named = nn.Sequential(OrderedDict((f"layer_{i}", nn.Linear(4, 4)) for i in range(4)))
+    subset = subset_blocks(named, [0, 2, 3], {2: nn.Identity()})
+    assert [n for n, _ in subset.named_children()] == ["layer_0", "layer_2", "layer_3"]
+    assert subset[0] is named[0] and isinstance(subset[1], nn.Identity) and subset[2] is named[3]
+    positional = subset_blocks(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), [0, 2])
+    assert [n for n, _ in positional.named_children()] == ["0", "1"]  # renumbered as before

@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos import LightningTransformer
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,11 +27,13 @@ from ppq_lightning.callbacks import (
     RTNQuantization,
 )
 from ppq_lightning.compressed.history import FIT_RECORD
-from ppq_lightning.compressed.state import applied_stages, compressed_modules
+from ppq_lightning.compressed.state import applied_stages, compressed_modules, get_state
 from ppq_lightning.edits import enable_state_loading
 from ppq_lightning.edits.training import MidFitCheckpointWarning
 from ppq_lightning.export import export, load_compressed
 from ppq_lightning.export.checkpoint import load_lightning_checkpoint, safe_torch_load
+from ppq_lightning.modules.targets import resolve_targets
+from tests.user_modules.modules import UserCausalLM, token_dicts
 
 VOCAB = 64
 PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -320,4 +323,207 @@ def test_a_fit_that_ends_before_the_stage_finished_leaves_no_record_behind(tmp_p
     error = (PPQConfigError, "max_steps=0") if how == "max_steps=0" else (RuntimeError, "failed")
     with pytest.raises(error[0], match=error[1]):
         trainer.fit(module, tokens())
+    assert FIT_RECORD not in module.state_dict()
+
+
+# -- a fit without a training stage: a stage at a later step, a gradual ramp ----------------
+# ``tests/user_modules``' HF Llama module as its user wrote it (batches are the tokenizer's
+# dicts), a plain Trainer and a ModelCheckpoint after every optimizer step.
+
+IDS = {"input_ids": PROBE, "attention_mask": torch.ones_like(PROBE)}
+
+
+class StateLoadingLM(UserCausalLM):
+    """The user's module with the one line that lets compressed checkpoints load."""
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        enable_state_loading(self)
+
+
+class StepProbe(L.Callback):
+    """The module's logits after every optimizer step (when ModelCheckpoint writes a file)."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.eval()
+        with torch.no_grad():
+            self.outputs[trainer.global_step] = pl_module(**IDS).logits
+        pl_module.train()
+
+
+def fit_every_step(tmp_path, stage, max_steps: int = 7) -> tuple[L.LightningModule, StepProbe]:
+    module, probe = UserCausalLM(), StepProbe()
+    saver = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=[stage, probe, saver],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=token_dicts())  # 4 steps an epoch
+    return module, probe
+
+
+def step_checkpoints(tmp_path) -> dict[int, object]:
+    return {saved_at(p)[1]: p for p in (tmp_path / "steps").glob("*.ckpt")}
+
+
+def load_both_ways(path, expect_warning: bool):
+    """``load_from_checkpoint`` of the user's class (with the one line) and the framework's
+    loader of the class as written; both warn, or neither does."""
+    loaded = []
+    for load in (
+        lambda: StateLoadingLM.load_from_checkpoint(path),
+        lambda: load_lightning_checkpoint(path, UserCausalLM),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded.append(load().eval())
+        said = [str(w.message) for w in caught if w.category is MidFitCheckpointWarning]
+        assert len(said) == (1 if expect_warning else 0), said
+    return loaded, said
+
+
+def test_checkpoints_before_an_at_step_stage_fired_say_so(tmp_path):
+    pruning = MagnitudePruning(sparsity=0.5, at_step=2, name="P")
+    module, probe = fit_every_step(tmp_path, pruning, max_steps=5)
+    paths = step_checkpoints(tmp_path)
+    assert sorted(paths) == [1, 2, 3, 4, 5]
+    for step, path in sorted(paths.items()):
+        record = safe_torch_load(path)["state_dict"].get(FIT_RECORD)
+        fired = step > 2  # it fires before the batch at step 2; the file of step 2 is before
+        assert (record is None) == fired, step
+        if not fired:
+            assert "training" not in record and record["step"] == step
+            assert [(s["name"], s["status"]) for s in record["stages"]] == [("P", "pending")]
+        models, said = load_both_ways(path, expect_warning=not fired)
+        for model in models:
+            with torch.no_grad():  # the model the fit computed then, bit for bit
+                assert torch.equal(model(**IDS).logits, probe.outputs[step]), step
+            assert (pruning.state_key in applied_stages(model)) == fired
+            check_invariants(model)
+        if not fired:
+            assert said[0].startswith(
+                f"this checkpoint was taken during fit at epoch 0, step {step}"
+            )
+            assert "before MagnitudePruning 'P' fired; it holds no compression stage" in said[0]
+    assert FIT_RECORD not in module.state_dict()  # every stage fired: nothing to say
+
+
+def ramp_sparsity_of(model: nn.Module, stage: MagnitudePruning) -> float:
+    layers = resolve_targets(model, stage.targets, stage.ignore).values()
+    zeros = sum(int((~get_state(m).mask).sum()) for m in layers)
+    return zeros / sum(m.weight.numel() for m in layers)
+
+
+RAMP = {"start_step": 1, "end_step": 5, "every": 2}  # masks before the batches of steps 1, 3
+
+
+def test_checkpoints_along_a_ramp_say_how_far_it_got_and_load_its_masks(tmp_path):
+    pruning = MagnitudePruning(sparsity=0.5, ramp=RAMP, name="P")
+    module, probe = fit_every_step(tmp_path, pruning)
+    paths = step_checkpoints(tmp_path)
+    assert sorted(paths) == [1, 2, 3, 4, 5, 6, 7]
+    for step, path in sorted(paths.items()):
+        record = safe_torch_load(path)["state_dict"].get(FIT_RECORD)
+        assert (record is None) == (step > 5), step  # recorded before the batch of step 5
+        if record is None:
+            models, _ = load_both_ways(path, expect_warning=False)
+            assert all(pruning.state_key in applied_stages(m) for m in models)
+            continue
+        (listed,) = record["stages"]
+        ramp = listed["ramp"]
+        assert (ramp["start_step"], ramp["end_step"], ramp["target"]) == (1, 5, 0.5)
+        assert listed["status"] == ("pending" if step == 1 else "ramping")
+        assert ramp["masks_recorded"] == (step > 1)
+        models, said = load_both_ways(path, expect_warning=True)
+        for model in models:
+            with torch.no_grad():
+                assert torch.equal(model(**IDS).logits, probe.outputs[step]), step
+            assert pruning.state_key not in applied_stages(model)  # not its sparsity yet
+            check_invariants(model)
+        if step == 1:
+            assert ramp["sparsity"] is None
+            assert "before MagnitudePruning 'P' fired" in said[0]
+            continue
+        # the masks it had recorded load with the weights, and the record measured them
+        expected = pruning.ramp_sparsity(3 if step > 3 else 1)
+        assert ramp["sparsity"] == pytest.approx(expected, abs=0.01)
+        assert ramp_sparsity_of(models[0], pruning) == ramp["sparsity"]
+        assert (
+            "while MagnitudePruning 'P' ramped; it holds MagnitudePruning 'P' mid-ramp" in said[0]
+        )
+        assert f"sparsity {ramp['sparsity']:.3f} so far, 0.5 when it ends at step 5" in said[0]
+    assert FIT_RECORD not in module.state_dict()
+
+
+def test_the_ramp_runs_to_its_sparsity_on_a_mid_ramp_checkpoint_keeping_its_zeros(tmp_path):
+    """What the warning advises: the fit's stages on the loaded model prune it to the ramp's
+    sparsity at once; the zeros the ramp had made stay zero (masks only grow)."""
+    fit_every_step(tmp_path, MagnitudePruning(sparsity=0.5, ramp=RAMP, name="P"))
+    with pytest.warns(MidFitCheckpointWarning, match="mid-ramp"):
+        model = load_lightning_checkpoint(step_checkpoints(tmp_path)[4], UserCausalLM)
+    pruning = MagnitudePruning(sparsity=0.5, ramp=RAMP, name="P")
+    layers = resolve_targets(model, pruning.targets, pruning.ignore)
+    before = {name: get_state(m).mask.clone() for name, m in layers.items()}
+    L.Trainer(
+        accelerator="cpu", callbacks=[pruning], logger=False, enable_progress_bar=False
+    ).validate(model, token_dicts(), verbose=False)
+    assert pruning.state_key in applied_stages(model) and check_invariants(model)
+    assert ramp_sparsity_of(model, pruning) == pytest.approx(0.5, abs=0.01)
+    for name, layer in layers.items():
+        assert not (get_state(layer).mask & ~before[name]).any(), name
+
+
+@pytest.mark.parametrize(
+    ("stage", "step"),
+    [
+        (lambda: MagnitudePruning(sparsity=0.5, at_step=2, name="P"), 1),
+        (lambda: MagnitudePruning(sparsity=0.5, ramp=RAMP, name="P"), 3),
+    ],
+)
+def test_a_fit_resumed_from_a_mid_fit_checkpoint_loads_it_silently(tmp_path, stage, step):
+    fit_every_step(tmp_path / "first", stage())
+    path = step_checkpoints(tmp_path / "first")[step]
+    resumed, module = stage(), UserCausalLM()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        callbacks=[resumed],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MidFitCheckpointWarning)
+        trainer.fit(module, train_dataloaders=token_dicts(), ckpt_path=path)
+    assert resumed.state_key in applied_stages(module) and check_invariants(module)
+    assert FIT_RECORD not in module.state_dict()
+
+
+def test_a_failed_fit_leaves_no_record_behind_a_stage_that_never_fired(tmp_path):
+    class FailingLM(UserCausalLM):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                raise RuntimeError("the user's step failed")
+            return super().training_step(batch, batch_idx)
+
+    module = FailingLM()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        callbacks=[MagnitudePruning(sparsity=0.5, at_step=3)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(RuntimeError, match="failed"):
+        trainer.fit(module, token_dicts())
     assert FIT_RECORD not in module.state_dict()

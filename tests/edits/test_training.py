@@ -22,6 +22,8 @@ from ppq_lightning.edits.training import (
     finalise_dead_zone,
     finalise_qat,
     finalise_sqs,
+    fitting,
+    mark_fitting,
 )
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.transforms import attach_weight_transform
@@ -198,3 +200,54 @@ def test_describe_without_pending_stages():
     assert "fired" not in text and "pending" not in text
     assert "it holds MagnitudePruning 'P', LoRAFineTune 'L' (training, epoch 1, step 7)" in text
     assert COMPLETIONS["lora"].result in text
+
+
+# -- a fit without a training stage: stages not fired, a ramp ramping ----------------------
+RAMPING = {
+    "stage": "R",
+    "method": "MagnitudePruning",
+    "kind": "P",
+    "name": "R",
+    "status": "ramping",
+    "ramp": {
+        "start_step": 1,
+        "end_step": 5,
+        "target": 0.5,
+        "masks_recorded": True,
+        "sparsity": 0.25,
+    },
+}
+NOT_FIRED = {"stage": "Q", "method": "RTNQuantization", "kind": "Q", "name": "Q"}
+NOT_FIRED["status"] = "pending"
+
+
+def test_a_record_without_a_training_stage_says_what_ramped_and_what_had_not_fired():
+    text = describe_fit({"epoch": 0, "step": 3, "stages": [RAMPING, NOT_FIRED]})
+    assert "at epoch 0, step 3, before RTNQuantization 'Q' fired" in text
+    assert ", while MagnitudePruning 'R' ramped" in text
+    assert "it holds MagnitudePruning 'R' mid-ramp (sparsity 0.250 so far, 0.5 when it " in text
+    assert "masks so far are recorded and kept, the stage is not" in text
+    assert "training stage" not in text and "not fired or finished are not applied" in text
+
+
+def test_a_fresh_model_warns_a_model_being_fit_loads_the_record_silently():
+    """A fresh model's load says what the state dict holds; the same load while a running fit
+    trains the model (a resume with ``ckpt_path``) says nothing; once that fit is over, a
+    load is a fresh one again."""
+    source = pruned_net()
+    saved = {**source.state_dict(), FIT_RECORD: {"epoch": 0, "step": 3, "stages": [NOT_FIRED]}}
+    fresh = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    enable_state_loading(fresh)
+    with pytest.warns(MidFitCheckpointWarning, match="before RTNQuantization 'Q' fired"):
+        fresh.load_state_dict(saved)
+    assert torch.equal(fresh[0].weight, source[0].weight)
+    running = [True]
+    mark_fitting(fresh, lambda: running[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MidFitCheckpointWarning)
+        fresh.load_state_dict(saved)
+    running[0] = False  # the fit ended (failed) without detaching
+    with pytest.warns(MidFitCheckpointWarning):
+        fresh.load_state_dict(saved)
+    mark_fitting(fresh, None)
+    assert not fitting(fresh)

@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.modules.attention import install_projection_views
+from ppq_lightning.modules.attention import attention_of, install_projection_views
 from ppq_lightning.modules.boundary import boundary_layers, output_embeddings
 from ppq_lightning.modules.views import is_compressible
 
@@ -56,8 +56,16 @@ def _check_untied(
         for parameter in module._parameters.values():
             if parameter is not None:
                 owners.setdefault(id(parameter), []).append(name)
+    names = {id(m): n for n, m in model.named_modules()}
     for name, module in chosen.items():
-        others = [o for o in owners.get(id(module.weight), ()) if o != name and o not in chosen]
+        # a projection view of an nn.MultiheadAttention owning separate q/k/v_proj_weight reads
+        # that parameter whole: the attention that owns it is not a module tied to it
+        attention = names.get(id(attention_of(module)))
+        others = [
+            o
+            for o in owners.get(id(module.weight), ())
+            if o != name and o not in chosen and o != attention
+        ]
         if others:
             raise PPQConfigError(
                 f"targets={targets!r} selects {name}, whose weight is tied to {others[0]} (the "

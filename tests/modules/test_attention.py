@@ -241,3 +241,14 @@ def test_a_view_cannot_be_given_another_weight():
     install_projection_views(attention)
     with pytest.raises(PPQConfigError, match="view of its in_proj_weight"):
         attention.q_proj.weight = nn.Parameter(torch.zeros(E, E))
+
+
+def test_separate_projection_weights_are_targets_not_ties():
+    """With ``kdim``/``vdim`` other than ``embed_dim`` the attention owns ``q_proj_weight``,
+    ``k_proj_weight``, ``v_proj_weight``, each read whole by its view: the views are targets,
+    not layers tied to the attention (every target on such an attention was refused)."""
+    attention = nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=True)
+    model = nn.ModuleDict({"attention": attention})
+    chosen = resolve_targets(model, targets="attention")
+    assert {"attention.q_proj", "attention.k_proj", "attention.v_proj"} <= set(chosen)
+    assert chosen["attention.k_proj"].weight is attention.k_proj_weight

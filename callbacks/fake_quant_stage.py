@@ -164,6 +164,7 @@ class FakeQuantStage(CompressionCallback):
         self._fit_record.detach()
         if not self._applied:
             self.release()  # leave a plain model (latent weights), nothing recorded
+        super().on_exception(trainer, pl_module, exception)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._fit_record.detach()  # a fit that ended before training did (max_steps=0)

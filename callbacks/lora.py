@@ -252,6 +252,7 @@ class LoRAFineTune(CompressionCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._fit_record.detach()
+        super().on_exception(trainer, pl_module, exception)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._fit_record.detach()  # a fit that ended before training did (max_steps=0)

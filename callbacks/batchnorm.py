@@ -128,6 +128,8 @@ class FoldBatchNorm(CompressionCallback):
               init_args: {name: Q, bits: 4}
     """
 
+    runs_model = True  # traces the model on one calibration batch
+
     default_name = "fold"
     kind = StageKind.NORMALIZATION
 

@@ -98,6 +98,8 @@ class CalibratedCompression(CompressionCallback):
             ``forward_fn``), or NaN/Inf activations.
     """
 
+    reads_layer_inputs = True  # every target's statistics come from its own forward
+
     statistic: ClassVar[str] = "hessian"
     config_class: ClassVar[type[CalibrationConfig]] = CalibrationConfig
 

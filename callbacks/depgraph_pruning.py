@@ -69,6 +69,8 @@ class DepGraphPruning(CompressionCallback):
               init_args: {name: C, ratio: 0.3}
     """
 
+    runs_model = True  # traces the model on one calibration batch
+
     default_name = "depgraph"
     config_class = DepGraphConfig
     edits_structure = True

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.table import Table
 from torch import nn
 
 from ppq_lightning.calibration.boundary import trace_default_boundary
+from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import first_calibration_batch, forward_call
 from ppq_lightning.callbacks.base import (
     CompressionCallback,
@@ -25,6 +27,7 @@ from ppq_lightning.callbacks.base import (
 from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.errors import PPQConfigError, check_bool, check_folder
 from ppq_lightning.loggers import run_folder
+from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.order.evaluation import evaluate_module, evaluation_dataloader
 from ppq_lightning.order.grammar import arrange
 from ppq_lightning.reports import columns_of, write_table
@@ -199,21 +202,55 @@ class CompressionSchedule(FiresOnce):
             PPQConfigError: naming those stages, the module, its forward, the batch and
                 ``forward_fn`` (``calibration.data.forward_call``); or missing calibration data.
         """
-        stages = [
-            s
-            for s in self.stages
-            if not s.trains and not s.already_applied(model) and s.runs_default_forward()
-        ]
-        if not stages:
+        pending = [s for s in self.stages if not s.trains and not s.already_applied(model)]
+        stages = [s for s in pending if s.runs_default_forward()]
+        calibrated = [s for s in pending if s.reads_layer_inputs]
+        if not stages and not calibrated:
             return
+        batch = first_calibration_batch(trainer)
+        if stages:
+            try:
+                forward_call(model, batch)
+            except PPQConfigError as error:
+                names = ", ".join(f"{s.name!r} ({type(s).__name__})" for s in stages)
+                raise PPQConfigError(
+                    f"schedule {self.order}: stage(s) {names} run the model on calibration "
+                    f"batches and cannot call it, so no stage was applied: {error}"
+                ) from error
+        for stage in calibrated:
+            self._check_targets_run(model, stage, batch)
+
+    def _check_targets_run(self, model: nn.Module, stage: CompressionCallback, batch: Any) -> None:
+        """Refuse a calibrated stage some of whose targets the forward never calls as modules
+        (a layer the model skips, or reads as a tensor): they would have no statistics, and the
+        stage would fail after the stages before it changed the model.
+
+        Raises:
+            PPQConfigError: naming the layers, the stage and ``ignore``.
+        """
+        layers = resolve_targets(model, stage.targets, stage.ignore)
+        ran: set[str] = set()
+        handles = [
+            module.register_forward_hook(lambda *_, name=name: ran.add(name))
+            for name, module in layers.items()
+        ]
         try:
-            forward_call(model, first_calibration_batch(trainer))
-        except PPQConfigError as error:
-            names = ", ".join(f"{s.name!r} ({type(s).__name__})" for s in stages)
+            with torch.no_grad(), evaluating(model):
+                stage.model_forward(model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        never = [name for name in layers if name not in ran]
+        if never:
+            listed = ", ".join(never[:3]) + (
+                f" and {len(never) - 3} more" if len(never) > 3 else ""
+            )
             raise PPQConfigError(
-                f"schedule {self.order}: stage(s) {names} run the model on calibration batches "
-                f"and cannot call it, so no stage was applied: {error}"
-            ) from error
+                f"schedule {self.order}: stage {stage.name!r} ({type(stage).__name__}) targets "
+                f"{listed}, which the model's forward never calls as modules on a calibration "
+                "batch (it skips them or reads their weights as tensors): they would have no "
+                "statistics, so no stage was applied. List them in that stage's `ignore`."
+            )
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The module's metrics now, as a plain ``validate`` would report them

@@ -160,6 +160,8 @@ class CompressionStage:
     config_class: ClassVar[type[StageConfig]] = StageConfig  # the method's arguments
     trains: ClassVar[bool] = False  # acts during fit's training (LoRA, QAT, CoDeQ)
     edits_structure: ClassVar[bool] = False  # replaces or reshapes layers (blocks, channels)
+    runs_model: ClassVar[bool] = False  # runs the model on a batch whatever its config says
+    reads_layer_inputs: ClassVar[bool] = False  # needs every target to run in the forward
 
     def __init__(
         self,
@@ -197,10 +199,11 @@ class CompressionStage:
         return self.forward_fn or default_forward
 
     def calls_model(self) -> bool:
-        """Whether the stage runs the model on calibration batches: here, whether its config
+        """Whether the stage runs the model on calibration batches: a stage that declares it
+        (``runs_model``: DepGraph pruning and BatchNorm folding trace one batch) or whose config
         has ``num_calibration_batches`` (GPTQ, SparseGPT, Wanda, SLEB, ...). A stage that reads
         data only for some arguments overrides it."""
-        return "num_calibration_batches" in self.config.__dataclass_fields__
+        return self.runs_model or "num_calibration_batches" in self.config.__dataclass_fields__
 
     def calibration_batches(self, num_batches: int) -> list[Any]:
         """This stage's calibration batches (``calibration.data.calibration_data``, from

@@ -455,6 +455,7 @@ def study_main(argv: list[str]) -> StudyResult:
             cfg.cells_dir = str(Path(cfg.output_dir) / "cells")
         cfg.output_dir = str(Path(cfg.output_dir) / run_id)
     check_study_arguments(cfg)
+    L.seed_everything(cfg.seed, verbose=False)  # a model built with random weights is seeded too
     init = instantiate_clearly(
         lambda: (
             parser.instantiate(cfg)
@@ -462,7 +463,7 @@ def study_main(argv: list[str]) -> StudyResult:
             else parser.instantiate_classes(cfg)
         )
     )
-    L.seed_everything(init.seed, verbose=False)
+    L.seed_everything(init.seed, verbose=False)  # the study's own draws, as before
     study = build_study(
         init.model,
         init.data,

@@ -3,11 +3,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ppq_lightning.cli import main
 from ppq_lightning.cli.study import apply_overrides, check_curve_bits, split_overrides
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.loggers import WandbLogger
+from ppq_lightning.models import CausalLMModule
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny" / "study.yaml")
 
@@ -223,3 +225,32 @@ def test_under_wandb_agent_each_run_reports_into_its_own_folder(tmp_path, monkey
     assert not (tmp_path / "report.json").exists()
     second = json.loads((tmp_path / "run2" / "report.json").read_text())["studies"][0]
     assert second["cached"] > 0  # the dense model and single stages of run1, read again
+
+
+class UnseededLM(CausalLMModule):
+    """A module whose weights come from the global RNG when it is built, as a user's do."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.add_(torch.randn_like(parameter))
+
+
+def test_the_seed_is_set_before_the_model_is_built(tmp_path):
+    """``ppq study --seed`` seeds the building of the model: two runs of one config study the
+    same random weights (it seeded after building, so each run had another dense model)."""
+    text = (
+        Path(CONFIG)
+        .read_text()
+        .replace("ppq_lightning.models.CausalLMModule", "tests.cli.test_study.UnseededLM")
+    )
+    config = tmp_path / "unseeded.yaml"
+    config.write_text(text)
+    dense = [
+        main(
+            ["study", "--config", str(config), "--order", "P>Q", "--output_dir", str(tmp_path / d)]
+        ).dense.value
+        for d in ("a", "b")
+    ]
+    assert dense[0] == dense[1]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
-from ppq_lightning.calibration.capture import evaluating, example_input
+from ppq_lightning.calibration.capture import evaluating, example_call
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.depgraph import output_layers, prune_channels
@@ -89,8 +90,9 @@ class DepGraphPruning(CompressionCallback):
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
         batch = self.calibration_batches(1)[0]
-        example = example_input(model, batch, self.forward_fn)
         device = next(model.parameters()).device
+        # traced with the call the stage's forward makes (positional and keyword arguments)
+        example = move_data_to_device(example_call(model, batch, self.forward_fn), device)
         protected = set(getattr(model, "default_ignore", None) or ())
         patterns = compile_patterns(self.ignore, "ignore")
         ignored = [
@@ -99,10 +101,10 @@ class DepGraphPruning(CompressionCallback):
             if n in protected or (patterns and any(p.search(n) for p in patterns))
         ]
         with evaluating(model):  # the model's output layers keep their output channels
-            ignored += output_layers(model, example.to(device))
+            ignored += output_layers(model, example)
         result = prune_channels(
             model,
-            example.to(device),
+            example,
             self.ratio,
             ignored,
             self.history_entry(),

@@ -234,6 +234,52 @@ def standing_in(
             replace_module(model, names[j], blocks[j])
 
 
+def model_call(
+    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments ``model`` is called with on ``batch``: those the
+    default forward passes it (``calibration.data.forward_call``), or, with a stage's
+    ``forward_fn``, those ``forward(model, batch)`` hands to ``model`` (the forward stops there).
+    What the stages that trace the model (DepGraph pruning, the joint search's channel groups)
+    trace it with, so that any model the calibrated methods run can be traced.
+
+    Raises:
+        PPQConfigError: when the default forward cannot call ``model`` on ``batch``
+            (``calibration.data.forward_error``), or ``forward_fn`` does not call ``model``.
+    """
+    if forward is None or forward is default_forward:
+        return forward_call(model, batch)
+    try:
+        captured = capture_block_inputs(model, model, [batch], forward)
+    except PPQConfigError as error:
+        raise PPQConfigError(
+            "the stage reads the arguments the model's forward receives, but forward_fn did not "
+            "call the model itself (call model(...) in forward_fn, not a submodule)."
+        ) from error
+    return captured.args[0], captured.kwargs[0]
+
+
+def example_call(
+    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """:func:`model_call` cut to the first sample: every tensor argument whose leading
+    dimension is the batch size (that of the first tensor argument) keeps its first row.
+
+    Raises:
+        PPQConfigError: see :func:`model_call`.
+    """
+    args, kwargs = model_call(model, batch, forward)
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim()]
+    size = tensors[0].shape[0] if tensors else None
+
+    def first(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] == size:
+            return value[:1]
+        return value
+
+    return tuple(map(first, args)), {key: first(value) for key, value in kwargs.items()}
+
+
 def model_input(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> Tensor:

@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.edits.channels import mlp_inputs
-from ppq_lightning.edits.depgraph import kernel_area
-from ppq_lightning.modules.attention import projection_views_hidden
+from ppq_lightning.edits.depgraph import Call, kernel_area, trace_graph
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.ops.channels import keep_most_important
 
@@ -146,7 +145,7 @@ def _group_removal(graph: Any, group: Any, names: dict[nn.Module, str]) -> Remov
 
 def depgraph_units(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Call,
     ignored: list[nn.Module],
     keep: list[float],
     heads: set[nn.Module] | None = None,
@@ -156,15 +155,15 @@ def depgraph_units(
 
     Args:
         model: the model; layer names are relative to it.
-        example: an input batch (one sample is enough).
+        example: an input batch (one sample is enough), or the ``(args, kwargs)`` the model is
+            called with (``calibration.capture.example_call``).
         ignored: modules whose output channels are never pruned (the classifier, the stem).
         keep: the kept shares, 1.0 first.
         heads: fused attention projections (never in a unit).
     """
     import torch_pruning as tp
 
-    with torch.enable_grad(), projection_views_hidden(model):  # as edits.depgraph traces it
-        graph = tp.DependencyGraph().build_dependency(model, example, verbose=False)
+    graph = trace_graph(model, example)  # as edits.depgraph traces it
     names = {m: n for n, m in model.named_modules()}
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     units = []

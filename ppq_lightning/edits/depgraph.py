@@ -17,6 +17,7 @@ input groups cannot lose input channels, as with ``ChannelPruning``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,14 +28,59 @@ from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.edits.channels import check_columns_removable, slice_state
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.modules.attention import PROJECTIONS, projection_views_hidden
+from ppq_lightning.modules.attention import projection_views_hidden
 from ppq_lightning.modules.produced import ProducedBy
 from ppq_lightning.modules.views import is_compressible, weight_matrix
 
 DEPGRAPH_PRUNING = "depgraph_channels"
 
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+"""The positional and keyword arguments a model is traced with (``calibration.capture.
+example_call``: the call the stage's forward makes)."""
+_SCALARS = (bool, int, float, str, type(None))
 
-def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
+
+def as_call(example: Tensor | Call) -> Call:
+    """``example`` as ``(args, kwargs)``: a tensor is the model's one positional input."""
+    if isinstance(example, Tensor):
+        return (example,), {}
+    return tuple(example[0]), dict(example[1])
+
+
+def call_model(model: nn.Module, example: Tensor | Call) -> Any:
+    """``model`` called on ``example`` (Torch-Pruning's ``forward_fn`` for a traced call)."""
+    args, kwargs = as_call(example)
+    return model(*args, **kwargs)
+
+
+def output_tensors(output: Any) -> list[Tensor]:
+    """The tensors of a model's output (a tensor, a dict or an HF ``ModelOutput``, lists and
+    tuples of them), the rest (a key/value cache) left out: what Torch-Pruning traces back."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in output_tensors(item)]
+    return []
+
+
+def trace_graph(model: nn.Module, example: Tensor | Call) -> Any:
+    """Torch-Pruning's ``DependencyGraph`` of ``model``, traced on the call ``example`` (with
+    the views of attention projections taken out: Torch-Pruning prunes the attention itself)."""
+    import torch_pruning as tp
+
+    with torch.enable_grad(), projection_views_hidden(model):
+        return tp.DependencyGraph().build_dependency(
+            model,
+            as_call(example),
+            forward_fn=call_model,
+            output_transform=output_tensors,
+            verbose=False,
+        )
+
+
+def output_layers(model: nn.Module, example: Tensor | Call) -> list[nn.Module]:
     """The layers whose output is the model's output (a classifier, an LM head): pruning their
     output channels would change what the model predicts (its number of classes), so channel
     pruning leaves them whole, on any model. Found by one forward of ``example``: the leaf
@@ -50,7 +96,7 @@ def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with torch.no_grad():
-            output = model(example)
+            output = call_model(model, example)
     finally:
         for handle in handles:
             handle.remove()
@@ -89,6 +135,42 @@ def _give_heads(attention: nn.Module, count: int) -> None:
         attention.attn_dim = count * attention.head_dim
 
 
+def attention_layers(model: nn.Module) -> set[nn.Module]:
+    """The layers whose output features an attention splits into heads: every
+    ``nn.MultiheadAttention`` and the linear and conv children of a module with an integer
+    ``head_dim`` (timm's ``qkv``/``proj``, an HF attention's ``q/k/v/o_proj``), whose forward
+    reshapes their outputs by its head count and head size."""
+    layers: set[nn.Module] = set()
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            layers.add(module)
+        elif isinstance(getattr(module, "head_dim", None), int):
+            layers.update(
+                child for child in module.children() if isinstance(child, nn.Linear | nn.Conv2d)
+            )
+    return layers
+
+
+def keeps_attention(group: Any, graph: Any, attention: set[nn.Module], heads: set) -> bool:
+    """Whether pruning ``group`` leaves every attention as its forward reads it: the group
+    removes no embedding channel of an ``nn.MultiheadAttention`` (Torch-Pruning removes the same
+    indices from each head's query/key/value features, and the model around it reads the width:
+    torchvision's ``VisionTransformer.hidden_dim``, ``nn.Transformer``'s ``d_model``) and no
+    output feature of a layer in ``attention`` (see :func:`attention_layers`) but the fused
+    projections in ``heads``, whose whole heads ``prune_heads`` removes."""
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.MultiheadAttention):
+            return False
+        if (
+            module in attention
+            and module not in heads
+            and graph.is_out_channel_pruning_fn(item.dep.handler)
+        ):
+            return False
+    return True
+
+
 def _counted_weights(model: nn.Module, names: set[str]) -> int:
     """Weights of the layers ``names`` (those the compression rate counts)."""
     return sum(m.weight.numel() for n, m in model.named_modules() if n in names)
@@ -120,7 +202,7 @@ def _slice_recorded(module: nn.Module, out_channel: bool, pruned: list[int], bef
 
 def prune_channels(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Call,
     ratio: float,
     ignored: list[nn.Module],
     entry: HistoryEntry,
@@ -130,9 +212,15 @@ def prune_channels(
     """Remove ``ratio`` of the channels of every prunable group of ``model`` (smallest group
     L2 norm first), record the edit on ``model``, and return what was removed.
 
+    Groups that would change an attention's layout are left whole (:func:`keeps_attention`):
+    an ``nn.MultiheadAttention``'s embedding dimension (a transformer's residual stream) and
+    the query/key/value/output features of attention modules, but for whole heads with
+    ``prune_heads``. In a transformer that prunes the MLPs' hidden channels.
+
     Args:
         model: the model (its forward is traced once on ``example``).
-        example: an input batch (one sample is enough).
+        example: an input batch (one sample is enough), or the ``(args, kwargs)`` the model is
+            called with (``calibration.capture.example_call``).
         ratio: fraction of each group's channels (or, with ``prune_heads``, of each attention
             module's heads) to remove, in [0, 1).
         ignored: modules whose output channels are never pruned (the classifier).
@@ -141,15 +229,18 @@ def prune_channels(
         round_to: keep channel counts multiples of this (hardware-friendly widths).
 
     Raises:
-        PPQConfigError: when a layer quantized with input groups would lose input channels.
+        PPQConfigError: when a layer quantized with input groups would lose input channels, or
+            an argument of ``example`` is neither a tensor nor a scalar (it cannot be recorded
+            for the replay); nothing is changed then.
     """
+    _describe(example)  # checked before anything changes
     with torch.enable_grad():  # Torch-Pruning traces the forward through autograd
         return _prune_channels(model, example, ratio, ignored, entry, prune_heads, round_to)
 
 
 def _prune_channels(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Call,
     ratio: float,
     ignored: list[nn.Module],
     entry: HistoryEntry,
@@ -164,7 +255,9 @@ def _prune_channels(
     with projection_views_hidden(model):  # traced: Torch-Pruning prunes the attention itself
         pruner = tp.pruner.MetaPruner(
             model,
-            example,
+            as_call(example),
+            forward_fn=call_model,
+            output_transform=output_tensors,
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             pruning_ratio=ratio,
             ignored_layers=ignored,
@@ -174,7 +267,12 @@ def _prune_channels(
             head_pruning_ratio=ratio if heads else 0.0,
             round_to=round_to,
         )
-    groups = list(pruner.step(interactive=True))
+    attention = attention_layers(model)
+    groups = [
+        group
+        for group in pruner.step(interactive=True)
+        if keeps_attention(group, pruner.DG, attention, set(heads))
+    ]
     removed = _prune_groups(model, pruner.DG, groups, counted, shapes)
     head_counts = _set_heads(model, pruner) if heads else {}
     _record(model, example, pruner.DG, entry, head_counts, removed)
@@ -202,8 +300,6 @@ def _prune_groups(
             module = item.dep.target.module
             if module in shapes and not out_channel_fn(item.dep.handler):
                 check_columns_removable(module)
-            if isinstance(module, nn.MultiheadAttention):
-                _check_projections_dense(module)
     for group in groups:
         recorded = [
             (item.dep.target.module, out_channel_fn(item.dep.handler), list(item.idxs))
@@ -217,28 +313,56 @@ def _prune_groups(
     return before - _counted_weights(model, counted)
 
 
-def _check_projections_dense(attention: nn.MultiheadAttention) -> None:
-    """Refuse to prune the channels of an attention whose query/key/value projections carry a
-    compression state: their recorded masks and grids are not sliced with ``in_proj_weight``.
+def _describe(example: Tensor | Call) -> dict[str, Any]:
+    """What the replay rebuilds ``example`` from: each tensor argument's shape (batch of one)
+    and dtype, the scalar arguments as they are.
 
     Raises:
-        PPQConfigError: naming the projection, its stages and the fix.
+        PPQConfigError: an argument neither a tensor nor a scalar.
     """
-    for name in PROJECTIONS:
-        view = getattr(attention, name, None)
-        state = get_state(getattr(view, "base_layer", view)) if view is not None else None
-        if state is not None:
-            raise PPQConfigError(
-                f"channel pruning would shrink the {name} of an nn.MultiheadAttention that stages "
-                f"{state.stages} already compressed (its mask and grid are recorded on the rows "
-                "of in_proj_weight, and are not sliced with them): prune channels before those "
-                "stages, or list the attention's layers in their `ignore`."
-            )
+    args, kwargs = as_call(example)
+
+    def one(name: str, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            shape = [1, *value.shape[1:]] if value.dim() else []
+            return {"shape": shape, "dtype": str(value.dtype).removeprefix("torch.")}
+        if isinstance(value, _SCALARS):
+            return value
+        raise PPQConfigError(
+            f"DepGraph pruning traces the model's call, whose argument {name} is a "
+            f"{type(value).__name__}: the edit records each argument (tensors and scalars) to "
+            "replay the pruning on a fresh model; pass the stage a forward_fn that calls the "
+            "model on tensors and scalars."
+        )
+
+    return {
+        "args": [one(f"#{i}", value) for i, value in enumerate(args)],
+        "kwargs": {key: one(key, value) for key, value in kwargs.items()},
+    }
+
+
+def _rebuild(recorded: Any, parameter: Tensor) -> Any:
+    """A recorded argument: zeros of its shape (floating ones in the model's dtype)."""
+    if not isinstance(recorded, Mapping):
+        return recorded
+    dtype = getattr(torch, recorded["dtype"])
+    dtype = parameter.dtype if dtype.is_floating_point else dtype
+    return torch.zeros(recorded["shape"], dtype=dtype, device=parameter.device)
+
+
+def _replay_call(entry: HistoryEntry, parameter: Tensor) -> Call:
+    """The call a recorded pruning traced (older records: one input of ``input_shape``)."""
+    if "example" not in entry:
+        shape = entry["input_shape"]
+        return (torch.zeros(shape, dtype=parameter.dtype, device=parameter.device),), {}
+    recorded = entry["example"]
+    args = tuple(_rebuild(value, parameter) for value in recorded["args"])
+    return args, {key: _rebuild(value, parameter) for key, value in recorded["kwargs"].items()}
 
 
 def _record(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Call,
     graph: Any,
     entry: HistoryEntry,
     head_counts: dict[str, int],
@@ -249,7 +373,7 @@ def _record(
         {
             **entry,
             "edit": DEPGRAPH_PRUNING,
-            "input_shape": [1, *example.shape[1:]],
+            "example": _describe(example),
             "pruning_history": graph.pruning_history(),
             "num_heads": head_counts,
             "removed_weights": removed,
@@ -259,7 +383,7 @@ def _record(
 
 def prune_chosen_channels(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Call,
     graph: Any,
     chosen: list[tuple[nn.Module, Any, list[int]]],
     entry: HistoryEntry,
@@ -270,7 +394,7 @@ def prune_chosen_channels(
 
     Args:
         model: the model ``graph`` was traced on.
-        example: the input it was traced on.
+        example: the input (or ``(args, kwargs)``) it was traced on.
         graph: Torch-Pruning's ``DependencyGraph`` of ``model``.
         chosen: ``(root module, root pruning function, channels to remove)`` per group.
         entry: the stage's history entry.
@@ -288,13 +412,8 @@ def prune_chosen_channels(
 
 def replay_depgraph(model: nn.Module, owner: str, entry: HistoryEntry) -> None:
     """Prune a fresh ``model`` (its module ``owner``) as the recorded pruning did."""
-    import torch_pruning as tp
-
     target = model.get_submodule(owner)
-    parameter = next(target.parameters())
-    example = torch.zeros(entry["input_shape"], dtype=parameter.dtype, device=parameter.device)
-    with torch.enable_grad(), projection_views_hidden(target):  # traced as in prune_channels
-        graph = tp.DependencyGraph().build_dependency(target, example, verbose=False)
+    graph = trace_graph(target, _replay_call(entry, next(target.parameters())))
     graph.load_pruning_history(entry["pruning_history"])
     for name, count in entry.get("num_heads", {}).items():
         _give_heads(target.get_submodule(name), count)

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
-from ppq_lightning.calibration.capture import evaluating, example_input
+from ppq_lightning.calibration.capture import evaluating, example_call
 from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.engine import observing
 from ppq_lightning.calibration.statistics import LayerStatistics
@@ -191,7 +192,8 @@ def search_space(
             )
         scores = mlp_channel_scores(model, modules, downs, batches, forward)
         return SearchSpace(shapes, mlp_units(model, downs, scores, keep), bits, keep)
-    example = example_input(model, batches[0], forward).to(next(model.parameters()).device)
+    device = next(model.parameters()).device  # traced with the call the stage's forward makes
+    example = move_data_to_device(example_call(model, batches[0], forward), device)
     protected = set(getattr(model, "default_ignore", None) or ())
     ignored = [m for n, m in model.named_modules() if n in protected]
     with evaluating(model):  # the model's output layers keep their output channels

@@ -209,3 +209,66 @@ def test_stage_config_and_round_to():
     model = module.model
     convs = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1"]
     assert all(m.out_channels % 8 == 0 for m in convs)
+
+
+def _torchvision_vit() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+
+
+def test_a_torchvision_vit_loses_mlp_channels_and_computes_what_zeroing_them_does():
+    """torchvision's ViT reads ``hidden_dim`` in its forward and its ``nn.MultiheadAttention``s
+    take the embedding width: the groups through them are left whole, the MLPs' hidden channels
+    go, and the pruned model computes what the dense one does with those channels zeroed."""
+    vit, x = _torchvision_vit().eval(), torch.randn(4, 3, 32, 32)
+    dense = copy.deepcopy(vit)
+    DepGraphPruning(ratio=0.25).apply(vit, dataloader=[(x, torch.zeros(4))])
+    assert vit.hidden_dim == vit.conv_proj.out_channels == 32
+    for block, original in zip(vit.encoder.layers, dense.encoder.layers, strict=True):
+        assert block.self_attention.embed_dim == 32 and block.self_attention.num_heads == 2
+        rows, before = block.mlp[0].weight, original.mlp[0].weight
+        assert rows.shape == (48, 32) and block.mlp[3].weight.shape == (32, 48)
+        kept = [i for i in range(64) if any(torch.equal(before[i], r) for r in rows)]
+        removed = [i for i in range(64) if i not in kept]
+        with torch.no_grad():  # the dense model with the removed hidden channels zeroed
+            original.mlp[0].weight[removed] = 0
+            original.mlp[0].bias[removed] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), dense(x))
+
+
+class _KeywordNet(nn.Module):
+    """A module called as ``model(**batch)`` on dicts, the way HF models and many users' modules
+    are: Torch-Pruning used to trace it with one positional tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        hidden = self.features(batch["image"]).mean(dim=(2, 3))
+        return self.head(hidden * batch["scale"][:, None])
+
+
+def test_a_forward_taking_keyword_batches_is_traced_with_its_own_call_and_replays():
+    batch = {"image": torch.randn(4, 3, 8, 8), "scale": torch.ones(4), "label": torch.zeros(4)}
+    model = _KeywordNet().eval()
+    DepGraphPruning(ratio=0.5).apply(model, dataloader=[batch])
+    assert model.features[3].out_channels == 8 and model.head.out_features == 10
+    entry = get_state(model).history[0]
+    assert entry["example"]["kwargs"]["scale"] == {"shape": [1], "dtype": "float32"}
+    fresh = _KeywordNet().eval()
+    enable_state_loading(fresh)
+    fresh.load_state_dict(model.state_dict())  # the replay traces the recorded call
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch), model(**batch))

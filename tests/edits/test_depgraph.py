@@ -74,7 +74,11 @@ def test_prune_channels_shrinks_a_resnet_and_records_the_edit():
     assert model.fc.in_features == model.layer4[1].conv2.out_channels < 128
     assert _outputs(model, x).shape == (2, 10)
     (entry,) = get_state(model).history
-    assert entry["edit"] == DEPGRAPH_PRUNING and entry["input_shape"] == [1, 3, 32, 32]
+    assert entry["edit"] == DEPGRAPH_PRUNING
+    assert entry["example"] == {
+        "args": [{"shape": [1, 3, 32, 32], "dtype": "float32"}],
+        "kwargs": {},
+    }
     assert entry["removed_weights"] == result["removed_weights"]
     assert entry["num_heads"] == {} and entry["pruning_history"]
     assert {k: entry[k] for k in ENTRY} == ENTRY

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -26,10 +27,26 @@ from ppq_lightning.models.image_classifier import ImageClassifierModule
 _CLASSIFIER_ARGS = ("model", "source", "num_classes", "in_chans", "model_kwargs", "small_input")
 
 
+def _is_transformers(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return hasattr(config, "to_dict") and hasattr(module, "from_pretrained")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a LightningModule of this project (``.model``), else ``model``."""
+    """The network inside a LightningModule: ``.model`` of a module of this project; the one
+    transformers model a user's LightningModule holds when its other children have no weights
+    (torchmetrics objects, losses), as ``self.model = AutoModelForCausalLM...`` or ``self.lm``;
+    else ``model`` itself."""
     inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(model, "evaluate") else model
+    if isinstance(inner, nn.Module) and hasattr(model, "evaluate"):
+        return inner
+    if isinstance(model, L.LightningModule):
+        children = list(model.children())
+        networks = [c for c in children if _is_transformers(c)]
+        weighted = [c for c in children if next(c.parameters(), None) is not None]
+        if len(networks) == 1 and weighted == networks:
+            return networks[0]
+    return model
 
 
 def floating_dtype(model: nn.Module) -> torch.dtype:
@@ -69,8 +86,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
         args = {key: model.hparams.get(key) for key in _CLASSIFIER_ARGS}
         return {"kind": "image_classifier", "args": args}
     network = unwrap(model)
-    config = getattr(network, "config", None)
-    if config is not None and hasattr(config, "to_dict") and hasattr(network, "from_pretrained"):
+    if _is_transformers(network):
+        config = network.config
         record = {"kind": "transformers", "class": type(network).__name__}
         return record | {"config": _original_config(network, config.to_dict())}
     return {"kind": "module", "class": f"{type(network).__module__}.{type(network).__qualname__}"}

@@ -29,7 +29,7 @@ from ppq_lightning.compressed.state import compressed_modules
 from ppq_lightning.edits.lora import ADAPTER, BASE_SUFFIX, LORA_ADAPTERS, lora_layers
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export import compressed_tensors
-from ppq_lightning.export.architecture import unwrap
+from ppq_lightning.export.architecture import describe, unwrap
 from ppq_lightning.modules.attention import AttentionProjection, attention_of
 from ppq_lightning.modules.tree import replace_module
 
@@ -79,6 +79,11 @@ def check(model: nn.Module) -> None:
             f"format='peft' cannot export the LoRA adapter on {name}: it is a projection of an "
             f"nn.MultiheadAttention, {reason}. Export with format='ppq', which keeps the "
             "adapters and reloads them (load_compressed)."
+        )
+    if describe(model)["kind"] != "transformers":
+        raise PPQConfigError(
+            f"format='peft' exports a transformers base model with its LoRA adapters, not "
+            f"{type(network).__name__}; use format='ppq', which keeps the adapters of any model."
         )
     compressed_tensors.check(_without_adapters(network))
 

@@ -10,9 +10,10 @@ from torch import nn
 
 from ppq_lightning.calibration.capture import evaluating, example_call
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.stage import CompressionStage
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.depgraph import output_layers, prune_channels
-from ppq_lightning.errors import check_bool, check_int
+from ppq_lightning.errors import PPQConfigError, check_bool, check_int
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.ops.masks import check_sparsity
@@ -35,6 +36,26 @@ class DepGraphConfig(StageConfig):
         check_sparsity(self.ratio, "ratio")
         check_bool("prune_heads", self.prune_heads)
         check_int("round_to", self.round_to, minimum=1, allow_none=True)
+
+
+def refuse_language_models(model: nn.Module) -> None:
+    """Refuse a model holding a transformers language model (a module with output embeddings and
+    a ``config.num_attention_heads``): Torch-Pruning's dependency-group search does not finish
+    on one (a tiny two-layer Llama ran for minutes), so it is refused before anything changes.
+
+    Raises:
+        PPQConfigError: naming the module and the stages that prune a language model.
+    """
+    for name, module in model.named_modules():
+        heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        embeddings = getattr(module, "get_output_embeddings", None)
+        if heads and callable(embeddings) and embeddings() is not None:
+            raise PPQConfigError(
+                f"DepGraphPruning cannot prune {name or 'the model'} ({type(module).__name__}), a "
+                "transformers language model: Torch-Pruning's dependency search does not finish "
+                "on one. Prune its structure with ChannelPruning (MLP channels and attention "
+                "heads, from calibration statistics) or BlockRemoval (whole blocks, SLEB)."
+            )
 
 
 class DepGraphPruning(CompressionCallback):
@@ -86,9 +107,14 @@ class DepGraphPruning(CompressionCallback):
     ) -> None:
         super().__init__(ratio=ratio, prune_heads=prune_heads, round_to=round_to, **kwargs)
 
+    def check_ahead(self, model: nn.Module, earlier: list[CompressionStage]) -> None:
+        refuse_language_models(model)
+        super().check_ahead(model, earlier)
+
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
+        refuse_language_models(model)
         batch = self.calibration_batches(1)[0]
         device = next(model.parameters()).device
         # traced with the call the stage's forward makes (positional and keyword arguments)

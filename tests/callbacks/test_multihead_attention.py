@@ -203,7 +203,9 @@ def test_basis_sharing_refuses_an_attention_projection_before_any_change():
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
-def test_depgraph_refuses_to_shrink_an_attention_whose_projections_are_compressed():
+def test_depgraph_keeps_a_compressed_attention_whole():
+    """DepGraph pruning after the attention's projections were quantized leaves the attention
+    (its embedding width, its rows and their grids) as it was and prunes the MLP channels."""
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
@@ -211,9 +213,9 @@ def test_depgraph_refuses_to_shrink_an_attention_whose_projections_are_compresse
     )  # fmt: skip
     images = [torch.randn(2, 3, 32, 32)]
     RTNQuantization(bits=4, group_size=None, targets="self_attention").apply(vit)
-    before = copy.deepcopy(vit.state_dict())
-    with pytest.raises(PPQConfigError, match=r"would shrink the q_proj .* already compressed"):
-        DepGraphPruning(ratio=0.25).apply(vit, dataloader=images)
-    after = vit.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(v, before[k]) for k, v in after.items() if torch.is_tensor(v))
+    attention = vit.encoder.layers[0].self_attention
+    before = attention.in_proj_weight.detach().clone()
+    DepGraphPruning(ratio=0.25).apply(vit, dataloader=images)
+    assert torch.equal(attention.in_proj_weight, before)
+    assert vit.encoder.layers[0].mlp[0].out_features == 24
+    check_invariants(vit)

@@ -10,6 +10,7 @@ compresses a model at once and restores the layers if it fails part-way. The Lig
 from __future__ import annotations
 
 import ast
+import inspect
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -181,6 +182,7 @@ class CompressionStage:
         if forward_fn is not None and not callable(forward_fn):
             raise bad_value("forward_fn", forward_fn, "None or a callable forward_fn(model, batch)")
         self._name, self.b_orig, self.log_layers = name, b_orig, log_layers
+        self._check_known(arguments)
         if "b_orig" in self.config_class.__dataclass_fields__:  # its math reads B_orig
             arguments["b_orig"] = b_orig
         self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
@@ -190,6 +192,29 @@ class CompressionStage:
         self.dataloader: Iterable[Any] | None = None
         self.calibration: CalibrationData | None = None
         self._applied = False
+
+    def _check_known(self, arguments: dict[str, Any]) -> None:
+        """Refuse an argument the method does not take (``Wanda(nsamples=4)``), naming the ones
+        it takes, before its config is built.
+
+        Raises:
+            PPQConfigError: naming the method, the unknown arguments and the allowed ones.
+        """
+        fields = set(self.config_class.__dataclass_fields__)
+        unknown = sorted(set(arguments) - fields)
+        if not unknown:
+            return
+        allowed = fields | {  # and every named argument of the classes' __init__
+            n
+            for klass in type(self).__mro__
+            if "__init__" in vars(klass) and klass is not object
+            for n, p in inspect.signature(vars(klass)["__init__"]).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        raise PPQConfigError(
+            f"{type(self).__name__} got {', '.join(map(repr, unknown))}, which it does not "
+            f"take: its arguments are {', '.join(sorted(allowed))}."
+        )
 
     @property
     def model_forward(self) -> Callable[[nn.Module, Any], Any]:

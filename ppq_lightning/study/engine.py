@@ -103,7 +103,8 @@ class OrderStudy:
             (``interference``, ``calibration_kl``).
 
     Raises:
-        PPQConfigError: on no stages, unnamed or repeated names, a bad ``search``,
+        PPQConfigError: on no stages, unnamed or repeated names, a ``datamodule`` without
+            ``val_dataloader()``, a bad ``search``,
             ``predictor`` or ``top_k``, a non-bool ``reuse_prefixes``/``higher_is_better``,
             a ``metric``/``label``/``order`` that is not a non-empty string, an
             ``output_dir``/``cells_dir`` that is (or lies in) a file, or an evaluation that
@@ -149,6 +150,13 @@ class OrderStudy:
         clash = sorted({s.name for s in tail} & {*names, *(s.name for s in curve)})
         if clash:
             raise PPQConfigError(f"a tail stage and a study or curve stage are named {clash[0]!r}.")
+        if not callable(getattr(datamodule, "val_dataloader", None)):
+            raise bad_value(
+                "datamodule",
+                datamodule,
+                "a LightningDataModule with val_dataloader() (from your datasets: "
+                "L.LightningDataModule.from_datasets(train_dataset=..., val_dataset=...))",
+            )
         check_choice("search", search, SEARCH_MODES)
         check_choice("predictor", predictor, PREDICTORS)
         check_int("top_k", top_k, minimum=1)

@@ -195,3 +195,28 @@ def test_a_compressed_state_dict_into_a_fresh_module(tmp_path):
         model=fresh,
         folder=tmp_path,
     )
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: Wanda(sparsity=0.5, nsamples=4), r"Wanda got 'nsamples'.*num_calibration_batches"),
+        (
+            lambda: DepGraphPruning(ratio=0.25, num_calibration_batches=2),
+            r"DepGraphPruning got 'num_calibration_batches'.*ratio",
+        ),
+        (lambda: MagnitudePruning(sparsity=0.5, sparsty=0.4), r"got 'sparsty'.*sparsity"),
+    ],
+)
+def test_an_argument_a_method_does_not_take_is_named_with_the_ones_it_takes(build, match):
+    """It was a raw TypeError from the method's config dataclass."""
+    with pytest.raises(PPQConfigError, match=match):
+        build()
+
+
+def test_a_study_without_validation_data_is_refused_when_built(tiny_lm):
+    """OrderStudy(module, None, ...) ran until the first evaluation: AttributeError."""
+    from ppq_lightning.study.engine import OrderStudy
+
+    with pytest.raises(PPQConfigError, match=r"datamodule=None.*from_datasets"):
+        OrderStudy(tiny_lm, None, stages=[MagnitudePruning(sparsity=0.5, name="P")])

@@ -13,7 +13,12 @@ from torch import nn
 from ppq_lightning.calibration.data import calibration_batches, default_forward
 from ppq_lightning.calibration.distributed import world
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.modules.boundary import boundary_known, declares_boundary, trace_boundary
+from ppq_lightning.modules.boundary import (
+    boundary_known,
+    declared_boundary,
+    declares_boundary,
+    trace_boundary,
+)
 
 
 def trace_default_boundary(
@@ -31,8 +36,10 @@ def trace_default_boundary(
     the first calibration batch (``calibration.data.calibration_batches``: ``dataloader``,
     else the datamodule's ``calibration_dataloader()``, else the running loop's data); with no
     data at all nothing is traced (see ``modules.boundary.boundary_layers`` for what default
-    targets are then). A forward that fails on the batch is reported as a warning and nothing
-    is traced: the stage itself says what its forward needs when it runs the model.
+    targets are then), and a model that neither has ``example_input_array`` nor declares its
+    classifier (timm) gets a warning that its output layer and stem are default targets. A
+    forward that fails on the batch is reported as a warning and nothing is traced: the stage
+    itself says what its forward needs when it runs the model.
 
     Args:
         model: the model a stage is about to compress.
@@ -49,6 +56,13 @@ def trace_default_boundary(
     try:  # one batch per rank: the sharded first ``world size`` batches
         batch = calibration_batches(trainer, world()[1], dataloader)[0]
     except PPQConfigError:
+        if getattr(model, "example_input_array", None) is None and not declared_boundary(model):
+            rank_zero_warn(
+                f"[ppq] no data to trace {type(model).__name__}'s output layer and stem on (no "
+                "dataloader, Trainer or example_input_array): the default targets include "
+                "them. Pass stage.apply(model, dataloader=...), set the model's "
+                "example_input_array, or leave them out with `ignore`."
+            )
         return {}
     forward = forward or default_forward
     try:

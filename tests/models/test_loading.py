@@ -84,3 +84,15 @@ def test_missing_smollm2_package(monkeypatch):
 def test_a_tokenizer_name_must_be_a_string():
     with pytest.raises(PPQConfigError, match="tokenizer=None is not allowed: expected a non-empty"):
         load_tokenizer(None)
+
+
+def test_a_misspelled_model_config_key_is_refused_with_the_closest_one():
+    """``hiden_size: 64`` built transformers' default 4096-wide Llama (#27 point 3); a legacy
+    key transformers consumes (``rope_theta``) is still taken."""
+    config = {"model_type": "llama", "vocab_size": 64, "hiden_size": 64}
+    with pytest.raises(PPQConfigError, match=r"model_config.hiden_size .* 'hidden_size'"):
+        load_causal_lm(None, config)
+    config = {**config, "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1}
+    del config["hiden_size"]
+    model = load_causal_lm(None, {**config, "num_attention_heads": 4, "rope_theta": 5e5})
+    assert model.config.hidden_size == 32

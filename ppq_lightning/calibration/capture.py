@@ -283,55 +283,29 @@ def example_call(
 def model_input(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> Tensor:
-    """The tensor ``model`` is called with on ``batch``: the one tensor the default forward
-    passes it (``calibration.data.forward_call``; ``input_ids`` when it passes several, as an HF
-    batch with an attention mask), or, with a stage's ``forward_fn``, the tensor that
-    ``forward(model, batch)`` hands to ``model`` (the forward stops there). What the stages that
-    trace the model (DepGraph pruning, the joint search's channel groups) trace it on, and the
-    token ids block removal scores the next-token loss on.
+    """The one tensor ``model`` is called with on ``batch`` (:func:`model_call`; ``input_ids``
+    when the default forward passes several, as an HF batch with an attention mask): the token
+    ids block removal scores the next-token loss on.
 
     Raises:
-        PPQConfigError: when the default forward cannot call ``model`` on ``batch``
-            (``calibration.data.forward_error``), or the model is called with other than one
+        PPQConfigError: as :func:`model_call`, or when the model is called with other than one
             tensor input.
     """
-    if forward is None or forward is default_forward:
-        args, kwargs = forward_call(model, batch)
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        if len(tensors) == 1:
-            return tensors[0]
-        if isinstance(kwargs.get("input_ids"), Tensor):
-            return kwargs["input_ids"]
-        raise forward_error(
-            model,
-            batch,
-            f"the stage reads the one tensor the model's forward receives, but the batch gives "
-            f"it {len(tensors)}",
-        )
-    try:
-        captured = capture_block_inputs(model, model, [batch], forward)
-    except PPQConfigError as error:
-        raise PPQConfigError(
-            "the stage reads the tensor the model's forward receives, but forward_fn did not "
-            "call the model itself (call model(x) in forward_fn, not a submodule)."
-        ) from error
-    args, kwargs = captured.args[0], captured.kwargs[0]
+    args, kwargs = model_call(model, batch, forward)
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-    if len(tensors) != 1:
+    if len(tensors) == 1:
+        return tensors[0]
+    if forward is not None and forward is not default_forward:
         raise PPQConfigError(
             f"the stage reads the tensor the model's forward receives, but forward_fn called "
             f"it with {len(tensors)} tensors; the stage needs one input tensor (call model(x) "
             "in forward_fn)."
         )
-    return tensors[0]
-
-
-def example_input(
-    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
-) -> Tensor:
-    """The first sample of :func:`model_input` (what a traced stage traces the model on).
-
-    Raises:
-        PPQConfigError: see :func:`model_input`.
-    """
-    return model_input(model, batch, forward)[:1]
+    if isinstance(kwargs.get("input_ids"), Tensor):
+        return kwargs["input_ids"]
+    raise forward_error(
+        model,
+        batch,
+        f"the stage reads the one tensor the model's forward receives, but the batch gives "
+        f"it {len(tensors)}",
+    )

@@ -24,7 +24,14 @@ from ppq_lightning.errors import PPQConfigError, check_bool, check_choice
 from ppq_lightning.export import compressed_tensors, gguf, native, peft_adapters
 from ppq_lightning.export.architecture import unwrap
 from ppq_lightning.export.checkpoint import load_lightning_checkpoint
-from ppq_lightning.export.folder import atomic_folder, check_target, folder_bytes, write_manifest
+from ppq_lightning.export.folder import (
+    CHECKSUMS,
+    atomic_folder,
+    check_target,
+    checksums,
+    folder_bytes,
+    write_manifest,
+)
 
 WRITERS = {
     "ppq": native.save,
@@ -54,18 +61,26 @@ def export(
             or the network itself, compressed in memory.
         format: ``"ppq"`` (native, bit-exact, any model), ``"compressed-tensors"`` (transformers,
             vLLM), ``"gguf"`` (llama.cpp) or ``"peft"`` (base model + LoRA adapters).
-        path: the folder to write; it must not exist unless ``overwrite``.
-        overwrite: replace an existing folder (only once the new one is complete).
+        path: the folder to write; it must not exist unless ``overwrite``. A symlink to a
+            folder is written through.
+        overwrite: replace an earlier export at ``path`` (a folder whose ``export.json`` lists
+            every file in it, or an empty folder), only once the new one is complete; any other
+            folder or file is refused.
         dtype: compressed-tensors only: the dtype of the exported model (``float32``,
             ``float16``, ``bfloat16``; default: the model's). Grids are rounded to it before the
             codes are computed, so the export is the same model in that dtype.
 
     Returns:
-        The manifest written to ``path/export.json`` (format, files, sizes, compression rates).
+        The manifest written to ``path/export.json`` (format, files, their sizes and sha256,
+        compression rates).
 
     Raises:
-        PPQConfigError: on an unknown format, an existing folder, a model with no compressed
-            layers, or a model the format cannot represent; nothing is written then.
+        PPQConfigError: on an unknown format; a path that is empty, ``.``, a dangling symlink, a
+            file, an existing folder without ``overwrite``, or with it a folder that is not an
+            earlier export; a model with no compressed layers, or one the format cannot
+            represent (scales its file's dtype cannot hold included); nothing is written then.
+        OSError: when writing fails (disk full, read-only folder), naming the path; the path
+            holds what it held before and no hidden folder is left.
     """
     check_choice("format", format, WRITERS)
     check_bool("overwrite", overwrite)
@@ -84,7 +99,7 @@ def export(
     b_orig = int(getattr(model, "b_orig", 16))
     summary = compression_summary(model, b_orig)  # the LightningModule's records included
     start = time.perf_counter()
-    with atomic_folder(target) as folder:
+    with atomic_folder(target, overwrite) as folder:
         written = WRITERS[format](model, folder, **options)
         seconds = time.perf_counter() - start
         manifest = _manifest(format, network, folder, written, summary, b_orig, seconds)
@@ -102,7 +117,8 @@ def _manifest(
     seconds: float,
 ) -> dict[str, Any]:
     """What ``export.json`` says: sizes of the files and of the counted layers in them."""
-    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
+    digests = checksums(folder)  # every file, subfolders (peft's base/, adapter/) included
+    files = {name: (folder / name).stat().st_size for name in digests}
     unique = {  # the dense model's floats, tied weights (embeddings, LM head) once
         (t.data_ptr(), t.numel()): t.numel()
         for key, t in network.state_dict().items()
@@ -113,6 +129,7 @@ def _manifest(
     manifest: dict[str, Any] = {
         "format": format,
         "files": files,
+        CHECKSUMS: digests,
         "bytes": folder_bytes(folder),
         "dense_bytes_at_b_orig": dense_bytes,
         "b_orig": b_orig,

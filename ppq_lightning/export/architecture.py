@@ -12,13 +12,14 @@ edits its history replays. Three kinds are recorded:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ppq_lightning.compressed.state import compressed_modules
+from ppq_lightning.compressed.state import STATE_NAME, compressed_modules
 from ppq_lightning.edits.blocks import BLOCK_REMOVAL
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models.image_classifier import ImageClassifierModule
@@ -140,3 +141,86 @@ def build(record: dict[str, Any], dtype: torch.dtype) -> nn.Module:
         f"the export holds a {record.get('class', 'custom')} model, which it cannot rebuild by "
         "itself: pass a freshly built one, load_compressed(path, model=MyModel(...))."
     )
+
+
+def _edited_prefixes(extra_states: dict[str, Any]) -> list[str]:
+    """Module prefixes (``"model.layers.0.mlp."``) whose recorded history holds a structural
+    edit or adapters: the shapes below them are the edit's, not the architecture's."""
+    prefixes = []
+    for key, value in extra_states.items():
+        history = value.get("history") if isinstance(value, dict) else None
+        if not key.endswith(f"{STATE_NAME}._extra_state") or not isinstance(history, list):
+            continue
+        prefix = key[: -len(f"{STATE_NAME}._extra_state")]
+        for entry in history:
+            if not isinstance(entry, dict):
+                continue
+            if entry.get("edit") == BLOCK_REMOVAL and isinstance(entry.get("container"), str):
+                prefixes.append(f"{prefix}{entry['container']}.")  # the blocks, not the model
+            elif "edit" in entry or entry.get("adapter_weights"):
+                prefixes.append(prefix)
+    return prefixes
+
+
+def check_skeleton(
+    make: Callable[[], nn.Module],
+    declared: dict[str, torch.Size],
+    extra_states: dict[str, Any],
+    source: str,
+) -> None:
+    """Refuse, before the model is built in memory, a file whose tensors do not fit the
+    architecture it declares (a crafted or corrupt config: a 1.5 GB model built to be refused).
+
+    The model is built on the meta device (no memory). Every tensor of its state dict that the
+    file holds, outside modules whose history records a structural edit or adapters, must have
+    the file's shape; the tensors the file lacks (outside them: a LoRA layer's base weight, stored
+    under ``base_layer``) must not take more bytes than the file's tensors do.
+
+    Args:
+        make: builds the model the file will be loaded into.
+        declared: ``{state-dict key: shape}`` the file holds.
+        extra_states: the file's non-tensor state-dict entries (the compression records).
+        source: the file, for the message.
+
+    Raises:
+        PPQConfigError: naming the file, the first tensor that does not fit, both shapes, and
+            the bytes the declared architecture would have taken.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = make()
+    except Exception:  # not buildable without memory: the real load judges
+        return
+    edited = _edited_prefixes(extra_states)
+    skeleton_state = skeleton.state_dict()
+    total = sum(
+        t.numel() * t.element_size() for t in skeleton_state.values() if isinstance(t, Tensor)
+    )
+    lacking: list[str] = []
+    lacking_bytes = 0
+    for key, tensor in skeleton_state.items():
+        if not isinstance(tensor, Tensor) or STATE_NAME in key.split("."):
+            continue
+        if any(key.startswith(prefix) for prefix in edited):
+            continue
+        shape = declared.get(key)
+        if shape is None:
+            lacking.append(key)
+            lacking_bytes += tensor.numel() * tensor.element_size()
+        elif shape != tensor.shape:
+            raise PPQConfigError(
+                f"{source} does not fit the architecture it declares: {key} is "
+                f"{list(tensor.shape)} there and {list(shape)} in the file; refused before "
+                f"building it ({total / 2**20:.0f} MiB). The file is corrupt or was not written "
+                "for this model."
+            )
+    held = sum(shape.numel() for shape in declared.values()) * max(
+        (t.element_size() for t in skeleton_state.values() if isinstance(t, Tensor)), default=4
+    )
+    if lacking_bytes > held:
+        raise PPQConfigError(
+            f"{source} does not fit the architecture it declares: {len(lacking)} of its tensors "
+            f"({lacking_bytes / 2**20:.0f} MiB, e.g. {lacking[0]}) are not in the file, which "
+            f"holds {held / 2**20:.0f} MiB; refused before building it ({total / 2**20:.0f} "
+            "MiB). The file is corrupt or was not written for this model."
+        )

@@ -41,12 +41,19 @@ from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, get_state
 from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.export.architecture import build, describe, floating_dtype, unwrap, wrap
-from ppq_lightning.export.folder import counted_bytes, open_safetensors
+from ppq_lightning.export.architecture import (
+    build,
+    check_skeleton,
+    describe,
+    floating_dtype,
+    unwrap,
+    wrap,
+)
+from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
 from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
 from ppq_lightning.ops.masks import unpack_mask
-from ppq_lightning.ops.packing import pack_codes, unpack_codes
+from ppq_lightning.ops.packing import pack_codes, packed_size, unpack_codes
 from ppq_lightning.ops.quant_grid import QuantGrid
 from ppq_lightning.ops.storage import sparse_is_smaller
 
@@ -316,12 +323,16 @@ def _decode_weight(key: str, stored: Tensor, record: dict[str, Any], state_dict:
 
 
 def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The stored tensors and the metadata of a native export (a folder or its file).
+    """The stored tensors and the metadata of a native export (a folder or its file), its
+    checksums verified (``export.json``), its declared sizes checked against its tensors.
 
     Raises:
-        PPQConfigError: when the path holds no readable native export.
+        PPQConfigError: when the path holds no readable native export, a file whose sha256
+            differs from the one ``export.json`` records, or metadata that does not fit the
+            stored tensors.
     """
     path = Path(path)
+    verified_folder(path)
     file = path / WEIGHTS if path.is_dir() else path
     with open_safetensors(file) as handle:
         raw = (handle.metadata() or {}).get(FORMAT)
@@ -336,7 +347,139 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 f"ppq-lightning reads versions {list(READS)}."
             )
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    declared_shapes(tensors, metadata, file)
     return tensors, metadata
+
+
+def _shape(record: dict[str, Any], key: str, where: Path) -> torch.Size:
+    shape = record.get("shape")
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise PPQConfigError(f"{where}: the record of {key!r} declares shape {shape!r}.")
+    if record.get("dtype") not in _DTYPES:
+        raise PPQConfigError(
+            f"{where}: the record of {key!r} declares dtype {record.get('dtype')!r}."
+        )
+    return torch.Size(shape)
+
+
+def declared_shapes(
+    tensors: dict[str, Tensor], metadata: dict[str, Any], where: Path
+) -> dict[str, torch.Size]:
+    """The shape of every tensor of the state dict a native export decodes to, each declared
+    size checked against the stored tensors, so that nothing is allocated for a size the file
+    does not hold (a crafted or corrupt header).
+
+    Args:
+        tensors: the file's tensors.
+        metadata: the file's ``ppq`` metadata.
+        where: the file, for the messages.
+
+    Returns:
+        ``{state-dict key: shape}`` of the decoded state dict.
+
+    Raises:
+        PPQConfigError: naming the file and the key whose record does not fit its tensor.
+    """
+
+    def fail(key: str, what: str) -> PPQConfigError:
+        return PPQConfigError(
+            f"{where} is corrupt or crafted: {key!r} {what}; refused before decoding."
+        )
+
+    for field, kind in (("encodings", dict), ("aliases", dict), ("extra_state", dict)):
+        if not isinstance(metadata.get(field), kind):
+            raise PPQConfigError(f"{where}: its metadata has no {field!r} record.")
+    if metadata.get("dtype") not in _DTYPES:
+        raise PPQConfigError(f"{where}: its metadata declares dtype {metadata.get('dtype')!r}.")
+    extra = metadata["extra_state"]
+    shapes = {key: t.shape for key, t in tensors.items()}
+    for key, value in extra.items():  # a mask's declared shape against its packed bits
+        mask_shape = value.get("mask_shape") if isinstance(value, dict) else None
+        if mask_shape is not None:
+            bits = tensors.get(key.removesuffix("_extra_state") + "mask_bits")
+            shape = _shape({"shape": mask_shape, "dtype": "torch.float32"}, key, where)
+            if bits is None or bits.numel() != packed_size(shape.numel(), 1):
+                raise fail(key, f"declares a mask of shape {list(shape)} that its bits do not hold")
+    for key, record in metadata["encodings"].items():
+        stored = tensors.get(key)
+        if stored is None or not isinstance(record, dict):
+            raise fail(key, "has a record but no tensor")
+        encoding = record.get("encoding")
+        if encoding == "fp16":
+            if stored.dtype != torch.float16 or record.get("dtype") not in _DTYPES:
+                raise fail(key, "is recorded as fp16 and stored otherwise")
+            continue
+        if encoding == "dense" and "shape" not in record:
+            continue  # a view's weight, stored as is
+        shape = _shape(record, key, where)
+        shapes[key] = shape
+        numel = shape.numel()
+        if encoding == "dense":
+            if stored.shape != shape:
+                raise fail(key, f"declares shape {list(shape)} but stores {list(stored.shape)}")
+            continue
+        prefix = key[: -len("weight")] + STATE_NAME + "."
+        state = extra.get(prefix + "_extra_state", {})
+        mask_shape = state.get("mask_shape") if isinstance(state, dict) else None
+        sparse = encoding == "values" or (encoding == "codes" and record.get("sparse"))
+        if sparse and (mask_shape is None or torch.Size(mask_shape) != shape):
+            raise fail(key, f"is stored sparse without a mask of its shape {list(shape)}")
+        if encoding == "values":
+            if stored.numel() > numel:
+                raise fail(key, f"stores {stored.numel()} values for {numel} weights")
+            continue
+        bits = record.get("bits")
+        if encoding != "codes" or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise fail(key, f"has an unknown encoding {encoding!r} (bits {bits!r})")
+        need = packed_size(numel, bits)
+        if stored.dtype != torch.uint8 or (
+            stored.numel() > need if sparse else stored.numel() != need
+        ):
+            raise fail(
+                key, f"declares {numel} codes of {bits} bits but stores {stored.numel()} bytes"
+            )
+        if key.endswith(("weight",)) and len(shape) >= 2:
+            rows, cols = (
+                (shape[1], shape[0])
+                if record.get("transposed")
+                else (shape[0], numel // max(shape[0], 1))
+            )
+            scale = shapes.get(prefix + "scale")
+            if (
+                scale is None
+                or len(scale) != 2
+                or scale[0] != rows
+                or not scale[1]
+                or cols % scale[1]
+            ):
+                raise fail(key, f"of shape {list(shape)} has a grid of shape {list(scale or [])}")
+    for key, layout in metadata.get("views", {}).items():
+        shape = _shape(layout, key, where)
+        parts = layout.get("parts")
+        rows, end = 0, 0
+        for part in parts if isinstance(parts, list) else [None]:
+            if not (isinstance(part, list) and len(part) == 3 and part[0] in shapes):
+                raise fail(key, f"has a view record {part!r} of no stored tensor")
+            view_key, first, end = part
+            view = shapes.pop(view_key)
+            if first != rows or view[1:] != shape[1:] or view[0] != end - first:
+                raise fail(
+                    key,
+                    f"of shape {list(shape)} has a view {view_key!r} of shape {list(view)} at "
+                    f"rows {first}:{end}",
+                )
+            rows = end
+        if rows != shape[0]:
+            raise fail(key, f"declares {shape[0]} rows, its views hold {rows}")
+        shapes[key] = shape
+    for key, owner in metadata["aliases"].items():
+        if owner not in shapes:
+            raise fail(key, f"is an alias of {owner!r}, which the file lacks")
+        shapes[key] = shapes[owner]
+    return shapes
 
 
 def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -365,7 +508,13 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     """
     tensors, metadata = read(path)
     dtype = _DTYPES[metadata["dtype"]]
-    if model is None:
+    if model is None:  # the architecture the file declares, against its tensors first
+        check_skeleton(
+            lambda: wrap(build(metadata["architecture"], dtype), metadata.get("wrapper")),
+            declared_shapes(tensors, metadata, Path(path)),
+            metadata["extra_state"],
+            str(path),
+        )
         model = wrap(build(metadata["architecture"], dtype), metadata.get("wrapper"))
     enable_state_loading(model)
     state_dict = _decode(tensors, metadata)

@@ -176,6 +176,9 @@ def test_truncated_or_foreign_files_are_refused(tmp_path):
     file = tmp_path / "x" / WEIGHTS
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PPQConfigError, match="truncated or changed after the export"):
+        load_compressed(tmp_path / "x")  # export.json records its size and sha256
+    (tmp_path / "x" / "export.json").unlink()  # a bare file: safetensors' own check
     with pytest.raises(PPQConfigError, match="truncated or corrupt"):
         load_compressed(tmp_path / "x")
     save_file({"a": torch.zeros(2)}, str(file))

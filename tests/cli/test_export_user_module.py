@@ -160,10 +160,11 @@ def test_module_args_give_what_the_hyperparameters_lack(tmp_path):
     )
 
 
-def test_ppq_fit_of_a_user_module_exports_without_module(tmp_path):
+def test_ppq_fit_of_a_user_module_exports_without_module(tmp_path, monkeypatch):
     """`ppq fit --model tests.user_modules.modules.UserCausalLM` records the class
     (LightningCLI's `_class_path`): `ppq export --ckpt` of its mid-fit checkpoint uses it (the
     hyperparameters ['lr'] were refused as no module of this project's)."""
+    monkeypatch.chdir(tmp_path)  # `tests` is imported from sys.path, never the current folder
     folder = tmp_path / "fit"
     main(
         [

@@ -237,9 +237,10 @@ class UnseededLM(CausalLMModule):
                 parameter.add_(torch.randn_like(parameter))
 
 
-def test_the_seed_is_set_before_the_model_is_built(tmp_path):
+def test_the_seed_is_set_before_the_model_is_built(tmp_path, monkeypatch):
     """``ppq study --seed`` seeds the building of the model: two runs of one config study the
     same random weights (it seeded after building, so each run had another dense model)."""
+    monkeypatch.chdir(tmp_path)  # `tests` is imported from sys.path, never the current folder
     text = (
         Path(CONFIG)
         .read_text()

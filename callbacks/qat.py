@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from ppq_lightning.callbacks.fake_quant_stage import FakeQuantStage
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.training import finalise_qat
+from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.config import GridConfig
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import as_matrix, to_weight_layout, weight_matrix
@@ -72,8 +75,9 @@ class QuantizationAwareTraining(FakeQuantStage):
         PPQConfigError: bits outside 2-8, a group size that is not a positive integer,
             ``symmetric`` not a bool; at
             ``setup``, a group size that does not divide a layer's input dimension (checked for
-            every layer before any is touched) or a layer already trained by another stage;
-            use outside ``fit`` (the stage trains).
+            every layer before any is touched), a layer already trained by another stage, or
+            a model whose parameters are all frozen (nothing to train); use outside ``fit``
+            (the stage trains).
 
     Example (YAML)::
 
@@ -99,6 +103,23 @@ class QuantizationAwareTraining(FakeQuantStage):
         **kwargs: Any,
     ) -> None:
         super().__init__(bits=bits, group_size=group_size, symmetric=symmetric, **kwargs)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a model with nothing to train, then set the stage up (see the base class).
+
+        Raises:
+            PPQConfigError: in ``fit``, when no parameter of the model requires a gradient (the
+                backward failed with ``element 0 of tensors does not require grad``).
+        """
+        fitting = stage == TrainerFn.FITTING and not self.already_applied(pl_module)
+        if fitting and not any(p.requires_grad for p in pl_module.parameters()):
+            raise PPQConfigError(
+                f"{self.name}: every parameter of {type(pl_module).__name__} is frozen "
+                "(requires_grad=False): quantization-aware training has nothing to train. "
+                "Unfreeze the weights it quantizes (requires_grad_(True)), or quantize "
+                "without training (RTNQuantization, GPTQ) in validate."
+            )
+        super().setup(trainer, pl_module, stage)
 
     def check_layer(self, name: str, module: nn.Module) -> None:
         check_group_size(self.group_size, weight_matrix(module).shape[1], f"group_size ({name})")

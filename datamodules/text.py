@@ -275,6 +275,7 @@ class TextDataModule(L.LightningDataModule):
         self.eval_windows: Tensor | None = None
         self.test_windows: Tensor | None = None
         self.train_tokens: Tensor | None = None
+        self.tokenizer_size: int | None = None  # tokens of the tokenizer, known after setup
 
     def _tokenize(self, tokenizer: Any, text: str) -> Tensor:
         # one long sequence: no special tokens, no warning about the model's maximum length
@@ -316,6 +317,7 @@ class TextDataModule(L.LightningDataModule):
         if self.eval_windows is not None:
             return
         tokenizer = load_tokenizer(self.tokenizer_name)
+        self.tokenizer_size = len(tokenizer)
         train, held_out, test = self._split(tokenizer, self.source, self.paths)
         if self.calibration_source is not None:
             train, _, _ = self._split(

@@ -6,12 +6,14 @@ raises :class:`InvariantError`.
 
 The checks (:func:`check_int`, :func:`check_number`, :func:`check_choice`, :func:`check_bool`)
 return the value they accept, so a constructor reads ``self.r = check_int("r", r, minimum=1)``;
-booleans are never accepted as numbers.
+booleans are never accepted as numbers; NumPy scalars and 0-d tensors are, as the Python number
+they hold (:func:`plain_number`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,6 +49,30 @@ def bad_value(argument: str, value: Any, allowed: str) -> PPQConfigError:
     return PPQConfigError(f"{argument}={value!r} is not allowed: expected {allowed}.")
 
 
+def plain_number(value: Any) -> Any:
+    """``value`` as a Python ``int`` or ``float`` when it is a NumPy scalar (``np.int64(4)``,
+    ``np.float32(0.5)``) or a 0-d tensor/array of numbers (``torch.tensor(0.5)``), which users
+    pass for numbers; anything else (booleans of any kind included) is returned unchanged."""
+    if isinstance(value, bool) or "bool" in type(value).__name__ or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        dtype = str(getattr(value, "dtype", ""))
+        if "bool" in dtype or "complex" in dtype:
+            return value
+        try:
+            plain = item()
+        except (TypeError, ValueError, RuntimeError):
+            return value
+        if isinstance(plain, (int, float)) and not isinstance(plain, bool):
+            return plain
+    return value
+
+
 def _int_range(minimum: int | None, maximum: int | None) -> str:
     if minimum is not None and maximum is not None:
         return f"an integer from {minimum} to {maximum}"
@@ -75,13 +101,15 @@ def check_int(
         allowed: the message's "expected ..." text instead of the generated one.
 
     Returns:
-        ``value``.
+        ``value``; a NumPy integer or a 0-d integer tensor as a Python ``int``
+        (:func:`plain_number`).
 
     Raises:
         PPQConfigError: naming ``argument``, ``value`` and the allowed range.
     """
     if allow_none and value is None:
         return None
+    value = plain_number(value)
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
@@ -122,13 +150,15 @@ def check_number(
         allowed: the message's "expected ..." text instead of the generated one.
 
     Returns:
-        ``value`` as given (the caller converts it when it needs a float).
+        ``value`` as given, a NumPy scalar or a 0-d tensor as a Python number
+        (:func:`plain_number`; the caller converts it when it needs a float).
 
     Raises:
         PPQConfigError: naming ``argument``, ``value`` and the allowed interval.
     """
     if allow_none and value is None:
         return None
+    value = plain_number(value)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and not math.isnan(value)
     if ok and low is not None:

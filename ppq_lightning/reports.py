@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -16,6 +17,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+
+class DiskFullError(OSError):
+    """A result file could not be written: the disk, a quota or the file-size limit had no room
+    (``ENOSPC``, ``EFBIG`` "File too large", ``EDQUOT``). The message names the file, which is
+    left as it was; ``errno`` is the original one, so ``except OSError`` still catches it."""
 
 
 def _umask() -> int:
@@ -32,18 +39,46 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     Args:
         path: the file to write (its folder is created if needed).
         mode: ``"w"`` (text, no newline translation) or ``"wb"``.
+
+    Raises:
+        DiskFullError: naming ``path`` when the disk, a quota or the file-size limit has no
+            room for it (``path`` is unchanged, the temporary file removed).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:
+        raise _disk_full(path, error) or error from None
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
         os.chmod(temporary, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise _disk_full(path, error) or error from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _disk_full(path: Path, error: OSError) -> DiskFullError | None:
+    """The one clear error of a write the disk had no room for (``ENOSPC``, ``EFBIG`` "File
+    too large", ``EDQUOT``), else None."""
+    if error.errno not in _FULL:
+        return None
+    return DiskFullError(
+        error.errno,
+        f"writing {str(path)!r} failed: {error.strerror or error}; "
+        f"{str(path)!r} was left as it was and no partial file remains. Free disk space (or "
+        "raise the quota or file-size limit), or write to another folder, and run again.",
+    )
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -116,8 +116,25 @@ class CausalLMModule(L.LightningModule):
         attach its compression states (``edits.enable_state_loading``)."""
         enable_state_loading(self)
 
+    def setup(self, stage: str) -> None:
+        """Before any loop runs (and any stage changes a weight): check that the datamodule's
+        windows and tokenizer fit the model (:func:`check_data_fits`).
+
+        Raises:
+            PPQConfigError: naming the datamodule's ``seqlen`` or ``tokenizer``.
+        """
+        trainer = self._trainer
+        check_data_fits(self.model, getattr(trainer, "datamodule", None))
+
     def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits ``(B, T, vocab)`` of token ids ``(B, T)``."""
+        """Logits ``(B, T, vocab)`` of token ids ``(B, T)``.
+
+        Raises:
+            PPQConfigError: on token ids outside the model's vocabulary, or more tokens than
+                its learned position embeddings have positions (:func:`check_token_ids`); the
+                embedding's ``IndexError: index out of range in self`` said neither.
+        """
+        check_token_ids(self.model, input_ids)
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def _shifted(self, batch: Any) -> tuple[Tensor, Tensor]:
@@ -238,3 +255,96 @@ def task_evaluation(tasks: Any) -> TaskEvaluation | None:
         except TypeError as err:
             raise PPQConfigError(f"tasks={tasks!r}: {err}") from err
     raise bad_value("tasks", tasks, "None, a TaskEvaluation or a dict of its arguments")
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The rows of ``model``'s input embedding (a Hugging Face model's
+    ``get_input_embeddings()``), None when it has none to read."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """``max_position_embeddings`` of a model with a learned table of absolute positions
+    (GPT-2's ``wpe``, OPT's ``embed_positions``), which has no row for a later position; None
+    for models without one (rotary positions, as Llama's, compute any position)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    get = getattr(model, "get_input_embeddings", None)
+    tokens = get() if callable(get) else None
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        table = isinstance(module, nn.Embedding) and module is not tokens
+        if table and ("pos" in leaf or leaf == "wpe"):
+            return positions
+    return None
+
+
+def check_token_ids(model: nn.Module, input_ids: Tensor) -> None:
+    """Refuse token ids ``model`` has no embedding for, and sequences longer than its learned
+    positions.
+
+    Args:
+        model: the causal LM (a Hugging Face model; others are not checked).
+        input_ids: ``(B, T)`` token ids.
+
+    Raises:
+        PPQConfigError: naming the smallest and largest id and the model's ``vocab_size``, or
+            the length and its ``max_position_embeddings``, with the fix.
+    """
+    vocab = vocabulary_size(model)
+    if vocab is not None and input_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(input_ids.detach()))
+        if low < 0 or high >= vocab:
+            raise PPQConfigError(
+                f"input_ids hold token ids from {low} to {high}, outside the model's vocabulary "
+                f"of {vocab} tokens (ids 0 to {vocab - 1}): the data was tokenised for another "
+                "model. Use the model's own tokenizer (TextDataModule's tokenizer), or a model "
+                f"with vocab_size > {high}."
+            )
+    positions = learned_positions(model)
+    if positions is not None and input_ids.shape[-1] > positions:
+        raise PPQConfigError(
+            f"input_ids of {input_ids.shape[-1]} tokens: the model has learned position "
+            f"embeddings for max_position_embeddings={positions} positions. Use windows of at "
+            f"most {positions} tokens (TextDataModule's seqlen)."
+        )
+
+
+def check_data_fits(model: nn.Module, datamodule: Any) -> None:
+    """Refuse a datamodule whose windows (``seqlen``) or tokenizer (``tokenizer_size``, set by
+    ``TextDataModule.setup``) do not fit ``model``, before anything runs.
+
+    Args:
+        model: the causal LM.
+        datamodule: the Trainer's datamodule (None, or one without these attributes, is not
+            checked).
+
+    Raises:
+        PPQConfigError: naming ``seqlen`` or ``tokenizer``, the value, the model's limit and
+            the fix.
+    """
+    if datamodule is None:
+        return
+    seqlen, positions = getattr(datamodule, "seqlen", None), learned_positions(model)
+    if isinstance(seqlen, int) and positions is not None and seqlen > positions:
+        raise bad_value(
+            "seqlen",
+            seqlen,
+            f"at most the model's max_position_embeddings={positions} (its learned position "
+            f"embeddings have no row for a later position); use seqlen <= {positions}",
+        )
+    size, vocab = getattr(datamodule, "tokenizer_size", None), vocabulary_size(model)
+    if isinstance(size, int) and vocab is not None and size > vocab:
+        raise bad_value(
+            "tokenizer",
+            getattr(datamodule, "tokenizer_name", None),
+            f"a tokenizer of at most the model's {vocab} tokens (vocab_size={vocab}), but it has "
+            f"{size}: its ids from {vocab} on have no embedding. Use the model's own tokenizer, "
+            f"or a model_config with vocab_size >= {size}",
+        )

@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ppq_lightning.errors import check_bool
+from ppq_lightning.errors import check_bool, plain_number
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.ops.masks import parse_pattern, resolve_sparsity
 from ppq_lightning.ops.quant_grid import check_group_size
@@ -70,6 +70,10 @@ class StageConfig:
     ignore: str | list[str] | None = None
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # np.float32(0.5), torch.tensor(4): numbers
+            value = getattr(self, field.name)
+            if plain_number(value) is not value:
+                object.__setattr__(self, field.name, plain_number(value))
         compile_patterns(self.targets, "targets")
         compile_patterns(self.ignore, "ignore")
 

@@ -34,10 +34,19 @@ def parse_pattern(pattern: str, argument: str = "pattern") -> tuple[int, int] | 
     ``N:M`` keeps N weights in every group of M consecutive input weights (2:4 is 50% sparse).
 
     Raises:
-        PPQConfigError: for anything else, or N:M with N < 1 or N >= M.
+        PPQConfigError: for anything else, or N:M with N < 1 or N >= M; an integer such as 124
+            (what YAML 1.1 reads an unquoted ``2:4`` as) with the advice to quote it.
     """
     if pattern == "unstructured":
         return None
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 60:
+        n, m = divmod(pattern, 60)  # YAML 1.1 reads an unquoted 2:4 as 2*60+4 = 124
+        raise bad_value(
+            argument,
+            pattern,
+            f'"N:M" as a quoted string: YAML reads an unquoted {n}:{m} as the base-60 integer '
+            f'{pattern}; write {argument}: "{n}:{m}"',
+        )
     match = _NM.match(pattern) if isinstance(pattern, str) else None
     if match is None:
         raise bad_value(argument, pattern, '"unstructured" or "N:M" with integers 0 < N < M')

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import bad_value, check_int
+from ppq_lightning.errors import bad_value, check_int, plain_number
 
 MIN_BITS, MAX_BITS = 2, 8
 OFF_BITS = 16  # "no quantization": the bit width of an original LLM weight
@@ -26,6 +26,7 @@ def check_bits(bits: int, argument: str = "bits", allow_off: bool = False) -> in
     Raises:
         PPQConfigError: when ``bits`` is not allowed.
     """
+    bits = plain_number(bits)  # np.int64(4), torch.tensor(4)
     valid = not isinstance(bits, bool) and isinstance(bits, int)
     if valid and (MIN_BITS <= bits <= MAX_BITS or (allow_off and bits == OFF_BITS)):
         return bits

@@ -26,6 +26,7 @@ import torch
 
 from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.export.architecture import check_skeleton
 from ppq_lightning.models import CausalLMModule, ImageClassifierModule
 
 MODULES = (CausalLMModule, ImageClassifierModule)
@@ -35,11 +36,22 @@ def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with clear errors.
 
     Raises:
-        PPQConfigError: on a missing file, a truncated one, or a pickle that needs code to run.
+        PPQConfigError: on a missing file, one that is no checkpoint (a YAML file, text), a
+            truncated one, or a pickle that needs code to run.
     """
     path = Path(path)
     if not path.is_file():
         raise bad_value("ckpt", str(path), "an existing checkpoint file")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:4] != _ZIP_MAGIC and head[:1] != _PICKLE_PROTOCOL:
+        raise bad_value(
+            "ckpt",
+            str(path),
+            f"a checkpoint file, as Lightning's Trainer (ModelCheckpoint, save_checkpoint) and "
+            f"torch.save write it (a zip archive, or a legacy pickle); this file starts with "
+            f"{head!r} (a config, or another kind of file)",
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -47,8 +59,15 @@ def safe_torch_load(path: str | Path) -> Any:
         raise PPQConfigError(
             f"{path} asks to run code on load, refused (torch.load(weights_only=True)): {first}"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise PPQConfigError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError) as err:
+        raise PPQConfigError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_PROTOCOL = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle
 
 
 LIGHTNING_CLI_KEYS = ("_class_path", "_instantiator")
@@ -164,8 +183,10 @@ def load_lightning_checkpoint(
 
     Raises:
         PPQConfigError: see :func:`safe_torch_load`; ``module_class`` not a LightningModule
-            class; without ``module_class``, a checkpoint that names no class and holds
-            hyperparameters of no module of this project, or names one that cannot be imported
+            class; hyperparameters that declare a model the checkpoint's tensors do not fit
+            (checked on the meta device, before the model is allocated); without
+            ``module_class``, a checkpoint that names no class and holds hyperparameters of
+            no module of this project, or names one that cannot be imported
             (:func:`import_module_class`); a class that the hyperparameters and ``init_args``
             cannot build; a checkpoint whose stage records cannot be replayed or completed
             (``edits.enable_state_loading``).
@@ -185,6 +206,14 @@ def load_lightning_checkpoint(
     if cls is ImageClassifierModule:
         hparams["pretrained"] = False  # every weight comes from the checkpoint
         hparams["checkpoint"] = None
+    state_dict = checkpoint["state_dict"]
+    if not (cls is CausalLMModule and hparams.get("model_config") is None):  # built, not read
+        check_skeleton(  # a crafted config is refused before the model is allocated
+            lambda: cls(**hparams),
+            {k: v.shape for k, v in state_dict.items() if isinstance(v, torch.Tensor)},
+            {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)},
+            str(path),
+        )
     try:
         module = cls(**hparams)
     except TypeError as err:  # arguments the class does not take, or lacks

@@ -37,7 +37,8 @@ from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, ensure_state
 from ppq_lightning.errors import PPQConfigError, check_choice
 from ppq_lightning.export.architecture import describe, edited_layers, floating_dtype, unwrap
-from ppq_lightning.export.folder import counted_bytes, open_safetensors
+from ppq_lightning.export.dtypes import check_fits, check_range
+from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
 from ppq_lightning.modules.attention import attention_of
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import as_matrix, to_weight_layout
@@ -64,10 +65,12 @@ def check(model: nn.Module, dtype: str | None = None) -> None:
     Raises:
         PPQConfigError: for a model that is not a transformers model, structural edits or
             unmerged adapters, a compressed projection of an ``nn.MultiheadAttention``, a width
-            outside 2/4/8, or weights off their recorded grids.
+            outside 2/4/8, weights off their recorded grids, or a scale or weight the export
+            dtype cannot hold (a scale it turns into inf or, nonzero, into 0; a weight above
+            its largest value), naming the layer and the value.
     """
     network = unwrap(model)
-    _export_dtype(network, dtype)
+    export_dtype = _export_dtype(network, dtype)
     if describe(model)["kind"] != "transformers":
         raise PPQConfigError(
             f"format='compressed-tensors' exports transformers models, not "
@@ -104,7 +107,19 @@ def check(model: nn.Module, dtype: str | None = None) -> None:
                 "releases); use format='ppq', which packs any width."
             )
     check_invariants(network)
+    _check_dtype_holds(network, export_dtype)
     _warn_vllm_limits(network)
+
+
+def _check_dtype_holds(network: nn.Module, dtype: torch.dtype) -> None:
+    """Refuse scales and weights that ``dtype`` turns into inf (or, scales, into 0)."""
+    where = f"compressed-tensors with dtype={str(dtype).removeprefix('torch.')!r}"
+    for name, _, state in compressed_modules(network):
+        if state.bits is not None:
+            check_fits(name, "scale", state.grid.scale, dtype, where)
+    for key, tensor in network.state_dict().items():
+        if isinstance(tensor, Tensor) and STATE_NAME not in key.split("."):
+            check_range(key, tensor, dtype, where)
 
 
 def _warn_vllm_limits(network: nn.Module) -> None:
@@ -201,6 +216,11 @@ def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, 
         codes = grid.quantize(as_matrix(module, network.get_submodule(name).weight.detach()))
         with torch.no_grad():  # on the rounded grid, exactly (see the module docstring)
             module.weight.copy_(to_weight_layout(module, grid.dequantize(codes)))
+        if not bool(torch.isfinite(module.weight).all()):  # check() bounds it; never write inf
+            raise PPQConfigError(
+                f"{name}: its weights on the grid rounded to {export_dtype} are not finite in "
+                f"{export_dtype}; nothing was written. Use dtype='float32' or format='ppq'."
+            )
         module.weight_scale = nn.Parameter(grid.scale.to(export_dtype), requires_grad=False)
         if not grid.centred:
             zero = (grid.zero - 2 ** (grid.bits - 1)).to(torch.int8)
@@ -251,7 +271,8 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> nn.Module:
         layers carry their states (``check_invariants`` holds).
 
     Raises:
-        PPQConfigError: on a folder without a compressed-tensors config, a truncated file, or
+        PPQConfigError: on a folder without a compressed-tensors config, a truncated file, a
+            file whose sha256 differs from the one the export's ``export.json`` records, or
             weights that do not fit the config.
 
     Example::
@@ -265,6 +286,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> nn.Module:
 
     folder = Path(path)
     torch_dtype = DTYPES[check_choice("dtype", dtype, DTYPES)]
+    verified_folder(folder)  # a killed overwrite recovered; export.json's sha256 checked
     if not (folder / "config.json").is_file():
         raise PPQConfigError(f"path={str(folder)!r} holds no config.json: not an HF export.")
     config = AutoConfig.from_pretrained(str(folder))

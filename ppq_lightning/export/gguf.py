@@ -8,7 +8,9 @@ Grids map onto GGML block types only where the block's arithmetic is the grid's:
 
 The codes are ours, never re-quantized; ``d`` and ``m`` are fp16, so a weight is exact when its
 scale is fp16-representable and otherwise within fp16 rounding of the scale (the manifest
-reports the largest difference). Any other grid is refused. Unquantized tensors are written in
+reports the largest difference, a NaN or inf difference refuses the export). A scale (or ``m``)
+that fp16 turns into inf or, nonzero, into 0 is refused before writing, naming the layer. Any
+other grid is refused. Unquantized tensors are written in
 float32 (pruned zeros stay exact). Models: the llama architecture (Llama, SmolLM2), with the
 query/key row permutation llama.cpp's converter applies; the tokenizer is copied from the GGUF
 file the model was loaded from when there is one.
@@ -16,6 +18,7 @@ file the model was loaded from when there is one.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.compressed.state import compressed_modules, get_state
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.architecture import edited_layers, unwrap
+from ppq_lightning.export.dtypes import check_fits
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.quant_grid import QuantGrid
 
@@ -79,10 +83,23 @@ def check(model: nn.Module) -> None:
     for name, _, state in compressed_modules(network):
         if state.bits is not None:
             try:
-                block_type(state)
+                kind = block_type(state)
             except PPQConfigError as err:
                 raise PPQConfigError(f"{name}: {err}") from None
+            _check_scales(name, state.grid, kind)
     check_invariants(network)
+
+
+def _check_scales(name: str, grid: QuantGrid, kind: str) -> None:
+    """Refuse a grid whose fp16 ``d`` (and, for Q4_1, ``m = -d * z``) would be inf or 0.
+
+    Raises:
+        PPQConfigError: naming the layer and the value (``dtypes.check_fits``).
+    """
+    where = f"GGUF's fp16 block scale d ({kind})"
+    check_fits(name, "scale", grid.scale, torch.float16, where)
+    if kind == "Q4_1":
+        check_fits(name, "minimum m = -scale * zero", -grid.scale * grid.zero, torch.float16, where)
 
 
 def _permute_rows(matrix: Tensor, heads: int) -> Tensor:
@@ -196,7 +213,13 @@ def save(model: nn.Module, folder: Path) -> dict[str, Any]:
             exact = QuantGrid(scale, zero, grid.bits, grid.group_size, grid.symmetric).dequantize(
                 codes
             )
-            max_error = max(max_error, float((decoded - exact).abs().max()))
+            error = float((decoded - exact).abs().max()) if exact.numel() else 0.0
+            if not math.isfinite(error):  # max(0.0, nan) is 0.0: a NaN must not pass as exact
+                raise PPQConfigError(
+                    f"{key}: gguf's dequantizer reads {kind} blocks that differ from the grid by "
+                    f"{error} (inf or NaN); nothing was written."
+                )
+            max_error = max(max_error, error)
             layer_bytes += data.nbytes if layer in counted_all else 0
             types[kind] = types.get(kind, 0) + 1
         else:

@@ -63,6 +63,74 @@ def check_name(argument: str, value: Any) -> Any:
     return value
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face hub's host accepts a connection within ``timeout`` seconds (and
+    offline mode is off): one TCP connection, instead of the retries of every file request
+    (about 50 s without a network)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    ):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # reached through a proxy: let the request itself find out
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached(name: str) -> bool:
+    """Whether the hub id ``name`` has a ``config.json`` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid hub id (huggingface_hub's HFValidationError)
+        return False
+
+
+def hub_access(argument: str, name: str) -> bool:
+    """How to load the hub id ``name``: from the network, or from the cache only (returns
+    True: ``local_files_only``), failing fast when it is in neither.
+
+    Args:
+        argument: the argument that named it (``"model"``), for the message.
+        name: a hub id (not a local folder or file).
+
+    Returns:
+        Whether to load from the local cache only (the hub is unreachable or offline mode is
+        on, and the cache holds it).
+
+    Raises:
+        PPQConfigError: when the hub is unreachable (or ``HF_HUB_OFFLINE=1``) and the local
+            cache does not hold ``name``, naming it, within ``HUB_PROBE_SECONDS``.
+    """
+    if Path(name).is_dir() or _hub_reachable():
+        return False
+    if _cached(name):
+        return True
+    raise PPQConfigError(
+        f"{argument}={name!r} is not a local directory nor in the Hugging Face cache, and the hub "
+        "cannot be reached (no network, or HF_HUB_OFFLINE=1): use a local directory or file, "
+        f"the offline default {OFFLINE_DEFAULT!r}, or download it where there is a network "
+        "(huggingface-cli download NAME) and copy the cache."
+    )
+
+
 def _unreachable(argument: str, name: str, err: Exception) -> PPQConfigError:
     reason = str(err).splitlines()[0] if str(err) else ""
     return PPQConfigError(
@@ -114,7 +182,8 @@ def load_causal_lm(
         PPQConfigError: on an unknown dtype, a ``name_or_path`` that is not a non-empty string
             (without ``config``), a ``config`` that is not a dict or has no ``model_type``, a
             ``seed`` that is not an integer >= 0, or a model that cannot be found locally nor
-            on the hub.
+            on the hub (at once when the hub is unreachable and the cache lacks it:
+            :func:`hub_access`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,8 +219,11 @@ def load_causal_lm(
                 "model", name_or_path, f"a GGUF file transformers reads ({err})"
             ) from err
     else:
+        local_only = hub_access("model", name_or_path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch_dtype, local_files_only=local_only
+            )
         except OSError as err:
             raise _unreachable("model", name_or_path, err) from err
     return model.eval()
@@ -177,7 +249,8 @@ def load_tokenizer(name: str = OFFLINE_DEFAULT) -> PreTrainedTokenizerBase:
     if name == OFFLINE_DEFAULT or is_gguf_file(name):
         gguf = smollm2_gguf_path() if name == OFFLINE_DEFAULT else Path(name)
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    local_only = hub_access("tokenizer", name)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except OSError as err:
         raise _unreachable("tokenizer", name, err) from err

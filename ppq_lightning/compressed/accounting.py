@@ -145,7 +145,7 @@ def counted_layers(model: nn.Module) -> dict[str, nn.Module]:
     default (not embeddings, the LM head, the model's output layer and stem as
     ``modules.boundary`` knows them) and every layer that carries a compression state."""
     try:
-        layers = dict(resolve_targets(model))
+        layers = dict(resolve_targets(model, include_computed=True))
     except PPQConfigError:
         layers = {}
     states = {name for name, _, _ in compressed_modules(model)}

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import re
+import warnings
+from typing import Any, NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.modules.attention import attention_of, install_projection_views
+from ppq_lightning.modules.attention import (
+    AttentionProjection,
+    attention_of,
+    install_projection_views,
+)
 from ppq_lightning.modules.boundary import boundary_layers, output_embeddings
 from ppq_lightning.modules.views import is_compressible
 
@@ -42,11 +51,68 @@ def _embedding_weights(model: nn.Module) -> set[int]:
     return ids | {id(head.weight) for head in output_embeddings(model)}
 
 
+class ComputedWeightWarning(UserWarning):
+    """Default targets left out layers whose weight is computed from other parameters
+    (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``)."""
+
+
+class ComputedWeight(NamedTuple):
+    """What computes a layer's weight (``what``) and how to remove it (``fix``), in words."""
+
+    what: str
+    fix: str
+
+
+def computed_weight(module: nn.Module) -> ComputedWeight | None:
+    """How ``module.weight`` is computed when it is not a tensor the module holds, or None.
+
+    A stage writes its result into ``module.weight``; a weight that the module recomputes from
+    other parameters on every access or forward (``torch.nn.utils.parametrize``:
+    ``parametrizations.weight_norm``, ``parametrizations.spectral_norm``, a user's
+    ``register_parametrization``; the hook-based ``torch.nn.utils.weight_norm`` and
+    ``spectral_norm``) would lose it: the layer's forward keeps its old weight while a mask and
+    a grid are recorded. ``nn.MultiheadAttention``'s projection views (``modules.attention``)
+    read the attention's parameter and are not computed.
+
+    Returns:
+        What computes the weight and how to remove it (for messages), or None for a weight the
+        module holds as a parameter or buffer.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return ComputedWeight(
+            f"a torch.nn.utils.parametrize parametrization ({kinds})",
+            'torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")',
+        )
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return ComputedWeight(
+                "torch.nn.utils.weight_norm (from weight_g and weight_v)",
+                "torch.nn.utils.remove_weight_norm(layer)",
+            )
+        if isinstance(hook, SpectralNorm) and hook.name == "weight":
+            return ComputedWeight(
+                "torch.nn.utils.spectral_norm (from weight_orig)",
+                "torch.nn.utils.remove_spectral_norm(layer)",
+            )
+    if isinstance(module, AttentionProjection):
+        return None
+    if "weight" not in module._parameters and "weight" not in module._buffers:
+        return ComputedWeight(
+            "something other than the layer (neither a parameter nor a buffer of it)",
+            "an nn.Parameter of the layer holding the weight",
+        )
+    return None
+
+
 def _check_untied(
     model: nn.Module, chosen: dict[str, nn.Module], targets: str | list[str] | None
 ) -> None:
-    """Refuse a chosen layer whose weight is the same tensor as a module's left out (an LM head
-    tied to the input embedding): compressing it would silently change that module too.
+    """Refuse a chosen layer whose weight is the same tensor as another module's: one left out
+    (an LM head tied to the input embedding), whose weight compressing it would silently change;
+    or one chosen too (two layers holding one ``nn.Parameter``), which a stage would compress
+    twice, recording two masks or grids (GPTQ's two Hessians, mixed precision's two bit widths)
+    of which the shared tensor can hold only the last.
 
     Raises:
         PPQConfigError: naming the layer, the module it is tied to, and how to proceed.
@@ -66,6 +132,16 @@ def _check_untied(
             for o in owners.get(id(module.weight), ())
             if o != name and o not in chosen and o != attention
         ]
+        shared = [o for o in owners.get(id(module.weight), ()) if o != name and o in chosen]
+        if shared:
+            raise PPQConfigError(
+                f"targets={targets!r} selects {name} and {shared[0]}, which hold the same "
+                f"weight (one nn.Parameter shared by both layers): a stage would compress that "
+                "tensor twice and record two masks or grids it cannot both be on. Untie them "
+                f"(give one its own copy: layer.weight = nn.Parameter(layer.weight.detach()"
+                f".clone())), or leave both out (`ignore`: leaving one out still changes it "
+                "through the other)."
+            )
         if others:
             raise PPQConfigError(
                 f"targets={targets!r} selects {name}, whose weight is tied to {others[0]} (the "
@@ -80,6 +156,8 @@ def resolve_targets(
     model: nn.Module,
     targets: str | list[str] | None = None,
     ignore: str | list[str] | None = None,
+    *,
+    include_computed: bool = False,
 ) -> dict[str, nn.Module]:
     """The ``nn.Linear``/``nn.Conv2d``/GPT-2 ``Conv1D`` modules of ``model`` a stage compresses.
 
@@ -97,6 +175,14 @@ def resolve_targets(
             (no data, no example input, no declaration) the output layer and stem of a model
             are default targets like any layer.
         ignore: regexes of module names to leave out, applied after ``targets``.
+        include_computed: return layers whose weight is computed (see below) like any other,
+            without refusing or warning: for callers that only read the layers (the compression
+            rate counts them as dense layers).
+
+    A layer whose weight is computed from other parameters (:func:`computed_weight`:
+    ``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``) cannot be compressed:
+    named by ``targets`` it is refused; the default targets leave it out with a
+    :class:`ComputedWeightWarning` naming it and how to remove the parametrization.
 
     LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
     layer they adapt is (``...q_proj.base_layer``). An ``nn.MultiheadAttention``'s query, key
@@ -105,8 +191,10 @@ def resolve_targets(
     state-dict key and no output changes), its ``out_proj`` as itself.
 
     Raises:
-        PPQConfigError: when a regex is invalid, nothing matches, or a chosen layer's weight is
-            tied to a module that is not chosen (an LM head tied to the input embedding).
+        PPQConfigError: when a regex is invalid, nothing matches, ``targets`` select a layer
+            whose weight is computed, a chosen layer's weight is tied to a module that is not
+            chosen (an LM head tied to the input embedding), or two chosen layers hold one
+            weight ``nn.Parameter``; each naming the layers.
     """
     wanted = compile_patterns(targets, "targets")
     unwanted = compile_patterns(ignore, "ignore")
@@ -115,6 +203,7 @@ def resolve_targets(
     exempt = set(getattr(model, "default_ignore", None) or ()) if not wanted else set()
     boundary = boundary_layers(model) if not wanted else {}
     chosen: dict[str, nn.Module] = {}
+    computed: dict[str, ComputedWeight] = {}  # layers whose weight is computed (computed_weight)
     for name, module in model.named_modules():
         if not is_compressible(module) or ADAPTER.search(name):
             continue
@@ -126,7 +215,29 @@ def resolve_targets(
             continue
         if any(p.search(name) for p in unwanted):
             continue
+        how = None if include_computed else computed_weight(module)
+        if how is not None:
+            computed[name] = how
+            continue
         chosen[name] = module
+    if computed and wanted:
+        name, how = next(iter(computed.items()))
+        raise PPQConfigError(
+            f"targets={targets!r} selects {name}, whose weight is computed by {how.what}: a "
+            "stage writes its result into the weight, which the layer recomputes from other "
+            "parameters, so it would keep its old weight while a mask and grid were recorded. "
+            f"Remove it first ({how.fix}), or leave the layer out (ignore={name!r}, or "
+            f"narrower `targets`).{_more(computed)} Nothing was changed."
+        )
+    if computed and chosen:
+        warnings.warn(
+            f"[ppq] default targets leave out {len(computed)} layer(s) whose weight is computed "
+            f"from other parameters, which a stage cannot compress: {_listed(computed)} "
+            f"({next(iter(computed.values())).what}). To compress them, remove that first "
+            f"({next(iter(computed.values())).fix}) and name them in `targets`.",
+            ComputedWeightWarning,
+            stacklevel=2,
+        )
     if not chosen:
         layers = [n for n, m in model.named_modules() if is_compressible(m)]
         sample = ", ".join(layers[:5]) or "none"
@@ -137,6 +248,12 @@ def resolve_targets(
             if left and not wanted
             else ""
         )
+        if computed:
+            why += (
+                f" The default targets left out {_listed(computed)}, whose weight is computed "
+                f"by {next(iter(computed.values())).what} (remove it to compress them: "
+                f"{next(iter(computed.values())).fix})."
+            )
         raise PPQConfigError(
             f"targets={targets!r} with ignore={ignore!r} matched no nn.Linear/nn.Conv2d module. "
             f"The model has {len(layers)} such layers, e.g. {sample}.{why} Please check "
@@ -144,6 +261,19 @@ def resolve_targets(
         )
     _check_untied(model, chosen, targets)
     return chosen
+
+
+def _listed(layers: dict[str, Any]) -> str:
+    """Up to three layer names of ``layers`` and how many more."""
+    names = list(layers)
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def _more(layers: dict[str, Any]) -> str:
+    """The other layers of ``layers`` beyond the first, for a message ("" when none)."""
+    rest = dict.fromkeys(list(layers)[1:])
+    return f" It also selects {_listed(rest)}, whose weights are computed too." if rest else ""
 
 
 def _base_name(name: str) -> str:

@@ -26,6 +26,7 @@ from ppq_lightning.calibration.boundary import trace_default_boundary
 from ppq_lightning.calibration.data import CalibrationData, calibration_data, default_forward
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
+from ppq_lightning.compressed.invariants import check_invariants, checks_after_stages
 from ppq_lightning.compressed.state import applied_stages, compressed_modules, get_state
 from ppq_lightning.errors import (
     CompressionError,
@@ -502,7 +503,18 @@ class CompressionStage:
     def conclude(
         self, model: nn.Module, index: int, layers: dict[str, dict[str, float]], seconds: float
     ) -> StageResult:
-        """Mark the stage applied and build its :class:`StageResult` (``self.result``)."""
+        """Mark the stage applied and build its :class:`StageResult` (``self.result``).
+
+        With ``PPQ_CHECK_INVARIANTS=1`` in the environment (the test suite sets it:
+        ``compressed.invariants.CHECK_AFTER_STAGES``) the invariants of the whole model are
+        checked first, so a stage that records a state its weights do not have fails there.
+
+        Raises:
+            InvariantError: (with ``PPQ_CHECK_INVARIANTS=1``) naming the layer whose weights
+                disagree with its recorded mask or grid.
+        """
+        if checks_after_stages():
+            check_invariants(model)
         summary = compression_summary(model, self.b_orig)
         self.result = StageResult(
             index,

@@ -7,6 +7,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # tiny models: one BLAS thread is faster than two fighting over small matrices (and than
 # oversubscription when subprocess tests run beside the main process)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# every compression stage checks the invariants of the whole model after it is applied
+# (callbacks.stage.CompressionStage.conclude), in this process and in the CLI's subprocesses
+os.environ.setdefault("PPQ_CHECK_INVARIANTS", "1")
 
 import socket
 

@@ -13,20 +13,28 @@ checkpoint holds and which stages had not fired or finished (``edits.training``)
 resuming the fit pops the record and loads the state as it is. :func:`require_state_loading`
 makes a model without that hook refuse such a state dict with an error that says so, instead
 of a list of unexpected keys.
+
+A loaded state is checked before it is trusted: a non-finite parameter is refused before any
+tensor is copied, and every loaded compressed layer is checked against its recorded mask and
+grid (``compressed.invariants``) once the load (and a completion) is done, so a corrupt or edited
+checkpoint (a bit flip: a weight at 1e37 on a 4-bit grid, a pruned weight non-zero) is refused
+naming the layer instead of evaluated.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ppq_lightning.compressed.history import FIT_RECORD, HistoryEntry
+from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.compressed.state import STATE_NAME, ensure_state, get_state
 from ppq_lightning.edits.lora import check_adapter_records
 from ppq_lightning.edits.registry import replay_entry
 from ppq_lightning.edits.training import PendingCompletion, finish_completion, start_completion
-from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.errors import InvariantError, PPQConfigError
 from ppq_lightning.modules.attention import install_projection_views
 from ppq_lightning.modules.tree import find_module
 
@@ -64,6 +72,29 @@ def state_owners(state_dict: dict, prefix: str = "") -> list[str]:
     return sorted(owners)  # a parent's edits (removed blocks) before its children's
 
 
+def check_finite_parameters(model: nn.Module, state_dict: dict, prefix: str = "") -> None:
+    """Refuse a state dict holding a NaN or infinite value in a floating tensor that is not a
+    buffer of ``model`` (a parameter, a compression state's scale, a replayed layer's factor: a
+    corrupt file), before anything is replayed or copied. ``model``'s buffers may hold
+    infinities by design (attention masks) and are not checked.
+
+    Raises:
+        PPQConfigError: naming the first such tensor and how many of its values are not finite.
+    """
+    buffers = {prefix + name for name, _ in model.named_buffers()}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or key in buffers:
+            continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            broken = int((~torch.isfinite(value)).sum())
+            if broken:
+                raise PPQConfigError(
+                    f"the state dict holds {broken} NaN or infinite value(s) in {key} (of "
+                    f"{value.numel()}): the checkpoint is corrupt (or its fit diverged), and "
+                    "nothing was loaded. Load an earlier checkpoint."
+                )
+
+
 def enable_state_loading(model: nn.Module) -> None:
     """Let ``model.load_state_dict`` create the ``ppq_state`` children its input needs.
 
@@ -78,16 +109,26 @@ def enable_state_loading(model: nn.Module) -> None:
     at that step, and a ``MidFitCheckpointWarning`` says what the state dict holds and which
     stages had not fired or finished their ramp.
 
+    The loaded state is checked: a NaN or infinite parameter is refused before anything is
+    replayed or copied (:func:`check_finite_parameters`), and after the load every layer the
+    state dict carried a compression state for is checked against its mask and grid
+    (``compressed.invariants.check_invariants``; a layer still training in a resumed fit is
+    checked when its stage ends).
+
     Raises:
         PPQConfigError: (at load time) for LoRA adapters without a LoRAFineTune record, an
-            edit kind this version cannot replay, or a fit record this version cannot
-            complete.
+            edit kind this version cannot replay, a fit record this version cannot
+            complete, or a non-finite parameter (nothing copied).
+        InvariantError: (at load time, after the tensors were copied: discard the model) a
+            loaded layer whose weights are off its recorded mask or grid, naming it.
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
     completing: list[PendingCompletion] = []  # from the pre-hook to the post-hook of one load
+    loaded: list[str] = []  # the layers the state dict carries states for, to check after
 
     def attach_states(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        check_finite_parameters(module, state_dict, prefix)
         install_projection_views(module)  # states and adapters of ...self_attn.q_proj
         completing.clear()
         record = state_dict.pop(prefix + FIT_RECORD, None)  # torch hands hooks a copy
@@ -96,6 +137,7 @@ def enable_state_loading(model: nn.Module) -> None:
             if pending is not None:
                 completing.append(pending)
         check_adapter_records(module, state_dict, prefix)
+        loaded.clear()
         for owner in state_owners(state_dict, prefix):
             extra = state_dict.get(f"{prefix}{state_path(owner)}._extra_state")
             if isinstance(extra, dict):
@@ -103,10 +145,21 @@ def enable_state_loading(model: nn.Module) -> None:
             target = find_module(module, owner)  # a replayed edit may have replaced it
             if target is not None:  # else reported by load_state_dict as unexpected keys
                 ensure_state(target)
+                loaded.append(owner)
 
     def complete(module: nn.Module, incompatible_keys: Any) -> None:
         while completing:
             finish_completion(module, completing.pop())
+        try:
+            check_invariants(module, loaded)
+        except InvariantError as error:
+            raise InvariantError(
+                f"the state dict loaded into this {type(module).__name__} is not a consistent "
+                f"compressed state: {error} The file is corrupt or was edited after it was "
+                "written; do not use this model (load an earlier checkpoint, or compress again)."
+            ) from error
+        finally:
+            loaded.clear()
 
     model.register_load_state_dict_pre_hook(attach_states)
     model.register_load_state_dict_post_hook(complete)

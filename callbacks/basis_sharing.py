@@ -25,7 +25,7 @@ from ppq_lightning.errors import (
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.ops.basis_sharing import SPLITS
-from ppq_lightning.ops.hessian import check_solver_args, whitening_factor
+from ppq_lightning.ops.hessian import HessianError, check_solver_args, whitening_factor
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -206,7 +206,14 @@ class BasisSharing(CompressionCallback):
             taken = statistics.take([n for g in ready for n in g.names])  # shared ones once
             for group in ready:
                 hessian = sum(taken[n] for n in group.names)
-                share(group, whitening_factor(hessian, self.damp))
+                try:
+                    factor = whitening_factor(hessian, self.damp)
+                except HessianError as error:
+                    raise HessianError(
+                        f"stage {self.name!r} ({type(self).__name__}), layers "
+                        f"{', '.join(group.names)}: {error}"
+                    ) from error
+                share(group, factor)
                 pending.remove(group)
 
         batches = self.calibration_batches(self.num_calibration_batches)

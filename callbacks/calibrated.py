@@ -6,14 +6,21 @@ import time
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ppq_lightning.calibration.config import CalibrationConfig
 from ppq_lightning.calibration.engine import calibrate_sequentially
-from ppq_lightning.calibration.statistics import LayerStatistics
+from ppq_lightning.calibration.statistics import (
+    ZERO,
+    LayerStatistics,
+    neutral_statistic,
+    uninformative,
+)
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.ops.hessian import HessianError
 from ppq_lightning.ops.reconstruction import relative_output_error
 
 DEVICES = "None or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
@@ -61,6 +68,10 @@ def check_device_available(device: str | torch.device | None) -> None:
             f"device={device!r} names MPS, which is not available on this machine: use "
             "device='cpu', or None to keep the model's placement."
         )
+
+
+class UninformativeCalibrationWarning(UserWarning):
+    """A layer's calibration inputs say nothing about its weights (all zero, or constant)."""
 
 
 class CalibratedCompression(CompressionCallback):
@@ -129,6 +140,31 @@ class CalibratedCompression(CompressionCallback):
         """
         raise NotImplementedError
 
+    def informative_statistic(self, name: str, statistic: Tensor) -> Tensor:
+        """``statistic`` of layer ``name``, or, when its calibration inputs say nothing about
+        its weights (``calibration.statistics.uninformative``: all zero, or all multiples of one
+        vector), a statistic that weighs every input alike (``neutral_statistic``: GPTQ then
+        rounds to nearest, SparseGPT and Wanda prune by magnitude), with a warning naming the
+        layer. A zero statistic would zero the whole layer (the solvers zero the weights of
+        inputs that never fire), and a rank-one Hessian fits it to one input."""
+        problem = uninformative(statistic, self.statistic)
+        if problem is None:
+            return statistic
+        what = (
+            "are all zero (its statistic is 0: solved with it, the layer would be zeroed)"
+            if problem == ZERO
+            else "are constant (every input row is a multiple of one vector: its Hessian has "
+            "rank one, and solved with it the layer would fit that one input)"
+        )
+        rank_zero_warn(
+            f"[ppq] stage {self.name!r} ({type(self).__name__}): the calibration inputs of "
+            f"{name} {what}; it is compressed as if every input weighed alike instead "
+            "(round-to-nearest, magnitude pruning). Check the calibration data (a batch of "
+            "padding, a constant image, too few samples) or the layers before it.",
+            category=UninformativeCalibrationWarning,
+        )
+        return neutral_statistic(statistic, self.statistic)
+
     @staticmethod
     def grouped(layer: nn.Module) -> bool:
         """Whether ``layer`` is a grouped (or depthwise) convolution, solved group by group."""
@@ -145,10 +181,17 @@ class CalibratedCompression(CompressionCallback):
             taken = statistics.take(list(layers))
             statistics.end_block()
             for name, layer in layers.items():
-                statistic = taken[name]
+                statistic = self.informative_statistic(name, taken[name])
                 before = weight_matrix(layer).float().clone()  # (out, in)
                 start = time.perf_counter()
-                values = self.compress_layer(name, layer, statistic)
+                try:
+                    values = self.compress_layer(name, layer, statistic)
+                except HessianError as error:
+                    raise HessianError(
+                        f"stage {self.name!r} ({type(self).__name__}), layer {name}: {error} "
+                        "Its weights and those of every layer this stage had compressed are "
+                        "restored."
+                    ) from error
                 values["seconds"] = time.perf_counter() - start
                 if self.statistic == "hessian":
                     after = weight_matrix(layer).float()

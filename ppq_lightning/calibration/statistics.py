@@ -32,6 +32,58 @@ CONV_ACCUMULATORS: dict[str, Callable[..., tuple[Tensor, int]]] = {
 """The same for a ``Conv2d``, from its padded input: ``(acc, x, geometry, n_seen, dtype)``
 (no patch matrix is built)."""
 STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ZERO, CONSTANT = "zero", "constant"
+"""What :func:`uninformative` finds: inputs that are all zero, or all one vector's multiples."""
+RANK_ONE_TOLERANCE = 1e-4  # |H_ij^2 - H_ii H_jj| <= this * max(diag H)^2: H has rank one
+
+
+def _rank_one(h: Tensor, rows: int = 1024) -> bool:
+    """Whether the non-zero Hessian ``h`` (``(cols, cols)``, at least two columns) has rank one:
+    ``H_ij^2 = H_ii H_jj`` everywhere (equality in Cauchy-Schwarz), checked ``rows`` rows at a
+    time (no second ``(cols, cols)`` temporary)."""
+    d = torch.diagonal(h).double()
+    tolerance = RANK_ONE_TOLERANCE * float(d.max()) ** 2
+    for start in range(0, h.shape[0], rows):
+        block = h[start : start + rows].double()
+        if float((block**2 - d[start : start + rows, None] * d[None, :]).abs().max()) > tolerance:
+            return False
+    return True
+
+
+def uninformative(statistic: Tensor, kind: str = "hessian") -> str | None:
+    """Whether a layer's calibration statistic says nothing about its weights.
+
+    Args:
+        statistic: a Hessian ``(cols, cols)`` or activation norms ``(cols,)``; stacked per
+            group (``(groups, ...)``) for a grouped convolution.
+        kind: ``"hessian"`` or ``"act_norm"`` (a key of :data:`ACCUMULATORS`).
+
+    Returns:
+        :data:`ZERO` when every input was zero (a solver would zero the whole layer: GPTQ and
+        SparseGPT zero the weights of inputs that never fire, Wanda's scores are all 0);
+        :data:`CONSTANT` for a Hessian whose inputs were all multiples of one vector (rank one:
+        a constant input, one sample), which fits the weights to that one input; else None
+        (also for a statistic holding NaN or infinite values, which the solver refuses).
+    """
+    if not bool(statistic.any()):
+        return ZERO
+    if kind != "hessian" or statistic.shape[-1] < 2 or not bool(torch.isfinite(statistic).all()):
+        return None  # a non-finite Hessian is the solver's to refuse (ops.hessian)
+    groups = statistic.reshape(-1, *statistic.shape[-2:])
+    if all(not bool(h.any()) or _rank_one(h) for h in groups):
+        return CONSTANT
+    return None
+
+
+def neutral_statistic(statistic: Tensor, kind: str = "hessian") -> Tensor:
+    """A statistic that weighs every input alike, shaped like ``statistic``: the identity for
+    a Hessian (GPTQ becomes round-to-nearest, SparseGPT magnitude pruning per block), ones for
+    activation norms (Wanda becomes magnitude pruning). What a layer whose statistic is
+    :func:`uninformative` is solved with instead of being zeroed."""
+    if kind != "hessian":
+        return torch.ones_like(statistic)
+    eye = torch.eye(statistic.shape[-1], dtype=statistic.dtype, device=statistic.device)
+    return eye.expand_as(statistic).clone()
 
 
 def check_statistics_dtype(value: str) -> str:

@@ -7,11 +7,42 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppq_lightning.errors import check_int, check_number
+from ppq_lightning.errors import CompressionError, check_int, check_number
 
 
-class HessianError(RuntimeError):
-    """The Hessian stays non positive definite even with the largest damping tried."""
+class HessianError(CompressionError):
+    """The Hessian stays non positive definite even with the largest damping tried (a
+    ``CompressionError``: the stage's layers are restored before it propagates)."""
+
+
+def _not_positive_definite(h: Tensor, damp: float, tried: list[float], max_damp: float) -> str:
+    """The message of a :class:`HessianError`: the ``damp`` given, the dampings tried, and
+    what the Hessian holds (non-finite entries, or entries too large for float32)."""
+    if len(tried) > 1:
+        raised = ", ".join(f"{d:g}" for d in tried[1:])
+        how = (
+            f"neither with damp={damp:g} (as given) nor with the larger dampings tried after it "
+            f"({raised}: raised tenfold up to {max_damp:g})"
+        )
+    else:
+        how = f"with damp={damp:g} (as given; above {max_damp:g}, so not raised)"
+    broken = int((~torch.isfinite(h)).sum())
+    if broken:
+        why = (
+            f"It holds {broken} NaN or infinite entries: the layer's calibration inputs are too "
+            "large for their products in float32. Check the data, or scale the inputs."
+        )
+    else:
+        diagonal = torch.diag(h).double()
+        why = f"Its diagonal ranges from {diagonal.min():.3g} to {diagonal.max():.3g}"
+        if diagonal.abs().max() > 1e30:
+            why += (
+                ": entries this large underflow float32 in its inverse. Check the data, or "
+                "scale the inputs."
+            )
+        else:
+            why += "."
+    return f"the Hessian of its calibration inputs is not positive definite, {how}. {why}"
 
 
 class PreparedHessian(NamedTuple):
@@ -70,19 +101,23 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
     """Damp ``H`` (``damp * mean(diag H)`` on the diagonal), invert it and factor the inverse.
 
     Dead inputs (zero diagonal) get a unit diagonal. When a Cholesky factorisation fails the
-    damping is multiplied by 10, as long as it stays <= ``max_damp``.
+    damping is multiplied by 10, as long as it stays <= ``max_damp`` (``damp`` itself is always
+    tried).
 
     Raises:
         PPQConfigError: when ``damp`` is not positive.
-        HessianError: when no damping tried makes ``H`` positive definite.
+        HessianError: when no damping tried makes ``H`` positive definite, quoting ``damp``,
+            the dampings tried and whether ``H`` holds non-finite entries (the caller names the
+            layer).
     """
     check_number("damp", damp, low=0, low_open=True)
     diagonal = torch.diag(h).float()
     dead = diagonal == 0
     diagonal = diagonal.masked_fill(dead, 1.0)
     mean_diag = diagonal.mean()
-    current, retry = float(damp), 0
+    current, retry, tried = float(damp), 0, []
     while retry == 0 or current <= max_damp:
+        tried.append(current)
         # float32, as the reference implementations factor it; at most two (cols, cols)
         # matrices besides the caller's H are alive at a time
         damped = h.to(torch.float32, copy=True)
@@ -97,7 +132,7 @@ def prepare_hessian(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Pr
             if info == 0 and torch.isfinite(upper).all():
                 return PreparedHessian(upper, current, retry, dead)
         current, retry = current * 10, retry + 1
-    raise HessianError(f"the Hessian is not positive definite even with damp={current / 10:g}.")
+    raise HessianError(_not_positive_definite(h, damp, tried, max_damp))
 
 
 def whitening_factor(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> Tensor:
@@ -106,21 +141,23 @@ def whitening_factor(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> T
     output error ``||(W - W') X^T||^2`` (up to the damping and the factor ``2/N``).
 
     Dead inputs (zero diagonal) get a unit diagonal. When the factorisation fails the damping is
-    multiplied by 10, as long as it stays <= ``max_damp``.
+    multiplied by 10, as long as it stays <= ``max_damp`` (``damp`` itself is always tried).
 
     Raises:
         PPQConfigError: when ``damp`` is not positive.
-        HessianError: when no damping tried makes ``H`` positive definite.
+        HessianError: when no damping tried makes ``H`` positive definite, quoting ``damp`` and
+            the dampings tried.
     """
     check_number("damp", damp, low=0, low_open=True)
     h = h.double()
     diagonal = torch.diag(h).masked_fill(torch.diag(h) == 0, 1.0)
-    current = float(damp)
-    while current <= max_damp:
+    current, tried = float(damp), []
+    while not tried or current <= max_damp:
+        tried.append(current)
         damped = h.clone()
         damped.diagonal().copy_(diagonal + current * diagonal.mean())
         factor, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             return factor
         current *= 10
-    raise HessianError(f"the Hessian is not positive definite even with damp={current / 10:g}.")
+    raise HessianError(_not_positive_definite(h, damp, tried, max_damp))

@@ -185,3 +185,22 @@ def test_conv_input_statistic_is_over_the_unfolded_patches():
 def test_an_unknown_statistic_is_a_config_error():
     with pytest.raises(PPQConfigError, match=r"statistic='bogus'.*hessian, act_norm"):
         LayerStatistics("bogus")
+
+
+def test_uninformative_statistics_are_zero_or_rank_one_hessians_only():
+    from ppq_lightning.calibration.statistics import CONSTANT, ZERO, neutral_statistic
+    from ppq_lightning.calibration.statistics import uninformative as find
+    from ppq_lightning.ops.hessian import accumulate_hessian
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 24, generator=generator)
+    h, _ = accumulate_hessian(None, x, 0)
+    assert find(h) is None and find(torch.stack([h, h])) is None
+    assert find(torch.zeros(24, 24)) == ZERO and find(torch.zeros(24), "act_norm") == ZERO
+    assert find(x.pow(2).mean(0), "act_norm") is None
+    scaled = torch.randn(64, 1, generator=generator) * torch.randn(1, 24, generator=generator)
+    assert find(accumulate_hessian(None, scaled, 0)[0]) == CONSTANT  # multiples of one row
+    assert find(accumulate_hessian(None, x[:2], 0)[0]) is None  # two rows: rank two
+    assert find(torch.full((4, 4), float("inf"))) is None  # the solver's to refuse
+    assert torch.equal(neutral_statistic(torch.zeros(2, 3, 3)), torch.eye(3).expand(2, 3, 3))
+    assert torch.equal(neutral_statistic(torch.zeros(5), "act_norm"), torch.ones(5))

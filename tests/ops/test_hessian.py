@@ -60,3 +60,15 @@ def test_whitening_factor_of_a_singular_hessian():
     assert torch.isfinite(s).all() and (torch.diagonal(s) > 0).all()
     with pytest.raises(PPQConfigError, match="damp=0"):
         whitening_factor(h, damp=0)
+
+
+def test_a_hessian_error_quotes_the_damp_given_and_every_damping_tried():
+    # it quoted "damp=10" (the last damping tried) for a user's damp=0.01 (#27)
+    from ppq_lightning.ops.hessian import HessianError, prepare_hessian
+
+    h = torch.full((3, 3), float("inf"))
+    with pytest.raises(HessianError, match=r"neither with damp=0\.01 \(as given\)") as info:
+        prepare_hessian(h, damp=0.01)
+    assert "0.1, 1, 10" in str(info.value) and "9 NaN or infinite" in str(info.value)
+    with pytest.raises(HessianError, match=r"with damp=100 \(as given; above 10, so not raised\)"):
+        whitening_factor(h, damp=100)

@@ -86,6 +86,8 @@ def check_finite_parameters(model: nn.Module, state_dict: dict, prefix: str = ""
         if not key.startswith(prefix) or key in buffers:
             continue
         if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if value.element_size() == 1:  # float8: isfinite is not implemented for every kind
+                value = value.to(torch.float16)
             broken = int((~torch.isfinite(value)).sum())
             if broken:
                 raise PPQConfigError(

@@ -34,18 +34,21 @@ CONV_ACCUMULATORS: dict[str, Callable[..., tuple[Tensor, int]]] = {
 STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ZERO, CONSTANT = "zero", "constant"
 """What :func:`uninformative` finds: inputs that are all zero, or all one vector's multiples."""
-RANK_ONE_TOLERANCE = 1e-4  # |H_ij^2 - H_ii H_jj| <= this * max(diag H)^2: H has rank one
+RANK_ONE_TOLERANCE = 1e-4  # every correlation of two inputs is +-1 within this: rank one
 
 
 def _rank_one(h: Tensor, rows: int = 1024) -> bool:
     """Whether the non-zero Hessian ``h`` (``(cols, cols)``, at least two columns) has rank one:
-    ``H_ij^2 = H_ii H_jj`` everywhere (equality in Cauchy-Schwarz), checked ``rows`` rows at a
-    time (no second ``(cols, cols)`` temporary)."""
-    d = torch.diagonal(h).double()
-    tolerance = RANK_ONE_TOLERANCE * float(d.max()) ** 2
+    ``H_ij^2 = H_ii H_jj`` for every pair (equality in Cauchy-Schwarz: every two inputs
+    correlated +-1), relative to each pair's ``H_ii H_jj`` (a Hessian dominated by one large
+    input is not rank one), checked ``rows`` rows at a time (no second ``(cols, cols)``
+    temporary)."""
+    d = torch.diagonal(h).double().clamp(min=0)
+    floor = 1e-12 * float(d.max()) ** 2  # below: float32 rounding of the products
     for start in range(0, h.shape[0], rows):
         block = h[start : start + rows].double()
-        if float((block**2 - d[start : start + rows, None] * d[None, :]).abs().max()) > tolerance:
+        product = d[start : start + rows, None] * d[None, :]
+        if bool((product - block**2 > RANK_ONE_TOLERANCE * product + floor).any()):
             return False
     return True
 

@@ -204,3 +204,14 @@ def test_uninformative_statistics_are_zero_or_rank_one_hessians_only():
     assert find(torch.full((4, 4), float("inf"))) is None  # the solver's to refuse
     assert torch.equal(neutral_statistic(torch.zeros(2, 3, 3)), torch.eye(3).expand(2, 3, 3))
     assert torch.equal(neutral_statistic(torch.zeros(5), "act_norm"), torch.ones(5))
+
+
+def test_a_hessian_dominated_by_one_large_input_is_not_constant():
+    # every input of x varies on its own; one is 1000x larger (an LLM's massive activation):
+    # its pairs' gap H_ii H_jj - H_ij^2 is small next to max(diag)^2, not next to H_ii H_jj
+    from ppq_lightning.calibration.statistics import uninformative
+    from ppq_lightning.ops.hessian import accumulate_hessian
+
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 0] *= 1000
+    assert uninformative(accumulate_hessian(None, x, 0)[0]) is None

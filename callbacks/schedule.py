@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ppq_lightning.callbacks.base import (
     log_layer_table,
     log_metrics,
 )
-from ppq_lightning.compressed.accounting import compression_summary
+from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.errors import PPQConfigError, check_bool, check_folder
 from ppq_lightning.loggers import run_folder
 from ppq_lightning.modules.targets import resolve_targets
@@ -379,13 +380,44 @@ class CompressionSchedule(FiresOnce):
         training.on_train_end(trainer, pl_module)  # finished above: only its own additions run
 
     def state_dict(self) -> dict[str, Any]:
-        """Whether the schedule fired, and each stage's own callback state."""
-        return {**super().state_dict(), "stages": [s.state_dict() for s in self.stages]}
+        """Whether the schedule fired, each stage's own callback state, and the report's rows
+        so far (the dense model's and each applied stage's: a fit resumed from a checkpoint
+        taken after the stages before its training stage writes them again)."""
+        return {
+            **super().state_dict(),
+            "stages": [s.state_dict() for s in self.stages],
+            "report": self._report_state(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         for stage, state in zip(self.stages, state_dict.get("stages", ()), strict=False):
             stage.load_state_dict(state)
+        if "report" in state_dict:
+            self._load_report_state(state_dict["report"])
+
+    def _report_state(self) -> dict[str, Any]:
+        """The rows of the report as plain values (a checkpoint loads with
+        ``weights_only=True``)."""
+        start = getattr(self, "start_summary", None)
+        return {
+            "dense_evaluation": dict(self.dense_evaluation),
+            "start_summary": None if start is None else start.as_dict(),
+            "results": [
+                {f.name: getattr(r, f.name) for f in fields(r) if f.name != "summary"}
+                | {"summary": r.summary.as_dict()}
+                for r in self.results
+            ],
+        }
+
+    def _load_report_state(self, report: dict[str, Any]) -> None:
+        self.dense_evaluation = dict(report.get("dense_evaluation") or {})
+        if report.get("start_summary") is not None:
+            self.start_summary = CompressionSummary(**report["start_summary"])
+        self.results = [
+            StageResult(**{**r, "summary": CompressionSummary(**r["summary"])})
+            for r in report.get("results", ())
+        ]
 
     def rows(self) -> list[dict[str, Any]]:
         """The schedule's table: the model before any stage, then one row per stage."""

@@ -10,9 +10,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ppq_lightning.datamodules.stateful import ordered_dataloader, shuffled_dataloader
 from ppq_lightning.errors import PPQConfigError, bad_value, check_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -195,7 +197,7 @@ class ImageSplits(L.LightningDataModule):
         self.train_set, self.eval_set = train_set, eval_set
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
+        return ordered_dataloader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, **kwargs
         )
 
@@ -205,11 +207,14 @@ class ImageSplits(L.LightningDataModule):
         self.setup()
         return self._loader(Subset(self.train_set, self.calibration_indices))
 
-    def train_dataloader(self) -> DataLoader:
-        """All train images, shuffled (seeded), with the evaluation transform."""
+    def train_dataloader(self) -> StatefulDataLoader:
+        """All train images, shuffled (epoch ``e`` from ``seed + e``), with the evaluation
+        transform. A ``StatefulDataLoader``: a ``fit`` resumed mid-epoch reads the batches the
+        uninterrupted one would (``datamodules.stateful``)."""
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_set, shuffle=True, generator=generator)
+        return shuffled_dataloader(
+            self.train_set, self.seed, batch_size=self.batch_size, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The evaluation images, in a fixed order."""

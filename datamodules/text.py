@@ -9,7 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ppq_lightning.datamodules.stateful import ordered_dataloader, shuffled_dataloader
 from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_tokenizer
 
@@ -353,22 +355,22 @@ class TextDataModule(L.LightningDataModule):
 
     def calibration_dataloader(self) -> DataLoader:
         """Calibration batches for layer-wise compression methods (sets up the data itself)."""
-        return DataLoader(_Windows(self.calibration_windows()), batch_size=self.batch_size)
+        return ordered_dataloader(_Windows(self.calibration_windows()), batch_size=self.batch_size)
 
-    def train_dataloader(self) -> DataLoader:
-        """Non-overlapping windows of the train part, shuffled (seeded)."""
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Non-overlapping windows of the train part, shuffled (epoch ``e`` from ``seed + e``).
+        A ``StatefulDataLoader``: its position is saved in every checkpoint, so a ``fit``
+        resumed mid-epoch reads the batches the uninterrupted one would
+        (``datamodules.stateful``)."""
         self.setup()
         n = len(self.train_tokens) // self.seqlen
         windows = self.train_tokens[: n * self.seqlen].reshape(n, self.seqlen)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            _Windows(windows), batch_size=self.batch_size, shuffle=True, generator=generator
-        )
+        return shuffled_dataloader(_Windows(windows), self.seed, batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """The evaluation windows, in order."""
         self.setup()
-        return DataLoader(_Windows(self.eval_windows), batch_size=self.batch_size)
+        return ordered_dataloader(_Windows(self.eval_windows), batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """The test windows, in order: held out like the validation windows and disjoint from
@@ -395,4 +397,4 @@ class TextDataModule(L.LightningDataModule):
                 f"source={self.source!r}: its test split is shorter than seqlen={self.seqlen} "
                 "tokens; use a shorter seqlen."
             )
-        return DataLoader(_Windows(self.test_windows), batch_size=self.batch_size)
+        return ordered_dataloader(_Windows(self.test_windows), batch_size=self.batch_size)

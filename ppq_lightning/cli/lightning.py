@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from ppq_lightning.callbacks import CompressionSchedule
 from ppq_lightning.callbacks.base import check_trainer_stages
+from ppq_lightning.callbacks.random_state import RandomStateCheckpoint
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.loggers import agent_run_id, run_folder
 
@@ -103,10 +104,21 @@ class PPQCLI(LightningCLI):
     schedule's report when no folder is named. Under ``wandb agent`` (``WANDB_RUN_ID`` set), a
     report folder that is named (``--report_dir``, a schedule's ``output_dir``) gets a subfolder
     named by the run id, so that the sweep's points do not overwrite each other's reports.
+
+    Every Trainer gets a :class:`~ppq_lightning.callbacks.random_state.RandomStateCheckpoint`
+    (first in its callbacks) unless the config has one: a ``fit`` resumed with ``--ckpt_path``
+    draws the random numbers the uninterrupted fit draws.
+
+    Args:
+        progress: a ``cli.outcome.RunProgress`` that gets the Trainer once it is built (what
+            ``ppq`` reports when the command does not finish); None for none.
+        *args: LightningCLI's.
+        **kwargs: LightningCLI's.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigCallback)
+        self.progress = progress
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -149,6 +161,10 @@ class PPQCLI(LightningCLI):
                 without a CompressionSchedule in ``trainer.callbacks``.
         """
         instantiate_clearly(super().instantiate_classes)
+        if self.progress is not None:
+            self.progress.trainer = self.trainer
+        if not any(isinstance(cb, RandomStateCheckpoint) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.insert(0, RandomStateCheckpoint())
         config = self.config[self.subcommand] if self.subcommand else self.config
         order, report_dir = config.get("order"), config.get("report_dir")
         schedules = [cb for cb in self.trainer.callbacks if isinstance(cb, CompressionSchedule)]

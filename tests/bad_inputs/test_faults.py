@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).parents[2]
@@ -158,3 +159,101 @@ def test_a_sweep_killed_mid_run_ends_with_the_uninterrupted_table(tmp_path, refe
     # the first point, resumed by the second run, read the cells the first kill left
     assert study(clean, table[0][0])["cached"] == 0
     assert study(faulty, table[1][0])["cached"] == first
+
+
+# -- ppq fit killed with SIGKILL after a checkpoint, resumed with --ckpt_path last.ckpt -------
+
+
+LOGS = "trainer.logger.init_args.save_dir"
+
+
+def _fit_config(tmp_path: Path, base: str, dropout: bool) -> Path:
+    """``base`` (a configs/tiny fit) with a ModelCheckpoint after every step, epochs of 3
+    batches (so a kill can land on either side of an epoch's end and its validation), 7 steps,
+    and, for LoRA, dropout on the adapters (training draws from the global generator)."""
+    config = yaml.safe_load((ROOT / base).read_text())
+    trainer = config["trainer"]
+    trainer.update(enable_checkpointing=True, max_steps=7, limit_train_batches=3)
+    trainer["callbacks"].append(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(tmp_path / "ckpts"),
+                "filename": "{step}",
+                "every_n_train_steps": 1,
+                "save_last": True,
+                "save_top_k": -1,
+            },
+        }
+    )
+    if dropout:
+        for stage in trainer["callbacks"][0]["init_args"]["stages"]:
+            if stage["class_path"].endswith("LoRAFineTune"):
+                stage["init_args"]["dropout"] = 0.2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit(tmp_path: Path, base: str, dropout: bool) -> list[str]:
+    config = _fit_config(tmp_path, base, dropout)
+    report, logs = tmp_path / "report", tmp_path / "logs"
+    return [*PPQ, "fit", "--config", str(config), f"--report_dir={report}", f"--{LOGS}={logs}"]
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """Where two checkpoint trees differ (tensors bit for bit, dtype and shape included)."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        return [] if same and torch.equal(a, b) else [path]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [f"{path} (keys)"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [f"{path} (length)"]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def _final(folder: Path) -> tuple[dict, dict]:
+    """The last step's checkpoint (model, optimizer, loops, callbacks' states) and the
+    schedule's report rows, timings aside."""
+    checkpoint = torch.load(folder / "ckpts" / "step=7.ckpt", map_location="cpu", weights_only=True)
+    kept = {k: checkpoint[k] for k in ("state_dict", "optimizer_states", "loops", "global_step")}
+    report = json.loads((folder / "report" / "schedule.json").read_text())
+    rows = [{k: v for k, v in row.items() if k != "seconds"} for row in report["stages"]]
+    return kept, {"order": report["order"], "stages": rows}
+
+
+@pytest.mark.parametrize(
+    ("base", "dropout", "seed"),
+    [("configs/tiny/lora_orders.yaml", True, 27), ("configs/tiny/qat.yaml", False, 28)],
+    ids=["lora", "qat"],
+)
+def test_a_fit_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, base, dropout, seed):
+    """A LoRA fit (P>Q>L, adapter dropout) and a QAT fit (P>QAT) over shuffled, distinct
+    batches, SIGKILLed once ModelCheckpoint has written the checkpoint of a seeded random step,
+    then resumed with ``--ckpt_path last.ckpt``, end with every tensor of the uninterrupted
+    fit's last checkpoint (weights, adapters, records, optimizer state, loops) and its report
+    (the rows of the stages applied before the kill included, every metric equal)."""
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    clean.mkdir(), faulty.mkdir()
+    _run(_fit(clean, base, dropout))
+    command = _fit(faulty, base, dropout)
+    step = random.Random(seed).randint(2, 5)
+    _killed_when(command, lambda: (faulty / "ckpts" / f"step={step}.ckpt").exists())
+    last = faulty / "ckpts" / "last.ckpt"
+    assert step - 1 <= _step(last) < 7  # the kill landed mid-fit, after a checkpoint
+    assert not (faulty / "report" / "schedule.json").exists()
+    _run([*command, f"--ckpt_path={last}"])
+    (model, report), (resumed_model, resumed_report) = _final(clean), _final(faulty)
+    assert _differences(model, resumed_model) == []
+    assert resumed_report == report
+    assert [row["stage"] for row in report["stages"]][:2] == ["0_dense", "1_P"]

@@ -57,7 +57,7 @@ class ComputedWeightWarning(UserWarning):
 
 
 class ComputedWeight(NamedTuple):
-    """What computes a layer's weight (``what``) and how to remove it (``fix``), in words."""
+    """What computes a layer's weight (``what``) and how to undo it (``fix``), in words."""
 
     what: str
     fix: str
@@ -100,7 +100,7 @@ def computed_weight(module: nn.Module) -> ComputedWeight | None:
     if "weight" not in module._parameters and "weight" not in module._buffers:
         return ComputedWeight(
             "something other than the layer (neither a parameter nor a buffer of it)",
-            "an nn.Parameter of the layer holding the weight",
+            "make the weight an nn.Parameter of the layer",
         )
     return None
 
@@ -226,14 +226,14 @@ def resolve_targets(
             f"targets={targets!r} selects {name}, whose weight is computed by {how.what}: a "
             "stage writes its result into the weight, which the layer recomputes from other "
             "parameters, so it would keep its old weight while a mask and grid were recorded. "
-            f"Remove it first ({how.fix}), or leave the layer out (ignore={name!r}, or "
+            f"Undo that first ({how.fix}), or leave the layer out (ignore={name!r}, or "
             f"narrower `targets`).{_more(computed)} Nothing was changed."
         )
     if computed and chosen:
         warnings.warn(
             f"[ppq] default targets leave out {len(computed)} layer(s) whose weight is computed "
             f"from other parameters, which a stage cannot compress: {_listed(computed)} "
-            f"({next(iter(computed.values())).what}). To compress them, remove that first "
+            f"({next(iter(computed.values())).what}). To compress them, undo that first "
             f"({next(iter(computed.values())).fix}) and name them in `targets`.",
             ComputedWeightWarning,
             stacklevel=2,
@@ -251,7 +251,7 @@ def resolve_targets(
         if computed:
             why += (
                 f" The default targets left out {_listed(computed)}, whose weight is computed "
-                f"by {next(iter(computed.values())).what} (remove it to compress them: "
+                f"by {next(iter(computed.values())).what} (undo that to compress them: "
                 f"{next(iter(computed.values())).fix})."
             )
         raise PPQConfigError(

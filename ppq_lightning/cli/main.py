@@ -18,6 +18,7 @@ import argparse
 import inspect
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from lightning.pytorch import Trainer
 from ppq_lightning.cli.class_paths import check_command_line
 from ppq_lightning.cli.export import export_main
 from ppq_lightning.cli.lightning import PPQCLI
+from ppq_lightning.cli.outcome import PROGRESS, Interrupted, RunProgress, signals_raise
 from ppq_lightning.cli.study import study_main
 from ppq_lightning.cli.sweep import sweep_main
 from ppq_lightning.errors import PPQConfigError
@@ -86,11 +88,13 @@ def help_text() -> str:
     return parser.format_help()
 
 
-def main(args: list[str] | None = None) -> Any:
+def main(args: list[str] | None = None, progress: RunProgress | None = None) -> Any:
     """Run the ``ppq`` command line.
 
     Args:
         args: command-line arguments; None reads ``sys.argv``.
+        progress: filled with what the command has done (its Trainer once built), for the line
+            :func:`entry` prints when the command does not finish; None for none.
 
     Returns:
         What the command returns: the ``PPQCLI`` of ``fit``/``validate``/``test``/``predict``,
@@ -123,18 +127,55 @@ def main(args: list[str] | None = None) -> Any:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=argv,
+        progress=progress,
     )
 
 
 def entry() -> None:
-    """The console script: run :func:`main`; exit 0 on success, and 2 with a one-line message
-    (``ppq: error: ...``) on stderr on a :class:`PPQConfigError` of any command (jsonargparse's
-    own argument errors exit 2 too)."""
+    """The console script: run :func:`main` and exit with its outcome.
+
+    - 0: the command finished.
+    - 2: a :class:`PPQConfigError` (one line, ``ppq: error: ...``; jsonargparse's own argument
+      errors exit 2 too); when the command had started running, a second line says what it
+      had done and how to resume.
+    - ``128 + signum``: ``SIGTERM`` (143), ``SIGINT`` (130) or ``SIGHUP`` (129) ended it
+      (``cli.outcome``: the first such signal unwinds the command at once), or Lightning's own
+      ``SIGTERM`` handling stopped a Trainer (``SIGTERMException``, which would exit 0).
+    - 1: any other exception (its traceback, then the line).
+
+    Every exit but 0 ends with one line on stderr saying how the command ended, what it had
+    done (stages applied, global step, last checkpoint; cells measured) and how to resume.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    argv = sys.argv[1:]
+    progress = RunProgress(argv)
+    token = PROGRESS.set(progress)
     try:
-        main()
+        with signals_raise():
+            main(argv, progress)
     except PPQConfigError as err:
         print(f"ppq: error: {err}", file=sys.stderr)
+        if progress.trainer is not None and progress.trainer.state.fn is not None:
+            print(progress.line("stopped on the error above"), file=sys.stderr)
         sys.exit(2)
+    except Interrupted as err:  # on a line of its own, after a progress bar's last one
+        print(f"\n{progress.line(f'interrupted by {err.name}')}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except SIGTERMException:  # a SystemExit with code None: Lightning's SIGTERM, not success
+        print(f"\n{progress.line('interrupted by SIGTERM')}", file=sys.stderr)
+        sys.exit(128 + 15)
+    except KeyboardInterrupt:  # SIGINT outside signals_raise (another thread's handler)
+        print(f"\n{progress.line('interrupted by SIGINT')}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        traceback.print_exc()
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        failed = f"failed with {type(err).__name__}" + (f": {reason}" if reason else "")
+        print(progress.line(failed), file=sys.stderr)
+        sys.exit(1)
+    finally:
+        PROGRESS.reset(token)
 
 
 if __name__ == "__main__":

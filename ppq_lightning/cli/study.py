@@ -41,6 +41,7 @@ from ppq_lightning.callbacks.registry import METHODS, callback_parameters, callb
 from ppq_lightning.callbacks.rtn_quantization import CURVE_BITS
 from ppq_lightning.cli.class_paths import check_class_path
 from ppq_lightning.cli.lightning import instantiate_clearly
+from ppq_lightning.cli.outcome import note_progress
 from ppq_lightning.errors import (
     PPQConfigError,
     bad_value,
@@ -455,6 +456,7 @@ def study_main(argv: list[str]) -> StudyResult:
             cfg.cells_dir = str(Path(cfg.output_dir) / "cells")
         cfg.output_dir = str(Path(cfg.output_dir) / run_id)
     check_study_arguments(cfg)
+    note_progress(cells=cfg.cells_dir or str(Path(cfg.output_dir) / "cells"))  # if interrupted
     L.seed_everything(cfg.seed, verbose=False)  # a model built with random weights is seeded too
     init = instantiate_clearly(
         lambda: (

@@ -404,8 +404,7 @@ def verified_folder(path: str | Path) -> Path:
         PPQConfigError: see :func:`verify`.
     """
     path = Path(path)
-    if not os.path.lexists(path):
-        recover(path)
+    recover(path if path.is_dir() or not os.path.lexists(path) else path.parent)
     folder = path if path.is_dir() else path.parent
     below = ""
     if not (folder / MANIFEST).is_file() and (folder.parent / MANIFEST).is_file():

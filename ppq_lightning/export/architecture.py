@@ -162,25 +162,35 @@ def _edited_prefixes(extra_states: dict[str, Any]) -> list[str]:
     return prefixes
 
 
+SMALL_MODEL_BYTES = 64 * 2**20
+"""A declared model up to this size (or twice the file's tensors) is built without the meta check:
+the real load's errors are more precise, and it costs little."""
+
+
 def check_skeleton(
     make: Callable[[], nn.Module],
     declared: dict[str, torch.Size],
     extra_states: dict[str, Any],
     source: str,
+    model: str = "the architecture it declares",
+    advice: str = "The file is corrupt or was not written for this model.",
 ) -> None:
     """Refuse, before the model is built in memory, a file whose tensors do not fit the
     architecture it declares (a crafted or corrupt config: a 1.5 GB model built to be refused).
 
-    The model is built on the meta device (no memory). Every tensor of its state dict that the
-    file holds, outside modules whose history records a structural edit or adapters, must have
-    the file's shape; the tensors the file lacks (outside them: a LoRA layer's base weight, stored
-    under ``base_layer``) must not take more bytes than the file's tensors do.
+    The model is built on the meta device (no memory). When it takes more than twice the bytes
+    of the file's tensors (and more than ``SMALL_MODEL_BYTES``), every tensor of its state dict
+    that the file holds, outside modules whose history records a structural edit or adapters,
+    must have the file's shape, and the tensors the file lacks (outside them: a LoRA layer's base
+    weight, stored under ``base_layer``) must not take more bytes than the file's tensors do.
 
     Args:
         make: builds the model the file will be loaded into.
         declared: ``{state-dict key: shape}`` the file holds.
         extra_states: the file's non-tensor state-dict entries (the compression records).
         source: the file, for the message.
+        model: what ``make`` builds, for the message.
+        advice: the message's last sentence: what to do.
 
     Raises:
         PPQConfigError: naming the file, the first tensor that does not fit, both shapes, and
@@ -196,6 +206,11 @@ def check_skeleton(
     total = sum(
         t.numel() * t.element_size() for t in skeleton_state.values() if isinstance(t, Tensor)
     )
+    held = sum(shape.numel() for shape in declared.values()) * max(
+        (t.element_size() for t in skeleton_state.values() if isinstance(t, Tensor)), default=4
+    )
+    if total <= max(2 * held, SMALL_MODEL_BYTES):
+        return  # nothing large: the real load says more precisely what does not fit
     lacking: list[str] = []
     lacking_bytes = 0
     for key, tensor in skeleton_state.items():
@@ -209,18 +224,14 @@ def check_skeleton(
             lacking_bytes += tensor.numel() * tensor.element_size()
         elif shape != tensor.shape:
             raise PPQConfigError(
-                f"{source} does not fit the architecture it declares: {key} is "
-                f"{list(tensor.shape)} there and {list(shape)} in the file; refused before "
-                f"building it ({total / 2**20:.0f} MiB). The file is corrupt or was not written "
-                "for this model."
+                f"{source} does not fit {model}: size mismatch for {key}: "
+                f"{list(tensor.shape)} in the model, {list(shape)} in the file; refused before "
+                f"building it ({total / 2**20:.0f} MiB). {advice}"
             )
-    held = sum(shape.numel() for shape in declared.values()) * max(
-        (t.element_size() for t in skeleton_state.values() if isinstance(t, Tensor)), default=4
-    )
     if lacking_bytes > held:
         raise PPQConfigError(
-            f"{source} does not fit the architecture it declares: {len(lacking)} of its tensors "
+            f"{source} does not fit {model}: {len(lacking)} of its tensors "
             f"({lacking_bytes / 2**20:.0f} MiB, e.g. {lacking[0]}) are not in the file, which "
             f"holds {held / 2**20:.0f} MiB; refused before building it ({total / 2**20:.0f} "
-            "MiB). The file is corrupt or was not written for this model."
+            f"MiB). {advice}"
         )

@@ -66,6 +66,10 @@ def safe_torch_load(path: str | Path) -> Any:
         ) from err
 
 
+_WHICH_CLASS = (
+    "Is it the class the checkpoint was trained with (module_class; ppq export: --module), built "
+    "with the same constructor arguments (init_args; ppq export: --module_args)?"
+)
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 _PICKLE_PROTOCOL = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle
 
@@ -213,6 +217,9 @@ def load_lightning_checkpoint(
             {k: v.shape for k, v in state_dict.items() if isinstance(v, torch.Tensor)},
             {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)},
             str(path),
+            model=f"{cls.__module__}.{cls.__qualname__} built from the checkpoint's "
+            f"hyperparameters and init_args {hparams}",
+            advice=_WHICH_CLASS,
         )
     try:
         module = cls(**hparams)
@@ -230,8 +237,6 @@ def load_lightning_checkpoint(
             raise  # not torch's missing/unexpected keys or size mismatches
         raise PPQConfigError(
             f"{path} does not fit {cls.__module__}.{cls.__qualname__} built from the "
-            f"checkpoint's hyperparameters and init_args {hparams}: {err}\nIs it the class the "
-            "checkpoint was trained with (module_class; ppq export: --module), built with the "
-            "same constructor arguments (init_args; ppq export: --module_args)?"
+            f"checkpoint's hyperparameters and init_args {hparams}: {err}\n{_WHICH_CLASS}"
         ) from err
     return module.eval()

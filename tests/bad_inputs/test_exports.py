@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -342,7 +343,7 @@ def test_the_next_export_recovers_a_killed_overwrite(tmp_path):
     ppq_lightning.export(_boring(0), "ppq", out)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
     backup = tmp_path / f".out.ppq-old-{dead.pid}-{host}-abc"
     out.rename(backup)  # what the fallback's first rename leaves when killed
     with pytest.raises(PPQConfigError, match="does not exist yet"):
@@ -445,7 +446,6 @@ def test_a_crafted_checkpoint_is_refused_before_allocating(tmp_path):
 def test_a_hub_id_without_network_fails_fast(tmp_path, monkeypatch, offline):
     # before: about 50 s of retries before the error (offline mode not set); the network is
     # made unreachable here by refusing every name lookup, whatever the machine has
-    import socket
 
     from huggingface_hub import constants
 

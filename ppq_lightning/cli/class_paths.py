@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from ppq_lightning.errors import bad_value
+from ppq_lightning.yaml_numbers import load_yaml
 
 CLASS_ARGUMENTS = frozenset(
     {
@@ -388,7 +389,7 @@ def _config_file(text: str) -> Any:
     try:
         if not path.is_file():
             return None
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
         return None
 
@@ -434,7 +435,7 @@ def check_command_line(argv: list[str]) -> None:
             check_class_path(f"--{key}", text)
             continue
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             value = text
         _check_value(key, value)

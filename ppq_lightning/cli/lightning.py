@@ -17,6 +17,7 @@ from ppq_lightning.callbacks.base import check_trainer_stages
 from ppq_lightning.callbacks.random_state import RandomStateCheckpoint
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.loggers import agent_run_id, run_folder
+from ppq_lightning.yaml_numbers import jsonargparse_reads_base_60_as_text
 
 T = TypeVar("T")
 
@@ -117,6 +118,7 @@ class PPQCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
+        jsonargparse_reads_base_60_as_text()  # pattern: 2:4 is "2:4", not 124
         kwargs.setdefault("save_config_callback", RunConfigCallback)
         self.progress = progress
         super().__init__(*args, **kwargs)

@@ -31,6 +31,7 @@ from ppq_lightning.cli.outcome import PROGRESS, Interrupted, RunProgress, signal
 from ppq_lightning.cli.study import study_main
 from ppq_lightning.cli.sweep import sweep_main
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.yaml_numbers import jsonargparse_reads_base_60_as_text
 
 # the subcommands ppq adds to LightningCLI's: name -> (entry point, one-line description)
 OWN_SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
@@ -119,6 +120,7 @@ def main(args: list[str] | None = None, progress: RunProgress | None = None) -> 
         )
     if argv[0] == "sweep":
         return sweep_main(argv[1:])
+    jsonargparse_reads_base_60_as_text()
     check_command_line(argv)
     if argv[0] in OWN_SUBCOMMANDS:
         return OWN_SUBCOMMANDS[argv[0]][0](argv[1:])

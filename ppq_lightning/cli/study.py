@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from rich import box
 from rich.console import Console
@@ -55,6 +54,7 @@ from ppq_lightning.order.prediction import PREDICTORS
 from ppq_lightning.reports import write_text_atomic
 from ppq_lightning.study import SEARCH_MODES, OrderStudy, StudyResult, log_result, write_report
 from ppq_lightning.study.report import read_results
+from ppq_lightning.yaml_numbers import load_yaml
 
 OVERRIDE = re.compile(r"--([A-Za-z][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$", re.S)
 TOP_LEVEL = {"model", "data", "logger", "config"}
@@ -174,7 +174,7 @@ def apply_overrides(stages: list[dict[str, Any]], overrides: list[tuple[str, str
                 f"--{stage_name}.{argument}: no stage is named {stage_name!r}; named stages: "
                 f"{known}."
             )
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
         if argument == "class_path":
             old = callback_signature(_resolve_class(stage["class_path"]))
             cls = _resolve_class(value, f"--{stage_name}.class_path")
@@ -447,7 +447,7 @@ def study_main(argv: list[str]) -> StudyResult:
     cfg = parser.parse_args(rest)
     if overrides:
         data = parser.dump(cfg, format="parser_mode", skip_validation=True)
-        plain = yaml.safe_load(data) if isinstance(data, str) else data
+        plain = load_yaml(data) if isinstance(data, str) else data
         apply_overrides(plain["stages"], overrides)
         cfg = parser.parse_object(plain)
     run_id = agent_run_id()

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from ppq_lightning.errors import PPQConfigError, check_folder
 from ppq_lightning.reports import write_json, write_table, write_text_atomic
 from ppq_lightning.study.children import run_child
+from ppq_lightning.yaml_numbers import load_yaml
 
 # wandb/wandb_agent.py: Agent.DEFAULT_SWEEP_COMMAND and SWEEP_COMMAND_ENV_VAR_REGEX
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
@@ -92,7 +93,7 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as error:
         raise _bad(path, f"cannot be read as a text file ({error}); {SHAPE}.") from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -81,6 +81,19 @@ def _disk_full(path: Path, error: OSError) -> DiskFullError | None:
     )
 
 
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The ``ENOSPC``/``EFBIG``/``EDQUOT`` :class:`OSError` behind ``error`` (itself, or along
+    its ``__cause__``/``__context__`` chain: a library may wrap it), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename).
 

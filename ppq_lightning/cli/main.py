@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import traceback
@@ -31,6 +32,7 @@ from ppq_lightning.cli.outcome import PROGRESS, Interrupted, RunProgress, signal
 from ppq_lightning.cli.study import study_main
 from ppq_lightning.cli.sweep import sweep_main
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.reports import disk_full_cause
 from ppq_lightning.yaml_numbers import jsonargparse_reads_base_60_as_text
 
 # the subcommands ppq adds to LightningCLI's: name -> (entry point, one-line description)
@@ -133,6 +135,23 @@ def main(args: list[str] | None = None, progress: RunProgress | None = None) -> 
     )
 
 
+def _path_written(error: OSError) -> str | None:
+    """The file a failed write was writing: the error's ``filename``, else the innermost frame
+    of its traceback holding a ``filepath``/``path`` (Lightning's checkpoint writer raises the
+    write's ``OSError`` without a file name)."""
+    if error.filename is not None:
+        return str(error.filename)
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        for name in ("filepath", "path"):
+            value = tb.tb_frame.f_locals.get(name)
+            if isinstance(value, str | os.PathLike):
+                found = os.fspath(value)
+                break
+        tb = tb.tb_next
+    return found
+
+
 def entry() -> None:
     """The console script: run :func:`main` and exit with its outcome.
 
@@ -143,7 +162,8 @@ def entry() -> None:
     - ``128 + signum``: ``SIGTERM`` (143), ``SIGINT`` (130) or ``SIGHUP`` (129) ended it
       (``cli.outcome``: the first such signal unwinds the command at once), or Lightning's own
       ``SIGTERM`` handling stopped a Trainer (``SIGTERMException``, which would exit 0).
-    - 1: any other exception (its traceback, then the line).
+    - 1: a full disk, quota or file-size limit (``ENOSPC``, ``EFBIG``, ``EDQUOT``: one line
+      naming the file, no traceback), or any other exception (its traceback, then the line).
 
     Every exit but 0 ends with one line on stderr saying how the command ended, what it had
     done (stages applied, global step, last checkpoint; cells measured) and how to resume.
@@ -171,6 +191,13 @@ def entry() -> None:
         print(f"\n{progress.line('interrupted by SIGINT')}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
+        full = disk_full_cause(err)
+        if full is not None:  # an ordinary condition: one line, no traceback
+            where = _path_written(full)
+            where = f" writing {where!r}" if where else ""
+            print(f"ppq: error: no room on the disk{where}: {full}", file=sys.stderr)
+            print(progress.line("stopped: the disk was full"), file=sys.stderr)
+            sys.exit(1)
         traceback.print_exc()
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         failed = f"failed with {type(err).__name__}" + (f": {reason}" if reason else "")

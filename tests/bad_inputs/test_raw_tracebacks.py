@@ -228,6 +228,53 @@ def test_a_full_disk_names_the_report_and_leaves_it_as_it_was(tmp_path, monkeypa
     assert json.loads(path.read_text()) == {"rows": 1}
 
 
+def _file_size_limit(limit: int):
+    """A ``preexec_fn``: files may grow to ``limit`` bytes (a write past it fails with EFBIG,
+    "File too large", as on a full quota; SIGXFSZ ignored so that the write returns it)."""
+
+    def limit_size() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_size
+
+
+def test_a_fit_whose_checkpoint_finds_no_room_ends_with_one_line(tmp_path):
+    """Lightning's own checkpoint write fails (EFBIG) inside ``ppq fit``: one line naming the
+    error and the file, exit 1, no traceback (it was a 40-line traceback)."""
+    config = yaml.safe_load((ROOT / "configs/tiny/lora_orders.yaml").read_text())
+    config["trainer"].update(enable_checkpointing=True, max_steps=3)
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 1},
+        }
+    )
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "ppq_lightning.cli.main", "fit", "--config", "fit.yaml"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=_file_size_limit(100_000),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    first, last = done.stderr.strip().splitlines()[-2:]
+    checkpoint = tmp_path / "ckpts" / "epoch=0-step=1.ckpt"
+    assert (
+        first
+        == f"ppq: error: no room on the disk writing {str(checkpoint)!r}: [Errno 27] File too large"
+    ), first
+    assert last.startswith("ppq: fit stopped: the disk was full; stages applied: P, Q"), last
+
+
 def test_other_os_errors_pass_unchanged(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

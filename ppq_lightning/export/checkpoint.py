@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from ppq_lightning.edits.loading import enable_state_loading
-from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.errors import InvariantError, PPQConfigError, bad_value
 from ppq_lightning.export.architecture import check_skeleton
 from ppq_lightning.models import CausalLMModule, ImageClassifierModule
 
@@ -232,6 +232,8 @@ def load_lightning_checkpoint(
     enable_state_loading(module)
     try:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (InvariantError, PPQConfigError) as err:  # a corrupt file: name it
+        raise type(err)(f"{path}: {err}") from err
     except RuntimeError as err:
         if not str(err).startswith("Error(s) in loading state_dict"):
             raise  # not torch's missing/unexpected keys or size mismatches

@@ -12,6 +12,8 @@ import enum
 import sys
 from typing import Any, TypedDict
 
+from ppq_lightning.errors import PPQConfigError
+
 if sys.version_info >= (3, 11):
     from typing import NotRequired
 else:  # pragma: no cover - Python 3.10
@@ -180,3 +182,32 @@ class FitRecord(TypedDict):
     step: int
     stages: list[FitStage]
     training: NotRequired[TrainingRecord]
+
+
+def recorded_size(owner: str, entry: dict[str, Any], name: str, value: Any, limit: int) -> int:
+    """A size that replaying ``entry`` would allocate by (a LoRA rank, a shared basis's rank or
+    width), checked against what the layer ``owner`` allows before anything is allocated: a
+    crafted or corrupt record (``r=10**6``) would otherwise make the loader allocate gigabytes
+    before the strict load refuses the file.
+
+    Args:
+        owner: the layer the entry is recorded on.
+        entry: the history entry (its ``stage`` is named).
+        name: the recorded field, e.g. ``"r"``.
+        value: its recorded value.
+        limit: the largest value the layer allows.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        PPQConfigError: naming the layer, the field and its value, when ``value`` is not an
+            integer from 1 to ``limit``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise PPQConfigError(
+            f"{owner}: the state records {name}={value!r} for stage {entry.get('stage')!r}; "
+            f"the layer allows an integer from 1 to {limit}. The file is corrupt or was edited "
+            "after it was written; it was refused before anything was allocated."
+        )
+    return value

@@ -17,7 +17,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.compressed.history import HistoryEntry, recorded_size
 from ppq_lightning.compressed.state import STATE_NAME, current_grid, current_mask, record_stage
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.tree import find_module, replace_module
@@ -114,8 +114,9 @@ def replay_lora_adapter(model: nn.Module, owner: str, entry: HistoryEntry) -> No
     model's ``peft_config`` ends up targeting every replayed layer, as one injection would.
     """
     target = owner[: -len(BASE_SUFFIX)] if owner.endswith(BASE_SUFFIX) else owner
+    rows, cols = weight_matrix(model.get_submodule(target)).shape
     config = LoraConfig(
-        r=entry["r"],
+        r=recorded_size(owner, entry, "r", entry["r"], min(rows, cols)),
         lora_alpha=entry["alpha"],
         lora_dropout=entry["dropout"],
         target_modules=[target],

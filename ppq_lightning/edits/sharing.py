@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ppq_lightning.calibration.blocks import find_blocks
-from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.compressed.history import HistoryEntry, recorded_size
 from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.attention import AttentionProjection
@@ -123,7 +123,10 @@ def replay_shared_basis(model: nn.Module, owner: str, entry: HistoryEntry) -> No
     """
     record = entry[SHARED_BASIS]
     old = model.get_submodule(owner)
-    in_features, rank = record["in_features"], record["rank"]
+    rows, cols = weight_matrix(old).shape  # the dense layer the factors replace
+    in_features = recorded_size(owner, entry, "in_features", record["in_features"], cols)
+    recorded_size(owner, entry, "out_features", record["out_features"], rows)
+    rank = recorded_size(owner, entry, "rank", record["rank"], in_features)
     basis = find_basis(model, record["group"])
     if basis is not None and (basis.out_features, basis.in_features) != (rank, in_features):
         raise PPQConfigError(

@@ -20,9 +20,11 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 import ppq_lightning
 from ppq_lightning.callbacks import MagnitudePruning, RTNQuantization
+from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export import export_lightning_checkpoint, load_compressed
 from ppq_lightning.export.native import WEIGHTS
@@ -440,6 +442,60 @@ def test_a_crafted_checkpoint_is_refused_before_allocating(tmp_path):
     assert grown < 300, f"the loader took {grown:.0f} MiB before refusing: {result}"
     assert result.startswith("PPQConfigError") and "refused before building" in result, result
     assert not (tmp_path / "x").exists()
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = nn.Linear(8, 6)
+
+
+def _lora_state(r: int) -> dict:
+    """The state dict of a kept LoRA adapter whose record says rank ``r`` (its tensors: 2)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ppq_lightning.compressed.state import record_stage
+    from ppq_lightning.edits.lora import ADAPTER, LORA_ADAPTERS, LORA_METHOD, adapter_weights
+
+    source = _Attention()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], bias="none")
+    inject_adapter_in_model(config, source, adapter_name=ADAPTER)
+    entry = {"stage": "L", "method": LORA_METHOD, "kind": "L", "r": r, "alpha": 4}
+    entry |= {"dropout": 0.0, "edit": LORA_ADAPTERS}
+    entry["adapter_weights"] = adapter_weights(source.q_proj)
+    record_stage(source.q_proj.get_base_layer(), entry)
+    return source.state_dict()
+
+
+def _shared_state(rank: int) -> dict:
+    """The state dict of a shared-basis layer whose record says ``rank``."""
+    from ppq_lightning.compressed.state import record_stage
+    from ppq_lightning.edits.sharing import SharedBasisLinear, sharing_record
+
+    source = _Attention()
+    shared = SharedBasisLinear(nn.Linear(8, 3, bias=False), nn.Linear(3, 6), "g")
+    record = sharing_record(shared) | {"rank": rank}
+    record_stage(shared, {"stage": "S", "kind": "S", "shared_basis": record})
+    source.q_proj = shared
+    return source.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("state", "field"),
+    [(lambda: _lora_state(10**6), "r=1000000"), (lambda: _shared_state(10**6), "rank=1000000")],
+)
+def test_a_crafted_structural_record_is_refused_before_allocating(state, field):
+    # before: the replay built a rank-10**6 adapter (or basis): 250 MB for an 8x6 layer, then
+    # the strict load refused the file for its shapes
+    fresh = _Attention()
+    enable_state_loading(fresh)
+    assert_refused(
+        lambda: fresh.load_state_dict(state()),
+        PPQConfigError,
+        names("q_proj", field, "allows an integer from 1 to", "before anything was allocated"),
+        fresh,
+    )
 
 
 @pytest.mark.parametrize("offline", [False, True])

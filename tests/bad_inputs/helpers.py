@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 
@@ -74,3 +75,24 @@ def assert_refused(
 def names(*parts: str) -> str:
     """A ``match`` pattern requiring every part (escaped) in the message, in any order."""
     return "".join(f"(?=[\\s\\S]*{re.escape(p)})" for p in parts)
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def tiny_fit_config(tmp_path: Path, max_steps: int) -> Path:
+    """``configs/tiny/lora_orders.yaml`` (the tiny LoRA fit, P>Q>L) for ``max_steps`` steps with
+    a checkpoint into ``tmp_path/ckpts`` after every step and its logs under ``tmp_path/logs``,
+    written to ``tmp_path/fit.yaml``."""
+    config = yaml.safe_load((ROOT / "configs/tiny/lora_orders.yaml").read_text())
+    config["trainer"].update(enable_checkpointing=True, max_steps=max_steps)
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 1},
+        }
+    )
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

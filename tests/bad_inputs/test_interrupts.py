@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ppq_lightning.cli.outcome import Interrupted
 from ppq_lightning.errors import PPQConfigError
+from tests.bad_inputs.helpers import tiny_fit_config
 
 cli_main = importlib.import_module("ppq_lightning.cli.main")  # the package exports main()
 
@@ -45,17 +45,7 @@ def _signalled_when(command: list[str], ready, signum: int) -> tuple[int, str]:
 
 def _fit_command(tmp_path: Path) -> list[str]:
     """The tiny LoRA fit (P>Q>L) for 10000 steps with a checkpoint after every step."""
-    config = yaml.safe_load((ROOT / "configs/tiny/lora_orders.yaml").read_text())
-    config["trainer"].update(enable_checkpointing=True, max_steps=10000)
-    config["trainer"]["callbacks"].append(
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 1},
-        }
-    )
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_fit_config(tmp_path, max_steps=10000)
     return [*PPQ, "fit", "--config", str(path), f"--report_dir={tmp_path / 'report'}"]
 
 

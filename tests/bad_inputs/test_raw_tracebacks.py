@@ -36,7 +36,7 @@ from ppq_lightning.datamodules import TextDataModule
 from ppq_lightning.errors import PPQConfigError, check_int, check_number
 from ppq_lightning.models import CausalLMModule
 from ppq_lightning.study.sweep import finished
-from tests.bad_inputs.helpers import assert_refused, names
+from tests.bad_inputs.helpers import assert_refused, names, tiny_fit_config
 
 ROOT = Path(__file__).parents[2]
 LLAMA = {
@@ -245,16 +245,7 @@ def _file_size_limit(limit: int):
 def test_a_fit_whose_checkpoint_finds_no_room_ends_with_one_line(tmp_path):
     """Lightning's own checkpoint write fails (EFBIG) inside ``ppq fit``: one line naming the
     error and the file, exit 1, no traceback (it was a 40-line traceback)."""
-    config = yaml.safe_load((ROOT / "configs/tiny/lora_orders.yaml").read_text())
-    config["trainer"].update(enable_checkpointing=True, max_steps=3)
-    config["trainer"]["callbacks"].append(
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 1},
-        }
-    )
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    tiny_fit_config(tmp_path, max_steps=3)
     done = subprocess.run(
         [sys.executable, "-m", "ppq_lightning.cli.main", "fit", "--config", "fit.yaml"],
         cwd=tmp_path,

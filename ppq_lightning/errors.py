@@ -35,6 +35,13 @@ class InvariantError(RuntimeError):
     """A compressed module's weights disagree with its recorded mask or grid."""
 
 
+class CorruptStateError(InvariantError, PPQConfigError):
+    """A loaded state (a checkpoint, a state dict) is not a consistent compressed state: the
+    file is corrupt or was edited after it was written. An :class:`InvariantError`, and a
+    :class:`PPQConfigError` since the file is bad input: ``ppq`` ends with one line naming it
+    (exit 2), not a traceback."""
+
+
 def bad_value(argument: str, value: Any, allowed: str) -> PPQConfigError:
     """Build the one message shape every validation error uses.
 

@@ -25,7 +25,8 @@ class DiskFullError(OSError):
     left as it was; ``errno`` is the original one, so ``except OSError`` still catches it."""
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -55,7 +56,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
-        os.chmod(temporary, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
+        os.chmod(temporary, 0o666 & ~current_umask())  # as open() makes it, not mkstemp's 0600
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)

@@ -34,7 +34,7 @@ from ppq_lightning.compressed.state import STATE_NAME, ensure_state, get_state
 from ppq_lightning.edits.lora import check_adapter_records
 from ppq_lightning.edits.registry import replay_entry
 from ppq_lightning.edits.training import PendingCompletion, finish_completion, start_completion
-from ppq_lightning.errors import InvariantError, PPQConfigError
+from ppq_lightning.errors import CorruptStateError, InvariantError, PPQConfigError
 from ppq_lightning.modules.attention import install_projection_views
 from ppq_lightning.modules.tree import find_module
 
@@ -121,8 +121,9 @@ def enable_state_loading(model: nn.Module) -> None:
         PPQConfigError: (at load time) for LoRA adapters without a LoRAFineTune record, an
             edit kind this version cannot replay, a fit record this version cannot
             complete, or a non-finite parameter (nothing copied).
-        InvariantError: (at load time, after the tensors were copied: discard the model) a
-            loaded layer whose weights are off its recorded mask or grid, naming it.
+        CorruptStateError: (an ``InvariantError`` and a ``PPQConfigError``; at load time,
+            after the tensors were copied: discard the model) a loaded layer whose weights are
+            off its recorded mask or grid, naming it.
     """
     if getattr(model, _LOADING_HOOK_FLAG, False):
         return
@@ -155,7 +156,7 @@ def enable_state_loading(model: nn.Module) -> None:
         try:
             check_invariants(module, loaded)
         except InvariantError as error:
-            raise InvariantError(
+            raise CorruptStateError(
                 f"the state dict loaded into this {type(module).__name__} is not a consistent "
                 f"compressed state: {error} The file is corrupt or was edited after it was "
                 "written; do not use this model (load an earlier checkpoint, or compress again)."

@@ -31,6 +31,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ppq_lightning.errors import PPQConfigError, bad_value
+from ppq_lightning.reports import current_umask
 
 MANIFEST = "export.json"
 CHECKSUMS = "sha256"  # export.json: {file path relative to the folder: sha256 hex digest}
@@ -291,6 +293,19 @@ def _write_error(target: Path, err: OSError) -> OSError:
     )
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _library_os_error(err: Exception) -> OSError | None:
+    """The :class:`OSError` inside a library's own error type: safetensors' Rust writer raises
+    ``SafetensorError: ... I/O error: File too large (os error 27)``, which is no ``OSError``."""
+    match = _OS_ERROR.search(str(err))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``target``; on success it becomes ``target`` (see the
@@ -301,8 +316,9 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
         overwrite: whether an earlier export at ``target`` may be replaced.
 
     Raises:
-        OSError: of the same kind as the write's (disk full, read-only folder), naming the
-            path; the folders it created are removed.
+        OSError: of the same kind as the write's (disk full, read-only folder; also when a
+            library reports it in its own error type, as safetensors does), naming the path;
+            the folders it created are removed.
         PPQConfigError: when something other than an earlier export appeared at ``target``
             while the export ran.
     """
@@ -319,15 +335,33 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise _write_error(target, err) from err
     try:
         yield staging
+        _usual_modes(staging)
         _swap_in(staging, target, overwrite)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(missing)
         raise _write_error(target, err) from err
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(missing)
+        inner = _library_os_error(err)
+        if inner is None:
+            raise
+        raise _write_error(target, inner) from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(missing)
         raise
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes ``mkdir``/``open`` give under the umask:
+    ``mkdtemp`` makes the folder 0700 and safetensors writes its files 0600, which kept an
+    export from the other users a shared model folder is for."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _remove_empty(folders: list[Path]) -> None:

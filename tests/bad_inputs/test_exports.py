@@ -262,6 +262,48 @@ def test_a_full_disk_names_the_path_and_leaves_the_old_export(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden folder
 
 
+def test_a_real_full_disk_during_export_is_an_oserror_naming_the_path(tmp_path):
+    """safetensors' writer raises its own ``SafetensorError`` (no ``OSError``, no path) when a
+    write fails; under a real file-size limit the export is an ``OSError`` naming the path."""
+    out = tmp_path / "out"
+    script = (
+        "import resource, signal\n"
+        "import ppq_lightning\n"
+        "from ppq_lightning.callbacks import MagnitudePruning\n"
+        "from ppq_lightning.models import CausalLMModule\n"
+        "from tests.helpers import TINY_LLAMA\n"
+        "module = CausalLMModule(model_config=TINY_LLAMA, seed=0)\n"
+        "MagnitudePruning(sparsity=0.5).apply(module)\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "try:\n"
+        f"    ppq_lightning.export(module, 'ppq', {str(out)!r})\n"
+        "except OSError as err:\n"
+        "    print('OSError', err.errno, err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert line.startswith(f"OSError {errno.EFBIG} [Errno 27] writing the export at {out} "), line
+    assert "File too large" in line
+    assert list(tmp_path.iterdir()) == []  # no export, no hidden folder
+
+
+def test_an_export_takes_the_modes_the_umask_gives(tmp_path):
+    """``mkdtemp`` made the export folder 0700 and safetensors its files 0600: other users of a
+    shared model folder could not read an export."""
+    previous = os.umask(0o022)
+    try:
+        ppq_lightning.export(_boring(), "ppq", tmp_path / "out")
+    finally:
+        os.umask(previous)
+    modes = {
+        p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "out", *(tmp_path / "out").iterdir()]
+    }
+    assert modes == {"out": 0o755, WEIGHTS: 0o644, "export.json": 0o644}
+
+
 def test_an_unwritable_parent_names_the_path(tmp_path, monkeypatch):
     # a read-only folder, as root (who ignores permissions) cannot make one: mkdtemp refuses
     import tempfile

@@ -15,8 +15,9 @@ which runs no code of the path's modules:
    refused). ``python -m ppq_lightning.cli.main`` puts the current folder on ``sys.path``; an
    ``evilmod.py`` there is never imported. (A folder named like a package ppq imports as it
    starts, ``torchvision/``, runs before any check under ``python -m``: Python's own rule; the
-   ``ppq`` script and ``python -P -m`` do not put the current folder on ``sys.path``.) An editable install of the folder (``pip install
-   -e .``) is found by its finder, so it is allowed from its own folder.
+   ``ppq`` script and ``python -P -m`` do not put the current folder on ``sys.path``.) An
+   editable install of the folder (``pip install -e .``) is found by its finder, so it is
+   allowed from its own folder.
 2. Each further part is found as a submodule by the import machinery's finders given the
    parent's search locations, without importing the parent (``importlib.util.find_spec`` of a
    submodule would run the parent's ``__init__``).

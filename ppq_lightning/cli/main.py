@@ -179,7 +179,10 @@ def entry() -> None:
     except PPQConfigError as err:
         print(f"ppq: error: {err}", file=sys.stderr)
         if progress.trainer is not None and progress.trainer.state.fn is not None:
-            print(progress.line("stopped on the error above"), file=sys.stderr)
+            print(
+                progress.line("stopped on the error above", first="fix the error above"),
+                file=sys.stderr,
+            )
         sys.exit(2)
     except Interrupted as err:  # on a line of its own, after a progress bar's last one
         print(f"\n{progress.line(f'interrupted by {err.name}')}", file=sys.stderr)
@@ -196,7 +199,8 @@ def entry() -> None:
             where = _path_written(full)
             where = f" writing {where!r}" if where else ""
             print(f"ppq: error: no room on the disk{where}: {full}", file=sys.stderr)
-            print(progress.line("stopped: the disk was full"), file=sys.stderr)
+            line = progress.line("stopped: the disk was full", first="free space on the disk")
+            print(line, file=sys.stderr)
             sys.exit(1)
         traceback.print_exc()
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -114,8 +114,14 @@ class RunProgress:
         arguments appended."""
         return shlex.join(["ppq", *self.argv, *extra])
 
-    def line(self, ended: str) -> str:
-        """One line: how the command ended (``ended``), what it had done, how to resume."""
+    def line(self, ended: str, first: str | None = None) -> str:
+        """One line: how the command ended (``ended``), what it had done, how to resume.
+
+        Args:
+            ended: how the command ended, e.g. ``"interrupted by SIGTERM"``.
+            first: what to do before resuming, when running it again as it was would end the
+                same way (``"fix the error above"``, ``"free space on the disk"``).
+        """
         sub = self.subcommand or "ppq"
         if self.trainer is not None:
             done, resume = self._trainer_progress()
@@ -130,6 +136,8 @@ class RunProgress:
         else:
             done = "nothing was run"
             resume = f"run `{self.command()}` again"
+        if first is not None:
+            resume = f"{first}, then {resume}"
         return f"ppq: {sub} {ended}; {done}; to resume: {resume}."
 
     def _study_progress(self) -> tuple[str, str]:
@@ -162,10 +170,12 @@ class RunProgress:
             last = self._last_checkpoint()
             if last is None:
                 parts.append("no checkpoint was written")
-                resume = (
-                    f"run `{self.command()}` again (it starts over; a ModelCheckpoint in "
-                    "trainer.callbacks makes a fit resumable mid-run)"
+                why = (
+                    "no checkpoint had been written yet"
+                    if self.trainer.checkpoint_callbacks
+                    else "a ModelCheckpoint in trainer.callbacks makes a fit resumable mid-run"
                 )
+                resume = f"run `{self.command()}` again (it starts over; {why})"
             else:
                 parts.append(f"last checkpoint: {last}")
                 argv = _without_option(self.argv, "--ckpt_path")

@@ -149,3 +149,14 @@ def test_a_config_error_still_exits_2_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli_main, "main", refused)
     assert _entry(monkeypatch, ["fit", "--config", "x.yaml"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["ppq: error: bits=3 is not allowed"]
+
+
+def test_a_line_after_an_error_says_to_fix_it_before_running_again():
+    """Rerunning a command that stopped on a configuration error ends the same way: the line
+    says to fix it first (it said only "run ... again")."""
+    from ppq_lightning.cli.outcome import RunProgress
+
+    line = RunProgress(["export", "x.yaml"]).line("stopped", first="fix the error above")
+    assert line.endswith("to resume: fix the error above, then run `ppq export x.yaml` again."), (
+        line
+    )

@@ -264,6 +264,9 @@ def test_a_fit_whose_checkpoint_finds_no_room_ends_with_one_line(tmp_path):
         == f"ppq: error: no room on the disk writing {str(checkpoint)!r}: [Errno 27] File too large"
     ), first
     assert last.startswith("ppq: fit stopped: the disk was full; stages applied: P, Q"), last
+    # running it again as it was ends the same way: say what comes first
+    assert "no checkpoint was written; to resume: free space on the disk, then run" in last, last
+    assert "(it starts over; no checkpoint had been written yet)" in last, last
 
 
 def test_other_os_errors_pass_unchanged(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from ppq_lightning.calibration.statistics import (
 )
 from ppq_lightning.callbacks.base import CompressionCallback
 from ppq_lightning.errors import PPQConfigError, bad_value
-from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.modules.views import is_grouped_convolution, weight_matrix
 from ppq_lightning.ops.hessian import HessianError
 from ppq_lightning.ops.reconstruction import relative_output_error
 
@@ -168,7 +168,7 @@ class CalibratedCompression(CompressionCallback):
     @staticmethod
     def grouped(layer: nn.Module) -> bool:
         """Whether ``layer`` is a grouped (or depthwise) convolution, solved group by group."""
-        return isinstance(layer, nn.Conv2d) and layer.groups > 1
+        return is_grouped_convolution(layer)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]

@@ -36,7 +36,7 @@ from ppq_lightning.errors import (
 from ppq_lightning.modules.attention import check_runs_modules
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import resolve_targets
-from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.modules.views import is_convolution, weight_matrix
 
 MERGES = ("never", "at_end")
 
@@ -177,13 +177,28 @@ class LoRAFineTune(CompressionCallback):
         self._fit_record.attach(trainer, pl_module, list(lora_layers(pl_module)))
 
     def check_grouped_convs(self, modules: dict[str, nn.Module]) -> None:
-        """peft adapts a grouped convolution only when ``r`` is a multiple of its groups.
+        """peft adapts a grouped convolution only when ``r`` is a multiple of its groups, and
+        builds a convolution's ``lora_A`` with its kernel, stride and padding but neither its
+        dilation nor its padding mode: on a dilated convolution (a WaveNet's, a TCN's) the
+        adapter's output has another length and the first forward fails; with reflect or
+        circular padding it adds zero-padded patches to reflected ones.
 
         Raises:
-            PPQConfigError: naming the first layer where it is not, before any adapter exists.
+            PPQConfigError: naming the first layer where ``r`` is not a multiple of its groups,
+                or that is dilated or padded other than with zeros, before any adapter exists.
         """
         for name, module in modules.items():
-            groups = getattr(module, "groups", 1) if isinstance(module, nn.Conv2d) else 1
+            if is_convolution(module) and (
+                any(d != 1 for d in module.dilation) or module.padding_mode != "zeros"
+            ):
+                raise PPQConfigError(
+                    f"LoRAFineTune cannot adapt {name}, a {type(module).__name__} with "
+                    f"dilation={module.dilation}, padding_mode={module.padding_mode!r}: peft "
+                    "builds its adapter without the dilation and with zero padding, so the "
+                    "adapter would not see the layer's patches. Leave it out "
+                    f"(ignore={name!r}); LoRA adapts undilated, zero-padded convolutions."
+                )
+            groups = module.groups if is_convolution(module) else 1
             if groups > 1 and self.r % groups:
                 raise bad_value(
                     "r",

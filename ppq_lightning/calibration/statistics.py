@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ppq_lightning.calibration.distributed import all_reduce_mean
 from ppq_lightning.errors import PPQConfigError, check_choice
-from ppq_lightning.modules.views import conv_input, input_rows
+from ppq_lightning.modules.views import conv_input, input_rows, is_convolution
 from ppq_lightning.ops.conv_statistics import accumulate_conv_act_norms, accumulate_conv_hessian
 from ppq_lightning.ops.hessian import accumulate_hessian
 from ppq_lightning.ops.wanda import accumulate_act_norms
@@ -137,7 +137,7 @@ class LayerStatistics:
                 )
             return
         acc, seen = self._stats.get(name, (None, 0))
-        if isinstance(layer, nn.Conv2d):
+        if is_convolution(layer):
             padded, geometry = conv_input(layer, x)
             self._stats[name] = self.accumulate_conv(acc, padded, geometry, seen, self.dtype)
         else:

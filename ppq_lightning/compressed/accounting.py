@@ -17,7 +17,7 @@ from torch import nn
 from ppq_lightning.compressed.history import kind_of
 from ppq_lightning.compressed.state import CompressionState, compressed_modules
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.targets import resolve_targets, untaken_layers
 from ppq_lightning.modules.views import is_compressible
 from ppq_lightning.ops.masks import parse_pattern
 from ppq_lightning.ops.storage import weight_storage
@@ -109,7 +109,11 @@ class CompressionSummary:
     Counted: every linear/conv layer that a stage would target by default (embeddings, the LM
     head and the model's other boundary layers excluded: ``modules.targets.resolve_targets``),
     every layer that carries a compression state, and the weights of blocks or channels removed
-    by structured pruning (stored in 0 bits). An ``nn.MultiheadAttention``'s query, key and
+    by structured pruning (stored in 0 bits); and, dense at ``B_orig`` bits, the weights of
+    layers of a type no method takes (``modules.targets.untaken_layers``: a transposed
+    convolution, a recurrent layer, a user's own layer with a ``weight`` Parameter), so that C
+    is the compression of every weight the default targets could not leave out by rule, not of
+    the layers that happened to be compressible. An ``nn.MultiheadAttention``'s query, key and
     value projections count as the layers they are (``modules.attention``: every row of its
     ``in_proj_weight``). Uncompressed layers count at ``B_orig`` bits. The factors of a
     shared-basis factorisation count as the original weights they replace
@@ -161,10 +165,16 @@ def compression_summary(model: nn.Module, b_orig: int = 16) -> CompressionSummar
     layers = counted_layers(model)
     states = {name: state for name, _, state in compressed_modules(model)}
     costs = [layer_cost(m, states.get(n), b_orig) for n, m in layers.items()]
+    costs += [  # layers no method takes: dense, every weight counted as nonzero
+        LayerCost(count, count, b_orig, count * b_orig, 0.0, 0.0)
+        for name, count in untaken_layers(model).items()
+        if name not in layers
+    ]
     removed = sum(
         int(entry.get("removed_weights", 0)) for state in states.values() for entry in state.history
     )
     n = sum(original_weights(m, states.get(name)) for name, m in layers.items()) + removed
+    n += sum(c.numel for c in costs[len(layers) :])  # the layers no method takes
     kept = sum(c.numel for c in costs)  # weights stored (factors included)
     if n == 0:
         return CompressionSummary(0, 0, 0.0, float(b_orig), 1.0, 1.0, float(b_orig))

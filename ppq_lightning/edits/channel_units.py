@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ppq_lightning.edits.channels import mlp_inputs
 from ppq_lightning.edits.depgraph import Call, kernel_area, trace_graph
 from ppq_lightning.modules.tree import parent_of
+from ppq_lightning.modules.views import is_convolution, is_grouped_convolution
 from ppq_lightning.ops.channels import keep_most_important
 
 # layer name -> (removed matrix rows, removed matrix columns)
@@ -108,7 +109,7 @@ def _exact_group(group: Any, heads: set[nn.Module]) -> bool:
         module = item.dep.target.module
         if module in heads:
             return False
-        if isinstance(module, nn.Conv2d):
+        if is_convolution(module):
             depthwise = module.groups == module.in_channels == module.out_channels
             if module.groups != 1 and not depthwise:
                 return False
@@ -123,10 +124,10 @@ def _group_removal(graph: Any, group: Any, names: dict[nn.Module, str]) -> Remov
     cols: dict[str, list[Tensor]] = {}
     for item in group:
         module = item.dep.target.module
-        if not isinstance(module, nn.Conv2d | nn.Linear):
+        if not isinstance(module, nn.Linear) and not is_convolution(module):
             continue
         name, idxs = names[module], torch.tensor(list(item.idxs), dtype=torch.long)
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+        depthwise = is_grouped_convolution(module)
         if graph.is_out_channel_pruning_fn(item.dep.handler) or depthwise:
             rows.setdefault(name, []).append(idxs)
         else:

@@ -17,6 +17,7 @@ input groups cannot lose input channels, as with ``ChannelPruning``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,12 @@ from ppq_lightning.edits.channels import check_columns_removable, slice_state
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.attention import projection_views_hidden
 from ppq_lightning.modules.produced import ProducedBy
-from ppq_lightning.modules.views import is_compressible, weight_matrix
+from ppq_lightning.modules.views import (
+    is_compressible,
+    is_convolution,
+    is_grouped_convolution,
+    weight_matrix,
+)
 
 DEPGRAPH_PRUNING = "depgraph_channels"
 
@@ -146,7 +152,9 @@ def attention_layers(model: nn.Module) -> set[nn.Module]:
             layers.add(module)
         elif isinstance(getattr(module, "head_dim", None), int):
             layers.update(
-                child for child in module.children() if isinstance(child, nn.Linear | nn.Conv2d)
+                child
+                for child in module.children()
+                if isinstance(child, nn.Linear) or is_convolution(child)
             )
     return layers
 
@@ -177,8 +185,9 @@ def _counted_weights(model: nn.Module, names: set[str]) -> int:
 
 
 def kernel_area(module: nn.Module) -> int:
-    """Weight-matrix columns per input channel: ``kh * kw`` of a conv, 1 of a linear layer."""
-    return module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+    """Weight-matrix columns per input channel: the kernel's size of a convolution (``kh * kw``
+    of a ``Conv2d``, ``k`` of a ``Conv1d``), 1 of a linear layer."""
+    return math.prod(module.kernel_size) if is_convolution(module) else 1
 
 
 def _kept(size: int, pruned: list[int]) -> Tensor:
@@ -191,7 +200,7 @@ def _slice_recorded(module: nn.Module, out_channel: bool, pruned: list[int], bef
     weight matrix shape and, for a conv, its kernel size before pruning). A depthwise conv's
     channels are its rows whichever side is pruned."""
     rows, cols = before[0]
-    if out_channel or (isinstance(module, nn.Conv2d) and module.groups > 1):
+    if out_channel or is_grouped_convolution(module):
         slice_state(module, _kept(rows, pruned), None)
         return
     kernel = before[1]

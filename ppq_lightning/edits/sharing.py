@@ -28,7 +28,7 @@ from ppq_lightning.compressed.state import get_state, record_stage
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.tree import replace_module
-from ppq_lightning.modules.views import is_compressible, weight_matrix
+from ppq_lightning.modules.views import is_compressible, is_convolution, weight_matrix
 from ppq_lightning.ops.basis_sharing import factor_params, max_rank, rank_for_ratio, shared_basis
 
 SHARED_BASIS = "shared_basis"
@@ -201,7 +201,7 @@ def _projections(
                     f"factorised with a shared basis ({prefix}{child}.{inside[0]}); "
                     "a projection can be shared once."
                 )
-            if not is_compressible(layer) or isinstance(layer, nn.Conv2d):
+            if not is_compressible(layer) or is_convolution(layer):
                 continue
             linear_names.append(inner)
             if not hits or id(layer) not in selected:

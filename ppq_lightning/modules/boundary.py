@@ -45,7 +45,13 @@ MARK = "_ppq_boundary"
 """On a layer: ``"output"`` or ``"stem"``, as the last trace found it."""
 TRACED = "_ppq_boundary_traced"
 """On a traced model: True (a model whose trace found no boundary layer is not traced again)."""
+INNER_EMBEDDING = "_ppq_inner_embedding"
+"""On an ``nn.Embedding``: True when the last trace saw it look up indices that another layer
+computed (a codebook, say), not the model's input: not an input embedding, so the default
+targets name it among the layers they leave out (``modules.targets.untaken_layers``)."""
 _INPUT = "input"
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+"""Lookup tables: the default targets leave them out (an input embedding, by rule)."""
 
 
 class _Origins(TorchFunctionMode):
@@ -108,6 +114,7 @@ def clear_boundary(model: nn.Module) -> None:
     model.__dict__.pop(TRACED, None)
     for module in model.modules():
         module.__dict__.pop(MARK, None)
+        module.__dict__.pop(INNER_EMBEDDING, None)
 
 
 def trace_boundary(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
@@ -125,6 +132,7 @@ def trace_boundary(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     origins = _Origins()
     seen: dict[str, Any] = {}
     found: dict[str, str] = {}
+    inner: set[str] = set()  # embeddings looking up indices another layer computed
     names = {id(m): n for n, m in model.named_modules()}
 
     def inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -136,6 +144,8 @@ def trace_boundary(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     def reads(module: nn.Module, args: tuple) -> None:
         if is_compressible(module) and origins.of(args) == {_INPUT}:
             found.setdefault(names[id(module)], "stem")
+        if isinstance(module, EMBEDDINGS) and origins.of(args) - {_INPUT}:
+            inner.add(names[id(module)])
 
     def starts(module: nn.Module, args: tuple, output: Any) -> None:
         origins.set(output, frozenset({id(module)}))
@@ -166,6 +176,8 @@ def trace_boundary(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     clear_boundary(model)
     for name, role in found.items():
         model.get_submodule(name).__dict__[MARK] = role
+    for name in inner:
+        model.get_submodule(name).__dict__[INNER_EMBEDDING] = True
     model.__dict__[TRACED] = True
     return found
 

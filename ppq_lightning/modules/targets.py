@@ -6,7 +6,7 @@ import re
 import warnings
 from typing import Any, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -17,8 +17,13 @@ from ppq_lightning.modules.attention import (
     attention_of,
     install_projection_views,
 )
-from ppq_lightning.modules.boundary import boundary_layers, output_embeddings
-from ppq_lightning.modules.views import is_compressible
+from ppq_lightning.modules.boundary import (
+    EMBEDDINGS,
+    INNER_EMBEDDING,
+    boundary_layers,
+    output_embeddings,
+)
+from ppq_lightning.modules.views import COMPRESSIBLE, is_compressible
 
 
 def compile_patterns(patterns: str | list[str] | None, argument: str) -> list[re.Pattern]:
@@ -54,6 +59,107 @@ def _embedding_weights(model: nn.Module) -> set[int]:
 class ComputedWeightWarning(UserWarning):
     """Default targets left out layers whose weight is computed from other parameters
     (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``)."""
+
+
+class UntakenLayerWarning(UserWarning):
+    """Default targets left out layers that hold weights but are of a type no method takes
+    (``nn.ConvTranspose1d``, ``nn.LSTM``, a user's own layer with a ``weight`` Parameter)."""
+
+
+_NORMALIZATIONS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+_UNTAKEN_WARNED = "_ppq_untaken_warned"  # on a model: the layers its last warning named
+
+
+def _holds_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is the module's own: a parameter or buffer of it, or computed
+    from its own parameters (a parametrization, ``weight_norm``/``spectral_norm`` hooks), not
+    a property reading another module's (peft's wrappers read their ``base_layer``'s)."""
+    if "weight" in module._parameters or "weight" in module._buffers:
+        return True
+    if parametrize.is_parametrized(module, "weight"):
+        return True
+    return any(
+        isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight"
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
+def weights_of(module: nn.Module) -> int:
+    """How many weights ``module`` holds itself, as a weight matrix counts them (0 for none):
+    its own ``weight`` when that is a floating tensor of two or more dimensions (a parameter,
+    or one a parametrization or ``weight_norm`` computes from the module's parameters), else its
+    own parameters named ``weight_...`` with two or more dimensions (an ``nn.LSTM``'s
+    ``weight_ih_l0``, ...). Biases, normalization scales and other vectors are not weights
+    here."""
+    if _holds_weight(module):
+        weight = module.weight
+        usable = isinstance(weight, Tensor) and weight.is_floating_point()
+        return weight.numel() if usable and weight.dim() >= 2 else 0
+    return sum(
+        p.numel()
+        for n, p in module._parameters.items()
+        if p is not None and n.startswith("weight") and p.is_floating_point() and p.dim() >= 2
+    )
+
+
+def untaken_layers(model: nn.Module) -> dict[str, int]:
+    """The layers of ``model`` that hold weights (:func:`weights_of`) but are of a type no
+    method compresses, ``{name: weights}``: transposed convolutions, recurrent layers,
+    ``nn.Bilinear``, a user's own layer with a ``weight`` Parameter, and an ``nn.Embedding``
+    that a trace saw look up indices another layer computed (``modules.boundary``). Not listed:
+    compressible layers (:func:`~ppq_lightning.modules.views.is_compressible`), input
+    embeddings and output embeddings (left out by rule), normalizations, LoRA adapters,
+    ``nn.MultiheadAttention`` (its projections are compressible views), and layers whose weight
+    is the weight of a compressible layer (tied)."""
+    taken = {id(m.weight) for m in model.modules() if is_compressible(m)}
+    declared = {id(head) for head in output_embeddings(model)}
+    found: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if is_compressible(module) or id(module) in declared or ".lora_" in f".{name}":
+            continue
+        if isinstance(module, (*_NORMALIZATIONS, nn.MultiheadAttention)):
+            continue
+        if isinstance(module, EMBEDDINGS) and not module.__dict__.get(INNER_EMBEDDING):
+            continue
+        if id(getattr(module, "weight", None)) in taken:
+            continue
+        count = weights_of(module)
+        if count:
+            found[name] = count
+    return found
+
+
+def _warn_untaken(model: nn.Module, ignore: list[re.Pattern], chosen: dict[str, nn.Module]) -> None:
+    """One :class:`UntakenLayerWarning` naming the layers :func:`untaken_layers` finds (those
+    ``ignore`` does not name), once per model and set of layers."""
+    untaken = {
+        n: c for n, c in untaken_layers(model).items() if not any(p.search(n) for p in ignore)
+    }
+    if not untaken or model.__dict__.get(_UNTAKEN_WARNED) == sorted(untaken):
+        return
+    model.__dict__[_UNTAKEN_WARNED] = sorted(untaken)
+    modules = dict(model.named_modules())
+    listed = ", ".join(
+        f"{n} ({type(modules[n]).__name__}, {c:,} weights)" for n, c in list(untaken.items())[:5]
+    )
+    more = f" and {len(untaken) - 5} more" if len(untaken) > 5 else ""
+    total = sum(untaken.values())
+    selected = sum(m.weight.numel() for m in chosen.values())
+    warnings.warn(
+        f"[ppq] default targets leave out {len(untaken)} layer(s) holding {total:,} weights "
+        f"whose type no method compresses: {listed}{more}. The methods take {COMPRESSIBLE} "
+        f"layers ({selected:,} weights selected here). The layers left out stay dense, and the "
+        "compression rate counts them as dense weights (n_weights and C include them; "
+        "docs/definitions.md). List them in `ignore` to silence this warning.",
+        UntakenLayerWarning,
+        stacklevel=3,
+    )
 
 
 class ComputedWeight(NamedTuple):
@@ -184,6 +290,12 @@ def resolve_targets(
     named by ``targets`` it is refused; the default targets leave it out with a
     :class:`ComputedWeightWarning` naming it and how to remove the parametrization.
 
+    Layers that hold weights but are of a type no method takes (:func:`untaken_layers`:
+    ``nn.ConvTranspose1d``, ``nn.LSTM``, a user's own layer with a ``weight`` Parameter) are
+    never targets; the default targets name them in one :class:`UntakenLayerWarning` (with their
+    weight counts, once per model), unless ``ignore`` names them. The compression rate counts
+    them as dense weights (``compressed.accounting``).
+
     LoRA adapter layers (``...lora_A.default``, ``...lora_B.default``) are never targets; the
     layer they adapt is (``...q_proj.base_layer``). An ``nn.MultiheadAttention``'s query, key
     and value projections are targets as ``...q_proj``/``k_proj``/``v_proj`` (views of its
@@ -238,6 +350,8 @@ def resolve_targets(
             ComputedWeightWarning,
             stacklevel=2,
         )
+    if not wanted and not include_computed and chosen:
+        _warn_untaken(model, unwanted, chosen)
     if not chosen:
         layers = [n for n, m in model.named_modules() if is_compressible(m)]
         sample = ", ".join(layers[:5]) or "none"
@@ -255,12 +369,25 @@ def resolve_targets(
                 f"{next(iter(computed.values())).fix})."
             )
         raise PPQConfigError(
-            f"targets={targets!r} with ignore={ignore!r} matched no nn.Linear/nn.Conv2d module. "
-            f"The model has {len(layers)} such layers, e.g. {sample}.{why} Please check "
-            "`targets`."
+            f"targets={targets!r} with ignore={ignore!r} matched no {COMPRESSIBLE} module. "
+            f"The model has {len(layers)} such layers, e.g. {sample}.{why}{_untaken_note(model)} "
+            "Please check `targets`."
         )
     _check_untied(model, chosen, targets)
     return chosen
+
+
+def _untaken_note(model: nn.Module) -> str:
+    """For the error of an empty selection: the layers of types no method takes, if any."""
+    untaken = untaken_layers(model)
+    if not untaken:
+        return ""
+    modules = dict(model.named_modules())
+    kinds = sorted({type(modules[n]).__name__ for n in untaken})
+    return (
+        f" Its layers of other types ({', '.join(kinds)}: {_listed(untaken)}) are not "
+        "compressed by any method."
+    )
 
 
 def _listed(layers: dict[str, Any]) -> str:

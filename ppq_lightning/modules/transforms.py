@@ -4,7 +4,7 @@ Training-time compression stages (``QuantizationAwareTraining``, ``DeadZoneQuant
 a full-precision *latent* weight in ``module.weight`` and let the layer compute with a
 fake-quantized copy of it. :func:`attach_weight_transform` replaces the layer's forward by one
 that calls ``fn(module.weight)`` and then the layer's own operation (``F.linear``,
-``Conv2d._conv_forward``, or the ``x @ W + b`` of Hugging Face's ``Conv1D``);
+a convolution's ``_conv_forward``, or the ``x @ W + b`` of Hugging Face's ``Conv1D``);
 :func:`detach_weight_transform` restores the original forward exactly.
 
 Unlike ``torch.nn.utils.parametrize`` nothing is renamed: ``state_dict()`` keeps the key
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.attention import check_runs_modules
-from ppq_lightning.modules.views import as_matrix, is_compressible
+from ppq_lightning.modules.views import COMPRESSIBLE, as_matrix, is_compressible, is_convolution
 
 TRANSFORM_ATTRIBUTE = "_ppq_weight_transform"
 WeightTransform = Callable[[Tensor], Tensor]
@@ -45,7 +45,7 @@ def transformed_weight(module: nn.Module) -> Tensor:
 
 def _transformed_forward(module: nn.Module, x: Tensor) -> Tensor:
     weight = module.__dict__[TRANSFORM_ATTRIBUTE](module.weight)
-    if isinstance(module, nn.Conv2d):
+    if is_convolution(module):  # nn.Conv1d/2d/3d: their own padding, stride, groups
         return module._conv_forward(x, weight, module.bias)
     # nn.Linear, and HF Conv1D (weight stored (in, out)): both are x @ W.T + b with W (out, in)
     return F.linear(x, as_matrix(module, weight), module.bias)
@@ -55,7 +55,7 @@ def attach_weight_transform(module: nn.Module, fn: WeightTransform) -> None:
     """Make the forward of ``module`` use ``fn(module.weight)`` instead of ``module.weight``.
 
     Args:
-        module: an ``nn.Linear``, ``nn.Conv2d`` or Hugging Face ``Conv1D``.
+        module: an ``nn.Linear``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` or Hugging Face ``Conv1D``.
         fn: maps the weight (in its stored layout) to a tensor of the same shape; called on
             every forward, so gradients reach the latent weight through it. Keep it picklable
             (a module-level function or a ``functools.partial`` of one) if the model is
@@ -71,8 +71,7 @@ def attach_weight_transform(module: nn.Module, fn: WeightTransform) -> None:
     """
     if not is_compressible(module):
         raise PPQConfigError(
-            f"a weight transform needs an nn.Linear, nn.Conv2d or Conv1D layer, "
-            f"not {type(module).__name__}."
+            f"a weight transform needs an {COMPRESSIBLE} layer, not {type(module).__name__}."
         )
     if has_weight_transform(module):
         raise PPQConfigError(

@@ -1,10 +1,11 @@
 """Which modules can be compressed, and how their weight and input read as matrices.
 
 Every op works on a weight matrix ``W`` of shape ``(out_features, in_features)`` whose columns
-are the layer's inputs: ``nn.Linear.weight`` as is, ``nn.Conv2d.weight`` flattened to
-``(out_channels, in_channels * kh * kw)`` (the columns of the unfolded input), and the
-``Conv1D`` of Hugging Face GPT-2 (stored ``(in, out)``) transposed. A layer's input reads as
-rows ``(n, in_features)`` matching those columns (:func:`input_rows`).
+are the layer's inputs: ``nn.Linear.weight`` as is, a convolution's weight (``nn.Conv1d``,
+``nn.Conv2d``, ``nn.Conv3d``: :data:`CONVOLUTIONS`) flattened to
+``(out_channels, in_channels / groups * prod(kernel_size))`` (the columns of the unfolded
+input), and the ``Conv1D`` of Hugging Face GPT-2 (stored ``(in, out)``) transposed. A layer's
+input reads as rows ``(n, in_features)`` matching those columns (:func:`input_rows`).
 
 ``nn.MultiheadAttention`` computes its query/key/value and output projections from tensors, not
 layers: ``modules.attention`` exposes them as ``nn.Linear`` views (``...self_attn.q_proj``,
@@ -24,9 +25,29 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The convolutions every method takes (transposed convolutions are not among them: their
+weight is stored ``(in, out / groups, *kernel)`` and their input is not unfolded patches)."""
+
+COMPRESSIBLE = "nn.Linear, nn.Conv1d/2d/3d or GPT-2's Conv1D"
+"""The layer types :func:`is_compressible` takes, in words (for messages)."""
+
+
+def is_convolution(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolution the methods take (:data:`CONVOLUTIONS`)."""
+    return isinstance(module, CONVOLUTIONS)
+
+
+def is_grouped_convolution(module: nn.Module) -> bool:
+    """Whether ``module`` is a grouped (or depthwise) convolution of :data:`CONVOLUTIONS`."""
+    return is_convolution(module) and module.groups > 1
+
+
 def is_compressible(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer the compression methods handle."""
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or _is_hf_conv1d(module)
+    """Whether ``module`` is a layer the compression methods handle: ``nn.Linear``, a
+    convolution of :data:`CONVOLUTIONS` (1-D, 2-D, 3-D; grouped and depthwise included), or
+    Hugging Face's GPT-2 ``Conv1D``."""
+    return isinstance(module, (nn.Linear, *CONVOLUTIONS)) or _is_hf_conv1d(module)
 
 
 def stores_transposed(module: nn.Module) -> bool:
@@ -92,10 +113,12 @@ def set_features(module: nn.Module) -> None:
         module.nf, module.nx = out_features, in_features
 
 
-def conv_input(layer: nn.Conv2d, x: Tensor) -> tuple[Tensor, ConvGeometry]:
+def conv_input(layer: nn.Module, x: Tensor) -> tuple[Tensor, ConvGeometry]:
     """A convolution's input with its padding applied (timm's dynamic "same" padding for
     ``Conv2dSame``, TensorFlow-ported models, else ``layer.padding``), and what the kernel does
-    over it: the input of the statistics in ``ops.conv_statistics``.
+    over it: the input of the statistics in ``ops.conv_statistics``. Any of
+    :data:`CONVOLUTIONS`: a ``Conv1d`` input ``(B, C, T)`` goes through the same windows as a
+    ``Conv2d`` one ``(B, C, H, W)``, with one kernel dimension instead of two.
 
     Raises:
         PPQConfigError: for string padding (``"same"``) or a padding mode other than zeros,
@@ -103,17 +126,17 @@ def conv_input(layer: nn.Conv2d, x: Tensor) -> tuple[Tensor, ConvGeometry]:
     """
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         raise PPQConfigError(
-            f"a Conv2d with padding={layer.padding!r}, padding_mode={layer.padding_mode!r} "
-            "cannot be calibrated (its input patches are not those of unfold); list it in "
-            "`ignore`."
+            f"a {type(layer).__name__} with padding={layer.padding!r}, "
+            f"padding_mode={layer.padding_mode!r} cannot be calibrated (its input patches are "
+            "not those of unfold); list it in `ignore`."
         )
     if type(layer).__name__ == "Conv2dSame":  # timm: pads in its forward, then convolves
         from timm.layers.padding import pad_same
 
         x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
-    ph, pw = layer.padding
-    if ph or pw:
-        x = nn.functional.pad(x, (pw, pw, ph, ph))
+    if any(layer.padding):
+        # F.pad takes the last dimension first, each as (before, after)
+        x = nn.functional.pad(x, [p for p in reversed(layer.padding) for _ in range(2)])
     geometry = ConvGeometry(
         tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation), layer.groups
     )
@@ -123,17 +146,18 @@ def conv_input(layer: nn.Conv2d, x: Tensor) -> tuple[Tensor, ConvGeometry]:
 def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
     """The input of ``layer`` as rows matching the columns of its weight matrix: ``(n, in)``.
 
-    A ``Conv2d`` input is unfolded into the patches its kernel sees (``in = C * kh * kw``, see
-    :func:`conv_input`). A grouped convolution (depthwise included) has one input per group: the
-    rows are then ``(groups, n, in)``, group ``g``'s patches of its ``C / groups`` channels,
-    matching the columns of the weight rows of that group (``out / groups`` consecutive rows).
-    The calibration statistics of a convolution do not build these rows
-    (``ops.conv_statistics``); they are the reference those are tested against.
+    A convolution's input (any of :data:`CONVOLUTIONS`) is unfolded into the patches its kernel
+    sees (``in = C * prod(kernel_size)``, see :func:`conv_input`). A grouped convolution
+    (depthwise included) has one input per group: the rows are then ``(groups, n, in)``, group
+    ``g``'s patches of its ``C / groups`` channels, matching the columns of the weight rows of
+    that group (``out / groups`` consecutive rows). The calibration statistics of a convolution
+    do not build these rows (``ops.conv_statistics``); they are the reference those are tested
+    against.
 
     Raises:
         PPQConfigError: for a convolution whose padding :func:`conv_input` refuses.
     """
-    if isinstance(layer, nn.Conv2d):
+    if is_convolution(layer):
         patches = conv_patches(*conv_input(layer, x))  # (B, g, cols, L)
         rows = patches.permute(1, 0, 3, 2).flatten(1, 2)  # (g, B*L, cols)
         return rows[0] if layer.groups == 1 else rows

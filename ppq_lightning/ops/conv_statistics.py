@@ -14,10 +14,14 @@ flatten) costs two copies of ``kh * kw`` times the input; here:
 
 Column order is the weight matrix's (``weight.flatten(1)``): channel, then kernel row, then
 kernel column; a grouped convolution gets one statistic per group, ``(groups, cols[, cols])``.
+The same code serves 1-D and 3-D convolutions (``nn.Conv1d``: one kernel dimension, ``kh * kw``
+above is its kernel size; ``nn.Conv3d``: three): :class:`ConvGeometry` has one entry per spatial
+dimension and the windows walk them all.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -25,44 +29,56 @@ from torch import Tensor
 
 
 class ConvGeometry(NamedTuple):
-    """What a convolution does to an input that is already padded: kernel size, stride,
-    dilation (pairs) and groups."""
+    """What a convolution does to an input that is already padded: kernel size, stride and
+    dilation (one entry per spatial dimension: 1 for ``Conv1d``, 2 for ``Conv2d``, 3 for
+    ``Conv3d``) and groups."""
 
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
 
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """Output height and width over a padded input of that size."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        return (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    def output_size(self, *spatial: int) -> tuple[int, ...]:
+        """Output size over a padded input of that spatial size (``height, width`` for a 2-D
+        convolution)."""
+        return tuple(
+            (size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(
+                spatial, self.kernel_size, self.stride, self.dilation, strict=True
+            )
+        )
+
+    def windows(self, x: Tensor) -> list[Tensor]:
+        """One strided view of ``x`` (``(..., *spatial)``, already padded) per kernel offset,
+        in the weight's column order (the last kernel dimension fastest), each of the output's
+        spatial size."""
+        out = self.output_size(*x.shape[x.dim() - len(self.kernel_size) :])
+        lead = (slice(None),) * (x.dim() - len(self.kernel_size))
+        return [
+            x[
+                lead
+                + tuple(
+                    slice(i * d, i * d + (n - 1) * s + 1, s)
+                    for i, d, n, s in zip(offset, self.dilation, out, self.stride, strict=True)
+                )
+            ]
+            for offset in itertools.product(*(range(k) for k in self.kernel_size))
+        ]
 
 
 def conv_patches(x: Tensor, geometry: ConvGeometry) -> Tensor:
-    """The patches of a padded input ``(B, C, H, W)`` as ``(B, groups, cols, L)``.
+    """The patches of a padded input ``(B, C, *spatial)`` as ``(B, groups, cols, L)``.
 
-    ``cols = C / groups * kh * kw`` in the weight's column order and ``L`` the output positions;
-    a view of ``x`` for a 1x1 kernel with stride 1, unfold's output otherwise.
+    ``cols = C / groups * prod(kernel_size)`` in the weight's column order and ``L`` the output
+    positions; a view of ``x`` for a pointwise kernel with stride 1. For a 2-D convolution this
+    is ``F.unfold``'s output bit for bit (built from one strided window per kernel offset, ~1.6x
+    faster on CPU); a 1-D or 3-D one goes through the same windows.
     """
-    if geometry.kernel_size == (1, 1) and geometry.stride == (1, 1):
-        return x.flatten(2).unflatten(1, (geometry.groups, -1))  # (B, g, C/g, H*W): a view
-    # unfold's layout, built from one strided window per kernel offset (equal to F.unfold bit
-    # for bit, and ~1.6x faster on CPU)
-    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
-    out_h, out_w = geometry.output_size(*x.shape[2:])
-    windows = [
-        x[
-            :,
-            :,
-            i * dh : i * dh + (out_h - 1) * sh + 1 : sh,
-            j * dw : j * dw + (out_w - 1) * sw + 1 : sw,
-        ]
-        for i in range(kh)
-        for j in range(kw)
-    ]  # kh * kw of (B, C, out_h, out_w)
-    patches = torch.stack(windows, 2)  # (B, C, kh * kw, out_h, out_w)
-    return patches.reshape(x.shape[0], geometry.groups, -1, out_h * out_w)
+    if all(k == 1 for k in geometry.kernel_size) and all(s == 1 for s in geometry.stride):
+        return x.flatten(2).unflatten(1, (geometry.groups, -1))  # (B, g, C/g, L): a view
+    windows = geometry.windows(x)  # prod(kernel) of (B, C, *out)
+    patches = torch.stack(windows, 2)  # (B, C, prod(kernel), *out)
+    return patches.reshape(x.shape[0], geometry.groups, -1, windows[0][0, 0].numel())
 
 
 def _squeeze_groups(stat: Tensor, geometry: ConvGeometry) -> Tensor:
@@ -109,20 +125,12 @@ def accumulate_conv_act_norms(
     Equal, up to float summation order, to ``accumulate_act_norms`` over the unfolded rows.
     """
     batch = x.shape[0]
-    squares = x.to(dtype).pow(2).sum(0)  # (C, H, W)
-    out_h, out_w = geometry.output_size(*squares.shape[1:])
-    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
-    offsets = [
-        squares[
-            :,
-            i * dh : i * dh + (out_h - 1) * sh + 1 : sh,
-            j * dw : j * dw + (out_w - 1) * sw + 1 : sw,
-        ].sum((1, 2))
-        for i in range(kh)
-        for j in range(kw)
-    ]  # kh * kw of (C,)
-    total = torch.stack(offsets, 1).reshape(geometry.groups, -1)  # (g, C / g * kh * kw)
-    n_new = n_seen + batch * out_h * out_w
+    squares = x.to(dtype).pow(2).sum(0)  # (C, *spatial)
+    dims = tuple(range(1, squares.dim()))
+    windows = geometry.windows(squares)  # prod(kernel) of (C, *out)
+    offsets = [window.sum(dims) for window in windows]  # prod(kernel) of (C,)
+    total = torch.stack(offsets, 1).reshape(geometry.groups, -1)  # (g, C / g * prod(kernel))
+    n_new = n_seen + batch * windows[0][0].numel()
     total = total / n_new
     if acc is not None:
         acc = acc if geometry.groups > 1 else acc[None]

@@ -27,14 +27,24 @@ def _conv1d(nf: int = 6, nx: int = 5) -> Conv1D:
 
 
 # -- is_compressible ----------------------------------------------------------------------------
-@pytest.mark.parametrize("layer", [nn.Linear(3, 2), nn.Conv2d(2, 3, 3), Conv1D(4, 3)])
-def test_is_compressible_accepts_linear_conv2d_and_gpt2_conv1d(layer):
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Linear(3, 2), nn.Conv1d(2, 3, 3), nn.Conv2d(2, 3, 3), nn.Conv3d(2, 3, 3), Conv1D(4, 3)],
+)
+def test_is_compressible_accepts_linear_convolutions_and_gpt2_conv1d(layer):
     assert is_compressible(layer)
 
 
 @pytest.mark.parametrize(
     "layer",
-    [nn.Embedding(5, 3), nn.Conv1d(2, 3, 3), nn.LayerNorm(4), nn.Sequential(), LookAlikeConv1D()],
+    [
+        nn.Embedding(5, 3),
+        nn.ConvTranspose1d(2, 3, 3),
+        nn.ConvTranspose2d(2, 3, 3),
+        nn.LayerNorm(4),
+        nn.Sequential(),
+        LookAlikeConv1D(),
+    ],
 )
 def test_is_compressible_refuses_other_modules(layer):
     assert not is_compressible(layer)

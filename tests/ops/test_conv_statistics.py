@@ -107,3 +107,73 @@ def test_patches_equal_unfold_bit_for_bit(name):
         padded, geometry.kernel_size, geometry.dilation, 0, geometry.stride
     )
     assert torch.equal(patches.flatten(1, 2), expected)
+
+
+# -- 1-D and 3-D convolutions: the same windows over one or three spatial dimensions -----------
+CONVS_ND = {
+    "1d-k3": lambda: nn.Conv1d(4, 6, 3, padding=1),
+    "1d-dilated-causal": lambda: nn.Conv1d(4, 6, 2, dilation=4, padding=4),  # WaveNet's layer
+    "1d-stride2": lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2),
+    "1d-pointwise": lambda: nn.Conv1d(4, 6, 1),
+    "1d-grouped": lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2),
+    "1d-depthwise": lambda: nn.Conv1d(4, 4, 3, stride=2, padding=1, groups=4),
+    "3d": lambda: nn.Conv3d(4, 6, (3, 2, 3), padding=(1, 0, 1)),
+    "3d-strided-grouped": lambda: nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1, groups=2),
+}
+
+
+def _batches_nd(conv, n=3):
+    generator = torch.Generator().manual_seed(0)
+    spatial = {1: (13,), 3: (5, 7, 6)}[len(conv.kernel_size)]
+    return [torch.randn(2, 4, *spatial, generator=generator) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", list(CONVS_ND))
+def test_nd_rows_times_the_weight_matrix_are_the_convolution(name):
+    """Brute force: the convolution's output is its weight matrix times its input rows, group by
+    group (so the rows' columns are in the weight's column order)."""
+    torch.manual_seed(0)
+    conv = CONVS_ND[name]()
+    x = _batches_nd(conv, 1)[0]
+    expected = conv(x) - conv.bias.view(-1, *[1] * len(conv.kernel_size))  # (B, out, *spatial)
+    expected = expected.flatten(2).transpose(1, 2).flatten(0, 1)  # (B*L, out)
+    rows = input_rows(conv, x)
+    rows = rows[None] if conv.groups == 1 else rows  # (g, B*L, cols)
+    w = conv.weight.flatten(1).unflatten(0, (conv.groups, -1))  # (g, out/g, cols)
+    got = torch.cat([r @ wg.t() for r, wg in zip(rows, w, strict=True)], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONVS_ND))
+@pytest.mark.parametrize(
+    ("direct", "rows"),
+    [
+        (accumulate_conv_hessian, accumulate_hessian),
+        (accumulate_conv_act_norms, accumulate_act_norms),
+    ],
+    ids=["hessian", "act_norm"],
+)
+def test_nd_equal_to_the_statistic_of_the_unfolded_rows(name, direct, rows):
+    conv = CONVS_ND[name]()
+    batches = _batches_nd(conv)
+    expected, n_expected = _reference(conv, batches, rows)
+    got, n = _direct(conv, batches, direct)
+    assert n == n_expected == sum(conv(x)[:, 0].numel() for x in batches)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in CONVS_ND if n.startswith("1d")])
+def test_1d_patches_are_the_2d_unfold_of_a_height_one_kernel(name):
+    conv = CONVS_ND[name]()
+    x = _batches_nd(conv, 1)[0]
+    padded, geometry = conv_input(conv, x)
+    assert geometry.output_size(*padded.shape[2:]) == tuple(conv(x).shape[2:])
+    expected = torch.nn.functional.unfold(
+        padded[:, :, None],
+        (1, *geometry.kernel_size),
+        (1, *geometry.dilation),
+        0,
+        (1, *geometry.stride),
+    )
+    assert torch.equal(conv_patches(padded, geometry).flatten(1, 2), expected)

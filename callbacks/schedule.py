@@ -379,6 +379,27 @@ class CompressionSchedule(FiresOnce):
         self._report(trainer)
         training.on_train_end(trainer, pl_module)  # finished above: only its own additions run
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Complete a fit resumed from a checkpoint written at its last step: Lightning finds
+        ``max_steps``/``max_epochs`` reached and skips the training loop with its
+        ``on_train_end``, where the training stage finishes (LoRA's merge, QAT's final
+        quantization), the stages after it apply and the report is written. A run killed after
+        that checkpoint and before the report ended, resumed with ``--ckpt_path``, does that
+        work now, as the uninterrupted run did at ``on_train_end``."""
+        training = self.training_stage
+        if (
+            training is not None
+            and self._applied
+            and not training.already_applied(pl_module)
+            and _training_was_over(trainer)
+        ):
+            rank_zero_info(
+                f"[ppq] fit resumed at its end (global step {trainer.global_step}): finishing "
+                f"{training.name} and the stages after it, as the interrupted run was about to"
+            )
+            self.on_train_end(trainer, pl_module)
+        self._delegate("on_fit_end", trainer, pl_module)
+
     def state_dict(self) -> dict[str, Any]:
         """Whether the schedule fired, each stage's own callback state, and the report's rows
         so far (the dense model's and each applied stage's: a fit resumed from a checkpoint
@@ -475,6 +496,22 @@ class CompressionSchedule(FiresOnce):
         rank_zero_info(f"[ppq] schedule report written to {folder}/schedule.json")
 
 
+def _training_was_over(trainer: L.Trainer) -> bool:
+    """Whether this ``fit`` was resumed from a checkpoint after which no training was left
+    (its loop found ``max_steps``/``max_epochs`` reached and skipped ``on_train_start`` and
+    ``on_train_end``), as opposed to a fit that had nothing to train on
+    (``limit_train_batches=0``, an empty dataloader: a stage waiting for training's end never
+    fired)."""
+    loop = trainer.fit_loop
+    return (
+        trainer.ckpt_path is not None
+        and trainer.limit_train_batches != 0
+        and loop.max_batches != 0
+        and loop.done
+        and not trainer.interrupted
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -496,9 +533,10 @@ def _forwarding(hook: str) -> Any:
 
 AFTER_TRAINING = frozenset({"on_fit_end", "on_save_checkpoint", "on_exception", "teardown"})
 """Hooks that reach the training stage after it finished too (a fit ends after training)."""
-OWN_HOOKS = frozenset({"on_fit_start", "on_train_end", "on_load_checkpoint"})
+OWN_HOOKS = frozenset({"on_fit_start", "on_train_end", "on_fit_end", "on_load_checkpoint"})
 """The hooks the schedule drives itself: ``on_fit_start`` applies the stages before the training
-stage and then starts it, ``on_train_end`` finishes it and applies the rest,
+stage and then starts it, ``on_train_end`` finishes it and applies the rest, ``on_fit_end`` does
+that for a fit resumed at its end (Lightning skips ``on_train_end`` then),
 ``on_load_checkpoint`` checks every stage against the restored model."""
 FORWARDED_HOOKS = (
     *sorted(h for h in vars(L.Callback) if h.startswith("on_") and h not in OWN_HOOKS),

@@ -8,7 +8,9 @@ but not all cells were on disk and no report was written. A tiny study writes a 
 ~20 ms once its model is loaded, so the kill waits for the cell files (polled every ms), not
 for a time."""
 
+import copy
 import json
+import os
 import random
 import signal
 import subprocess
@@ -295,3 +297,63 @@ def test_a_fit_resumed_from_each_step_ends_as_the_uninterrupted_fit(tmp_path, ba
                 loops["loops"]["fit_loop"].pop(counters, None)
         assert _differences(model, resumed_model) == [], f"resumed from step {step}"
         assert resumed_report == report, f"resumed from step {step}"
+
+
+# -- ppq fit signalled inside its final report, after the last step's checkpoint -------------
+
+HOLD_IN_REPORT = """
+import os, pathlib, time
+from ppq_lightning.callbacks.schedule import CompressionSchedule
+_report = CompressionSchedule._report
+def _held(self, trainer):
+    pathlib.Path(os.environ["PPQ_TEST_MARK"]).write_text("in report")
+    time.sleep(60)
+    return _report(self, trainer)
+CompressionSchedule._report = _held
+"""
+"""A ``sitecustomize`` that holds ``ppq fit`` inside ``CompressionSchedule._report`` (after the
+training stage finished, before ``schedule.json``) and says so in a file."""
+
+
+@pytest.mark.parametrize(
+    ("base", "dropout"),
+    [("configs/tiny/lora_orders.yaml", True), ("configs/tiny/qat.yaml", False)],
+    ids=["lora", "qat"],
+)
+def test_a_fit_signalled_in_its_final_report_resumes_to_the_uninterrupted_end(
+    tmp_path, base, dropout
+):
+    """SIGTERM lands while the report is being written, after the last step's checkpoint: the
+    fit exits 143 and names ``--ckpt_path .../last.ckpt``; that command (Lightning finds
+    max_steps reached and skips the training loop with its on_train_end) finishes the training
+    stage (LoRA's merge, QAT's quantization) and writes the report, equal to the uninterrupted
+    run's, the model tensor for tensor. It exited 2 before: "stage(s) 'L' ... never fired"."""
+    from ppq_lightning.cli.main import main
+
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    clean.mkdir(), faulty.mkdir()
+    model = copy.deepcopy(main(_fit(clean, base, dropout)[len(PPQ) :]).model.state_dict())
+    (_, report) = _final(clean)
+
+    hooks, mark = tmp_path / "hooks", tmp_path / "in_report"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOLD_IN_REPORT)
+    env = {**os.environ, "PYTHONPATH": str(hooks), "PPQ_TEST_MARK": str(mark)}
+    command = _fit(faulty, base, dropout)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 600
+    while process.poll() is None and not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None and mark.exists(), "the fit did not reach its report"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    last = faulty / "ckpts" / "last.ckpt"
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert _step(last) == 7 and not (faulty / "report" / "schedule.json").exists()
+    assert f"--ckpt_path {last}" in stderr.strip().splitlines()[-1]
+
+    resumed = main([*command[len(PPQ) :], f"--ckpt_path={last}"]).model.state_dict()
+    assert _differences(model, resumed) == []
+    assert _final(faulty)[1] == report

@@ -471,3 +471,28 @@ def test_an_embedding_looking_up_computed_indices_is_named_an_input_embedding_is
     messages = _untaken_warnings(caught)
     assert len(messages) == 1 and "codebook (Embedding, 64 weights)" in messages[0]
     assert "tokens" not in messages[0]
+
+
+# -- exports of compressed Conv1d layers --------------------------------------------------------
+def _pruned_and_quantized_audio_classifier() -> AudioClassifier:
+    model = AudioClassifier()
+    loader = [x for x, _ in _sequences(1, 64)]
+    SparseGPT(sparsity=0.5, num_calibration_batches=2).apply(model, dataloader=loader)
+    GPTQ(bits=4, num_calibration_batches=2).apply(model, dataloader=loader)
+    return model
+
+
+def test_the_native_export_reloads_compressed_conv1d_layers_bit_for_bit(tmp_path):
+    from ppq_lightning.export import export, load_compressed
+
+    model = _pruned_and_quantized_audio_classifier()
+    export(model, "ppq", tmp_path / "audio")
+    loaded = load_compressed(tmp_path / "audio", AudioClassifier())
+    for name in AUDIO_TAKEN:
+        layer, again = model.get_submodule(name), loaded.get_submodule(name)
+        assert torch.equal(layer.weight, again.weight), name
+        assert torch.equal(current_mask(layer), current_mask(again)), name
+        assert get_state(again).bits == 4, name
+    x = next(iter(_sequences(1, 64)))[0]
+    model.eval()
+    assert torch.equal(model(x), loaded(x))

@@ -8,7 +8,10 @@ iterates it; a plain ``DataLoader`` restarts the epoch from its first batch inst
 is the permutation ``randperm(n)`` of a generator seeded with ``seed + e`` (Lightning calls
 the sampler's ``set_epoch`` at every epoch start), and the state is how far the epoch got. A
 resumed fit therefore reads, from the next batch on, exactly what the uninterrupted fit reads,
-in this epoch and the next ones, whatever random numbers were drawn in between.
+in this epoch and the next ones, whatever random numbers were drawn in between. The sampler
+(:class:`EpochSampler`) saves its epoch with its position: a checkpoint written at an epoch's
+last batch (Lightning resumes with the next epoch) starts that next epoch at its first batch
+(:class:`EpochDataLoader`) instead of skipping as many batches as the finished epoch had read.
 
 Evaluation and calibration loaders (:func:`ordered_dataloader`) own a generator, so that making
 their iterators (which draws a seed) never moves the global random generator that training's

@@ -221,7 +221,7 @@ class CompressionCallback(CompressionStage, FiresOnce):
 
     Args:
         targets: regex or list of regexes of module names to compress (``re.search``); default
-            every ``nn.Linear``/``nn.Conv2d`` except embeddings and the LM head.
+            every ``nn.Linear``/``nn.Conv1d/2d/3d`` except embeddings and the LM head.
         ignore: regexes of module names to leave uncompressed.
         name: a name for this stage, used in orders, metric keys and its ``state_key``; needed
             when two stages of the same class and arguments are in one run.

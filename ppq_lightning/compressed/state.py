@@ -1,6 +1,6 @@
 """Compressed state recorded on modules: mask, quantization grid and stage history.
 
-Each compressed module (an ``nn.Linear`` or ``nn.Conv2d``) carries a child module
+Each compressed module (an ``nn.Linear`` or a convolution) carries a child module
 ``ppq_state`` (a :class:`CompressionState`). Its buffers (``mask_bits``, ``scale``, ``zero``)
 and its extra state (grid settings, history) travel with ``state_dict()`` and therefore with
 every Lightning checkpoint. A fresh model gets its ``ppq_state`` children (and the structural

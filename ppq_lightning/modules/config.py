@@ -58,7 +58,7 @@ class StageConfig:
 
     Args:
         targets: regex or list of regexes of module names to compress (``re.search``); None for
-            the default targets (every ``nn.Linear``/``nn.Conv2d`` except embeddings, the LM
+            the default targets (every ``nn.Linear``/``nn.Conv1d/2d/3d`` except embeddings, the LM
             head and, for classifiers, the stem and the classifier).
         ignore: regexes of module names to leave uncompressed.
 

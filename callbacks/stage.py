@@ -333,7 +333,9 @@ class CompressionStage:
         """
         if any(stage.edits_structure for stage in earlier):
             return
-        trace_default_boundary(model, self.targets, self.trainer, self.dataloader, self.forward_fn)
+        trace_default_boundary(
+            model, self.targets, self.trainer, self.dataloader, self.forward_fn, quiet=True
+        )
         modules = resolve_targets(model, self.targets, self.ignore)
         self.check_layers(modules)
         check_finite(modules, f"stage {self.name!r}: cannot compress")

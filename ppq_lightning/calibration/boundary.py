@@ -27,6 +27,7 @@ def trace_default_boundary(
     trainer: L.Trainer | None = None,
     dataloader: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    quiet: bool = False,
 ) -> dict[str, str]:
     """Mark ``model``'s output layer and stem, found by one forward of a batch of the stage's
     data, so that its default targets leave them out (``modules.boundary``).
@@ -47,6 +48,8 @@ def trace_default_boundary(
         trainer: the running Trainer, if any.
         dataloader: the stage's explicit data (``stage.apply(model, dataloader=...)``).
         forward: how the stage calls the model on a batch (its ``forward_fn``).
+        quiet: no warning when there is no data yet (a schedule's checks at ``setup``, before
+            the running loop's data is reachable: the stage traces again when it runs).
 
     Returns:
         ``{layer name: "output" | "stem"}`` found now (empty when nothing was traced).
@@ -56,6 +59,8 @@ def trace_default_boundary(
     try:  # one batch per rank: the sharded first ``world size`` batches
         batch = calibration_batches(trainer, world()[1], dataloader)[0]
     except PPQConfigError:
+        if quiet:
+            return {}
         if getattr(model, "example_input_array", None) is None and not declared_boundary(model):
             rank_zero_warn(
                 f"[ppq] no data to trace {type(model).__name__}'s output layer and stem on (no "

@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ppq_lightning.callbacks.fit_moment import FitMoment
+from ppq_lightning.callbacks.fit_moment import FitMoment, training_was_over
 from ppq_lightning.callbacks.fit_record import FitRecorder
 from ppq_lightning.callbacks.never_fired import never_fired_error
 from ppq_lightning.callbacks.stage import CompressionStage, StageResult
@@ -175,6 +175,15 @@ class FiresOnce(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._applied = bool(state_dict.get("applied", False))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Finish what ``on_train_end`` does (a training stage's end, a stage that fires when
+        training ends) in a fit resumed from a checkpoint written at its last step: Lightning
+        finds ``max_steps``/``max_epochs`` reached and skips the training loop with its
+        ``on_train_end`` (:func:`training_was_over`); the resumed run then ends as the
+        interrupted one was about to. ``on_train_end`` skips what is already done."""
+        if training_was_over(trainer):
+            self.on_train_end(trainer, pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse a run that was to compress and did not: a stage that never fired.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import lightning as L
+
 
 class FitMoment(str, enum.Enum):
     """The moment of ``fit`` at which a stage compresses (``validate``/``test``/``predict``
@@ -25,3 +27,19 @@ class FitMoment(str, enum.Enum):
     END = "end"
     TRAIN = "train"
     RAMP = "ramp"
+
+
+def training_was_over(trainer: L.Trainer) -> bool:
+    """Whether this ``fit`` was resumed from a checkpoint after which no training was left
+    (its loop found ``max_steps``/``max_epochs`` reached and skipped ``on_train_start`` and
+    ``on_train_end``), as opposed to a fit that had nothing to train on
+    (``limit_train_batches=0``, an empty dataloader: a stage waiting for training's end never
+    fired)."""
+    loop = trainer.fit_loop
+    return (
+        trainer.ckpt_path is not None
+        and trainer.limit_train_batches != 0
+        and loop.max_batches != 0
+        and loop.done
+        and not trainer.interrupted
+    )

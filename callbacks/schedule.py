@@ -25,6 +25,7 @@ from ppq_lightning.callbacks.base import (
     log_layer_table,
     log_metrics,
 )
+from ppq_lightning.callbacks.fit_moment import training_was_over
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.errors import PPQConfigError, check_bool, check_folder
 from ppq_lightning.loggers import run_folder
@@ -391,7 +392,7 @@ class CompressionSchedule(FiresOnce):
             training is not None
             and self._applied
             and not training.already_applied(pl_module)
-            and _training_was_over(trainer)
+            and training_was_over(trainer)
         ):
             rank_zero_info(
                 f"[ppq] fit resumed at its end (global step {trainer.global_step}): finishing "
@@ -494,22 +495,6 @@ class CompressionSchedule(FiresOnce):
             table.add_row(*[_fmt(row.get(c)) for c in shown])
         Console(width=max(120, Console().width)).print(table)
         rank_zero_info(f"[ppq] schedule report written to {folder}/schedule.json")
-
-
-def _training_was_over(trainer: L.Trainer) -> bool:
-    """Whether this ``fit`` was resumed from a checkpoint after which no training was left
-    (its loop found ``max_steps``/``max_epochs`` reached and skipped ``on_train_start`` and
-    ``on_train_end``), as opposed to a fit that had nothing to train on
-    (``limit_train_batches=0``, an empty dataloader: a stage waiting for training's end never
-    fired)."""
-    loop = trainer.fit_loop
-    return (
-        trainer.ckpt_path is not None
-        and trainer.limit_train_batches != 0
-        and loop.max_batches != 0
-        and loop.done
-        and not trainer.interrupted
-    )
 
 
 def _fmt(value: Any) -> str:

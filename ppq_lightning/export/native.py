@@ -399,7 +399,8 @@ def declared_shapes(
     for key, value in extra.items():  # a mask's declared shape against its packed bits
         mask_shape = value.get("mask_shape") if isinstance(value, dict) else None
         if mask_shape is not None:
-            bits = tensors.get(key.removesuffix("_extra_state") + "mask_bits")
+            bits_key = key.removesuffix("_extra_state") + "mask_bits"
+            bits = tensors.get(metadata["aliases"].get(bits_key, bits_key))  # a shared module
             shape = _shape({"shape": mask_shape, "dtype": "torch.float32"}, key, where)
             if bits is None or bits.numel() != packed_size(shape.numel(), 1):
                 raise fail(key, f"declares a mask of shape {list(shape)} that its bits do not hold")

@@ -212,3 +212,36 @@ def test_the_package_is_callable_from_the_top_level(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ppq", done.stderr[-500:]
+
+
+class _SharedModule(torch.nn.Module):
+    """A module registered under two names, as the locuslab TCN registers ``self.conv1`` and
+    ``self.net[0]``: the state dict holds its tensors under both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 16)
+        self.seq = torch.nn.Sequential(
+            torch.nn.Linear(16, 16),
+            torch.nn.ReLU(),
+            self.a,
+            torch.nn.ReLU(),
+            torch.nn.Linear(16, 2),
+        )
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def test_a_module_registered_under_two_names_reloads(tmp_path):
+    # the load's declared-size check read the mask bits under the alias, where the file keeps
+    # none, and refused the export as corrupt
+    model = _SharedModule()
+    MagnitudePruning(sparsity=0.5, targets=r"^a$").apply(model)
+    RTNQuantization(bits=4, targets=r"^a$").apply(model)
+    ppq_lightning.export(model, "ppq", tmp_path / "out")
+    fresh = load_compressed(tmp_path / "out", model=_SharedModule())
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), model(x)) and fresh.seq[2] is fresh.a
+    assert check_invariants(fresh) == 1

@@ -32,6 +32,7 @@ from ppq_lightning.export.folder import (
     folder_bytes,
     write_manifest,
 )
+from ppq_lightning.modules.targets import untaken_layers
 
 WRITERS = {
     "ppq": native.save,
@@ -139,7 +140,8 @@ def _manifest(
     }
     if layer_bytes is not None:
         # the counted layers (those the measured C counts) as the files store them
-        manifest["counted_layers"] = len(counted_layers(network))
+        counted = counted_layers(network)  # and, dense, the layers no method takes
+        manifest["counted_layers"] = len(counted.keys() | untaken_layers(network).keys())
         manifest["counted_layer_bytes"] = layer_bytes
         manifest["file_C"] = b_orig * summary.n_weights / (8 * layer_bytes) if layer_bytes else 0
     manifest.update({k: v for k, v in written.items() if k != "layer_bytes"})

@@ -40,6 +40,7 @@ from ppq_lightning.export.architecture import describe, edited_layers, floating_
 from ppq_lightning.export.dtypes import check_fits, check_range
 from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
 from ppq_lightning.modules.attention import attention_of
+from ppq_lightning.modules.targets import untaken_layers
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import as_matrix, to_weight_layout
 from ppq_lightning.ops.quant_grid import QuantGrid
@@ -248,7 +249,9 @@ def save(model: nn.Module, folder: Path, dtype: str | None = None) -> dict[str, 
     _side_file(network, folder, grids)
     stored = copied.state_dict()  # the compressed tensors save_pretrained wrote
     return {
-        "layer_bytes": counted_bytes(stored, list(counted_layers(network)), STORED_PARTS),
+        "layer_bytes": counted_bytes(
+            stored, list(counted_layers(network)), STORED_PARTS, list(untaken_layers(network))
+        ),
         "dtype": str(export_dtype).removeprefix("torch."),
         "schemes": [
             {"bits": b, "group_size": g, "symmetric": s, "layers": len(n)}

@@ -37,7 +37,7 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -463,10 +463,30 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
 
 
-def counted_bytes(tensors: dict[str, Any], layers: list[str], parts: tuple[str, ...]) -> int:
-    """Bytes the stored ``tensors`` spend on the weights of ``layers`` (keys ``layer.part``)."""
+def counted_bytes(
+    tensors: dict[str, Any],
+    layers: list[str],
+    parts: tuple[str, ...],
+    dense_layers: Iterable[str] = (),
+) -> int:
+    """Bytes the stored ``tensors`` spend on the weights of ``layers`` (keys ``layer.part``)
+    and of ``dense_layers`` (layers no method takes, counted dense in C: their ``weight*``
+    matrices, as ``modules.targets.weights_of`` counts them).
+
+    Args:
+        tensors: the file's tensors by state-dict key.
+        layers: the counted compressible layers (``compressed.accounting.counted_layers``).
+        parts: the keys under a counted layer that store its weight (values, scales, masks).
+        dense_layers: ``modules.targets.untaken_layers``' names.
+    """
     keys = {f"{layer}.{part}" if layer else part for layer in layers for part in parts}
-    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k in keys)
+    total = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in keys)
+    dense_layers = set(dense_layers)
+    for key, t in tensors.items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in dense_layers and leaf.startswith("weight") and t.dim() >= 2:
+            total += t.numel() * t.element_size()
+    return total
 
 
 def open_safetensors(path: Path) -> Any:

@@ -32,6 +32,7 @@ from ppq_lightning.compressed.state import compressed_modules, get_state
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.architecture import edited_layers, unwrap
 from ppq_lightning.export.dtypes import check_fits
+from ppq_lightning.modules.targets import untaken_layers
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.ops.quant_grid import QuantGrid
 
@@ -185,7 +186,7 @@ def save(model: nn.Module, folder: Path) -> dict[str, Any]:
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     layer_bytes, types, max_error = 0, {}, 0.0
     counted = {name for name, _, state in compressed_modules(network) if state.bits is not None}
-    counted_all = set(counted_layers(network))
+    counted_all = set(counted_layers(network)) | set(untaken_layers(network))  # C counts both
     tied = getattr(config, "tie_word_embeddings", False)
     for key, tensor in network.state_dict().items():
         if not isinstance(tensor, Tensor) or ".ppq_state." in key:

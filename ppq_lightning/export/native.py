@@ -51,6 +51,7 @@ from ppq_lightning.export.architecture import (
 )
 from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
 from ppq_lightning.modules.attention import AttentionProjection
+from ppq_lightning.modules.targets import untaken_layers
 from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
 from ppq_lightning.ops.masks import unpack_mask
 from ppq_lightning.ops.packing import pack_codes, packed_size, unpack_codes
@@ -251,7 +252,7 @@ def save(model: nn.Module, folder: Path) -> dict[str, Any]:
     layers = list(counted_layers(model))
     weights = [r["encoding"] for k, r in metadata["encodings"].items() if k.endswith("weight")]
     return {
-        "layer_bytes": counted_bytes(tensors, layers, STORED_PARTS),
+        "layer_bytes": counted_bytes(tensors, layers, STORED_PARTS, list(untaken_layers(model))),
         "weight_encodings": {kind: weights.count(kind) for kind in ("codes", "values", "dense")},
     }
 

@@ -496,3 +496,27 @@ def test_the_native_export_reloads_compressed_conv1d_layers_bit_for_bit(tmp_path
     x = next(iter(_sequences(1, 64)))[0]
     model.eval()
     assert torch.equal(model(x), loaded(x))
+
+
+def test_the_export_counts_the_dense_layers_c_counts(tmp_path):
+    """C counts the layers no method takes as dense; export.json's file size of the counted
+    layers (and its file_C) left their bytes out, so file_C and measured_C were over
+    different weights."""
+    from safetensors import safe_open
+
+    from ppq_lightning.compressed.accounting import counted_layers
+    from ppq_lightning.export import export
+    from ppq_lightning.export.folder import counted_bytes
+    from ppq_lightning.export.native import STORED_PARTS, WEIGHTS
+
+    model = Demucs()
+    loader = [torch.randn(2, 1, 64) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntakenLayerWarning)
+        MagnitudePruning(sparsity=0.5).apply(model, dataloader=loader)
+    manifest = export(model, "ppq", tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / WEIGHTS), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    compressible = counted_bytes(tensors, list(counted_layers(model)), STORED_PARTS)
+    assert manifest["counted_layer_bytes"] == compressible + 4 * sum(UNTAKEN.values())
+    assert manifest["counted_layers"] == len(counted_layers(model)) + len(UNTAKEN)

@@ -234,20 +234,42 @@ def _final(folder: Path) -> tuple[dict, dict]:
     return kept, {"order": report["order"], "stages": rows}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """``uninterrupted(base, dropout)``: the uninterrupted fit of :func:`_fit`, run once per
+    module in process: its folder (every step's checkpoint), its last step's checkpoint and
+    report (:func:`_final`), and the model's state dict when the fit ended (after the training
+    stage's end). Callers must not change what it returns."""
+    from ppq_lightning.cli.main import main
+
+    runs: dict[tuple[str, bool], tuple[Path, dict, dict, dict]] = {}
+
+    def run(base: str, dropout: bool) -> tuple[Path, dict, dict, dict]:
+        if (base, dropout) not in runs:
+            folder = tmp_path_factory.mktemp("uninterrupted")
+            ended = main(_fit(folder, base, dropout)[len(PPQ) :]).model.state_dict()
+            runs[base, dropout] = (folder, *_final(folder), copy.deepcopy(ended))
+        return runs[base, dropout]
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("base", "dropout", "seed"),
     [("configs/tiny/lora_orders.yaml", True, 27), ("configs/tiny/qat.yaml", False, 28)],
     ids=["lora", "qat"],
 )
-def test_a_fit_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, base, dropout, seed):
+def test_a_fit_killed_after_a_checkpoint_resumes_bit_for_bit(
+    tmp_path, base, dropout, seed, uninterrupted
+):
     """A LoRA fit (P>Q>L, adapter dropout) and a QAT fit (P>QAT) over shuffled, distinct
     batches, SIGKILLed once ModelCheckpoint has written the checkpoint of a seeded random step,
     then resumed with ``--ckpt_path last.ckpt``, end with every tensor of the uninterrupted
     fit's last checkpoint (weights, adapters, records, optimizer state, loops) and its report
     (the rows of the stages applied before the kill included, every metric equal)."""
-    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    clean.mkdir(), faulty.mkdir()
-    _run(_fit(clean, base, dropout))
+    faulty = tmp_path / "faulty"
+    faulty.mkdir()
+    _, model, report, _ = uninterrupted(base, dropout)
     command = _fit(faulty, base, dropout)
     step = random.Random(seed).randint(2, 5)
     _killed_when(command, lambda: (faulty / "ckpts" / f"step={step}.ckpt").exists())
@@ -255,7 +277,7 @@ def test_a_fit_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, base, dro
     assert step - 1 <= _step(last) < 7  # the kill landed mid-fit, after a checkpoint
     assert not (faulty / "report" / "schedule.json").exists()
     _run([*command, f"--ckpt_path={last}"])
-    (model, report), (resumed_model, resumed_report) = _final(clean), _final(faulty)
+    resumed_model, resumed_report = _final(faulty)
     assert _differences(model, resumed_model) == []
     assert resumed_report == report
     assert [row["stage"] for row in report["stages"]][:2] == ["0_dense", "1_P"]
@@ -272,7 +294,9 @@ closes that epoch without its end-of-epoch validation and opens the next without
     [("configs/tiny/lora_orders.yaml", True), ("configs/tiny/qat.yaml", False)],
     ids=["lora", "qat"],
 )
-def test_a_fit_resumed_from_each_step_ends_as_the_uninterrupted_fit(tmp_path, base, dropout):
+def test_a_fit_resumed_from_each_step_ends_as_the_uninterrupted_fit(
+    tmp_path, base, dropout, uninterrupted
+):
     """The tiny LoRA and QAT fits (7 steps in epochs of 3: ``limit_train_batches=3``, validation
     at each epoch's end) resumed in process from the checkpoint of every step, the last steps of
     epochs 0 and 1 (3 and 6) included, end with the uninterrupted fit's weights, optimizer state,
@@ -280,11 +304,7 @@ def test_a_fit_resumed_from_each_step_ends_as_the_uninterrupted_fit(tmp_path, ba
     epoch's first 3 batches (QAT ppl 42.66 instead of 41.21)."""
     from ppq_lightning.cli.main import main
 
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    command = _fit(clean, base, dropout)
-    main(command[len(PPQ) :])
-    model, report = _final(clean)
+    clean, model, report, _ = copy.deepcopy(uninterrupted(base, dropout))
     for step in range(1, 7):
         folder = tmp_path / f"from_{step}"
         (folder / "ckpts").mkdir(parents=True)
@@ -321,7 +341,7 @@ training stage finished, before ``schedule.json``) and says so in a file."""
     ids=["lora", "qat"],
 )
 def test_a_fit_signalled_in_its_final_report_resumes_to_the_uninterrupted_end(
-    tmp_path, base, dropout
+    tmp_path, base, dropout, uninterrupted
 ):
     """SIGTERM lands while the report is being written, after the last step's checkpoint: the
     fit exits 143 and names ``--ckpt_path .../last.ckpt``; that command (Lightning finds
@@ -330,10 +350,9 @@ def test_a_fit_signalled_in_its_final_report_resumes_to_the_uninterrupted_end(
     run's, the model tensor for tensor. It exited 2 before: "stage(s) 'L' ... never fired"."""
     from ppq_lightning.cli.main import main
 
-    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    clean.mkdir(), faulty.mkdir()
-    model = copy.deepcopy(main(_fit(clean, base, dropout)[len(PPQ) :]).model.state_dict())
-    (_, report) = _final(clean)
+    faulty = tmp_path / "faulty"
+    faulty.mkdir()
+    _, _, report, model = uninterrupted(base, dropout)
 
     hooks, mark = tmp_path / "hooks", tmp_path / "in_report"
     hooks.mkdir()

@@ -40,6 +40,7 @@ from ppq_lightning.modules.targets import (
     resolve_targets,
 )
 from tests.bad_inputs.helpers import assert_refused, names
+from tests.helpers import make_trainer
 
 
 # -- modules written the way their authors write them -------------------------------------------
@@ -152,19 +153,6 @@ def _sequences(channels: int, length: int, n: int = 16, batch: int = 8) -> DataL
     return DataLoader(TensorDataset(x, y), batch_size=batch)
 
 
-def _trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-
-
 def _convs(model: nn.Module) -> dict[str, nn.Conv1d]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv1d)}
 
@@ -266,7 +254,7 @@ def test_lora_adapts_the_conv1d_layers(tmp_path):
     # features.6 is depthwise (32 groups, r=4 is no multiple), features.9 dilated (peft's
     # adapter has no dilation): refused below, left out here
     stage = LoRAFineTune(r=4, alpha=8, ignore=r"^features\.(6|9)$")
-    _trainer(tmp_path, [stage], max_steps=2).fit(model, loader)
+    make_trainer(tmp_path, [stage], max_steps=2).fit(model, loader)
     layers = lora_layers(model)
     assert set(layers) == {"features.3", "features.7"}
     for layer in layers.values():
@@ -279,7 +267,7 @@ def test_lora_refuses_a_grouped_conv1d_whose_groups_do_not_divide_r(tmp_path):
     model = AudioClassifier()
     stage = LoRAFineTune(r=2, targets=r"^features\.6$")
     assert_refused(
-        lambda: _trainer(tmp_path, [stage], max_steps=1).fit(model, _sequences(1, 64)),
+        lambda: make_trainer(tmp_path, [stage], max_steps=1).fit(model, _sequences(1, 64)),
         PPQConfigError,
         names("r=2", "features.6", "groups=32"),
         model,
@@ -295,7 +283,7 @@ def test_lora_refuses_a_dilated_convolution_before_any_adapter_exists(tmp_path, 
     stage = LoRAFineTune(r=4, ignore=r"^features\.6$")
     dilated = "blocks.1.conv2" if make is TCN else "features.9"
     assert_refused(
-        lambda: _trainer(tmp_path, [stage], max_steps=1).fit(model, loader),
+        lambda: make_trainer(tmp_path, [stage], max_steps=1).fit(model, loader),
         PPQConfigError,
         names(dilated, "dilation=", "peft", f"ignore={dilated!r}"),
         model,
@@ -309,7 +297,7 @@ def test_a_schedule_over_a_tcn_reports_the_conv1d_layers(tmp_path):
     schedule = CompressionSchedule(stages=[MagnitudePruning(sparsity=0.5)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ComputedWeightWarning)
-        _trainer(tmp_path, [schedule]).validate(model, _sequences(3, 24), verbose=False)
+        make_trainer(tmp_path, [schedule]).validate(model, _sequences(3, 24), verbose=False)
     row = schedule.rows()[-1]
     counted = TCN_TAKEN | {"input_proj", "blocks.0.conv1", "blocks.1.conv1", "blocks.2.conv1"}
     counted -= {"input_proj"}  # the stem stays out by rule

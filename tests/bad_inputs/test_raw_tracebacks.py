@@ -15,7 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -37,6 +36,7 @@ from ppq_lightning.errors import PPQConfigError, check_int, check_number
 from ppq_lightning.models import CausalLMModule
 from ppq_lightning.study.sweep import finished
 from tests.bad_inputs.helpers import assert_refused, names, tiny_fit_config
+from tests.helpers import make_trainer
 
 ROOT = Path(__file__).parents[2]
 LLAMA = {
@@ -49,18 +49,6 @@ LLAMA = {
     "num_key_value_heads": 1,
     "max_position_embeddings": 64,
 }
-
-
-def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
 
 
 def _ppq(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
@@ -109,7 +97,7 @@ def test_token_ids_outside_the_vocabulary(tmp_path):
     ids[1, 3] = 500
     loader = DataLoader([{"input_ids": row} for row in ids], batch_size=2)
     assert_refused(
-        lambda: _trainer(tmp_path).validate(module, loader, verbose=False),
+        lambda: make_trainer(tmp_path).validate(module, loader, verbose=False),
         PPQConfigError,
         names("token ids from 0 to 500", "vocabulary of 384 tokens", "own tokenizer"),
         model=module,
@@ -120,7 +108,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_setup(tmp_path):
     module = CausalLMModule(model_config={**LLAMA, "vocab_size": 300})
     data = TextDataModule(tokenizer="bytes", seqlen=16, max_eval_windows=2)
     assert_refused(
-        lambda: _trainer(tmp_path).validate(module, data, verbose=False),
+        lambda: make_trainer(tmp_path).validate(module, data, verbose=False),
         PPQConfigError,
         names("tokenizer='bytes'", "vocab_size=300", "has 384", "vocab_size >= 384"),
         model=module,
@@ -133,7 +121,7 @@ def test_seqlen_above_learned_positions_is_refused_at_setup(tmp_path):
     data = TextDataModule(tokenizer="bytes", seqlen=32, max_eval_windows=2)
     stage = MagnitudePruning(sparsity=0.5)
     assert_refused(
-        lambda: _trainer(tmp_path, callbacks=[stage]).validate(module, data, verbose=False),
+        lambda: make_trainer(tmp_path, callbacks=[stage]).validate(module, data, verbose=False),
         PPQConfigError,
         names("seqlen=32", "max_position_embeddings=16", "seqlen <= 16"),
         model=module,
@@ -144,7 +132,7 @@ def test_rotary_positions_take_longer_windows(tmp_path):
     """Llama's rotary positions have no table: windows past max_position_embeddings run."""
     module = CausalLMModule(model_config={**LLAMA, "max_position_embeddings": 8})
     data = TextDataModule(tokenizer="bytes", seqlen=16, max_eval_windows=2)
-    _trainer(tmp_path).validate(module, data, verbose=False)
+    make_trainer(tmp_path).validate(module, data, verbose=False)
 
 
 # -- an unquoted N:M pattern ----------------------------------------------------------------
@@ -198,7 +186,7 @@ def test_qat_with_every_parameter_frozen(tmp_path):
     model.requires_grad_(False)
     stage = QuantizationAwareTraining(bits=4, targets="layer")
     assert_refused(
-        lambda: _trainer(tmp_path, max_steps=2, callbacks=[stage]).fit(model),
+        lambda: make_trainer(tmp_path, max_steps=2, callbacks=[stage]).fit(model),
         PPQConfigError,
         names("qat: every parameter of BoringModel is frozen", "nothing to train"),
         model=model,
@@ -318,7 +306,7 @@ def test_depgraph_pruning_of_an_hf_llama_is_refused(tmp_path):
     data = TextDataModule(tokenizer="bytes", seqlen=16, max_eval_windows=2)
     stage = DepGraphPruning(ratio=0.25)
     assert_refused(
-        lambda: _trainer(tmp_path, callbacks=[stage]).validate(module, data, verbose=False),
+        lambda: make_trainer(tmp_path, callbacks=[stage]).validate(module, data, verbose=False),
         PPQConfigError,
         names("transformers language model", "ChannelPruning", "BlockRemoval"),
         model=module,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -268,10 +269,20 @@ def vocabulary_size(model: nn.Module) -> int | None:
     return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
 
 
+_LEARNED_POSITIONS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
 def learned_positions(model: nn.Module) -> int | None:
     """``max_position_embeddings`` of a model with a learned table of absolute positions
     (GPT-2's ``wpe``, OPT's ``embed_positions``), which has no row for a later position; None
-    for models without one (rotary positions, as Llama's, compute any position)."""
+    for models without one (rotary positions, as Llama's, compute any position). Found once
+    per model (it walks the modules; ``forward`` asks on every call)."""
+    if model not in _LEARNED_POSITIONS:
+        _LEARNED_POSITIONS[model] = _find_learned_positions(model)
+    return _LEARNED_POSITIONS[model]
+
+
+def _find_learned_positions(model: nn.Module) -> int | None:
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(positions, int):
         return None

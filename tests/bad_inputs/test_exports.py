@@ -528,7 +528,7 @@ def _shared_state(rank: int) -> dict:
     [(lambda: _lora_state(10**6), "r=1000000"), (lambda: _shared_state(10**6), "rank=1000000")],
 )
 def test_a_crafted_structural_record_is_refused_before_allocating(state, field):
-    # before: the replay built a rank-10**6 adapter (or basis): 250 MB for an 8x6 layer, then
+    # before: the replay built a rank-10**6 adapter (or basis): 14M weights for an 8x6 layer, then
     # the strict load refused the file for its shapes
     fresh = _Attention()
     enable_state_loading(fresh)

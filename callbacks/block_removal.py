@@ -11,6 +11,7 @@ from ppq_lightning.calibration.blocks import find_blocks
 from ppq_lightning.calibration.data import check_num_batches
 from ppq_lightning.calibration.scoring import greedy_block_removal
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.block_checkpoints import block_progress, check_block_checkpoints
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.blocks import remove_and_record
 from ppq_lightning.errors import (
@@ -59,6 +60,10 @@ class BlockRemoval(CompressionCallback):
         n_blocks: how many blocks to remove; or
         ratio: the fraction of blocks to remove (rounded), in (0, 1).
         num_calibration_batches: calibration batches used to score removals.
+        block_checkpoints: save each step's choice (the block removed, its loss) so a killed
+            run continues from its last finished step (``True``: under the Trainer's
+            ``default_root_dir``; a folder; ``False``: see docs/scale.md, "Resuming a
+            calibration"). Not part of the identity.
         **kwargs: ``name``, ``b_orig``, ``log_layers`` (``targets``/``ignore`` are not used:
             blocks are found from the model's structure).
 
@@ -78,6 +83,7 @@ class BlockRemoval(CompressionCallback):
     default_name = "sleb"
     config_class = BlockRemovalConfig
     edits_structure = True
+    streams_blocks = True  # removes blocks; writes no weight
     kind = StageKind.PRUNE
 
     def __init__(
@@ -85,6 +91,7 @@ class BlockRemoval(CompressionCallback):
         n_blocks: int | None = None,
         ratio: float | None = None,
         num_calibration_batches: int = 32,
+        block_checkpoints: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -93,6 +100,8 @@ class BlockRemoval(CompressionCallback):
             num_calibration_batches=num_calibration_batches,
             **kwargs,
         )
+        self.block_checkpoints = check_block_checkpoints(block_checkpoints)
+        self.resumed_steps = 0
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -113,10 +122,14 @@ class BlockRemoval(CompressionCallback):
                 f"an integer from 1 to {depth - 1} (the model has {depth} blocks in {name})",
             )
         batches = self.calibration_batches(self.num_calibration_batches)
+        progress = block_progress(self, self.block_checkpoints)
         removed, losses = greedy_block_removal(
-            model, name, n, batches, self.model_forward, self.name
+            model, name, n, batches, self.model_forward, self.name, progress
         )
         remove_and_record(model, name, removed, self.history_entry())
+        if progress is not None:
+            self.resumed_steps = len(progress.resumed)
+            progress.finish()
         return {
             name: {
                 "removed_blocks": float(n),

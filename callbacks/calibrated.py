@@ -110,6 +110,7 @@ class CalibratedCompression(CompressionCallback):
     """
 
     reads_layer_inputs = True  # every target's statistics come from its own forward
+    streams_blocks = True  # the engine holds one block at a time
 
     statistic: ClassVar[str] = "hessian"
     config_class: ClassVar[type[CalibrationConfig]] = CalibrationConfig

@@ -86,6 +86,7 @@ class ChannelPruning(CompressionCallback):
     default_name = "channels"
     config_class = ChannelPruningConfig
     edits_structure = True
+    streams_blocks = True  # the engine holds one block at a time
     kind = StageKind.PRUNE
 
     def __init__(

@@ -202,6 +202,12 @@ class MagnitudePruning(CompressionCallback):
             log_metrics(trainer, {f"ramp/{self.name}/sparsity": self.ramp_sparsity(step)})
 
     # -- the pruning itself ------------------------------------------------------------------
+    @property
+    def layerwise(self) -> bool:
+        """Each layer is pruned on its own, unless ``scope: global`` ranks weights across
+        layers (or a ramp prunes during training)."""
+        return self.scope != "global" and self.ramp is None
+
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:

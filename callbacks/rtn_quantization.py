@@ -105,6 +105,12 @@ class RTNQuantization(CompressionCallback):
         arguments of every stage, e.g. ``b_orig=32``)."""
         return [cls(bits=b, name=f"RTN{b}", log_layers=False, **kwargs) for b in bits]
 
+    @property
+    def layerwise(self) -> bool:
+        """Each layer is rounded on its own, unless ``layer_bits`` or ``promote`` choose widths
+        across layers."""
+        return self.layer_bits is None and self.promote is None
+
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:

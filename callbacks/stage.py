@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -26,7 +27,11 @@ from ppq_lightning.calibration.boundary import trace_default_boundary
 from ppq_lightning.calibration.data import CalibrationData, calibration_data, default_forward
 from ppq_lightning.compressed.accounting import CompressionSummary, compression_summary
 from ppq_lightning.compressed.history import HistoryEntry, StageKind, kind_of
-from ppq_lightning.compressed.invariants import check_invariants, checks_after_stages
+from ppq_lightning.compressed.invariants import (
+    check_invariants,
+    checks_after_stages,
+    indistinct_grids,
+)
 from ppq_lightning.compressed.state import applied_stages, compressed_modules, get_state
 from ppq_lightning.errors import (
     CompressionError,
@@ -36,6 +41,7 @@ from ppq_lightning.errors import (
     check_choice,
 )
 from ppq_lightning.modules.config import StageConfig, identity, is_legacy_key
+from ppq_lightning.modules.offload import DiskWeights, disk_weights
 from ppq_lightning.modules.rollback import restored_on_error
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.tree import find_module
@@ -129,6 +135,41 @@ def recorded_name(entry: HistoryEntry) -> str | None:
     return arguments.get("name") or _default_names().get(method)
 
 
+class GridPrecisionWarning(UserWarning):
+    """A quantization grid that the weight's dtype cannot hold level by level (see
+    :func:`warn_indistinct_grids`)."""
+
+
+def warn_indistinct_grids(stage: str, model: nn.Module, layers: Iterable[str]) -> None:
+    """Warn once for a stage whose grids have neighbouring levels that the weight's dtype
+    rounds to one value (an asymmetric 8-bit grid on a bf16 model: ``|k - zero| > 128``).
+
+    The weights stay exactly on the grid as the dtype holds it (each is a float32 grid value
+    rounded once), so the invariants hold and the result is what the model computes; but those
+    layers hold fewer distinct values than the bit width says, and where the quantizer chose one
+    of two levels that round alike, the code read back (and exported) is the other's.
+
+    Args:
+        stage: the stage's name, for the message.
+        model: the model the stage compressed.
+        layers: the names of the layers it compressed.
+    """
+    found = indistinct_grids(model, layers)
+    if not found:
+        return
+    first = next(iter(found))
+    pairs, dtype = found[first]
+    rank_zero_warn(
+        f"[ppq] stage {stage!r}: in {len(found)} layer(s) (first {first}: {pairs} pair(s) of "
+        f"levels) neighbouring grid levels round to the same {dtype} value, so those layers hold "
+        f"fewer distinct values than their bit width; the weights are on the grid as {dtype} "
+        "holds it, and a code read back or exported there is the nearest level's. To keep every "
+        "level distinct, quantize symmetrically (bf16 holds 8-bit symmetric grids exactly) or "
+        "hold the model in float16 or float32 (see docs/scale.md, 'bf16 and fp16').",
+        category=GridPrecisionWarning,
+    )
+
+
 class CompressionStage:
     """A compression method's stage, applied at once to a model (no Lightning hooks).
 
@@ -164,6 +205,7 @@ class CompressionStage:
     edits_structure: ClassVar[bool] = False  # replaces or reshapes layers (blocks, channels)
     runs_model: ClassVar[bool] = False  # runs the model on a batch whatever its config says
     reads_layer_inputs: ClassVar[bool] = False  # needs every target to run in the forward
+    streams_blocks: ClassVar[bool] = False  # holds one block at a time itself (the engine)
 
     def __init__(
         self,
@@ -492,8 +534,17 @@ class CompressionStage:
         start = time.perf_counter()
         self.check_layers(modules)
         check_finite(modules, f"stage {self.name!r}: cannot compress")
+        store = disk_weights(model)
+        if store is not None:
+            self.check_streams(store)
         with restored_on_error(model, modules), torch.inference_mode(False), torch.no_grad():
-            layers = self.compress(model, modules)
+            if store is None or self.streams_blocks:
+                layers = self.compress(model, modules)
+            else:  # weights on disk: one layer resident at a time, written back after it
+                layers = {}
+                for name, module in modules.items():
+                    with store.materialized(module):
+                        layers.update(self.compress(model, {name: module}))
             after = {n: find_module(model, n) for n in modules}
             check_finite(after, f"stage {self.name!r} produced", CompressionError)
         seconds = time.perf_counter() - start
@@ -501,6 +552,29 @@ class CompressionStage:
         if fitting and any(id(p) not in parameters for p in model.parameters()):
             trainer.strategy.setup_optimizers(trainer)  # new parameters (factors): train them
         return self.conclude(model, index, layers, seconds)
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether compressing the targets one at a time gives what compressing them together
+        does (no decision spans layers): such a stage runs on weights on disk one layer at a
+        time. False unless a method says so."""
+        return False
+
+    def check_streams(self, store: DiskWeights) -> None:
+        """Refuse, before any weight changes, a stage that can run neither block by block
+        (``streams_blocks``) nor layer by layer (:attr:`layerwise`) on weights on disk.
+
+        Raises:
+            PPQConfigError: naming the stage and what to do.
+        """
+        if not (self.streams_blocks or self.layerwise):
+            raise PPQConfigError(
+                f"stage {self.name!r} ({type(self).__name__}) takes every layer at once, so it "
+                f"cannot run on weights on disk (the model's weights are mapped from "
+                f"{os.fspath(store.folder)}): load the model in memory (no offload_folder), or "
+                "configure it layer by layer where it can be (e.g. scope: layer, no promote "
+                "or layer_bits)."
+            )
 
     def conclude(
         self, model: nn.Module, index: int, layers: dict[str, dict[str, float]], seconds: float
@@ -517,6 +591,7 @@ class CompressionStage:
         """
         if checks_after_stages():
             check_invariants(model)
+        warn_indistinct_grids(self.name, model, layers)
         summary = compression_summary(model, self.b_orig)
         self.result = StageResult(
             index,

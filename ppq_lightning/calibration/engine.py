@@ -47,6 +47,7 @@ from ppq_lightning.calibration.capture import (
 from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.errors import PPQConfigError, check_choice
 from ppq_lightning.modules.attention import check_runs_modules
+from ppq_lightning.modules.offload import disk_weights
 
 CALIBRATE_ON = ("compressed", "original")
 
@@ -235,6 +236,14 @@ def calibrate_sequentially(
                 forward(model, batch)
         report.model_passes += 1
 
+    def compress_rest() -> None:
+        with contextlib.ExitStack() as stack:
+            for layer in rest.values():  # weights on disk: edited as copies, written back
+                store = disk_weights(layer)
+                if store is not None:
+                    stack.enter_context(store.materialized(layer))
+            compress(rest)
+
     original = calibrate_on == "original"
     with torch.no_grad(), no_cache(model), evaluating(model):
         if rest and original:
@@ -243,7 +252,7 @@ def calibrate_sequentially(
         if in_blocks:  # captured before any layer outside the blocks (a stem) is compressed
             inputs = _capture(model, chain, 0, batches, forward, None, [], [])
         if rest and original:
-            compress(rest)
+            compress_rest()
         if in_blocks:
             home = _device_of(chain.blocks, model)
             run_on = torch.device(device) if device is not None else home
@@ -261,26 +270,51 @@ def calibrate_sequentially(
                     [move_data_to_device(k, run_on) for k in inputs.kwargs],
                 )
                 block, block_name = chain.blocks[index], chain.names[index]
-                block.to(run_on)
                 layers = in_blocks.get(index, {})
                 # the next block's inputs come from the compressed block (a second pass) or,
                 # with "original", from this pass; the last block's outputs are not needed
                 rerun = bool(layers) and not original and index < last
-                with observing(layers, observe):
-                    skeleton = _run_block(
-                        block, inputs, block_name, advance=index < last and not rerun
-                    )
-                report.block_passes += 1
-                if layers:
-                    compress(layers)
-                    if rerun:
-                        skeleton = _run_block(block, inputs, block_name, advance=True)
-                        report.block_passes += 1
+                with resident(block, run_on, home, edited=bool(layers)):
+                    with observing(layers, observe):
+                        skeleton = _run_block(
+                            block, inputs, block_name, advance=index < last and not rerun
+                        )
+                    report.block_passes += 1
+                    if layers:
+                        compress(layers)
+                        if rerun:
+                            skeleton = _run_block(block, inputs, block_name, advance=True)
+                            report.block_passes += 1
                 skeletons.append(skeleton)
                 tails.append(inputs.args[0][0].shape[1:])
-                block.to(home)
             report.n_blocks = last + 1
         if rest and not original:
             observe_rest()  # on the model compressed so far
-            compress(rest)
+            compress_rest()
     return report
+
+
+@contextlib.contextmanager
+def resident(
+    block: nn.Module, device: torch.device, home: torch.device, edited: bool = True
+) -> Iterator[None]:
+    """Hold ``block`` on ``device`` while it is calibrated, then put it back.
+
+    A block whose weights are on disk (``modules.offload``) is copied to ``device`` and, when
+    ``edited``, written back to the store's folder on exit (its old pages released); a block
+    in memory is moved to ``device`` and back to ``home`` (also when the body fails).
+    """
+    store = disk_weights(block)
+    if store is not None and not edited and device.type == "cpu":
+        yield  # only run: its mapped pages are read, then dropped
+        store.release(block)
+        return
+    if store is not None:
+        with store.materialized(block, device, write=edited):
+            yield
+        return
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)

@@ -17,6 +17,7 @@ from torch import nn
 from ppq_lightning.compressed.history import kind_of
 from ppq_lightning.compressed.state import CompressionState, compressed_modules
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.offload import released
 from ppq_lightning.modules.targets import resolve_targets, untaken_layers
 from ppq_lightning.modules.views import is_compressible
 from ppq_lightning.ops.masks import parse_pattern
@@ -76,6 +77,7 @@ def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 
     """
     weight = module.weight.detach()
     numel, nonzero = weight.numel(), int((weight != 0).sum())
+    released(module)  # weights on disk: its pages leave resident memory again
     if state is None:  # an uncompressed layer: dense at the original precision
         return LayerCost(numel, nonzero, b_orig, numel * b_orig, 0.0, 0.0)
     bits = state.bits if state.bits is not None else b_orig

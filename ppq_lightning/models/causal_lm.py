@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
+from ppq_lightning.calibration.blocks import find_block_chain
 from ppq_lightning.calibration.capture import evaluating
 from ppq_lightning.calibration.data import batch_input
 from ppq_lightning.edits.loading import enable_state_loading, require_state_loading
 from ppq_lightning.errors import PPQConfigError, bad_value, check_number
 from ppq_lightning.models.lm_tasks import TaskEvaluation
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_causal_lm
+from ppq_lightning.modules.offload import stream_blocks
 
 _OWN_METRICS = {"ppl": False, "loss": False}
 
@@ -43,6 +45,9 @@ class CausalLMModule(L.LightningModule):
         seed: seed of the random initialisation with ``model_config``.
         tasks: lm-eval-harness tasks to report next to perplexity (a ``TaskEvaluation`` or
             its arguments as a dict); None: perplexity only.
+        offload_folder: keep the weights on disk, memory-mapped (``modules.offload``; a local
+            folder's safetensors files are mapped where they are): compression and evaluation
+            hold one block at a time, and compressed blocks are written to this folder.
 
     A compressed checkpoint loads with ``load_from_checkpoint`` (its recorded structural edits
     are replayed and its compression states attached, ``edits.enable_state_loading``); a plain
@@ -74,13 +79,17 @@ class CausalLMModule(L.LightningModule):
         learning_rate: float = 1e-4,
         seed: int = 0,
         tasks: TaskEvaluation | None = None,
+        offload_folder: str | None = None,
     ) -> None:
         super().__init__()
         check_number("learning_rate", learning_rate, low=0, low_open=True)
         self.tasks = task_evaluation(tasks)
         self.save_hyperparameters(ignore=["tasks"])  # kept as a plain dict: checkpoints load
         self.hparams["tasks"] = self.tasks.config() if self.tasks is not None else None
-        self.model = load_causal_lm(model, model_config, dtype, seed)
+        self.model = load_causal_lm(model, model_config, dtype, seed, offload_folder)
+        if offload_folder is not None:  # every forward holds one block's pages at a time
+            chain = find_block_chain(self.model)
+            stream_blocks(chain.blocks if chain is not None else ())
         self.learning_rate = learning_rate
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self.tokenizer_name: str | None = model if model_config is None else None

@@ -166,6 +166,7 @@ def load_causal_lm(
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
     seed: int = 0,
+    offload_folder: str | None = None,
 ) -> PreTrainedModel:
     """Load or build a causal LM, in eval mode.
 
@@ -177,6 +178,10 @@ def load_causal_lm(
             plus the config's fields), e.g. a tiny Llama for tests.
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         seed: seed of the random initialisation when ``config`` is given.
+        offload_folder: keep the weights on disk (``modules.offload``): a local directory's
+            ``*.safetensors`` files are memory-mapped where they are (built on the meta device,
+            never read whole); any other model is loaded, then its weights are written there
+            and mapped. Compressed blocks are written to this folder.
 
     Raises:
         PPQConfigError: on an unknown dtype, a ``name_or_path`` that is not a non-empty string
@@ -193,6 +198,12 @@ def load_causal_lm(
         check_name("model", name_or_path)
     elif not isinstance(config, dict):
         raise bad_value("model_config", config, "None or a dict with a 'model_type'")
+    if offload_folder is not None:
+        check_name("offload_folder", offload_folder)
+        if config is None and Path(name_or_path).is_dir():
+            files = sorted(Path(name_or_path).glob("*.safetensors"))
+            if files:
+                return _map_local(Path(name_or_path), files, torch_dtype, offload_folder)
     if config is not None:
         fields = dict(config)
         model_type = fields.pop("model_type", None)
@@ -226,6 +237,30 @@ def load_causal_lm(
             )
         except OSError as err:
             raise _unreachable("model", name_or_path, err) from err
+    if offload_folder is not None:
+        from ppq_lightning.modules.offload import offload_to_disk
+
+        offload_to_disk(model, offload_folder)
+    return model.eval()
+
+
+def _map_local(
+    folder: Path, files: list[Path], dtype: torch.dtype, offload_folder: str
+) -> PreTrainedModel:
+    """Build the model of ``folder``'s config on the meta device and map its safetensors
+    ``files`` (``modules.offload.map_checkpoint``); nothing is read whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ppq_lightning.modules.offload import DiskWeights, map_checkpoint
+
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise bad_value("model", os.fspath(folder), f"a folder with a config.json ({err})") from err
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    map_checkpoint(model, files, DiskWeights(offload_folder))
     return model.eval()
 
 

@@ -3,24 +3,33 @@
 A layer-wise method (GPTQ, SparseGPT, Wanda) can fail in a late block: NaN activations, a
 Cholesky factorisation that never succeeds, a device running out of memory. Without care the
 earlier blocks stay compressed and the model is half of each. :func:`restored_on_error` keeps
-a copy of every selected layer (its own parameters and buffers on the CPU, its children by
-reference, its compression state by copy; for an ``nn.MultiheadAttention`` projection, which
-owns no tensor, the attention's parameters) and, when the block it guards raises, puts each layer
-back at its place with its original tensors, then re-raises with a note saying so. Parameters
-keep their identity (``param.data`` is restored), so an optimizer that holds them stays valid.
+what every selected layer holds (its own parameters and buffers, its children by reference, its
+compression state by copy; for an ``nn.MultiheadAttention`` projection, which owns no tensor, the
+attention's parameters) and, when the block it guards raises, puts each layer back at its place
+with its original tensors, then re-raises with a note saying so. Parameters keep their identity
+(``param.data`` is restored), so an optimizer that holds them stays valid.
+
+The copy costs no resident memory (``modules.offload.snapshot``): weights on disk are kept by
+reference (a mapped view is never written), and weights in memory are written to a temporary
+folder (``tempfile``'s, i.e. ``$TMPDIR``) and memory-mapped, so a stage's memory is one block,
+not the model a second time; the folder is deleted when the stage ends. Tensors under one page
+(biases, norms, scales) are copied in memory.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ppq_lightning.modules.attention import AttentionProjection
+from ppq_lightning.modules.offload import snapshot, stored
 from ppq_lightning.modules.tree import find_module, replace_module
 
 
@@ -34,11 +43,18 @@ class _Saved:
     copies: dict[str, nn.Module]  # children that stages edit in place (compression state)
 
 
-def _save(module: nn.Module, copied: tuple[str, ...]) -> _Saved:
+def _save(module: nn.Module, copied: tuple[str, ...], spill: Path) -> _Saved:
     own = {**module._parameters, **module._buffers}
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in own.items() if v is not None}
+    tensors = snapshot({k: v for k, v in own.items() if v is not None}, spill)
     children = dict(module._modules)
-    copies = {k: copy.deepcopy(c) for k, c in children.items() if k in copied and c is not None}
+    copies = {}
+    for key, child in children.items():
+        if key in copied and child is not None:  # its tensors kept as snapshots, not copied
+            values = child.state_dict(keep_vars=True).values()
+            inner = {str(i): t for i, t in enumerate(v for v in values if isinstance(v, Tensor))}
+            kept = snapshot(inner, spill)
+            memo = {id(inner[i]): kept[i] for i in inner}
+            copies[key] = copy.deepcopy(child, memo)
     return _Saved(
         module, dict(module._parameters), dict(module._buffers), tensors, children, copies
     )
@@ -54,7 +70,8 @@ def _restore(model: nn.Module, name: str, saved: _Saved) -> None:
     module._buffers.update(saved.buffers)
     for key, tensor in saved.tensors.items():
         current = saved.parameters.get(key, saved.buffers.get(key))
-        current.data = tensor.to(device=current.device)
+        stays = stored(tensor) and current.device == tensor.device  # a view of the store
+        current.data = tensor if stays else tensor.to(device=current.device, copy=True)
     module._modules.clear()
     module._modules.update(saved.children)
     module._modules.update(saved.copies)
@@ -82,16 +99,18 @@ def restored_on_error(
         BaseException: whatever the block raised, after the restore, with a note that the
             layers were restored.
     """
-    saved = {name: _save(module, copied) for name, module in modules.items()}
-    for name, module in _viewed(model, modules).items():
-        saved.setdefault(name, _save(module, copied))
-    try:
-        yield
-    except BaseException as error:
-        for name, entry in saved.items():
-            _restore(model, name, entry)
-        error.add_note(
-            f"[ppq] the {len(modules)} layer(s) the stage was compressing were restored to their "
-            "state before it; the model is as it was."
-        )
-        raise
+    with tempfile.TemporaryDirectory(prefix="ppq-rollback-") as folder:
+        spill = Path(folder)
+        saved = {name: _save(module, copied, spill) for name, module in modules.items()}
+        for name, module in _viewed(model, modules).items():
+            saved.setdefault(name, _save(module, copied, spill))
+        try:
+            yield
+        except BaseException as error:
+            for name, entry in saved.items():
+                _restore(model, name, entry)
+            error.add_note(
+                f"[ppq] the {len(modules)} layer(s) the stage was compressing were restored to "
+                "their state before it; the model is as it was."
+            )
+            raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.offload import released
 from ppq_lightning.ops.conv_statistics import ConvGeometry, conv_patches
 
 
@@ -183,6 +184,7 @@ def check_finite(
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and weight.is_floating_point():
             count = int((~weight.detach().isfinite()).sum())
+            released(module)  # weights on disk: its pages leave resident memory again
             if count:
                 bad[name] = count
     if bad:

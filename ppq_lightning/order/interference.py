@@ -39,6 +39,7 @@ from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.engine import observing
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.offload import copy_model
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.order.grammar import all_orders
@@ -151,7 +152,7 @@ def interference_rankings(
 
     def visit(model: nn.Module, order: tuple[str, ...], seconds: float) -> None:
         if tail:
-            model = copy.deepcopy(model)
+            model = copy_model(model)
             for stage in tail:
                 with torch.no_grad():
                     apply(model, stage)

@@ -8,10 +8,11 @@ model (the root, the dense model, is never modified).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Collection
 from typing import TypeVar
+
+from ppq_lightning.modules.offload import copy_model
 
 Model = TypeVar("Model")
 
@@ -50,7 +51,7 @@ def walk_orders(
         depth = len(prefix)
         children = sorted({o[depth] for o in wanted if len(o) > depth and o[:depth] == prefix})
         for i, name in enumerate(children):
-            child = model if i == len(children) - 1 and prefix else copy.deepcopy(model)
+            child = model if i == len(children) - 1 and prefix else copy_model(model)
             start = time.perf_counter()
             apply(child, name)
             applications += 1

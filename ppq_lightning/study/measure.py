@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ppq_lightning.compressed.accounting import compression_summary
 from ppq_lightning.compressed.invariants import check_invariants
 from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.offload import copy_model
 from ppq_lightning.order.evaluation import evaluate_module
 from ppq_lightning.order.grammar import format_order
 from ppq_lightning.order.metrics import metric_value
@@ -172,7 +173,7 @@ class CellMeasurer:
         there are any (the prefix itself goes on to the orders below it)."""
         if self.tail:
             start = time.perf_counter()
-            model = copy.deepcopy(model)
+            model = copy_model(model)
             for stage in self.tail:
                 self.apply(model, stage)
             seconds += time.perf_counter() - start
@@ -208,7 +209,7 @@ class CellMeasurer:
                 walk_orders(self.module, todo, lambda m, n: self.apply(m, stages[n]), visit)
             elif todo:
                 for names in sorted(todo, key=len):
-                    model = copy.deepcopy(self.module)
+                    model = copy_model(self.module)
                     start = time.perf_counter()
                     for name in names:
                         self.apply(model, stages[name])

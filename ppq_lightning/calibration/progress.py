@@ -260,7 +260,15 @@ class BlockProgress:
         Raises:
             CorruptStateError: naming a block file that cannot be read (truncated, not a
                 safetensors file), before any weight changes.
+            PPQConfigError: when the progress folder's place is a file.
         """
+        for parent in (self.root.parent, self.root):
+            if parent.exists() and not parent.is_dir():
+                raise PPQConfigError(
+                    f"the block progress of stage {self.stage!r} goes under {self.root}, but "
+                    f"{parent} is a file: give block_checkpoints a folder (or False), or move "
+                    "the file. Nothing was changed."
+                )
         try:
             data = batches_digest(batches)
         except UnhashableBatchError as error:
@@ -464,6 +472,53 @@ class BlockProgress:
         self.files[index] = path
         self.saved.append(index)
 
+    # -- a greedy search's steps (SLEB) ----------------------------------------------------------
+    def load_steps(self) -> list[dict[str, Any]]:
+        """The steps a search saved with :meth:`save_steps` for this fingerprint (after
+        :meth:`begin` with no block names: the whole model is fingerprinted), or ``[]``.
+
+        Raises:
+            CorruptStateError: naming ``steps.json`` when it cannot be read or its checksum
+                differs.
+        """
+        if not self.active:
+            return []
+        path = self.folder / "steps.json"
+        if not path.exists():
+            return []
+        try:
+            recorded = json.loads(path.read_text())
+            steps, checksum = recorded["steps"], recorded["checksum"]
+            fingerprint = recorded["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise self._corrupt(path, f"it cannot be read ({error})") from error
+        if _steps_checksum(steps, fingerprint) != checksum or not isinstance(steps, list):
+            raise self._corrupt(path, "its checksum does not match its contents")
+        if fingerprint != self.fingerprint:
+            return []
+        self.resumed = list(range(len(steps)))
+        return steps
+
+    def corrupt_steps(self, why: str) -> CorruptStateError:
+        """The error of a ``steps.json`` whose steps do not fit the model (``why``)."""
+        return self._corrupt(self.folder / "steps.json", why)
+
+    def save_steps(self, steps: list[dict[str, Any]]) -> None:
+        """Write every step of the search so far (atomically, flushed to disk)."""
+        if not self.active:
+            return
+        record = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "steps": steps,
+            "checksum": _steps_checksum(steps, self.fingerprint),
+        }
+        with atomic_write(self.folder / "steps.json") as handle:
+            handle.write(json.dumps(record, indent=1))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.saved.append(len(steps) - 1)
+
     def finish(self) -> None:
         """The stage succeeded: delete its progress folder."""
         if self.folder is not None and self.folder.is_dir():
@@ -480,6 +535,11 @@ class BlockProgress:
             ProgressOffWarning,
             stacklevel=3,
         )
+
+
+def _steps_checksum(steps: Any, fingerprint: Any) -> str:
+    text = json.dumps({"steps": steps, "fingerprint": fingerprint}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
 
 def _checksum(state: Mapping[str, Any], metrics: Any, metadata: Mapping[str, str]) -> str:

@@ -34,6 +34,7 @@ from ppq_lightning.calibration.capture import (
 )
 from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.distributed import all_reduce_mean, reduce_device
+from ppq_lightning.calibration.progress import BlockProgress
 from ppq_lightning.errors import PPQConfigError
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
@@ -187,21 +188,40 @@ def greedy_block_removal(
     batches: list[Any],
     forward: Callable[[nn.Module, Any], Any] = default_forward,
     desc: str = "sleb",
+    progress: BlockProgress | None = None,
 ) -> tuple[list[int], list[float]]:
     """Choose ``n_blocks`` blocks of the container ``name`` to remove, one at a time: at each
     step the block whose removal raises the calibration loss least (the model is left as it was).
+
+    Args:
+        progress: the search's steps on disk (``calibration.progress``), or None: the steps a
+            killed run of this search saved (the whole model, the data and the stage are
+            fingerprinted) are taken as they are, and each new step is saved once chosen.
 
     Returns:
         The removed block indices in the order chosen, and the calibration loss after each step.
 
     Raises:
         PPQConfigError: as :func:`candidate_losses`.
+        CorruptStateError: when the saved steps cannot be read or do not fit the model.
     """
     removed: list[int] = []
     losses: list[float] = []
-    for _ in tqdm(range(n_blocks), desc=desc, unit="block", leave=False):
+    if progress is not None:
+        progress.begin(model, [], batches)
+        depth = len(model.get_submodule(name))
+        for step in progress.load_steps()[:n_blocks]:
+            block, loss = step.get("block"), step.get("loss")
+            if type(block) is not int or not 0 <= block < depth or block in removed:
+                raise progress.corrupt_steps(f"step {step} does not name a new block of {depth}")
+            removed.append(block)
+            losses.append(float(loss))
+    for _ in tqdm(range(len(removed), n_blocks), desc=desc, unit="block", leave=False):
         scores = candidate_losses(model, name, removed, batches, forward)
         best = min(scores, key=scores.__getitem__)
         removed.append(best)
         losses.append(scores[best])
+        if progress is not None:
+            steps = zip(removed, losses, strict=True)
+            progress.save_steps([{"block": b, "loss": x} for b, x in steps])
     return removed, losses

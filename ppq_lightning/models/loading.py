@@ -254,6 +254,13 @@ def _map_local(
 
     from ppq_lightning.modules.offload import DiskWeights, map_checkpoint
 
+    if Path(offload_folder).resolve() == folder.resolve():
+        raise bad_value(
+            "offload_folder",
+            offload_folder,
+            "a folder other than the model's own (its files "
+            "are mapped read-only; compressed blocks go to offload_folder)",
+        )
     try:
         hf_config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:

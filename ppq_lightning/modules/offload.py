@@ -192,6 +192,12 @@ def _point(owner: nn.Module, attribute: str, tensor: Tensor) -> None:
         owner._buffers[attribute] = tensor
 
 
+def _delete_files(paths: set[Path]) -> None:
+    for path in list(paths):
+        path.unlink(missing_ok=True)  # a mapping still open keeps its data until closed
+    paths.clear()
+
+
 class DiskWeights:
     """A store of memory-mapped weights; blocks written back go to ``folder``.
 
@@ -218,6 +224,9 @@ class DiskWeights:
         self.traffic = Traffic()
         self._counter = itertools.count()
         self._written: set[Path] = set()
+        self._prefix = f"ppq-{os.getpid()}-{id(self):x}"
+        # the files it wrote go when the store does (or at exit): a cache, not a result
+        weakref.finalize(self, _delete_files, self._written)
         _STORES.add(self)
 
     # -- mapping ---------------------------------------------------------------------------
@@ -340,7 +349,7 @@ class DiskWeights:
             payload[name] = tensor.detach().to("cpu").contiguous()
         if not pending:
             return
-        path = self.folder / f"block-{next(self._counter):05d}.safetensors"
+        path = self.folder / f"{self._prefix}-block-{next(self._counter):05d}.safetensors"
         _write(payload, path)
         self._written.add(path)
         views = self.map_file(path)
@@ -526,7 +535,7 @@ def map_checkpoint(
     model.__dict__["_ppq_meta_owners"] = metas
 
     def flush() -> None:
-        path = store.folder / f"converted-{next(store._counter):05d}.safetensors"
+        path = store.folder / f"{store._prefix}-converted-{next(store._counter):05d}.safetensors"
         _write({name: tensor for name, (_, _, tensor) in converted.items()}, path)
         store._written.add(path)
         mapped = store.map_file(path)

@@ -244,3 +244,22 @@ def test_a_copy_shares_the_weights_on_disk_and_a_stage_on_it_leaves_the_original
     Wanda(sparsity=0.5).apply(reference, dataloader=token_batches(2))
     expected = _tensors(reference)
     assert all(torch.equal(expected[k], v) for k, v in _tensors(twin).items())
+
+
+def test_the_files_a_store_wrote_go_with_the_model(tmp_path):
+    import gc
+
+    model = load_causal_lm(config=TINY_LLAMA, seed=0, offload_folder=str(tmp_path / "o"))
+    Wanda(sparsity=0.5).apply(model, dataloader=token_batches(2))
+    assert list((tmp_path / "o").iterdir())
+    del model
+    gc.collect()
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_the_models_own_folder_is_refused_as_offload_folder(checkpoint):
+    folder, dtype = checkpoint
+    before = _digest(folder)
+    with pytest.raises(PPQConfigError, match="offload_folder.*other than the model's own"):
+        load_causal_lm(str(folder), dtype=dtype, offload_folder=str(folder))
+    assert _digest(folder) == before

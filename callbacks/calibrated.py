@@ -18,6 +18,7 @@ from ppq_lightning.calibration.statistics import (
     uninformative,
 )
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.block_checkpoints import block_progress, check_block_checkpoints
 from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.views import is_grouped_convolution, weight_matrix
 from ppq_lightning.ops.hessian import HessianError
@@ -97,12 +98,19 @@ class CalibratedCompression(CompressionCallback):
             batches (GPTQ's and SparseGPT's error feedback amplify float32's summation rounding
             into perplexity differences of a few tenths on SmolLM2), at about twice the cost of
             the accumulation matrix products (see docs/benchmarks.md).
+        block_checkpoints: save each finished block's result to disk, so a killed run started
+            again with the same command continues from its last finished block and ends with
+            the same weights (docs/scale.md, "Resuming a calibration"): ``True`` (default)
+            under the Trainer's ``default_root_dir`` (nothing without a Trainer), a folder path
+            (also for ``apply`` without a Trainer), or ``False``. The files are deleted when the
+            stage succeeds. Not part of the stage's identity.
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``,
             ``forward_fn`` (how the model is called on a batch; see ``CompressionStage``).
 
     Raises:
         PPQConfigError: on a bad ``num_calibration_batches``, ``calibrate_on``,
-            ``statistics_dtype``, ``device`` (not a torch device) or ``forward_fn``; at run
+            ``statistics_dtype``, ``device`` (not a torch device), ``block_checkpoints`` or
+            ``forward_fn``; a saved block file that cannot be read (``CorruptStateError``); at run
             time (before any weight changes) on a ``device`` this machine does not have (CUDA
             unavailable), on missing or empty calibration data, a batch the default forward
             cannot feed to the model (naming the module, its forward, the batch and
@@ -122,6 +130,7 @@ class CalibratedCompression(CompressionCallback):
         calibrate_on: str = "compressed",
         device: str | None = None,
         statistics_dtype: str = "float32",
+        block_checkpoints: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -131,6 +140,7 @@ class CalibratedCompression(CompressionCallback):
             **kwargs,
         )
         self.device = check_device(device)
+        self.block_checkpoints = check_block_checkpoints(block_checkpoints)
         self.calibration_report = None
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
@@ -200,6 +210,7 @@ class CalibratedCompression(CompressionCallback):
                 metrics[name] = values
 
         batches = self.calibration_batches(self.num_calibration_batches)
+        progress = block_progress(self, self.block_checkpoints, metrics)
         self.calibration_report = calibrate_sequentially(
             model,
             modules,
@@ -210,5 +221,8 @@ class CalibratedCompression(CompressionCallback):
             self.device,
             self.forward_fn,
             desc=self.name,
+            progress=progress,
         )
+        if progress is not None:
+            progress.finish()
         return metrics

@@ -11,6 +11,7 @@ from ppq_lightning.calibration.config import CalibrationConfig
 from ppq_lightning.calibration.engine import calibrate_sequentially
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.block_checkpoints import block_progress, check_block_checkpoints
 from ppq_lightning.callbacks.calibrated import check_device, check_device_available
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.edits.channels import (
@@ -19,6 +20,7 @@ from ppq_lightning.edits.channels import (
     output_projections,
     plan_channel_edits,
 )
+from ppq_lightning.edits.loading import load_module_state
 from ppq_lightning.errors import check_choice
 from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import weight_matrix
@@ -66,6 +68,9 @@ class ChannelPruning(CompressionCallback):
         num_calibration_batches: calibration batches for the importance statistics.
         calibrate_on: ``"compressed"`` or ``"original"`` (see ``CalibratedCompression``).
         device: where each block runs during calibration; None keeps the placement.
+        block_checkpoints: save each finished block (its shrunk layers) so a killed run
+            continues from its last finished block (see ``CalibratedCompression``; the saved
+            channel edits are replayed on load). Not part of the identity.
         **kwargs: ``targets`` (regexes restricting the output projections considered),
             ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
@@ -96,6 +101,7 @@ class ChannelPruning(CompressionCallback):
         num_calibration_batches: int = 32,
         calibrate_on: str = "compressed",
         device: str | None = None,
+        block_checkpoints: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -106,6 +112,7 @@ class ChannelPruning(CompressionCallback):
             **kwargs,
         )
         self.device = check_device(device)
+        self.block_checkpoints = check_block_checkpoints(block_checkpoints)
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -131,7 +138,8 @@ class ChannelPruning(CompressionCallback):
                 }
 
         batches = self.calibration_batches(self.num_calibration_batches)
-        calibrate_sequentially(
+        progress = block_progress(self, self.block_checkpoints, metrics, load_module_state)
+        self.calibration_report = calibrate_sequentially(
             model,
             outputs,
             batches,
@@ -141,5 +149,8 @@ class ChannelPruning(CompressionCallback):
             self.device,
             self.forward_fn,
             desc=self.name,
+            progress=progress,
         )
+        if progress is not None:
+            progress.finish()
         return metrics

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
+from ppq_lightning.callbacks.block_checkpoints import block_progress, check_block_checkpoints
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
 from ppq_lightning.modules.config import StageConfig
@@ -97,6 +98,10 @@ class JointStructuralMixedPrecision(CompressionCallback):
         score_batches: calibration batches the loss of a move is measured on.
         rescore_every: moves between two measurements of every unit.
         channels: which channel units: ``"auto"``, ``"mlp"`` or ``"depgraph"``.
+        block_checkpoints: save the search's state after every move so a killed run
+            continues from its last move (``True``: under the Trainer's ``default_root_dir``;
+            a folder; ``False``: see docs/scale.md, "Resuming a calibration"). Not part of the
+            identity.
         **kwargs: ``targets``, ``ignore``, ``name``, ``b_orig``, ``log_layers``.
 
     Raises:
@@ -128,6 +133,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
         score_batches: int = 4,
         rescore_every: int = 16,
         channels: str = "auto",
+        block_checkpoints: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -141,6 +147,8 @@ class JointStructuralMixedPrecision(CompressionCallback):
             **kwargs,
         )
         self.search_log: list[dict[str, float]] = []  # the last search's moves
+        self.block_checkpoints = check_block_checkpoints(block_checkpoints)
+        self.resumed_moves = 0
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
@@ -157,9 +165,15 @@ class JointStructuralMixedPrecision(CompressionCallback):
         score = reference_score(
             model, batches[: self.score_batches], "calibration_kl", self.forward_fn
         )
+        progress = block_progress(self, self.block_checkpoints)
+        if progress is not None:  # the dense model, the data and the stage
+            progress.begin(model, [], batches)
         found = search_levels(
-            model, modules, space, self.budget, self.b_orig, score, self.rescore_every
+            model, modules, space, self.budget, self.b_orig, score, self.rescore_every, progress
         )
         layers = apply_levels(model, modules, space, found.levels, self.history_entry())
+        if progress is not None:
+            self.resumed_moves = len(progress.resumed)
+            progress.finish()
         self.search_log, self.search_seconds = found.log, time.perf_counter() - start
         return layers

@@ -45,6 +45,7 @@ from ppq_lightning.calibration.capture import (
     standing_in,
 )
 from ppq_lightning.calibration.data import default_forward
+from ppq_lightning.calibration.progress import BlockProgress
 from ppq_lightning.errors import PPQConfigError, check_choice
 from ppq_lightning.modules.attention import check_runs_modules
 from ppq_lightning.modules.offload import disk_weights
@@ -151,7 +152,8 @@ class CalibrationReport:
     the blocks before it standing in, that capture its call arguments (one per block after the
     first: the embeddings and what the model computes per block, not the blocks themselves),
     except for a block the model provably feeds the previous block's output alone
-    (``blocks.feeds_directly``: consecutive blocks of a plain ``nn.Sequential``).
+    (``blocks.feeds_directly``: consecutive blocks of a plain ``nn.Sequential``);
+    ``resumed_blocks`` the blocks whose compressed state came from saved progress.
     """
 
     n_blocks: int = 0
@@ -159,6 +161,7 @@ class CalibrationReport:
     model_passes: int = 0
     capture_passes: int = 0
     n_batches: int = 0
+    resumed_blocks: int = 0
 
 
 def _fed_directly(model: nn.Module, chain: BlockChain, index: int, inputs: BlockInputs) -> bool:
@@ -187,6 +190,7 @@ def calibrate_sequentially(
     device: torch.device | str | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     desc: str = "calibrating",
+    progress: BlockProgress | None = None,
 ) -> CalibrationReport:
     """Compress ``targets`` of ``model`` block by block with statistics from ``batches``.
 
@@ -201,12 +205,19 @@ def calibrate_sequentially(
         device: where each block runs (e.g. ``"cuda"``); None keeps the model's placement.
         forward: how to call the model on a batch; default :func:`default_forward`.
         desc: progress-bar label.
+        progress: the stage's progress on disk (``calibration.progress.BlockProgress``), or
+            None. A block whose saved state matches is not compressed again: its state is
+            loaded and the block run once to feed the next (after the dense pass, with
+            ``"original"``); every block compressed is saved once it is. Layers outside the
+            blocks are compressed again on every run.
 
     An ``nn.MultiheadAttention``'s projections (``modules.attention``) are observed like any
     linear layer: while hooked, the attention calls them as modules, so ``q_proj``/``k_proj``/
     ``v_proj`` see the query, key and value it receives and ``out_proj`` the attention output.
 
     Raises:
+        CorruptStateError: (a ``PPQConfigError``) naming a saved progress file that cannot be
+            read, before it changes the block.
         PPQConfigError: on an empty calibration set, a bad ``calibrate_on``, a forward that
             never reaches the first block, NaN/Inf activations (naming the layer), a target
             that never runs as a module (the projection of an attention subclass with its own
@@ -245,6 +256,8 @@ def calibrate_sequentially(
             compress(rest)
 
     original = calibrate_on == "original"
+    if progress is not None and in_blocks:  # the model as the stage starts
+        progress.begin(model, list(chain.names), batches)
     with torch.no_grad(), no_cache(model), evaluating(model):
         if rest and original:
             observe_rest()  # on the dense model, before anything is compressed
@@ -275,16 +288,26 @@ def calibrate_sequentially(
                 # with "original", from this pass; the last block's outputs are not needed
                 rerun = bool(layers) and not original and index < last
                 with resident(block, run_on, home, edited=bool(layers)):
-                    with observing(layers, observe):
-                        skeleton = _run_block(
-                            block, inputs, block_name, advance=index < last and not rerun
+                    resume = bool(layers) and progress is not None
+                    if resume and progress.resumable(index, block):
+                        skeleton = _resume_block(
+                            block, inputs, block_name, index, progress, original, index < last
                         )
-                    report.block_passes += 1
-                    if layers:
-                        compress(layers)
-                        if rerun:
-                            skeleton = _run_block(block, inputs, block_name, advance=True)
-                            report.block_passes += 1
+                        report.block_passes += skeleton is not None
+                        report.resumed_blocks += 1
+                    else:
+                        with observing(layers, observe):
+                            skeleton = _run_block(
+                                block, inputs, block_name, advance=index < last and not rerun
+                            )
+                        report.block_passes += 1
+                        if layers:
+                            compress(layers)
+                            if progress is not None:
+                                progress.save(index, block_name, block)
+                            if rerun:
+                                skeleton = _run_block(block, inputs, block_name, advance=True)
+                                report.block_passes += 1
                 skeletons.append(skeleton)
                 tails.append(inputs.args[0][0].shape[1:])
             report.n_blocks = last + 1
@@ -292,6 +315,31 @@ def calibrate_sequentially(
             observe_rest()  # on the model compressed so far
             compress_rest()
     return report
+
+
+def _resume_block(
+    block: nn.Module,
+    inputs: BlockInputs,
+    name: str,
+    index: int,
+    progress: BlockProgress,
+    original: bool,
+    advance: bool,
+) -> Any:
+    """Load block ``index``'s saved state into ``block`` instead of compressing it, and (when
+    ``advance``) run it once to feed the next block: on the dense block before the load with
+    ``original``, on the loaded one otherwise (as the uninterrupted run computed them).
+
+    Returns:
+        The block's output skeleton, or None when it was not run (the last block).
+    """
+    skeleton = None
+    if advance and original:
+        skeleton = _run_block(block, inputs, name, advance=True)
+    progress.load(index, block)
+    if advance and not original:
+        skeleton = _run_block(block, inputs, name, advance=True)
+    return skeleton
 
 
 @contextlib.contextmanager

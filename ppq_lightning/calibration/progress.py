@@ -34,6 +34,11 @@ any weight.
 
 **What is not saved.** The layers outside the blocks (a stem, a head the user targets) are
 compressed again on a rerun; they are seconds where blocks are hours.
+
+**Searches.** A greedy search whose loop is not the engine's (SLEB's block removal, the joint
+search) keeps its state after each step in ``steps.json`` (:meth:`BlockProgress.save_steps`,
+atomic, fsynced, checksummed), in a folder fingerprinted by the stage, the data and the whole
+model (``begin`` with no block names).
 """
 
 from __future__ import annotations

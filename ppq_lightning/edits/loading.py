@@ -97,6 +97,27 @@ def check_finite_parameters(model: nn.Module, state_dict: dict, prefix: str = ""
                 )
 
 
+def load_module_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """Load into ``module`` (a block of a model) a state dict of it written after a stage that
+    may have changed its shapes: the structural edits its compression records name are
+    replayed first (owners relative to ``module``, parents before children), empty compression
+    states attached, then ``module.load_state_dict(state, strict=True)`` copies the tensors
+    (a ``calibration.progress.BlockLoader`` for the stages that edit structure).
+
+    Raises:
+        PPQConfigError: for an edit kind this version cannot replay.
+        RuntimeError: from ``load_state_dict`` when the state does not fit ``module``.
+    """
+    for owner in state_owners(state):
+        extra = state.get(f"{state_path(owner)}._extra_state")
+        if isinstance(extra, dict):
+            replay_history(module, owner, extra.get("history", []))
+        target = find_module(module, owner)
+        if target is not None:
+            ensure_state(target)
+    module.load_state_dict(state, strict=True)
+
+
 def enable_state_loading(model: nn.Module) -> None:
     """Let ``model.load_state_dict`` create the ``ppq_state`` children its input needs.
 

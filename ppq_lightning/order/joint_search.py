@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ppq_lightning.calibration.capture import evaluating, example_call
 from ppq_lightning.calibration.data import default_forward
 from ppq_lightning.calibration.engine import observing
+from ppq_lightning.calibration.progress import BlockProgress
 from ppq_lightning.calibration.statistics import LayerStatistics
 from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.compressed.state import record_grid, record_stage
@@ -222,12 +223,20 @@ def search_levels(
     b_orig: int,
     score: Callable[[nn.Module], float],
     rescore_every: int = 16,
+    progress: BlockProgress | None = None,
 ) -> SearchResult:
     """Greedy levels that reach ``budget`` (estimated measured C) at the least measured loss
     ``score(model)``; the model's weights are as they were when it returns.
 
+    Args:
+        progress: the search's state on disk (``calibration.progress``; begun on the model,
+            data and stage), or None: the state after the last move a killed run of this
+            search saved (levels, moves, loss, the deltas scored) is taken up, and the state is
+            saved after every move.
+
     Raises:
         PPQConfigError: a budget the strongest levels miss (naming the largest reachable C).
+        CorruptStateError: saved state that cannot be read or does not fit the search space.
     """
     space.check_reachable(budget, b_orig)
     levels, last = space.first_levels(), space.last_levels()
@@ -285,10 +294,14 @@ def search_levels(
 
     result = SearchResult(levels)
     try:
+        saved = progress.load_steps() if progress is not None else []
+        if saved:
+            current, deltas = _take_up(saved[-1], levels, last, result, progress)
         for name in layers:
             emulate(name)
-        current = score(model)
-        deltas: dict[str, float] = {}
+        if not saved:
+            current = score(model)
+            deltas: dict[str, float] = {}
         while original / space.storage_bits(levels) < budget:
             if len(result.log) % rescore_every == 0:
                 deltas = {u: loss_after(u) - current for u in levels if levels[u] < last[u]}
@@ -304,10 +317,37 @@ def search_levels(
             moved = len(result.log) + 1
             C = original / space.storage_bits(levels)
             result.log.append({"move": moved, "kl": current, "C": C})
+            if progress is not None:
+                state = {"levels": levels, "log": result.log, "deltas": deltas}
+                progress.save_steps([{**state, "current": current}])
     finally:
         for name, module in layers.items():  # back to the dense weights
             set_weight_matrix(module, weights[name])
     return result
+
+
+def _take_up(
+    state: dict[str, Any],
+    levels: dict[str, int],
+    last: dict[str, int],
+    result: SearchResult,
+    progress: BlockProgress,
+) -> tuple[float, dict[str, float]]:
+    """Put a saved search ``state`` into ``levels`` and ``result``; return its loss and deltas.
+
+    Raises:
+        CorruptStateError: when the state does not fit the search space.
+    """
+    saved = state.get("levels")
+    fits = isinstance(saved, dict) and saved.keys() == levels.keys()
+    fits = fits and all(type(v) is int and 0 <= v <= last[k] for k, v in saved.items())
+    deltas = state.get("deltas")
+    if not fits or not isinstance(deltas, dict) or not isinstance(state.get("log"), list):
+        raise progress.corrupt_steps("its levels do not fit this search space")
+    levels.update(saved)
+    result.log[:] = state["log"]
+    progress.resumed = list(range(len(result.log)))  # the moves taken up
+    return float(state["current"]), {k: float(v) for k, v in deltas.items()}
 
 
 def apply_levels(

@@ -21,8 +21,18 @@ from ppq_lightning.modules.views import weight_matrix
 from ppq_lightning.study.engine import OrderStudy
 
 # arguments of the Lightning adapter: when it fires, what it logs, where and how the model runs,
-# what it is called; none of them can change the weights a stage produces
-ADAPTER = {"name", "b_orig", "log_layers", "at_epoch", "at_step", "device", "forward_fn"}
+# where its progress is saved, what it is called; none of them can change the weights a stage
+# produces
+ADAPTER = {
+    "name",
+    "b_orig",
+    "log_layers",
+    "at_epoch",
+    "at_step",
+    "device",
+    "forward_fn",
+    "block_checkpoints",
+}
 ALIASES = {LoRAFineTune: {"target_modules": "targets"}}
 
 
@@ -71,6 +81,7 @@ def test_nothing_cosmetic_is_part_of_the_identity():
     for cosmetic in ({"name": "Q4"}, {"log_layers": False}, {"b_orig": 32}):
         assert RTNQuantization(bits=4, **cosmetic).identity == plain.identity, cosmetic
     assert GPTQ(bits=4, device="cpu").identity == GPTQ(bits=4).identity
+    assert GPTQ(bits=4, block_checkpoints=False).identity == GPTQ(bits=4).identity
     # one meaning, one spelling
     assert RTNQuantization(bits=4, targets="mlp").identity == (
         RTNQuantization(bits=4, targets=["mlp"]).identity

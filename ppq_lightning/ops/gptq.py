@@ -81,11 +81,7 @@ def gptq(
         w.T.masked_fill(dead[:, None], 0), bits, group_size, symmetric, grid, act_order
     )
     prep = prepare_hessian(h[perm][:, perm] if act_order else h, damp)
-    order = perm.tolist()
-
-    def round_column(position: int, wt: Tensor) -> Tensor:
-        return columns(order[position], position, wt)
-
+    order = perm.tolist() if act_order else None
     prune_block = None
     if mask is not None:
         pruned = ~mask.to(w.device).T[perm]  # (cols, rows) in walk order
@@ -95,7 +91,7 @@ def gptq(
 
     if columns.dynamic:
         block_size = aligned_block_size(block_size, columns.group_size)
-    loss = walk_columns(wt, prep.hinv.to(w.device), block_size, round_column, prune_block)
+    loss = walk_columns(wt, prep.hinv.to(w.device), block_size, columns, order, prune_block)
     if act_order:  # back to the natural column order
         result = torch.empty_like(wt)
         result[perm] = wt

@@ -69,22 +69,24 @@ class ColumnGrid:
             ones = torch.ones(rows, n_groups, device=wt.device)
             self.grid = QuantGrid(ones, torch.zeros_like(ones), bits, group_size, symmetric)
         self.maxq = self.grid.maxq
-        # per-group copies (n_groups, rows), contiguous, so a column's scale is one row
+        # per-group copies (n_groups, rows), contiguous, so a column's scale is one row; and
+        # their rows as a list of views (a list index costs less than a tensor index)
         self._scale = self.grid.scale.T.contiguous()
         self._zero = self.grid.zero.T.contiguous()
+        self._scales, self._zeros = list(self._scale), list(self._zero)
 
-    def __call__(self, column: int, position: int, wt: Tensor) -> Tensor:
-        """The rounded copy of ``wt[position]``, which holds original column ``column``."""
+    def __call__(self, column: int, position: int, wt: Tensor, current: Tensor) -> Tensor:
+        """The rounded copy of ``current`` (``wt[position]``, original column ``column``)."""
+        g = column // self.group_size
         if self.dynamic and column % self.group_size == 0:
-            g, gs = column // self.group_size, self.group_size
+            gs = self.group_size
             fresh = compute_grid(
                 wt[position : position + gs].T, self.grid.bits, None, self.grid.symmetric
             )
             self.grid.scale[:, g], self.grid.zero[:, g] = fresh.scale[:, 0], fresh.zero[:, 0]
             self._scale[g], self._zero[g] = fresh.scale[:, 0], fresh.zero[:, 0]
-        g = column // self.group_size
-        scale, zero = self._scale[g], self._zero[g]
-        q = torch.round(wt[position] / scale).add_(zero).clamp_(0, self.maxq)
+        scale, zero = self._scales[g], self._zeros[g]
+        q = torch.round(current / scale).add_(zero).clamp_(0, self.maxq)
         return q.sub_(zero).mul_(scale)
 
 
@@ -105,7 +107,8 @@ def walk_columns(
     wt: Tensor,
     hinv: Tensor,
     block_size: int,
-    round_column: Callable[[int, Tensor], Tensor] | None = None,
+    grid: ColumnGrid | None = None,
+    order: list[int] | None = None,
     prune_block: Callable[[int, int, Tensor, Tensor], Tensor | None] | None = None,
 ) -> float:
     """Walk the columns of ``wt`` (cols, rows) in place; returns the OBS loss ``sum err^2 / 2``.
@@ -114,29 +117,45 @@ def walk_columns(
         wt: transposed float32 weight, in walk order; overwritten with the targets.
         hinv: ``(cols, cols)`` upper Cholesky factor of the damped ``H^-1``, in walk order.
         block_size: columns per lazy-update block.
-        round_column: ``(position, wt) -> q``, the rounded copy of ``wt[position]``; None keeps
-            the column's value (pruning only).
+        grid: rounds each column onto its grid; None keeps the column's value (pruning only).
+        order: the original column of each walk position (None: the identity), for ``grid``.
         prune_block: ``(i1, i2, block, hinv_block) -> pruned`` called at the start of each block
             with the current weights ``wt[i1:i2]``; returns a bool ``(i2 - i1, rows)`` of entries
             to set to 0, or None.
+
+    Raises:
+        ValueError: with neither ``grid`` nor ``prune_block`` (nothing to walk towards).
+
+    The loop body is a handful of tensor operations per column (Python's dispatch costs as much
+    as their arithmetic at these sizes), each the reference implementations' own operation, so
+    the result is theirs bit for bit (``tests/callbacks/test_reference_weights.py``).
     """
+    if grid is None and prune_block is None:
+        raise ValueError("walk_columns: give a grid, a prune_block or both")
     cols = wt.shape[0]
     loss = wt.new_zeros(())
+    zero = wt.new_zeros(())
+    diagonal = torch.diagonal(hinv).tolist()  # Python floats, exactly the float32 values
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1, hinv1 = wt[i1:i2], hinv[i1:i2, i1:i2]
         pruned = prune_block(i1, i2, w1, hinv1) if prune_block is not None else None
         err1 = torch.empty_like(w1)
-        diag = torch.diagonal(hinv1)
         for i in range(i2 - i1):
-            column = w1[i]
-            q = round_column(i1 + i, wt) if round_column is not None else column.clone()
+            position = i1 + i
+            column, err = w1[i], err1[i]
+            if grid is None:  # the target is the column with its pruned entries zeroed
+                # err = column - target: the pruned entries, exactly 0 elsewhere
+                torch.where(pruned[i], column, zero, out=err).div_(diagonal[position])
+                w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
+                column.masked_fill_(pruned[i], 0)
+                continue
+            q = grid(order[position] if order is not None else position, position, wt, column)
             if pruned is not None:
                 q.masked_fill_(pruned[i], 0)
-            err = torch.sub(column, q).div_(diag[i])
+            torch.sub(column, q, out=err).div_(diagonal[position])
             w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
             column.copy_(q)
-            err1[i] = err
         if i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
         loss += err1.square().sum()

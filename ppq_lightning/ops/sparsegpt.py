@@ -30,6 +30,23 @@ class SparseGPTResult(NamedTuple):
     retries: int
 
 
+def _lowest(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` lowest of ``scores`` (``0 < k``): the entries below the k-th
+    smallest value and those equal to it, found by selection (``kthvalue``, linear time) rather
+    than by ``topk``, which partially sorts the half of the block it returns. When the k-th
+    value is tied with entries beyond it, which of the ties ``topk`` drops is its own choice:
+    then ``topk`` decides, so the mask is always ``topk``'s."""
+    flat = scores.flatten()
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k).values
+    mask = flat <= kth
+    if int(mask.sum()) != k:  # ties at the k-th value: keep topk's choice among them
+        mask = torch.zeros_like(mask)
+        mask[torch.topk(flat, k, largest=False).indices] = True
+    return mask.view_as(scores)
+
+
 def sparsegpt(
     w: Tensor,
     h: Tensor,
@@ -87,9 +104,6 @@ def sparsegpt(
     kept_t = torch.ones_like(wt, dtype=torch.bool)
     fixed_pruned = ~keep.to(wt.device).T if keep is not None else None
 
-    def round_column(position: int, wt: Tensor) -> Tensor:
-        return columns(position, position, wt)
-
     def prune_block(i1: int, i2: int, block: Tensor, hinv_block: Tensor) -> Tensor:
         saliency = block**2 / torch.diagonal(hinv_block)[:, None] ** 2  # (block, rows)
         fixed = fixed_pruned[i1:i2] if fixed_pruned is not None else None
@@ -101,7 +115,7 @@ def sparsegpt(
             if fixed is not None:
                 n_prune = max(n_prune, int(fixed.sum()))
             if n_prune:
-                pruned.view(-1)[torch.topk(saliency.flatten(), n_prune, largest=False).indices] = 1
+                pruned = _lowest(saliency, n_prune)
         else:  # N:M along the columns of each row: groups of M consecutive walk positions
             groups = saliency.T.reshape(saliency.shape[1], -1, m)  # (rows, block / M, M)
             drop = torch.topk(groups, m - n, dim=2, largest=False).indices
@@ -112,9 +126,7 @@ def sparsegpt(
         kept_t[i1:i2] = ~pruned
         return pruned
 
-    loss = walk_columns(
-        wt, prep.hinv.to(wt.device), block_size, round_column if quantizing else None, prune_block
-    )
+    loss = walk_columns(wt, prep.hinv.to(wt.device), block_size, columns, None, prune_block)
     return SparseGPTResult(
         wt.T.contiguous(),
         kept_t.T.contiguous(),

@@ -197,3 +197,19 @@ def test_sparsegpt_rejects_a_keep_mask_of_the_wrong_shape():
 def test_sparsegpt_rejects_a_hessian_of_the_wrong_shape():
     with pytest.raises(PPQConfigError, match=re.escape("H=(5, 5) is not allowed")):
         sparsegpt(_weight(), torch.eye(ROWS), sparsity=0.5)
+
+
+@pytest.mark.parametrize("k", [1, 7, 30, 59, 60])
+@pytest.mark.parametrize("levels", [None, 3, 12])  # None: distinct scores; else many ties
+def test_sparsegpt_selection_of_the_lowest_saliencies_is_topks(k, levels):
+    # the block's mask is found by kthvalue (linear time) and must be topk's, ties included
+    from ppq_lightning.ops.sparsegpt import _lowest
+
+    g = torch.Generator().manual_seed(k)
+    scores = torch.rand(6, 10, generator=g)
+    if levels is not None:
+        scores = (scores * levels).floor()
+    scores[0, :3] = -torch.inf  # an earlier mask's entries
+    expected = torch.zeros(60, dtype=torch.bool)
+    expected[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    assert torch.equal(_lowest(scores, k), expected.view(6, 10))

@@ -263,6 +263,11 @@ def main() -> None:
         "several, the benchmark runs once per order and OUTPUT/spread.md gives the spread",
     )
     parser.add_argument("--output", default="outputs/bench")
+    parser.add_argument(
+        "--results",
+        help="also write summary.json (every row, the ratios to the peer, the commit, the "
+        "command, the load average) and README.md to this folder (docs/results/...)",
+    )
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,8 +281,14 @@ def main() -> None:
         parser.error(f"--shuffle-seed {' '.join(map(order_name, seeds))}: repeated order")
     if len(seeds) == 1:
         args.shuffle_seed = seeds[0]
-        write_report(out, *run_bench(args, out), args)
+        load_before = os.getloadavg()
+        rows, peer_rows = run_bench(args, out)
+        write_report(out, rows, peer_rows, args)
+        if args.results:
+            write_results(Path(args.results), rows, peer_rows, args, load_before)
         return
+    if args.results:
+        parser.error("--results: one calibration order only (no several --shuffle-seed)")
     runs = {}
     for seed in seeds:  # the whole benchmark once per calibration order
         args.shuffle_seed = seed
@@ -288,6 +299,78 @@ def main() -> None:
     write_text_atomic(out / "spread.md", text + "\n")
     write_text_atomic(out / "spread.json", json.dumps(runs, indent=2))
     print(text)
+
+
+def git_state() -> dict[str, object]:
+    """The commit the benchmark ran at and the tracked files that differed from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return {"commit": git("rev-parse", "HEAD"), "modified": [line[3:] for line in changed]}
+
+
+def ratios(rows: list[dict], peer_rows: list[dict], device: str) -> list[dict]:
+    """Per method with a peer row: ours / the peer's compression time and memory."""
+    ours = {r["method"]: r for r in rows}
+    return [
+        {
+            "method": p["ours"],
+            "time": ours[p["ours"]]["seconds"] / p["seconds"],
+            "memory": memory_use(ours[p["ours"]], device) / memory_use(p, device),
+            "seconds_ours": ours[p["ours"]]["seconds"],
+            "seconds_peer": p["seconds"],
+            "memory_mib_ours": memory_use(ours[p["ours"]], device),
+            "memory_mib_peer": memory_use(p, device),
+        }
+        for p in peer_rows
+    ]
+
+
+def write_results(
+    folder: Path,
+    rows: list[dict],
+    peer_rows: list[dict],
+    args: argparse.Namespace,
+    load_before: tuple[float, float, float],
+) -> None:
+    """``folder/summary.json`` (rows, peer rows, ratios, commit, command, load averages) and a
+    ``README.md`` naming the command and the commit."""
+    command = "python scripts/bench_methods.py " + " ".join(sys.argv[1:])
+    state = git_state()
+    summary = {
+        "command": command,
+        **state,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "ratios": ratios(rows, peer_rows, args.device),
+        "rows": rows,
+        "peer": peer_rows,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    modified = ", ".join(state["modified"]) or "none"
+    text = (
+        "# SmolLM2: our methods against llm-compressor, time and compression memory\n\n"
+        f"    {command}\n\n"
+        f"Commit {state['commit']} (tracked files modified in the working tree: {modified}); "
+        f"{summary['date']}; {summary['cpus']} CPUs; load average (1, 5, 15 min) "
+        f"{', '.join(f'{v:.1f}' for v in load_before)} before and "
+        f"{', '.join(f'{v:.1f}' for v in summary['load_average_after'])} after. "
+        "`summary.json` holds every row (ours: `rows`, llm-compressor's: `peer`) and, per "
+        "method, ours / the peer's time and compression memory (`ratios`); `bench.md` the "
+        "printed tables.\n"
+    )
+    write_text_atomic(folder / "README.md", text)
+    write_text_atomic(folder / "bench.md", (Path(args.output) / "bench.md").read_text())
+    print(f"results: {folder}")
 
 
 def order_name(seed: int | None) -> str:

@@ -281,11 +281,11 @@ def main() -> None:
         parser.error(f"--shuffle-seed {' '.join(map(order_name, seeds))}: repeated order")
     if len(seeds) == 1:
         args.shuffle_seed = seeds[0]
-        load_before = os.getloadavg()
+        load_before, state = os.getloadavg(), git_state()  # as the run starts
         rows, peer_rows = run_bench(args, out)
         write_report(out, rows, peer_rows, args)
         if args.results:
-            write_results(Path(args.results), rows, peer_rows, args, load_before)
+            write_results(Path(args.results), rows, peer_rows, args, load_before, state)
         return
     if args.results:
         parser.error("--results: one calibration order only (no several --shuffle-seed)")
@@ -337,11 +337,12 @@ def write_results(
     peer_rows: list[dict],
     args: argparse.Namespace,
     load_before: tuple[float, float, float],
+    state: dict[str, object],
 ) -> None:
-    """``folder/summary.json`` (rows, peer rows, ratios, commit, command, load averages) and a
-    ``README.md`` naming the command and the commit."""
+    """``folder/summary.json`` (rows, peer rows, ratios, the commit and modified files of
+    ``state``, taken as the run started, command, load averages) and a ``README.md`` naming the
+    command and the commit."""
     command = "python scripts/bench_methods.py " + " ".join(sys.argv[1:])
-    state = git_state()
     summary = {
         "command": command,
         **state,

@@ -391,15 +391,14 @@ def _write(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(partial, path)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: Any) -> Any:
     """``copy.deepcopy(model)``, except that weights on disk are shared, not read into memory:
     the copy's tensors are the same mapped views (never written: a stage edits copies and
     writes them to new files), so copying a model that does not fit in memory costs nothing.
     What a study does to explore orders from a shared prefix."""
-    memo: dict[int, Any] = {}
-    store = model.__dict__.get(STORE_ATTRIBUTE)
-    if store is None and disk_weights(model) is None:
+    if not isinstance(model, nn.Module) or disk_weights(model) is None:
         return copy.deepcopy(model)
+    memo: dict[int, Any] = {}
     for _, _, _, tensor in _tensors(model):
         if id(tensor) not in memo and stored(tensor):
             view = tensor.detach()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
@@ -224,6 +225,29 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         raise
 
 
+def as_the_loop_sees(trainer: L.Trainer | None, batch: Any) -> Any:
+    """``batch`` converted by the Trainer's precision plugin, as Lightning's loops convert every
+    batch before a step (``precision_plugin.convert_input``): with ``precision="bf16-true"`` or
+    ``"16-true"`` (a model held in bf16 or fp16) its floating tensors become bf16 or fp16, with
+    ``"64-true"`` float64, and with the other precisions nothing changes. Calibration then runs
+    the model on what its own steps see (a float32 image batch would not run through a bf16
+    convolution at all). Only once the Trainer has converted the module (its strategy's setup):
+    before, in a callback's ``setup``, module and batch are both still as the user gave them.
+    Without a Trainer the batch is returned as it is.
+
+    Args:
+        trainer: the running Trainer, or None (``stage.apply(model, dataloader=...)``).
+        batch: one batch of a dataloader.
+    """
+    if trainer is None:
+        return batch
+    plugin = trainer.precision_plugin
+    wanted = plugin.convert_input(torch.zeros(())).dtype
+    module = trainer.lightning_module
+    held = next((p.dtype for p in module.parameters() if p.is_floating_point()), wanted)
+    return plugin.convert_input(batch) if held == wanted else batch
+
+
 def first_loader(loaders: Any) -> Any:
     """The first of a Trainer's dataloaders (Lightning gives a list, or a dict of named
     loaders, when there are several), or None when there is none."""
@@ -329,7 +353,7 @@ def calibration_data(
     check_num_batches(num_batches)
     loader, origin, sharded, evaluation = _source(trainer, dataloader)
     requested = -(-num_batches // world()[1]) if sharded else num_batches
-    batches = list(itertools.islice(loader, requested))
+    batches = [as_the_loop_sees(trainer, b) for b in itertools.islice(loader, requested)]
     if not batches:
         raise PPQConfigError(f"the calibration dataloader is empty: {origin} yielded no batch.")
     taken = len(batches)
@@ -362,7 +386,7 @@ def first_calibration_batch(
     batch = next(iter(loader), _EMPTY)
     if batch is _EMPTY:
         raise PPQConfigError(f"the calibration dataloader is empty: {origin} yielded no batch.")
-    return batch
+    return as_the_loop_sees(trainer, batch)
 
 
 _EMPTY = object()

@@ -3,8 +3,10 @@
 0. every weight of a compressed module is finite (a NaN would pass the two checks below:
    ``NaN * 0`` is NaN, and a NaN is never farther from anything than a tolerance);
 1. every entry pruned by the recorded mask is exactly zero;
-2. every weight lies on the recorded quantization grid (up to the rounding of the weight's own
-   dtype), and zero is a grid point.
+2. every weight lies on the recorded quantization grid, and zero is a grid point: a bf16 or
+   fp16 weight is exactly a grid value computed in float32 and rounded once to its dtype
+   (``QuantGrid.on_grid``); a float32 weight lies within ``1e-4`` steps (plus its own rounding)
+   of a grid value.
 
 A layer whose training stage is still training (a weight transform attached: QAT, CoDeQ) holds
 a latent weight that its stage owns until it ends; it is checked once the stage has ended.
@@ -20,11 +22,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ppq_lightning.compressed.state import CompressionState, compressed_modules
+from ppq_lightning.compressed.state import CompressionState, compressed_modules, get_state
 from ppq_lightning.errors import InvariantError
 from ppq_lightning.modules.transforms import has_weight_transform
 from ppq_lightning.modules.views import weight_matrix
-from ppq_lightning.ops.quant_grid import QuantGrid
+from ppq_lightning.ops.quant_grid import QuantGrid, indistinct_levels
 
 CHECK_AFTER_STAGES = "PPQ_CHECK_INVARIANTS"
 """An environment variable: set to ``1``, every compression stage checks the invariants of the
@@ -97,11 +99,37 @@ def check_layer(name: str, module: nn.Module, state: CompressionState) -> None:
     grid = state.grid
     if grid is not None:
         grid = grid.to(weight.device)
-        w = weight_matrix(module)
+        w = weight_matrix(module).detach()
         distance = grid.off_grid_distance(w)
-        off = int((distance > _grid_tolerance(w, grid)).sum())
+        if torch.finfo(w.dtype).bits <= 16:  # the float32 grid value rounded once to the dtype
+            off = int((~grid.on_grid(w)).sum())
+        else:
+            off = int((distance > _grid_tolerance(w, grid)).sum())
         if off:
             raise InvariantError(
                 f"{name}: {off} weight(s) lie off the {grid.bits}-bit grid recorded by stages "
                 f"{state.stages} (largest distance {distance.max().item():.3g} steps)."
             )
+
+
+def indistinct_grids(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """The layers among ``names`` whose recorded grid has neighbouring levels that their weight's
+    dtype rounds to one value (``ops.quant_grid.indistinct_levels``: an asymmetric 8-bit grid
+    in bf16), with how many level pairs and the dtype. Such a layer holds fewer distinct values
+    than its bit width says, and the code read back from its weight (what the exporters write)
+    is the one nearest to the shared value, not necessarily the one the quantizer chose."""
+    found: dict[str, tuple[int, str]] = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        state, weight = get_state(module), getattr(module, "weight", None)
+        if state is None or state.grid is None or not isinstance(weight, Tensor):
+            continue
+        if not weight.is_floating_point():
+            continue
+        count = indistinct_levels(state.grid.to(weight.device), weight.dtype)
+        if count:
+            found[name] = (count, str(weight.dtype).removeprefix("torch."))
+    return found

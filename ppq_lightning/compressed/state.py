@@ -49,6 +49,18 @@ class CompressionState(nn.Module):
         self.history: list[HistoryEntry] = []
         self.register_load_state_dict_pre_hook(_materialize_buffers)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressionState:
+        """Move the buffers as ``fn`` says (``module.to(device)``, ``.cuda()``), but keep the
+        grid's ``scale`` and ``zero`` float32 whatever dtype the model is cast to
+        (``model.to(torch.bfloat16)``, ``Trainer(precision="bf16-true")``): the grid is recorded
+        in float32, and a bf16 weight is on it when it is a float32 grid value rounded once to
+        bf16; a scale rounded to bf16 would be another grid."""
+        grid = {n: self._buffers[n] for n in ("scale", "zero") if self._buffers[n] is not None}
+        super()._apply(fn, recurse)
+        for name, kept in grid.items():
+            self._buffers[name] = kept.to(device=self._buffers[name].device)
+        return self
+
     @property
     def mask(self) -> Tensor | None:
         if self.mask_bits is None or self.mask_shape is None:

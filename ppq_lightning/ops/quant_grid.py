@@ -5,6 +5,15 @@ A grid maps a weight matrix ``W`` of shape ``(rows, cols)`` onto integers
 ``scale`` and ``zero`` hold one value per row and group of ``group_size`` consecutive columns
 (one group per row when ``group_size`` is None: per-channel). ``zero`` is an integer, so the
 value 0 is always exactly representable: a pruned weight quantizes to exactly 0.
+
+A weight held in a 16-bit dtype (bf16, fp16) is *on the grid* when it is a grid value computed
+in float32 and rounded once to that dtype: ``w == (scale * (k - zero)).to(w.dtype)`` for some code
+``k`` (:meth:`QuantGrid.on_grid`). Its code is read back as the code whose rounded value it is
+(:meth:`QuantGrid.codes`). Two neighbouring levels can round to the same 16-bit value when the
+dtype's spacing there exceeds the step: in bf16 (8 significant bits) once ``|k - zero| > 128``,
+which an asymmetric 8-bit grid reaches (up to 255); in fp16 where a step falls below the
+subnormal spacing ``2**-24``. Such levels are one weight value, and the code read back is the
+one nearest to it (:func:`indistinct_levels` counts them).
 """
 
 from __future__ import annotations
@@ -99,6 +108,41 @@ class QuantGrid:
         """Per-element distance of ``w`` to its nearest grid point, in units of the step."""
         return (w.float() - self.fake_quantize(w)).abs() / self._expand(self.scale, w.shape[1])
 
+    def held(self, q: Tensor, dtype: torch.dtype) -> Tensor:
+        """The grid values of codes ``q`` (rows, cols) as a weight of ``dtype`` holds them:
+        computed in float32 and rounded once to ``dtype``."""
+        return self.dequantize(q).to(dtype)
+
+    def codes(self, w: Tensor) -> Tensor:
+        """The integer codes of a weight ``w`` (rows, cols) on this grid, as float32.
+
+        For a float32 or float64 ``w``, :meth:`quantize`. For a 16-bit ``w`` (bf16, fp16), the
+        code whose value rounded to ``w``'s dtype is ``w``: the nearest code, else the
+        neighbour on the side of ``w`` (a tie of the dtype's rounding can put ``w`` nearer to
+        the next level's value than to its own); the nearest code where no level rounds to
+        ``w`` (a weight off the grid)."""
+        q = self.quantize(w)
+        if torch.finfo(w.dtype).bits > 16:
+            return q
+        for step in (-1.0, 1.0):
+            other = torch.clamp(q + step, 0, self.maxq)
+            q = torch.where(
+                (self.held(q, w.dtype) != w) & (self.held(other, w.dtype) == w), other, q
+            )
+        return q
+
+    def on_grid(self, w: Tensor) -> Tensor:
+        """Per element of a 16-bit ``w`` (rows, cols): whether it is a grid value computed in
+        float32 and rounded once to ``w``'s dtype (bool, same shape).
+
+        Raises:
+            PPQConfigError: for a ``w`` of 32 bits or more (those are compared with a
+                tolerance: :meth:`off_grid_distance`).
+        """
+        if torch.finfo(w.dtype).bits > 16:
+            raise bad_value("w.dtype", w.dtype, "a 16-bit float dtype (bfloat16 or float16)")
+        return self.held(self.codes(w), w.dtype) == w
+
     def to(self, device: torch.device | str) -> QuantGrid:
         return QuantGrid(
             self.scale.to(device), self.zero.to(device), self.bits, self.group_size, self.symmetric
@@ -138,3 +182,38 @@ def compute_grid(
     else:
         zero = torch.round(-xmin / scale) + 0.0  # +0.0, never -0.0 (bit-exact exports)
     return QuantGrid(scale, zero, bits, group_size, symmetric)
+
+
+def indistinct_levels(grid: QuantGrid, dtype: torch.dtype, rows: int = 4096) -> int:
+    """How many pairs of neighbouring levels ``(k, k + 1)`` of ``grid``, over all its rows and
+    groups, round to the same value in ``dtype``: levels a weight of that dtype cannot tell
+    apart (its code is then read back as the one nearest to the shared value). 0 for float32
+    and float64. Counted ``rows`` rows at a time; a grid whose levels the dtype provably keeps
+    apart (bf16 below 8 bits: ``|k - zero| <= 127``; fp16 with normal, finite levels) is not
+    enumerated.
+
+    Args:
+        grid: the grid.
+        dtype: the dtype of the weight that holds it.
+        rows: rows enumerated at once (memory: ``rows * groups * 2**bits`` values).
+    """
+    if torch.finfo(dtype).bits > 16:
+        return 0
+    info = torch.finfo(dtype)
+    significant = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 8)
+    span = float(torch.maximum(grid.zero, grid.maxq - grid.zero).max())
+    largest = float((grid.scale * span).max())
+    if (
+        span < 2 ** (significant - 1)
+        and float(grid.scale.min()) >= info.tiny
+        and largest < info.max
+    ):
+        return 0  # every level k != zero: relative rounding below half a step
+    levels = torch.arange(grid.maxq + 1, dtype=torch.float32, device=grid.scale.device)
+    count = 0
+    for start in range(0, grid.scale.shape[0], rows):
+        scale = grid.scale[start : start + rows, :, None]
+        zero = grid.zero[start : start + rows, :, None]
+        held = (scale * (levels - zero)).to(dtype)
+        count += int((held[..., 1:] == held[..., :-1]).sum())
+    return count

@@ -35,3 +35,16 @@ def test_check_invariants_catches_non_finite_weights(value):
     model[0].weight.data[1][kept[1]] = value  # the survivors of a row: pruned ones stay 0
     with pytest.raises(InvariantError, match=r"^0: \d+ weight\(s\) are NaN or infinite"):
         check_invariants(model)
+
+
+def test_bfloat16_weight_one_unit_off_its_grid_value_is_caught():
+    """A bf16 weight is on its grid only when it is the float32 grid value rounded once to
+    bf16: one bf16 unit away is off (a tolerance of the dtype's epsilon let it pass)."""
+    layer = quantized_pruned_linear().to(torch.bfloat16)
+    grid = get_state(layer).grid
+    w = layer.weight.data
+    far = (w.float().abs() / grid.scale).argmax()  # the level farthest from zero
+    row, col = divmod(int(far), w.shape[1])
+    w[row, col] = torch.nextafter(w[row, col], torch.tensor(0.0, dtype=torch.bfloat16))
+    with pytest.raises(InvariantError, match="1 weight\\(s\\) lie off the 4-bit grid"):
+        check_invariants(layer)

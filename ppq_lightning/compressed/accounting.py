@@ -77,7 +77,7 @@ def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 
     """
     weight = module.weight.detach()
     numel, nonzero = weight.numel(), int((weight != 0).sum())
-    released(module)  # weights on disk: its pages leave resident memory again
+    released(module)  # weights on disk: its pages (weight, mask, grid) leave memory again
     if state is None:  # an uncompressed layer: dense at the original precision
         return LayerCost(numel, nonzero, b_orig, numel * b_orig, 0.0, 0.0)
     bits = state.bits if state.bits is not None else b_orig
@@ -85,7 +85,7 @@ def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 
     storage = weight_storage(
         numel,
         bits,
-        nonzero=nonzero if state.mask is not None else None,
+        nonzero=nonzero if state.mask_bits is not None else None,  # never unpacked here
         groups=state.scale.numel() if state.scale is not None else 0,
         symmetric=state.symmetric,
         nm_m=nm[1] if nm is not None else None,

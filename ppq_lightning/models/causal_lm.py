@@ -20,7 +20,7 @@ from ppq_lightning.edits.loading import enable_state_loading, require_state_load
 from ppq_lightning.errors import PPQConfigError, bad_value, check_number
 from ppq_lightning.models.lm_tasks import TaskEvaluation
 from ppq_lightning.models.loading import OFFLINE_DEFAULT, load_causal_lm
-from ppq_lightning.modules.offload import stream_blocks
+from ppq_lightning.modules.offload import stream_model
 
 _OWN_METRICS = {"ppl": False, "loss": False}
 
@@ -89,7 +89,7 @@ class CausalLMModule(L.LightningModule):
         self.model = load_causal_lm(model, model_config, dtype, seed, offload_folder)
         if offload_folder is not None:  # every forward holds one block's pages at a time
             chain = find_block_chain(self.model)
-            stream_blocks(chain.blocks if chain is not None else ())
+            stream_model(self.model, chain.blocks if chain is not None else ())
         self.learning_rate = learning_rate
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self.tokenizer_name: str | None = model if model_config is None else None

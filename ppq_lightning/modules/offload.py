@@ -496,6 +496,23 @@ def stream_blocks(
     return handles
 
 
+def stream_model(
+    model: nn.Module, blocks: Iterable[nn.Module], device: torch.device | str | None = None
+) -> list[RemovableHandle]:
+    """:func:`stream_blocks` on ``blocks`` and on every other module of ``model`` that holds
+    tensors itself (the embedding, the final norm, the head), so that after a forward nothing
+    of the weights stays resident."""
+    blocks = list(blocks)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    others = [
+        module
+        for module in model.modules()
+        if id(module) not in inside
+        and any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
+    ]
+    return stream_blocks([*blocks, *others], device)
+
+
 @contextlib.contextmanager
 def streaming(
     blocks: Iterable[nn.Module], device: torch.device | str | None = None

@@ -211,6 +211,30 @@ def test_evaluation_streams_blocks_and_equals_memory(checkpoint, tmp_path, monke
     assert module.evaluate(windows) == in_memory
     blocks = set(find_block_chain(module.model).blocks)
     assert sum(1 for m in released if m in blocks) == len(blocks) * len(windows)
+    # and what is not a block: the embedding, the final norm, the head
+    hf = module.model
+    assert {id(hf.model.embed_tokens), id(hf.model.norm), id(hf.lm_head)} <= {
+        id(m) for m in released
+    }
+
+
+def test_the_summary_reads_no_mask_whole(tmp_path, monkeypatch):
+    """C needs the count of nonzero weights, not the unpacked mask (one byte per weight, and
+    the pages of the packed one would stay resident after the layer is released)."""
+    from ppq_lightning.compressed import state as state_module
+    from ppq_lightning.compressed.accounting import compression_summary
+
+    model = load_causal_lm(config=TINY_LLAMA, seed=0, offload_folder=str(tmp_path / "o"))
+    Wanda(sparsity=0.5).apply(model, dataloader=token_batches(2))
+    unpacked = []
+    real = state_module.CompressionState.mask
+    monkeypatch.setattr(
+        state_module.CompressionState,
+        "mask",
+        property(lambda self: unpacked.append(1) or real.fget(self), real.fset),
+    )
+    summary = compression_summary(model)
+    assert summary.sparsity > 0.4 and not unpacked
 
 
 def test_stream_blocks_on_a_device_puts_the_views_back(checkpoint, tmp_path):

@@ -7,8 +7,10 @@ with a ``config.json`` that transformers reads:
 - ``8b``: Llama-3-8B's shape (32 blocks, hidden 4096, MLP 14336, 32 query / 8 key-value heads,
   vocabulary 128256, rope theta 500000; about 16 GB). ``--blocks N`` keeps fewer blocks of
   the same width, for quick runs.
-- ``70b``: one block of Llama-3-70B's shape (hidden 8192, MLP 28672, 64 / 8 heads, the same
-  vocabulary) for per-block figures.
+- ``70b``: two blocks of Llama-3-70B's shape (hidden 8192, MLP 28672, 64 / 8 heads, the same
+  vocabulary) for per-block figures (two, not one: ``calibration.blocks.find_block_chain``
+  finds no chain in a model with a single decoder layer, which would then be calibrated and
+  evaluated whole, not block by block).
 
 Then each method runs in its own child process (so its peak memory is its own) through the
 ordinary callbacks on ``CausalLMModule(model=folder, dtype="bfloat16", offload_folder=...)``,
@@ -83,7 +85,8 @@ VOCAB = 128256
 ROPE_THETA = 500000.0
 SHAPES: dict[str, dict[str, int]] = {
     "8b": {"hidden": 4096, "mlp": 14336, "heads": 32, "kv_heads": 8, "blocks": 32, "vocab": VOCAB},
-    "70b": {"hidden": 8192, "mlp": 28672, "heads": 64, "kv_heads": 8, "blocks": 1, "vocab": VOCAB},
+    # two blocks: the calibration engine finds a chain of blocks only where two are repeated
+    "70b": {"hidden": 8192, "mlp": 28672, "heads": 64, "kv_heads": 8, "blocks": 2, "vocab": VOCAB},
     # for tests: the same code path in seconds
     "tiny": {"hidden": 128, "mlp": 256, "heads": 4, "kv_heads": 2, "blocks": 2, "vocab": 256},
 }
@@ -139,10 +142,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=METHODS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("blocks", "gptq_blocks", "floor_blocks"):
+    for name in ("gptq_blocks", "floor_blocks"):
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.blocks is not None and args.blocks < 2:  # one decoder layer is no chain of blocks
+        parser.error(f"--blocks must be at least 2 (a chain of blocks), got {args.blocks}")
     if args.eval_windows < 0:
         parser.error(f"--eval-windows must be 0 or more, got {args.eval_windows}")
     if args.eval_seqlen is not None and args.eval_seqlen < 2:

@@ -28,12 +28,12 @@ def test_the_8b_shape_is_llama_3_8b_and_the_70b_block_is_llama_3_70b(bench):
     assert count == 8_030_261_248  # Meta-Llama-3-8B
     assert config.rope_parameters["rope_theta"] == 500000
     assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
-    # one 70B block: Llama-3-70B has 70_553_706_496 parameters in 80 such blocks plus the
+    # 70B blocks: Llama-3-70B has 70_553_706_496 parameters in 80 such blocks plus the
     # embedding, the head and the final norm
     count, _ = parameters(bench.shape_of("70b", 5))  # --blocks applies to the 8b shape only
     outside = 2 * 128256 * 8192 + 8192
     assert (70_553_706_496 - outside) % 80 == 0
-    assert count - outside == (70_553_706_496 - outside) // 80
+    assert count - outside == 2 * (70_553_706_496 - outside) // 80  # two: a chain needs two
 
 
 def test_the_written_model_loads_in_transformers_and_maps_from_disk(bench, tmp_path):
@@ -99,3 +99,5 @@ def test_a_bad_calibration_shape_is_refused_naming_it(bench):
     with pytest.raises(SystemExit):
         bench.parse(["--calibration", "8by512"])
     assert bench.calibration_shape("8x512") == (8, 512)
+    with pytest.raises(SystemExit):  # one decoder layer: the engine would find no blocks
+        bench.parse(["--blocks", "1"])

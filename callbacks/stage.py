@@ -537,14 +537,18 @@ class CompressionStage:
         store = disk_weights(model)
         if store is not None:
             self.check_streams(store)
-        with restored_on_error(model, modules), torch.inference_mode(False), torch.no_grad():
-            if store is None or self.streams_blocks:
-                layers = self.compress(model, modules)
-            else:  # weights on disk: one layer resident at a time, written back after it
-                layers = {}
-                for name, module in modules.items():
-                    with store.materialized(module):
-                        layers.update(self.compress(model, {name: module}))
+        try:
+            with restored_on_error(model, modules), torch.inference_mode(False), torch.no_grad():
+                if store is None or self.streams_blocks:
+                    layers = self.compress(model, modules)
+                else:  # weights on disk: one layer resident at a time, written back after it
+                    layers = {}
+                    for name, module in modules.items():
+                        with store.materialized(module):
+                            layers.update(self.compress(model, {name: module}))
+        finally:
+            if store is not None:  # the files of a failed stage, or of older block versions
+                store.collect()
             after = {n: find_module(model, n) for n in modules}
             check_finite(after, f"stage {self.name!r} produced", CompressionError)
         seconds = time.perf_counter() - start

@@ -201,7 +201,7 @@ def load_causal_lm(
     if offload_folder is not None:
         check_name("offload_folder", offload_folder)
         if config is None and Path(name_or_path).is_dir():
-            files = sorted(Path(name_or_path).glob("*.safetensors"))
+            files = _checkpoint_files(Path(name_or_path))
             if files:
                 return _map_local(Path(name_or_path), files, torch_dtype, offload_folder)
     if config is not None:
@@ -242,6 +242,21 @@ def load_causal_lm(
 
         offload_to_disk(model, offload_folder)
     return model.eval()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint in ``folder``, as transformers picks them: those
+    its ``model.safetensors.index.json`` names, else ``model.safetensors``, else every
+    ``*.safetensors`` but the offload files ppq writes (``ppq-*``)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("ppq-"))
 
 
 def _map_local(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import itertools
 import json
 import mmap
@@ -91,7 +92,6 @@ class MappedFile:
             self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         self.start = torch.frombuffer(self.map, dtype=torch.uint8).data_ptr()
         self.end = self.start + len(self.map)
-        self.alive: set[tuple[int, str]] = set()  # (id(module), tensor name) pointing here
 
     def view(self, offset: int, dtype: torch.dtype, shape: list[int]) -> Tensor:
         """The tensor of ``dtype`` and ``shape`` stored at byte ``offset``."""
@@ -192,6 +192,42 @@ def _point(owner: nn.Module, attribute: str, tensor: Tensor) -> None:
         owner._buffers[attribute] = tensor
 
 
+def _write_error(path: Path, err: Exception) -> OSError:
+    """An ``OSError`` naming the offload folder's file for a failed write (its errno kept, or
+    read from safetensors' message: a full disk stays recognisable as one)."""
+    number = getattr(err, "errno", None)
+    if number is None:
+        text = str(err)
+        number = next(
+            (
+                code
+                for word, code in (
+                    ("No space", errno.ENOSPC),
+                    ("too large", errno.EFBIG),
+                    ("Disk quota", errno.EDQUOT),
+                )
+                if word in text
+            ),
+            errno.EIO,
+        )
+    return OSError(number, f"cannot write {path} in offload_folder ({err})", os.fspath(path))
+
+
+def _delete_stale(folder: Path) -> None:
+    """Delete the files a killed process left in ``folder`` (``ppq-<pid>-...``, that pid no
+    longer running): a SIGKILL or an out-of-memory kill runs no clean-up."""
+    for path in folder.glob("ppq-*.safetensors"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            continue  # alive, under another user
+
+
 def _delete_files(paths: set[Path]) -> None:
     for path in list(paths):
         path.unlink(missing_ok=True)  # a mapping still open keeps its data until closed
@@ -225,6 +261,8 @@ class DiskWeights:
         self._counter = itertools.count()
         self._written: set[Path] = set()
         self._prefix = f"ppq-{os.getpid()}-{id(self):x}"
+        self.models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        _delete_stale(self.folder)
         # the files it wrote go when the store does (or at exit): a cache, not a result
         weakref.finalize(self, _delete_files, self._written)
         _STORES.add(self)
@@ -257,20 +295,31 @@ class DiskWeights:
         """The mapped file ``tensor`` is a view of, or None."""
         return next((f for f in self.files if f.holds(tensor)), None)
 
-    def _track(self, owner: nn.Module, attribute: str, view: Tensor) -> None:
-        mapped = self.file_of(view)
-        if mapped is not None:
-            mapped.alive.add((id(owner), attribute))
+    def adopt(self, model: nn.Module) -> None:
+        """Count ``model`` among the models whose tensors keep this store's files
+        (:meth:`collect`); the model keeps the store alive."""
+        model.__dict__[STORE_ATTRIBUTE] = self
+        self.models.add(model)
 
-    def _untrack(self, owner: nn.Module, attribute: str, tensor: Tensor) -> None:
-        mapped = self.file_of(tensor)
-        if mapped is None:
-            return
-        mapped.alive.discard((id(owner), attribute))
-        if not mapped.alive and mapped.path in self._written:
+    def collect(self) -> None:
+        """Delete every file this store wrote that no tensor of its models points at any more
+        (an older version of a block, the blocks of a stage that failed). Its mapping stays
+        open (a view may still hold it: a rollback's copy) and is known to the store, so the
+        disk space comes back when the store goes."""
+        referenced = set()
+        for model in list(self.models):
+            for _, _, _, tensor in _tensors(model):
+                mapped = self.file_of(tensor)
+                if mapped is not None:
+                    referenced.add(id(mapped))
+        for mapped in list(self.files):
+            if mapped.path not in self._written or id(mapped) in referenced:
+                continue
+            mapped.path.unlink(missing_ok=True)
             self._written.discard(mapped.path)
-            self.files.remove(mapped)
-            mapped.path.unlink(missing_ok=True)  # the mapping lives on while a view is held
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DiskWeights:
+        return self  # one store for a model and its copies (files cannot be copied)
 
     # -- residency ------------------------------------------------------------------------
     def release(self, module: nn.Module) -> None:
@@ -307,22 +356,22 @@ class DiskWeights:
         self._account_read(size, time.perf_counter() - start)
         try:
             yield
+            if write:
+                self.write_back(module)
         except BaseException:
             for owner, attribute, view in views:
                 _point(owner, attribute, view)
-            self.traffic.resident -= size
             raise
-        self.traffic.resident -= size
-        if write:
-            self.write_back(module)
-        else:
+        finally:
+            self.traffic.resident -= size
+        if not write:
             for owner, attribute, view in views:
                 _point(owner, attribute, view)
-        for owner, attribute, view in views:
+        for _, _, view in views:
             mapped = self.file_of(view)
             if mapped is not None:
                 mapped.release(view)
-                self._untrack(owner, attribute, view)
+        self.collect()
 
     def _account_read(self, size: int, seconds: float) -> None:
         traffic = self.traffic
@@ -350,13 +399,17 @@ class DiskWeights:
         if not pending:
             return
         path = self.folder / f"{self._prefix}-block-{next(self._counter):05d}.safetensors"
-        _write(payload, path)
+        try:
+            _write(payload, path)
+        except Exception as err:  # safetensors' own error on a full disk is no OSError
+            Path(path.with_name("." + path.name + ".partial")).unlink(missing_ok=True)
+            self.collect()
+            raise _write_error(path, err) from err
         self._written.add(path)
         views = self.map_file(path)
         for name, (owner, attribute, tensor) in pending.items():
             source = by_data.get(tensor.data_ptr(), name)
             _point(owner, attribute, views[source])
-            self._track(owner, attribute, views[source])
         traffic = self.traffic
         traffic.written_bytes += sum(t.numel() * t.element_size() for t in payload.values())
         traffic.write_seconds += time.perf_counter() - start
@@ -407,9 +460,11 @@ def copy_model(model: Any) -> Any:
                 if isinstance(tensor, nn.Parameter)
                 else view
             )
-    for candidate in _STORES:
-        memo[id(candidate)] = candidate  # the store is shared, not copied
-    return copy.deepcopy(model, memo)
+    twin = copy.deepcopy(model, memo)  # the store itself is shared (its __deepcopy__)
+    store = disk_weights(twin)
+    if store is not None:
+        store.models.add(twin)
+    return twin
 
 
 def released(module: nn.Module) -> None:
@@ -542,7 +597,7 @@ def map_checkpoint(
     Raises:
         PPQConfigError: naming the first tensor the files lack, or whose shape differs.
     """
-    model.__dict__[STORE_ATTRIBUTE] = store  # the model keeps its store alive
+    store.adopt(model)
     views: dict[str, Tensor] = {}
     for path in files:
         views.update(store.map_file(path))
@@ -557,7 +612,6 @@ def map_checkpoint(
         mapped = store.map_file(path)
         for name, (owner, attribute, _) in converted.items():
             _point(owner, attribute, mapped[name])
-            store._track(owner, attribute, mapped[name])
         converted.clear()
 
     for owner, attribute, name, tensor in _tensors(model):
@@ -571,7 +625,6 @@ def map_checkpoint(
             )
         if view.dtype == tensor.dtype:
             _point(owner, attribute, view)
-            store._track(owner, attribute, view)
             continue
         converted[name] = (owner, attribute, view.to(tensor.dtype))
         _point(owner, attribute, converted[name][2])
@@ -614,7 +667,7 @@ def offload_to_disk(model: nn.Module, folder: str | os.PathLike[str]) -> DiskWei
         PPQConfigError: when ``folder`` cannot be written.
     """
     store = DiskWeights(folder)
-    model.__dict__[STORE_ATTRIBUTE] = store  # the model keeps its store alive
+    store.adopt(model)
     for child in model.children():
         store.write_back(child)
     store.write_back(model)  # tensors the model holds itself

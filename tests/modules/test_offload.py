@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ppq_lightning.calibration.blocks import find_block_chain
 from ppq_lightning.callbacks import (
     GPTQ,
     BasisSharing,
@@ -18,7 +19,6 @@ from ppq_lightning.callbacks import (
     SparseGPT,
     Wanda,
 )
-from ppq_lightning.calibration.blocks import find_block_chain
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.models.loading import load_causal_lm
 from ppq_lightning.modules.offload import (
@@ -175,7 +175,7 @@ def test_snapshot_keeps_views_of_a_store_by_reference(tmp_path):
 def test_an_unwritable_offload_folder_is_refused_naming_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(PPQConfigError, match="offload_folder=.*cannot be written"):
+    with pytest.raises(PPQConfigError, match=r"offload_folder=.*cannot be written"):
         DiskWeights(blocker / "off")
 
 
@@ -287,6 +287,93 @@ def test_the_files_a_store_wrote_go_with_the_model(tmp_path):
 def test_the_models_own_folder_is_refused_as_offload_folder(checkpoint):
     folder, dtype = checkpoint
     before = _digest(folder)
-    with pytest.raises(PPQConfigError, match="offload_folder.*other than the model's own"):
+    with pytest.raises(PPQConfigError, match=r"offload_folder.*other than the model.s own"):
         load_causal_lm(str(folder), dtype=dtype, offload_folder=str(folder))
     assert _digest(folder) == before
+
+
+def _failing_gptq(block: str) -> GPTQ:
+    stage = GPTQ(bits=4)
+    original = stage.compress_layer
+
+    def fail(name, layer, statistic):
+        if name.startswith(block):
+            raise RuntimeError("the device ran out of memory")
+        return original(name, layer, statistic)
+
+    stage.compress_layer = fail
+    return stage
+
+
+def test_a_second_stage_failing_leaves_the_weights_on_disk_and_no_orphan_file(tmp_path):
+    """The first stage's written blocks are what a failing second stage restores: they must
+    still count as on disk (not copied into memory), and the failed stage's files go."""
+    folder = tmp_path / "o"
+    model = load_causal_lm(
+        config={**TINY_LLAMA, "num_hidden_layers": 3}, offload_folder=str(folder)
+    )
+    Wanda(sparsity=0.5).apply(model, dataloader=token_batches(2))
+    before = {k: v.clone() for k, v in _tensors(model).items()}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _failing_gptq("model.layers.2.").apply(model, dataloader=token_batches(2))
+    after = _tensors(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(stored(t) for t in after.values())
+    store = disk_weights(model)
+    used = {store.file_of(t).path for t in after.values()}
+    # no orphan: every file left is one the model points at (the first stage's blocks that the
+    # failed stage had replaced are back, their files unlinked but mapped until the store goes)
+    assert set(folder.iterdir()) <= used
+
+
+def test_a_failed_write_names_the_offload_folder_and_leaves_the_model(tmp_path, monkeypatch):
+    from ppq_lightning.modules import offload
+
+    model = load_causal_lm(config=TINY_LLAMA, seed=0, offload_folder=str(tmp_path / "o"))
+    before = {k: v.clone() for k, v in _tensors(model).items()}
+
+    def full(tensors, path):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(offload, "_write", full)
+    with pytest.raises(OSError, match="offload_folder") as raised:
+        Wanda(sparsity=0.5).apply(model, dataloader=token_batches(2))
+    assert raised.value.errno == 28  # still a full disk to `ppq`'s exit handling
+    after = _tensors(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(stored(t) for t in after.values())
+
+
+def test_files_a_killed_process_left_are_deleted_and_stray_files_never_mapped(checkpoint, tmp_path):
+    folder, dtype = checkpoint
+    offload_folder = tmp_path / "o"
+    offload_folder.mkdir()
+    stale = offload_folder / "ppq-999999999-7f00-block-00000.safetensors"  # no such process
+    stale.write_bytes(b"left by a SIGKILLed run")
+    model = load_causal_lm(str(folder), dtype=dtype, offload_folder=str(offload_folder))
+    assert not stale.exists()
+    # a stray safetensors file beside the checkpoint (another model's offload file) is ignored
+    other = tmp_path / "copy"
+    other.mkdir()
+    for path in folder.iterdir():
+        (other / path.name).write_bytes(path.read_bytes())
+    zeros = {k: torch.zeros_like(v) for k, v in _tensors(model).items()}
+    from safetensors.torch import save_file
+
+    save_file(zeros, other / "ppq-1-2-block-00000.safetensors")
+    mapped = load_causal_lm(str(other), dtype=dtype, offload_folder=str(tmp_path / "o2"))
+    expected = _tensors(load_causal_lm(str(folder), dtype=dtype))
+    assert all(torch.equal(expected[k], v) for k, v in _tensors(mapped).items())
+
+
+def test_a_model_on_disk_deep_copies_and_exports_to_compressed_tensors(tmp_path):
+    import copy
+
+    from ppq_lightning.export.api import export
+
+    model = load_causal_lm(config=TINY_LLAMA, seed=0, offload_folder=str(tmp_path / "o"))
+    RTNQuantization(bits=4).apply(model)
+    twin = copy.deepcopy(model)  # a copy in memory, as deepcopy promises
+    assert not any(stored(t) for t in _tensors(twin).values())
+    export(model, "compressed-tensors", tmp_path / "ct")
+    assert (tmp_path / "ct" / "export.json").is_file()

@@ -100,3 +100,38 @@ def make_trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:
         "default_root_dir": tmp_path,
     }
     return L.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
+
+
+def plain_llama(seed: int = 0, layers: int = 3) -> nn.Module:
+    """A tiny HF ``LlamaForCausalLM`` built directly from ``LlamaConfig`` (vocabulary 128), as a
+    user builds one, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def state_copy(module: nn.Module) -> dict:
+    """A copy of ``module``'s state dict (tensors cloned, extra states as they are)."""
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+        for k, v in module.state_dict().items()
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts hold the same keys, and each entry is equal bit for bit (dtype too)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key

@@ -6,24 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppq_lightning.callbacks import GPTQ, Wanda
 from ppq_lightning.errors import CorruptStateError, PPQConfigError
 from tests.bad_inputs.helpers import assert_refused, names
-
-
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+from tests.helpers import plain_llama as _llama
 
 
 def _batches() -> list[torch.Tensor]:

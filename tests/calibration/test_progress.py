@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppq_lightning.calibration.progress import (
     BlockProgress,
@@ -16,21 +15,11 @@ from ppq_lightning.calibration.progress import (
 from ppq_lightning.compressed.state import record_grid, record_mask, record_stage
 from ppq_lightning.errors import CorruptStateError
 from ppq_lightning.ops.quant_grid import compute_grid
+from tests.helpers import assert_same_state as _assert_equal
+from tests.helpers import plain_llama as _llama
+from tests.helpers import state_copy as _state
 
 STAGE = "GPTQ{'bits': 4}"
-
-
-def _llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _batches(seed: int = 0) -> list[torch.Tensor]:
@@ -56,21 +45,6 @@ def _compress(block, tag: str = "gptq") -> None:
         record_grid(layer, grid)
         record_mask(layer, layer.weight.data.abs() > 0.01)
         record_stage(layer, {"stage": tag, "method": "GPTQ", "kind": "Q", "bits": 4})
-
-
-def _state(module):
-    return {
-        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()
-    }
-
-
-def _assert_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 def test_a_saved_block_loads_bit_for_bit_into_a_fresh_model(tmp_path):

@@ -25,6 +25,8 @@ from ppq_lightning.callbacks import (
 )
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.offload import offload_to_disk
+from tests.helpers import assert_same_state as _assert_same
+from tests.helpers import state_copy as _state
 
 BLOCKS = 4
 EDIT = channel_pruning.apply_channel_edits
@@ -101,22 +103,6 @@ def _crashing_at(stage, block: int, solved: list[str], monkeypatch=None):
 
     stage.compress_layer = compress_layer
     return stage
-
-
-def _state(model):
-    return {
-        k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-        for k, v in model.state_dict().items()
-    }
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 def _metrics(result):

@@ -311,9 +311,10 @@ def test_an_unwritable_parent_names_the_path(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
+    model = _boring()  # compressed first: a stage's rollback spills through tempfile too
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert_refused(
-        lambda: ppq_lightning.export(_boring(), "ppq", tmp_path / "new" / "out"),
+        lambda: ppq_lightning.export(model, "ppq", tmp_path / "new" / "out"),
         PermissionError,
         names(str(tmp_path / "new" / "out"), "Permission denied"),
         folder=tmp_path,

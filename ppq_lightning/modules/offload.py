@@ -79,6 +79,28 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _map_views(path: Path) -> tuple[MappedFile, dict[str, Tensor]]:
+    """Map the safetensors file ``path`` and return it with a zero-copy view of each tensor.
+
+    Raises:
+        PPQConfigError: on a file that is not safetensors, or a dtype it cannot map.
+    """
+    header, data = read_safetensors_header(path)
+    mapped = MappedFile(path)
+    views = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise PPQConfigError(
+                f"{path}: tensor {name} has dtype {entry['dtype']}, which "
+                "cannot be memory-mapped; convert the file first."
+            )
+        views[name] = mapped.view(data + entry["data_offsets"][0], dtype, entry["shape"])
+    return mapped, views
+
+
 class MappedFile:
     """A file mapped copy-on-write; its tensors are zero-copy views (``torch.frombuffer``).
 
@@ -274,20 +296,7 @@ class DiskWeights:
         Raises:
             PPQConfigError: on a file that is not safetensors, or a dtype it cannot map.
         """
-        path = Path(path)
-        header, data = read_safetensors_header(path)
-        mapped = MappedFile(path)
-        views = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise PPQConfigError(
-                    f"{path}: tensor {name} has dtype {entry['dtype']}, which "
-                    "cannot be memory-mapped; convert the file first."
-                )
-            views[name] = mapped.view(data + entry["data_offsets"][0], dtype, entry["shape"])
+        mapped, views = _map_views(Path(path))
         self.files.append(mapped)
         return views
 
@@ -503,12 +512,7 @@ def snapshot(tensors: dict[str, Tensor], spill: Path | None) -> dict[str, Tensor
         os.close(handle)
         path = Path(file_name)
         _write(written, path)
-        header, data = read_safetensors_header(path)
-        mapped = MappedFile(path)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-                kept[name] = mapped.view(data + entry["data_offsets"][0], dtype, entry["shape"])
+        kept.update(_map_views(path)[1])
     return kept
 
 
@@ -602,8 +606,7 @@ def map_checkpoint(
     for path in files:
         views.update(store.map_file(path))
     converted: dict[str, tuple[nn.Module, str, Tensor]] = {}
-    metas = {id(t): (o, a) for o, a, _, t in _tensors(model) if isinstance(t, nn.Parameter)}
-    model.__dict__["_ppq_meta_owners"] = metas
+    owners = {id(t): (o, a) for o, a, _, t in _tensors(model) if isinstance(t, nn.Parameter)}
 
     def flush() -> None:
         path = store.folder / f"{store._prefix}-converted-{next(store._counter):05d}.safetensors"
@@ -632,7 +635,7 @@ def map_checkpoint(
             flush()
     if converted:
         flush()
-    _share_replaced(model)
+    _share_replaced(model, owners)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [name for _, _, name, tensor in _tensors(model) if tensor.device.type == "meta"]
@@ -643,10 +646,10 @@ def map_checkpoint(
         )
 
 
-def _share_replaced(model: nn.Module) -> None:
+def _share_replaced(model: nn.Module, owners: dict[int, tuple[nn.Module, str]]) -> None:
     """A meta Parameter held by two modules (tied weights) and replaced in the first: the
-    second gets the same new Parameter."""
-    owners = model.__dict__.pop("_ppq_meta_owners", {})
+    second gets the same new Parameter (``owners``: each meta Parameter's first holder, by
+    ``id``, taken before any was replaced)."""
     for owner, attribute, _, tensor in list(_tensors(model)):
         if tensor.device.type == "meta" and id(tensor) in owners:
             first, name = owners[id(tensor)]

@@ -45,6 +45,7 @@ import itertools
 import json
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -235,19 +236,40 @@ def _write_error(path: Path, err: Exception) -> OSError:
     return OSError(number, f"cannot write {path} in offload_folder ({err})", os.fspath(path))
 
 
+def _dead(pid: str) -> bool:
+    """Whether ``pid`` (text from a file name) is a process that no longer runs: not this one,
+    not one alive under another user."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, under another user
+    return False
+
+
 def _delete_stale(folder: Path) -> None:
     """Delete the files a killed process left in ``folder`` (``ppq-<pid>-...``, that pid no
     longer running): a SIGKILL or an out-of-memory kill runs no clean-up."""
     for path in folder.glob("ppq-*.safetensors"):
-        pid = path.name.split("-")[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if _dead(path.name.split("-")[1]):
             path.unlink(missing_ok=True)
-        except OSError:
-            continue  # alive, under another user
+
+
+@contextlib.contextmanager
+def spill_folder() -> Iterator[Path]:
+    """A temporary folder for :func:`snapshot`'s files, deleted when the block ends: in
+    ``$TMPDIR``, named ``ppq-rollback-<pid>-...``. The folders a killed process left (a
+    SIGKILL runs no clean-up, and a rollback of a model in memory spills up to its size) are
+    deleted first."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob("ppq-rollback-*-*"):
+        if _dead(stale.name.split("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"ppq-rollback-{os.getpid()}-") as folder:
+        yield Path(folder)
 
 
 def _delete_files(paths: set[Path]) -> None:

@@ -12,14 +12,14 @@ with its original tensors, then re-raises with a note saying so. Parameters keep
 The copy costs no resident memory (``modules.offload.snapshot``): weights on disk are kept by
 reference (a mapped view is never written), and weights in memory are written to a temporary
 folder (``tempfile``'s, i.e. ``$TMPDIR``) and memory-mapped, so a stage's memory is one block,
-not the model a second time; the folder is deleted when the stage ends. Tensors under one page
+not the model a second time; the folder is deleted when the stage ends, and one a killed
+process left is deleted by the next stage to run. Tensors under one page
 (biases, norms, scales) are copied in memory.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ppq_lightning.modules.attention import AttentionProjection
-from ppq_lightning.modules.offload import snapshot, stored
+from ppq_lightning.modules.offload import snapshot, spill_folder, stored
 from ppq_lightning.modules.tree import find_module, replace_module
 
 
@@ -99,8 +99,7 @@ def restored_on_error(
         BaseException: whatever the block raised, after the restore, with a note that the
             layers were restored.
     """
-    with tempfile.TemporaryDirectory(prefix="ppq-rollback-") as folder:
-        spill = Path(folder)
+    with spill_folder() as spill:
         saved = {name: _save(module, copied, spill) for name, module in modules.items()}
         for name, module in _viewed(model, modules).items():
             saved.setdefault(name, _save(module, copied, spill))

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -43,3 +45,28 @@ def test_nothing_is_restored_when_the_block_succeeds():
     with restored_on_error(model, {"0": model[0]}):
         model[0].weight.data.zero_()
     assert not model[0].weight.any()
+
+
+def test_a_spill_folder_a_killed_process_left_is_deleted(tmp_path, monkeypatch):
+    # A SIGKILL mid-stage runs no clean-up; the next stage deletes what that pid left.
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead = tmp_path / f"ppq-rollback-{finished.stdout.strip()}-abc"
+    alive = tmp_path / f"ppq-rollback-{os.getppid()}-def"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "tmp0.safetensors").write_bytes(b"0" * 4096)
+    model = _model()
+    with restored_on_error(model, {"0": model[0]}):
+        assert len(list(tmp_path.glob(f"ppq-rollback-{os.getpid()}-*"))) == 1
+    assert not dead.exists() and alive.exists()
+    assert not list(tmp_path.glob(f"ppq-rollback-{os.getpid()}-*"))  # its own, deleted at the end

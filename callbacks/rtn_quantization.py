@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ppq_lightning.callbacks.base import CompressionCallback
@@ -13,9 +14,8 @@ from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import record_grid, record_stage
 from ppq_lightning.modules.config import GridConfig
 from ppq_lightning.modules.mixed_precision import MixedPrecisionConfig, assign_bits
-from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
-from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, compute_grid
-from ppq_lightning.ops.reconstruction import relative_weight_error
+from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size, round_to_grid_
 
 CURVE_BITS = (8, 6, 5, 4, 3, 2)  # the default quantization-only curve of an order study
 
@@ -128,11 +128,10 @@ class RTNQuantization(CompressionCallback):
         for name, module in modules.items():
             if widths[name] == OFF_BITS:
                 continue
-            w = weight_matrix(module)  # (out, in * kernel)
-            grid = compute_grid(w, widths[name], self.group_size, self.symmetric)
-            q = grid.fake_quantize(w)
-            error = relative_weight_error(w, q)
-            set_weight_matrix(module, q)
+            with torch.no_grad():  # (out, in * kernel), rounded in place by row slices
+                grid, error = round_to_grid_(
+                    weight_matrix(module), widths[name], self.group_size, self.symmetric
+                )
             record_grid(module, grid)
             record_stage(module, entry)
             layers[name] = {"bits": float(widths[name]), "weight_error": error}

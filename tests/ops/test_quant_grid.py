@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.ops.quant_grid import compute_grid
+from ppq_lightning.ops.quant_grid import compute_grid, round_to_grid_
+from ppq_lightning.ops.reconstruction import relative_weight_error
 
 
 @pytest.mark.parametrize(
@@ -62,3 +63,33 @@ def test_bits_outside_range(bits):
 def test_group_size_must_divide(group_size):
     with pytest.raises(PPQConfigError, match="group_size"):
         compute_grid(torch.randn(2, 8), 4, group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("group_size", "symmetric"), [(None, False), (8, True)])
+def test_round_to_grid_by_row_slices_equals_rounding_the_whole_matrix(dtype, group_size, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(37, 32).to(dtype)
+    grid = compute_grid(w, 4, group_size, symmetric)
+    whole = grid.fake_quantize(w)
+    sliced = w.clone()
+    got, error = round_to_grid_(sliced, 4, group_size, symmetric, rows=5)  # 8 slices, one short
+    assert torch.equal(got.scale, grid.scale) and torch.equal(got.zero, grid.zero)
+    assert torch.equal(sliced, whole.to(dtype))
+    assert error == pytest.approx(relative_weight_error(w, whole), rel=1e-5)
+
+
+def test_round_to_grid_holds_float32_temporaries_of_one_slice_only():
+    # the 70B MLP weight's case, scaled down: 4096 x 256 in bf16, rounded 64 rows at a time
+    w = torch.randn(4096, 256).to(torch.bfloat16)
+    sizes = []
+    original = torch.Tensor.float
+
+    def watched(tensor):
+        sizes.append(tensor.numel())
+        return original(tensor)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "float", watched)
+        round_to_grid_(w, 4, rows=64)
+    assert sizes and max(sizes) == 64 * 256

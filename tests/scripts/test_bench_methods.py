@@ -69,3 +69,39 @@ def test_spread_report_without_the_peer_has_no_comparison():
     text = bench.spread_report({"none": (rows, []), "1": (rows, [])})
     assert "| rtn4 | ours | 20.000 / 20.000 | 20.000 | 0.000 |" in text
     assert "ours <= peer" not in text
+
+
+def test_ratios_give_the_time_of_the_block_passes_alone_against_the_peer():
+    # 2 blocks, a floor of 10 s (one pass of both blocks): 3 passes cost 15 s
+    rows = [
+        {
+            "method": "dense",
+            "floor_seconds": 10.0,
+            "block_passes": 0,
+            "n_blocks": 2,
+            "seconds": 0.0,
+            "peak_mem_compress_mib": 1,
+            "rss_before_compress_mib": 0,
+        },
+        {
+            "method": "wanda50",
+            "floor_seconds": None,
+            "block_passes": 3,
+            "n_blocks": 2,
+            "seconds": 18.0,
+            "peak_mem_compress_mib": 50,
+            "rss_before_compress_mib": 10,
+        },
+    ]
+    peer = [
+        {
+            "ours": "wanda50",
+            "seconds": 30.0,
+            "peak_mem_compress_mib": 90,
+            "rss_before_compress_mib": 10,
+        }
+    ]
+    (ratio,) = _bench().ratios(rows, peer, "cpu")
+    assert ratio["time"] == pytest.approx(0.6)
+    assert ratio["time_passes"] == pytest.approx(0.5)
+    assert ratio["memory"] == pytest.approx(0.5)

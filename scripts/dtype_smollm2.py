@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seqlen", type=int, default=512)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    state = git_commit()  # the code that runs: taken before, not after, a long run
     start = time.perf_counter()
     data = windows(args)
     rows: list[dict] = []
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     ppl = {(r["method"], r["dtype"]): r["ppl"] for r in rows}
     summary = {
         "command": "python " + " ".join(["scripts/dtype_smollm2.py", *(argv or sys.argv[1:])]),
-        **git_commit(),
+        **state,
         "model": "smollm2-135m",
         "calibration_windows": len(data["calibration"]),
         "evaluation_windows": len(data["evaluation"]),

@@ -93,7 +93,8 @@ class Wanda(CalibratedCompression):
             keep_rows = take_rows(keep, rows)
             return wanda_mask(w, norms, sparsity, self.config.nm, keep_rows, scope=self.scope)
 
-        mask = solve_by_groups(solve, weight_matrix(layer).float(), statistic, self.grouped(layer))
+        # the weight in its own dtype: the scores are made in float32 a slice of rows at a time
+        mask = solve_by_groups(solve, weight_matrix(layer).detach(), statistic, self.grouped(layer))
         state = record_mask(layer, mask)
         record_stage(layer, self.history_entry())
-        return {"sparsity": 1 - state.mask.float().mean().item()}
+        return {"sparsity": 1 - int(state.mask.count_nonzero()) / state.mask.numel()}

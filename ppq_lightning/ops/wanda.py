@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ppq_lightning.ops.masks import nm_mask, row_mask, unstructured_mask
 
+MASK_ROWS = 1024  # rows decided at a time by wanda_mask
 WANDA_SCOPES = ("row", "layer")
 """Wanda's comparison groups: each output row (the paper's choice for LLMs) or the whole layer
 (the reference code's ``--prune_granularity layer`` for image classifiers)."""
@@ -40,11 +41,35 @@ def wanda_mask(
     nm: tuple[int, int] | None = None,
     keep: Tensor | None = None,
     scope: str = "row",
+    rows: int = MASK_ROWS,
 ) -> Tensor:
     """Wanda's mask: the lowest scores of every output row (``scope="row"``), of the whole
-    matrix (``scope="layer"``) or of every N:M group are pruned."""
-    scores = wanda_scores(w, act_sq_norm)
-    if nm is not None:
-        return nm_mask(scores, *nm, keep=keep)
-    make = row_mask if scope == "row" else unstructured_mask
-    return make(scores, sparsity, keep=keep)
+    matrix (``scope="layer"``) or of every N:M group are pruned.
+
+    Per-row and N:M decisions are made ``rows`` rows at a time, so the float32 scores and the
+    sort's indices cover one slice, not the matrix (a 70B MLP weight has 235M entries); the
+    mask equals the whole matrix's, since every row's decision reads that row alone.
+
+    Args:
+        w: weight matrix ``(rows, cols)``, any float dtype.
+        act_sq_norm: the mean of ``x_j^2`` per input feature ``(cols,)``.
+        sparsity: the share pruned per comparison group (None with ``nm``).
+        nm: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs.
+        keep: entries already pruned (False) stay pruned.
+        scope: ``"row"`` or ``"layer"`` (one comparison group for the whole matrix).
+        rows: rows per slice.
+
+    Raises:
+        PPQConfigError: a sparsity outside [0, 1), or an ``m`` that does not divide ``cols``.
+    """
+    if nm is None and scope != "row":
+        return unstructured_mask(wanda_scores(w, act_sq_norm), sparsity, keep=keep)
+    parts = []
+    for start in range(0, w.shape[0], rows):
+        scores = wanda_scores(w[start : start + rows], act_sq_norm)
+        kept = None if keep is None else keep[start : start + rows]
+        if nm is not None:
+            parts.append(nm_mask(scores, *nm, keep=kept))
+        else:
+            parts.append(row_mask(scores, sparsity, keep=kept))
+    return torch.cat(parts) if parts else torch.ones(w.shape, dtype=torch.bool, device=w.device)

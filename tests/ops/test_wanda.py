@@ -1,5 +1,6 @@
 """Wanda's activation statistic: the running mean of x_j^2 per input feature."""
 
+import pytest
 import torch
 
 from ppq_lightning.ops.wanda import accumulate_act_norms, wanda_mask
@@ -34,3 +35,29 @@ def test_layer_scope_takes_one_threshold_over_the_whole_matrix():
     keep[1, 0] = False  # pruned before: stays pruned, and counts towards the sparsity
     again = wanda_mask(w, norms, sparsity=0.5, keep=keep, scope="layer")
     assert again.tolist() == [[False, False, False, True], [False, True, True, True]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("sparsity", "nm"), [(0.5, None), (None, (2, 4))])
+def test_a_mask_decided_by_row_slices_equals_the_whole_matrixs(dtype, sparsity, nm):
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 32, generator=generator).to(dtype)
+    norms = torch.rand(32, generator=generator)
+    keep = torch.rand(37, 32, generator=generator) > 0.2
+    whole = wanda_mask(w, norms, sparsity, nm, keep, rows=37)
+    sliced = wanda_mask(w, norms, sparsity, nm, keep, rows=5)  # 8 slices, one short
+    assert torch.equal(sliced, whole) and not (sliced & ~keep).any()
+
+
+def test_a_mask_holds_float32_scores_of_one_slice_only(monkeypatch):
+    w = torch.randn(4096, 64).to(torch.bfloat16)
+    sizes = []
+    original = torch.Tensor.float
+
+    def watched(tensor):
+        sizes.append(tensor.numel())
+        return original(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "float", watched)
+    wanda_mask(w, torch.ones(64), 0.5, rows=64)
+    assert sizes and max(sizes) == 64 * 64

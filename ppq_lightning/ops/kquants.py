@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import PPQConfigError, bad_value, check_bool, check_choice, check_int
+from ppq_lightning.ops.quant_grid import QuantGrid
 
 SUPER_BLOCK = 256  # QK_K: weights per super-block along a row
 K_SCALE_SIZE = 12  # bytes of packed 6-bit scales and mins (Q4_K, Q5_K)
@@ -261,7 +262,7 @@ class KQuantGrid:
             raise bad_value("w.dtype", w.dtype, "a 16-bit float dtype (bfloat16 or float16)")
         return self.held(self.codes(w), w.dtype) == w
 
-    def as_quant_grid(self):  # -> QuantGrid (imported lazily: quant_grid stays independent)
+    def as_quant_grid(self) -> QuantGrid:
         """The same levels as an affine :class:`~ppq_lightning.ops.quant_grid.QuantGrid`
         (``scale = d*sc``, ``zero = z``), whose ``scale * (q - zero)`` equals this grid's
         :meth:`dequantize` bit for bit: GPTQ's column walk can round to it unchanged.
@@ -270,8 +271,6 @@ class KQuantGrid:
             PPQConfigError: when a sub-block has no exact zero or a non-positive scale (a grid
                 read from a file llama.cpp quantized).
         """
-        from ppq_lightning.ops.quant_grid import QuantGrid
-
         scale = self.scale
         if not bool(zero_exact(self).all() and (scale > 0).all()):
             raise PPQConfigError(

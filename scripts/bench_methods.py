@@ -310,8 +310,8 @@ def git_state() -> dict[str, object]:
             ["git", *args], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
 
-    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    return {"commit": git("rev-parse", "HEAD"), "modified": [line[3:] for line in changed]}
+    changed = git("diff", "--name-only", "HEAD").splitlines()  # tracked files only
+    return {"commit": git("rev-parse", "HEAD"), "modified": changed}
 
 
 def ratios(rows: list[dict], peer_rows: list[dict], device: str) -> list[dict]:

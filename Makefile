@@ -52,8 +52,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/check_layers.py
 
+# the suite runs in one worker process per core (pytest-xdist, at most 4), each file's tests in
+# one worker (module fixtures stay shared); the tests run one BLAS thread each (tests/conftest.py)
 test: lint vision-data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

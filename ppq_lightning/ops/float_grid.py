@@ -68,6 +68,7 @@ from ppq_lightning.ops.float_formats import (
     mx_shared_exponent,
     round_to_e4m3,
 )
+from ppq_lightning.ops.grid import Grid
 from ppq_lightning.ops.storage import Storage
 
 FLOAT_FORMATS = ("nvfp4", "mxfp4", "fp8", "fp8_block")
@@ -164,7 +165,7 @@ def _code_of_index(index: Tensor, magnitude_bits: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FloatGrid:
+class FloatGrid(Grid):
     """A floating-point micro-scaled grid of one ``(rows, cols)`` weight matrix.
 
     Attributes:
@@ -335,41 +336,13 @@ class FloatGrid:
             out[rows] = (x - value).abs() / (neighbour - value).abs()
         return out
 
-    def held(self, q: Tensor, dtype: torch.dtype) -> Tensor:
-        """The grid values of codes ``q`` (rows, cols) as a weight of ``dtype`` holds them:
-        computed in float32 and rounded once to ``dtype``."""
-        return self.dequantize(q).to(dtype)
-
-    def codes(self, w: Tensor) -> Tensor:
-        """The codes of a weight ``w`` (rows, cols) on this grid, as float32.
-
-        For a float32 or float64 ``w``, :meth:`quantize`. For a 16-bit ``w`` (bf16, fp16), the
-        code whose value rounded to ``w``'s dtype is ``w``: the nearest code, else its neighbour
-        in value on either side (levels a dtype cannot tell apart, as fp16 below its subnormal
-        range); the nearest code where no level rounds to ``w`` (a weight off the grid)."""
-        q = self.quantize(w)
-        if torch.finfo(w.dtype).bits > 16:
-            return q
-        bits, top = self._magnitude_bits, self._max_index
-        for step in (-1, 1):
-            index = _signed_index(q, bits)
-            other = _code_of_index((index + step).clamp(-top, top), bits)
-            q = torch.where(
-                (self.held(q, w.dtype) != w) & (self.held(other, w.dtype) == w), other, q
-            )
-        return q
-
-    def on_grid(self, w: Tensor) -> Tensor:
-        """Per element of a 16-bit ``w`` (rows, cols): whether it is a grid value computed in
-        float32 and rounded once to ``w``'s dtype (bool, same shape).
-
-        Raises:
-            PPQConfigError: for a ``w`` of 32 bits or more (those are compared with a
-                tolerance: :meth:`off_grid_distance`).
-        """
-        if torch.finfo(w.dtype).bits > 16:
-            raise bad_value("w.dtype", w.dtype, "a 16-bit float dtype (bfloat16 or float16)")
-        return self.held(self.codes(w), w.dtype) == w
+    def neighbour(self, q: Tensor, step: int) -> Tensor:
+        """The code of the next level up (``step=1``) or down (``step=-1``) in value, clamped
+        to the largest magnitude (codes are sign and magnitude: the next level of ``-0.5`` up
+        is ``0``)."""
+        index = _signed_index(q, self._magnitude_bits)
+        top = self._max_index
+        return _code_of_index((index + step).clamp(-top, top), self._magnitude_bits)
 
     def to(self, device: torch.device | str) -> FloatGrid:
         global_scale = None if self.global_scale is None else self.global_scale.to(device)

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import PPQConfigError, bad_value, check_bool, check_choice, check_int
+from ppq_lightning.ops.grid import Grid
 from ppq_lightning.ops.quant_grid import QuantGrid
 
 SUPER_BLOCK = 256  # QK_K: weights per super-block along a row
@@ -110,7 +111,7 @@ def check_kquant_shape(shape: tuple[int, ...], argument: str = "w.shape") -> Non
 
 
 @dataclass(frozen=True)
-class KQuantGrid:
+class KQuantGrid(Grid):
     """A K-quant grid: what the file stores besides the codes, for a ``(rows, cols)`` weight.
 
     Attributes:
@@ -232,36 +233,6 @@ class KQuantGrid:
         step = self._expand(self.scale, w.shape[1]).abs()
         return torch.where(step != 0, diff / torch.where(step != 0, step, 1.0), diff * torch.inf)
 
-    def held(self, q: Tensor, dtype: torch.dtype) -> Tensor:
-        """The values of codes ``q`` as a weight of ``dtype`` holds them: computed in float32
-        and rounded once to ``dtype``."""
-        return self.dequantize(q).to(dtype)
-
-    def codes(self, w: Tensor) -> Tensor:
-        """The codes of a weight ``w`` (rows, cols), as float32: :meth:`quantize` for 32 bits
-        or more; for a 16-bit ``w``, the code whose value rounded to ``w``'s dtype is ``w``
-        (the nearest, else a neighbour; the nearest where none is), as QuantGrid reads them."""
-        q = self.quantize(w)
-        if torch.finfo(w.dtype).bits > 16:
-            return q
-        for step in (-1.0, 1.0):
-            other = torch.clamp(q + step, 0, self.maxq)
-            q = torch.where(
-                (self.held(q, w.dtype) != w) & (self.held(other, w.dtype) == w), other, q
-            )
-        return q
-
-    def on_grid(self, w: Tensor) -> Tensor:
-        """Per element of a 16-bit ``w``: whether it is a grid value rounded once to its dtype.
-
-        Raises:
-            PPQConfigError: for a ``w`` of 32 bits or more (compare those with
-                :meth:`off_grid_distance`).
-        """
-        if torch.finfo(w.dtype).bits > 16:
-            raise bad_value("w.dtype", w.dtype, "a 16-bit float dtype (bfloat16 or float16)")
-        return self.held(self.codes(w), w.dtype) == w
-
     def as_quant_grid(self) -> QuantGrid:
         """The same levels as an affine :class:`~ppq_lightning.ops.quant_grid.QuantGrid`
         (``scale = d*sc``, ``zero = z``), whose ``scale * (q - zero)`` equals this grid's
@@ -279,6 +250,11 @@ class KQuantGrid:
                 "builds them)."
             )
         return QuantGrid(scale, self.zero, self.bits, self.group_size, self.symmetric)
+
+    def neighbour(self, q: Tensor, step: int) -> Tensor:
+        """The code of the next level up (``step=1``) or down (``step=-1``), clamped to the
+        range."""
+        return torch.clamp(q + step, 0, self.maxq)
 
     def to(self, device: torch.device | str) -> KQuantGrid:
         return KQuantGrid(

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import bad_value, check_int, plain_number
+from ppq_lightning.ops.grid import Grid
 
 MIN_BITS, MAX_BITS = 2, 8
 OFF_BITS = 16  # "no quantization": the bit width of an original LLM weight
@@ -59,7 +60,7 @@ def check_group_size(group_size: int | None, cols: int, argument: str = "group_s
 
 
 @dataclass(frozen=True)
-class QuantGrid:
+class QuantGrid(Grid):
     """An affine integer grid with one ``(scale, zero)`` per row and column group.
 
     Attributes:
@@ -109,40 +110,10 @@ class QuantGrid:
         """Per-element distance of ``w`` to its nearest grid point, in units of the step."""
         return (w.float() - self.fake_quantize(w)).abs() / self._expand(self.scale, w.shape[1])
 
-    def held(self, q: Tensor, dtype: torch.dtype) -> Tensor:
-        """The grid values of codes ``q`` (rows, cols) as a weight of ``dtype`` holds them:
-        computed in float32 and rounded once to ``dtype``."""
-        return self.dequantize(q).to(dtype)
-
-    def codes(self, w: Tensor) -> Tensor:
-        """The integer codes of a weight ``w`` (rows, cols) on this grid, as float32.
-
-        For a float32 or float64 ``w``, :meth:`quantize`. For a 16-bit ``w`` (bf16, fp16), the
-        code whose value rounded to ``w``'s dtype is ``w``: the nearest code, else the
-        neighbour on the side of ``w`` (a tie of the dtype's rounding can put ``w`` nearer to
-        the next level's value than to its own); the nearest code where no level rounds to
-        ``w`` (a weight off the grid)."""
-        q = self.quantize(w)
-        if torch.finfo(w.dtype).bits > 16:
-            return q
-        for step in (-1.0, 1.0):
-            other = torch.clamp(q + step, 0, self.maxq)
-            q = torch.where(
-                (self.held(q, w.dtype) != w) & (self.held(other, w.dtype) == w), other, q
-            )
-        return q
-
-    def on_grid(self, w: Tensor) -> Tensor:
-        """Per element of a 16-bit ``w`` (rows, cols): whether it is a grid value computed in
-        float32 and rounded once to ``w``'s dtype (bool, same shape).
-
-        Raises:
-            PPQConfigError: for a ``w`` of 32 bits or more (those are compared with a
-                tolerance: :meth:`off_grid_distance`).
-        """
-        if torch.finfo(w.dtype).bits > 16:
-            raise bad_value("w.dtype", w.dtype, "a 16-bit float dtype (bfloat16 or float16)")
-        return self.held(self.codes(w), w.dtype) == w
+    def neighbour(self, q: Tensor, step: int) -> Tensor:
+        """The code of the next level up (``step=1``) or down (``step=-1``), clamped to the
+        range."""
+        return torch.clamp(q + step, 0, self.maxq)
 
     def to(self, device: torch.device | str) -> QuantGrid:
         return QuantGrid(

@@ -135,3 +135,17 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
         else:
             assert a[key] == b[key], key
+
+
+def float_copy_sizes(monkeypatch) -> list[int]:
+    """Record the number of entries of every ``Tensor.float()`` copy made from now on (the
+    float32 temporaries of a method that should work a slice of rows at a time)."""
+    sizes: list[int] = []
+    original = torch.Tensor.float
+
+    def watched(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        sizes.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "float", watched)
+    return sizes

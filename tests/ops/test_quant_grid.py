@@ -6,6 +6,7 @@ import torch
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.ops.quant_grid import compute_grid, round_to_grid_
 from ppq_lightning.ops.reconstruction import relative_weight_error
+from tests.helpers import float_copy_sizes
 
 
 @pytest.mark.parametrize(
@@ -79,17 +80,9 @@ def test_round_to_grid_by_row_slices_equals_rounding_the_whole_matrix(dtype, gro
     assert error == pytest.approx(relative_weight_error(w, whole), rel=1e-5)
 
 
-def test_round_to_grid_holds_float32_temporaries_of_one_slice_only():
+def test_round_to_grid_holds_float32_temporaries_of_one_slice_only(monkeypatch):
     # the 70B MLP weight's case, scaled down: 4096 x 256 in bf16, rounded 64 rows at a time
     w = torch.randn(4096, 256).to(torch.bfloat16)
-    sizes = []
-    original = torch.Tensor.float
-
-    def watched(tensor):
-        sizes.append(tensor.numel())
-        return original(tensor)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.Tensor, "float", watched)
-        round_to_grid_(w, 4, rows=64)
+    sizes = float_copy_sizes(monkeypatch)
+    round_to_grid_(w, 4, rows=64)
     assert sizes and max(sizes) == 64 * 256

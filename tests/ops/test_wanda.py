@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ppq_lightning.ops.wanda import accumulate_act_norms, wanda_mask
+from tests.helpers import float_copy_sizes
 
 
 def test_running_mean_of_squares_in_either_precision():
@@ -51,13 +52,6 @@ def test_a_mask_decided_by_row_slices_equals_the_whole_matrixs(dtype, sparsity, 
 
 def test_a_mask_holds_float32_scores_of_one_slice_only(monkeypatch):
     w = torch.randn(4096, 64).to(torch.bfloat16)
-    sizes = []
-    original = torch.Tensor.float
-
-    def watched(tensor):
-        sizes.append(tensor.numel())
-        return original(tensor)
-
-    monkeypatch.setattr(torch.Tensor, "float", watched)
+    sizes = float_copy_sizes(monkeypatch)
     wanda_mask(w, torch.ones(64), 0.5, rows=64)
     assert sizes and max(sizes) == 64 * 64

@@ -68,11 +68,10 @@ from ppq_lightning.ops.float_formats import (
     mx_shared_exponent,
     round_to_e4m3,
 )
-from ppq_lightning.ops.grid import Grid
+from ppq_lightning.ops.grid import ROUND_ROWS, Grid
 from ppq_lightning.ops.storage import Storage
 
 FLOAT_FORMATS = ("nvfp4", "mxfp4", "fp8", "fp8_block")
-ROUND_ROWS = 1024  # rows decided at a time (a multiple of the 128-row fp8 block)
 NVFP4_EMPTY_SCALE = 0.125  # compressed-tensors' E4M3 eps: the scale of an all-zero group
 FP8_EMPTY_SCALE = float(torch.finfo(torch.float32).eps)  # its float32 eps, likewise
 

@@ -17,6 +17,11 @@ from torch import Tensor
 
 from ppq_lightning.errors import bad_value
 
+ROUND_ROWS = 1024
+"""Rows a grid rounds (and Wanda decides) at a time: float32 temporaries cover a slice of rows,
+not the matrix (a 70B MLP weight has 235M entries: 0.9 GB per float32 copy); a multiple of
+the 128-row FP8 block."""
+
 
 class Grid:
     """The methods every grid kind shares (a mixin of the grid dataclasses).

@@ -24,11 +24,10 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import bad_value, check_int, plain_number
-from ppq_lightning.ops.grid import Grid
+from ppq_lightning.ops.grid import ROUND_ROWS, Grid
 
 MIN_BITS, MAX_BITS = 2, 8
 OFF_BITS = 16  # "no quantization": the bit width of an original LLM weight
-ROUND_ROWS = 1024  # rows rounded at a time by round_to_grid_
 
 
 def check_bits(bits: int, argument: str = "bits", allow_off: bool = False) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ppq_lightning.ops.grid import ROUND_ROWS
 from ppq_lightning.ops.masks import nm_mask, row_mask, unstructured_mask
 
-MASK_ROWS = 1024  # rows decided at a time by wanda_mask
 WANDA_SCOPES = ("row", "layer")
 """Wanda's comparison groups: each output row (the paper's choice for LLMs) or the whole layer
 (the reference code's ``--prune_granularity layer`` for image classifiers)."""
@@ -41,7 +41,7 @@ def wanda_mask(
     nm: tuple[int, int] | None = None,
     keep: Tensor | None = None,
     scope: str = "row",
-    rows: int = MASK_ROWS,
+    rows: int = ROUND_ROWS,
 ) -> Tensor:
     """Wanda's mask: the lowest scores of every output row (``scope="row"``), of the whole
     matrix (``scope="layer"``) or of every N:M group are pruned.

@@ -9,7 +9,6 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import ppq_lightning.calibration.scoring as scoring
 import ppq_lightning.callbacks.channel_pruning as channel_pruning
@@ -26,6 +25,7 @@ from ppq_lightning.callbacks import (
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.offload import offload_to_disk
 from tests.helpers import assert_same_state as _assert_same
+from tests.helpers import plain_llama
 from tests.helpers import state_copy as _state
 
 BLOCKS = 4
@@ -37,16 +37,7 @@ class LlamaLM(L.LightningModule):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=BLOCKS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        self.model = LlamaForCausalLM(config)
+        self.model = plain_llama(seed, layers=BLOCKS)
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids).logits

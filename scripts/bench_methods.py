@@ -322,24 +322,23 @@ def ratios(rows: list[dict], peer_rows: list[dict], device: str) -> list[dict]:
     ours = {r["method"]: r for r in rows}
     floor = next((r["floor_seconds"] for r in rows if r["floor_seconds"]), None)
 
-    def passes_only(row: dict) -> float | None:
-        if not floor or not row["block_passes"]:
-            return None
-        return row["block_passes"] / row["n_blocks"] * floor
-
-    return [
-        {
-            "method": p["ours"],
-            "time": ours[p["ours"]]["seconds"] / p["seconds"],
-            "time_passes": (passes_only(ours[p["ours"]]) or 0.0) / p["seconds"] or None,
-            "memory": memory_use(ours[p["ours"]], device) / memory_use(p, device),
-            "seconds_ours": ours[p["ours"]]["seconds"],
-            "seconds_peer": p["seconds"],
-            "memory_mib_ours": memory_use(ours[p["ours"]], device),
-            "memory_mib_peer": memory_use(p, device),
-        }
-        for p in peer_rows
-    ]
+    found = []
+    for p in peer_rows:
+        row = ours[p["ours"]]
+        passes = row["block_passes"] / row["n_blocks"] * floor if floor else 0.0
+        found.append(
+            {
+                "method": p["ours"],
+                "time": row["seconds"] / p["seconds"],
+                "time_passes": passes / p["seconds"] if passes else None,
+                "memory": memory_use(row, device) / memory_use(p, device),
+                "seconds_ours": row["seconds"],
+                "seconds_peer": p["seconds"],
+                "memory_mib_ours": memory_use(row, device),
+                "memory_mib_peer": memory_use(p, device),
+            }
+        )
+    return found
 
 
 def write_results(

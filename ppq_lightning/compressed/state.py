@@ -1,8 +1,10 @@
 """Compressed state recorded on modules: mask, quantization grid and stage history.
 
 Each compressed module (an ``nn.Linear`` or a convolution) carries a child module
-``ppq_state`` (a :class:`CompressionState`). Its buffers (``mask_bits``, ``scale``, ``zero``)
-and its extra state (grid settings, history) travel with ``state_dict()`` and therefore with
+``ppq_state`` (a :class:`CompressionState`). Its buffers (``mask_bits`` and the grid's tensors:
+``scale``/``zero`` for an integer grid, ``scale``/``global_scale`` for a floating-point one,
+``d``/``dmin``/``sc``/``m`` for a GGUF K-quant) and its extra state (grid format and settings,
+history) travel with ``state_dict()`` and therefore with
 every Lightning checkpoint. A fresh model gets its ``ppq_state`` children (and the structural
 edits they record) when it loads such a state dict through
 ``ppq_lightning.edits.enable_state_loading``; ``ppq_lightning.compressed.invariants`` checks
@@ -19,10 +21,18 @@ from torch import Tensor, nn
 
 from ppq_lightning.compressed.history import HistoryEntry
 from ppq_lightning.modules.views import as_matrix, to_weight_layout
+from ppq_lightning.ops.float_grid import FloatGrid
+from ppq_lightning.ops.grid import Grid
+from ppq_lightning.ops.grid_formats import INT
+from ppq_lightning.ops.kquants import KINDS as KQUANT_FORMATS
+from ppq_lightning.ops.kquants import KQuantGrid
 from ppq_lightning.ops.masks import pack_mask, unpack_mask
 from ppq_lightning.ops.quant_grid import QuantGrid
 
 STATE_NAME = "ppq_state"
+_ALL_GRID_BUFFERS = ("scale", "zero", "global_scale", "d", "dmin", "sc", "m")
+"""The buffers a grid is recorded in (float32, whatever the model's dtype): ``scale``/``zero``
+(integer), ``scale``/``global_scale`` (floating-point), ``d``/``dmin``/``sc``/``m`` (K-quant)."""
 
 
 class CompressionState(nn.Module):
@@ -31,8 +41,13 @@ class CompressionState(nn.Module):
     Attributes:
         mask: bool tensor shaped like the weight (True = kept), or None if never pruned;
             stored packed, one bit per weight (buffer ``mask_bits``), and unpacked on access.
-        scale, zero: grid parameters ``(rows, n_groups)`` of the last quantization, or None.
-        bits, group_size, symmetric: settings of that grid.
+        grid_format: the format of the last quantization's grid (``ops.grid_formats``:
+            ``"int"``, ``"nvfp4"``, ``"mxfp4"``, ``"fp8"``, ``"fp8_block"``, ``"Q4_K"``,
+            ``"Q5_K"``, ``"Q6_K"``); its tensors are the buffers :data:`_ALL_GRID_BUFFERS` lists.
+        scale, zero: an integer grid's parameters ``(rows, n_groups)``, or None.
+        bits, group_size, symmetric: settings of that grid (for the other formats, the values
+            the format fixes: bits of a stored value, input columns per scale).
+        grid_shape: the ``(rows, cols)`` of a floating-point grid's matrix.
         history: one :class:`~ppq_lightning.compressed.history.HistoryEntry` per stage applied,
             in order.
     """
@@ -41,8 +56,10 @@ class CompressionState(nn.Module):
         super().__init__()
         self.register_buffer("mask_bits", None)
         self.mask_shape: tuple[int, ...] | None = None
-        self.register_buffer("scale", None)
-        self.register_buffer("zero", None)
+        for name in _ALL_GRID_BUFFERS:
+            self.register_buffer(name, None)
+        self.grid_format: str = INT
+        self.grid_shape: tuple[int, int] | None = None
         self.bits: int | None = None
         self.group_size: int | None = None
         self.symmetric: bool = False
@@ -55,7 +72,7 @@ class CompressionState(nn.Module):
         (``model.to(torch.bfloat16)``, ``Trainer(precision="bf16-true")``): the grid is recorded
         in float32, and a bf16 weight is on it when it is a float32 grid value rounded once to
         bf16; a scale rounded to bf16 would be another grid."""
-        grid = {n: self._buffers[n] for n in ("scale", "zero") if self._buffers[n] is not None}
+        grid = {n: self._buffers[n] for n in _ALL_GRID_BUFFERS if self._buffers[n] is not None}
         super()._apply(fn, recurse)
         for name, kept in grid.items():
             self._buffers[name] = kept.to(device=self._buffers[name].device)
@@ -73,10 +90,37 @@ class CompressionState(nn.Module):
         self.mask_shape = None if mask is None else tuple(mask.shape)
 
     @property
-    def grid(self) -> QuantGrid | None:
-        if self.scale is None or self.bits is None:
+    def grid(self) -> Grid | None:
+        """The recorded grid, of the class its format names, or None if never quantized."""
+        if self.bits is None:
             return None
-        return QuantGrid(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
+        if self.grid_format == INT:
+            if self.scale is None:
+                return None
+            return QuantGrid(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
+        if self.grid_format in KQUANT_FORMATS:
+            return KQuantGrid(self.grid_format, self.d, self.dmin, self.sc, self.m)
+        return FloatGrid(self.scale, self.global_scale, self.grid_format, self.grid_shape)
+
+    def set_grid(self, grid: Grid, device: torch.device) -> None:
+        """Record ``grid`` (any kind) in float32 on ``device``, replacing an older grid."""
+        for name in _ALL_GRID_BUFFERS:
+            self._buffers[name] = None
+        if isinstance(grid, QuantGrid):
+            self.grid_format, self.grid_shape = INT, None
+            tensors = {"scale": grid.scale, "zero": grid.zero}
+        elif isinstance(grid, FloatGrid):
+            self.grid_format, self.grid_shape = grid.format, tuple(grid.shape)
+            tensors = {"scale": grid.scale, "global_scale": grid.global_scale}
+        elif isinstance(grid, KQuantGrid):
+            self.grid_format, self.grid_shape = grid.kind, None
+            tensors = {"d": grid.d, "dmin": grid.dmin, "sc": grid.sc, "m": grid.m}
+        else:
+            raise TypeError(f"cannot record a grid of type {type(grid).__name__}")
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                self._buffers[name] = tensor.to(device, torch.float32)
+        self.bits, self.group_size, self.symmetric = grid.bits, grid.group_size, grid.symmetric
 
     @property
     def stages(self) -> list[str]:
@@ -85,6 +129,8 @@ class CompressionState(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "bits": self.bits,
+            "grid_format": self.grid_format,
+            "grid_shape": list(self.grid_shape) if self.grid_shape is not None else None,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "mask_shape": list(self.mask_shape) if self.mask_shape is not None else None,
@@ -93,6 +139,9 @@ class CompressionState(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bits = state["bits"]
+        self.grid_format = state.get("grid_format", INT)  # states written before #29: integer
+        shape = state.get("grid_shape")
+        self.grid_shape = tuple(shape) if shape is not None else None
         self.group_size = state["group_size"]
         self.symmetric = state["symmetric"]
         shape = state.get("mask_shape")
@@ -104,14 +153,15 @@ class CompressionState(nn.Module):
         if self.mask is not None:
             parts.append(f"sparsity={1 - self.mask.float().mean().item():.3f}")
         if self.bits is not None:
-            parts.append(f"bits={self.bits}, group_size={self.group_size}")
+            kind = f"format={self.grid_format}, " if self.grid_format != INT else ""
+            parts.append(f"{kind}bits={self.bits}, group_size={self.group_size}")
         parts.append(f"stages={self.stages}")
         return ", ".join(parts)
 
 
 def _materialize_buffers(module: CompressionState, state_dict: dict, prefix: str, *args) -> None:
     """Give still-empty buffers the shape of the tensors about to be loaded into them."""
-    for name in ("mask_bits", "scale", "zero"):
+    for name in ("mask_bits", *_ALL_GRID_BUFFERS):
         key = prefix + name
         if key in state_dict and getattr(module, name) is None:
             module._buffers[name] = torch.empty_like(state_dict[key])
@@ -142,7 +192,7 @@ def current_mask(module: nn.Module) -> Tensor | None:
     return None if state is None or state.mask is None else as_matrix(module, state.mask)
 
 
-def current_grid(module: nn.Module) -> QuantGrid | None:
+def current_grid(module: nn.Module) -> Grid | None:
     """The recorded quantization grid of ``module``, or None if never quantized."""
     state = get_state(module)
     return None if state is None else state.grid
@@ -171,12 +221,11 @@ def record_mask(module: nn.Module, mask: Tensor) -> CompressionState:
     return state
 
 
-def record_grid(module: nn.Module, grid: QuantGrid) -> CompressionState:
-    """Record ``grid`` as the module's quantization grid (replacing an older one)."""
+def record_grid(module: nn.Module, grid: Grid) -> CompressionState:
+    """Record ``grid`` (an integer, floating-point or K-quant grid) as the module's
+    quantization grid (replacing an older one)."""
     state = ensure_state(module)
-    state.scale = grid.scale.to(module.weight.device, torch.float32)
-    state.zero = grid.zero.to(module.weight.device, torch.float32)
-    state.bits, state.group_size, state.symmetric = grid.bits, grid.group_size, grid.symmetric
+    state.set_grid(grid, module.weight.device)
     return state
 
 

@@ -347,6 +347,55 @@ class FloatGrid(Grid):
         global_scale = None if self.global_scale is None else self.global_scale.to(device)
         return FloatGrid(self.scale.to(device), global_scale, self.format, self.shape)
 
+    def select_rows(self, rows: slice | Tensor) -> FloatGrid:
+        """The grid of the weight rows ``rows`` (same global scale; for fp8_block a slice of
+        whole 128-row blocks).
+
+        Raises:
+            PPQConfigError: for fp8_block rows that are not whole blocks.
+        """
+        block = self._spec.block_rows
+        if isinstance(rows, Tensor):
+            if block > 1:
+                raise bad_value("rows", "an index tensor", f"a slice of whole {block}-row blocks")
+            scale = self.scale[rows]
+        else:
+            start, stop, step = rows.indices(self.shape[0])
+            if block > 1 and (step != 1 or start % block or stop % block):
+                raise bad_value("rows", rows, f"a slice of whole {block}-row blocks for fp8_block")
+            scale = self.scale[start // block : stop // block] if block > 1 else self.scale[rows]
+        kept = scale.shape[0] * block
+        return FloatGrid(scale, self.global_scale, self.format, (kept, self.shape[1]))
+
+    @classmethod
+    def concat(cls, grids: list[FloatGrid]) -> FloatGrid:
+        """One grid holding the rows of ``grids`` in order: one format, one global scale.
+
+        Raises:
+            PPQConfigError: on grids of different formats or global scales (nvfp4's global
+                scale belongs to the whole tensor: compute it once, then solve row groups on
+                :meth:`select_rows`).
+        """
+        first = grids[0]
+        for grid in grids[1:]:
+            same_global = (grid.global_scale is None and first.global_scale is None) or (
+                grid.global_scale is not None
+                and first.global_scale is not None
+                and torch.equal(grid.global_scale, first.global_scale)
+            )
+            if grid.format != first.format or not same_global:
+                raise bad_value(
+                    "grids", "grids of different formats or global scales", "one tensor's grid"
+                )
+        rows = sum(g.shape[0] for g in grids)
+        scale = torch.cat([g.scale for g in grids])
+        return FloatGrid(scale, first.global_scale, first.format, (rows, first.shape[1]))
+
+    def overhead_bits(self) -> float:
+        """The scales at their stored width, plus nvfp4's 32-bit global scale."""
+        rows, cols = self.shape
+        return float_storage(self.format, rows, cols).overhead_bits
+
 
 def _row_amax(w: Tensor, rows: int) -> Tensor:
     """``amax(|w|)`` over the whole matrix, float32 ``(1,)``, ``rows`` rows at a time."""

@@ -40,6 +40,20 @@ class Grid:
     def neighbour(self, q: Tensor, step: int) -> Tensor:  # pragma: no cover - likewise
         raise NotImplementedError
 
+    def select_rows(self, rows: slice) -> Grid:  # pragma: no cover - every kind defines it
+        """The grid of the weight rows ``rows`` (a solver's row group, a sliced layer)."""
+        raise NotImplementedError
+
+    @classmethod
+    def concat(cls, grids: list[Grid]) -> Grid:  # pragma: no cover - every kind defines it
+        """One grid holding the rows of ``grids`` (of this kind, alike) in order."""
+        raise NotImplementedError
+
+    def overhead_bits(self) -> float:  # pragma: no cover - every kind defines it
+        """Bits the grid stores besides the values: scales (and zero points, global scales,
+        sub-block scales and mins) at their real width, over the whole matrix."""
+        raise NotImplementedError
+
     def held(self, q: Tensor, dtype: torch.dtype) -> Tensor:
         """The grid values of codes ``q`` (rows, cols) as a weight of ``dtype`` holds them:
         computed in float32 and rounded once to ``dtype``."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import PPQConfigError
-from ppq_lightning.ops.quant_grid import QuantGrid
+from ppq_lightning.ops.grid import Grid
 
 
 def row_groups(rows: int, groups: int) -> list[slice]:
@@ -32,23 +32,9 @@ def row_groups(rows: int, groups: int) -> list[slice]:
     return [slice(j * size, (j + 1) * size) for j in range(groups)]
 
 
-def concat_grids(grids: list[QuantGrid]) -> QuantGrid:
-    """One grid holding the rows of ``grids`` in order (same bits, group size, symmetry)."""
-    first = grids[0]
-    return QuantGrid(
-        torch.cat([g.scale for g in grids]),
-        torch.cat([g.zero for g in grids]),
-        first.bits,
-        first.group_size,
-        first.symmetric,
-    )
-
-
-def grid_rows(grid: QuantGrid | None, rows: slice) -> QuantGrid | None:
+def grid_rows(grid: Grid | None, rows: slice) -> Grid | None:
     """The grid of the weight rows ``rows`` (None stays None)."""
-    if grid is None:
-        return None
-    return QuantGrid(grid.scale[rows], grid.zero[rows], grid.bits, grid.group_size, grid.symmetric)
+    return None if grid is None else grid.select_rows(rows)
 
 
 def take_rows(tensor: Tensor | None, rows: slice) -> Tensor | None:
@@ -74,8 +60,8 @@ def merge_results(results: list[Any]) -> Any:
             merged[field] = None
         elif isinstance(values[0], Tensor):
             merged[field] = torch.cat(values)
-        elif isinstance(values[0], QuantGrid):
-            merged[field] = concat_grids(values)
+        elif isinstance(values[0], Grid):
+            merged[field] = type(values[0]).concat(values)
         elif field in _SUMMED:
             merged[field] = type(values[0])(sum(values))
         elif field in _MAXIMUM:

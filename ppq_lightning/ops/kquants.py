@@ -265,6 +265,28 @@ class KQuantGrid(Grid):
             self.m.to(device),
         )
 
+    def select_rows(self, rows: slice | Tensor) -> KQuantGrid:
+        """The grid of the weight rows ``rows``."""
+        return KQuantGrid(self.kind, self.d[rows], self.dmin[rows], self.sc[rows], self.m[rows])
+
+    @classmethod
+    def concat(cls, grids: list[KQuantGrid]) -> KQuantGrid:
+        """One grid holding the rows of ``grids`` (one kind) in order."""
+        kinds = {g.kind for g in grids}
+        if len(kinds) != 1:
+            raise bad_value("grids", sorted(kinds), "grids of one K-quant kind")
+        return KQuantGrid(
+            grids[0].kind,
+            *(torch.cat([getattr(g, f) for g in grids]) for f in ("d", "dmin", "sc", "m")),
+        )
+
+    def overhead_bits(self) -> float:
+        """Everything a super-block stores besides its codes: fp16 ``d`` (and ``dmin``) and
+        the sub-block scales (and mins), over the matrix."""
+        rows, n_super = self.d.shape
+        per_block = self.layout.block_bytes * 8 - SUPER_BLOCK * self.bits
+        return float(rows * n_super * per_block)
+
 
 def zero_exact(grid: KQuantGrid) -> Tensor:
     """Per sub-block ``(rows, cols // group_size)``: whether the value 0 is exactly a level

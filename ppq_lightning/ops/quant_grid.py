@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ppq_lightning.errors import bad_value, check_int, plain_number
 from ppq_lightning.ops.grid import ROUND_ROWS, Grid
+from ppq_lightning.ops.storage import SCALE_BITS
 
 MIN_BITS, MAX_BITS = 2, 8
 OFF_BITS = 16  # "no quantization": the bit width of an original LLM weight
@@ -118,6 +119,28 @@ class QuantGrid(Grid):
         return QuantGrid(
             self.scale.to(device), self.zero.to(device), self.bits, self.group_size, self.symmetric
         )
+
+    def select_rows(self, rows: slice | Tensor) -> QuantGrid:
+        """The grid of the weight rows ``rows``."""
+        return QuantGrid(
+            self.scale[rows], self.zero[rows], self.bits, self.group_size, self.symmetric
+        )
+
+    @classmethod
+    def concat(cls, grids: list[QuantGrid]) -> QuantGrid:
+        """One grid holding the rows of ``grids`` in order (same bits, group size, symmetry)."""
+        first = grids[0]
+        return QuantGrid(
+            torch.cat([g.scale for g in grids]),
+            torch.cat([g.zero for g in grids]),
+            first.bits,
+            first.group_size,
+            first.symmetric,
+        )
+
+    def overhead_bits(self) -> float:
+        """An fp16 scale per row and group, plus a ``bits``-bit zero point when asymmetric."""
+        return float(self.scale.numel() * (SCALE_BITS + (0 if self.symmetric else self.bits)))
 
 
 def compute_grid(

@@ -6,7 +6,6 @@ import torch
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.ops.gptq import GPTQResult, gptq
 from ppq_lightning.ops.grouped import (
-    concat_grids,
     grid_rows,
     merge_results,
     row_groups,
@@ -43,7 +42,7 @@ def test_row_groups_refuse_groups_that_do_not_divide_the_rows(rows, groups):
 
 def test_concat_grids_joins_rows_in_order():
     a, b = _grid(2, groups=3), _grid(3, offset=10.0, groups=3)
-    joined = concat_grids([a, b])
+    joined = QuantGrid.concat([a, b])
     assert torch.equal(joined.scale, torch.cat([a.scale, b.scale]))
     assert torch.equal(joined.zero, torch.cat([a.zero, b.zero]))
     assert (joined.bits, joined.group_size, joined.symmetric) == (4, None, False)

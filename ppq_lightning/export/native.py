@@ -50,19 +50,34 @@ from ppq_lightning.export.architecture import (
     wrap,
 )
 from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
+from ppq_lightning.export.grid_kinds import (
+    FLOAT,
+    GRID_BUFFERS,
+    INT,
+    grid_kind,
+    recorded_grid,
+    zero_codes,
+)
 from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.targets import untaken_layers
 from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
+from ppq_lightning.ops.float_formats import e4m3_code, e4m3_value, e8m0_code, e8m0_value
+from ppq_lightning.ops.float_grid import SPECS
+from ppq_lightning.ops.kquants import LAYOUTS, SUPER_BLOCK
 from ppq_lightning.ops.masks import unpack_mask
 from ppq_lightning.ops.packing import pack_codes, packed_size, unpack_codes
-from ppq_lightning.ops.quant_grid import QuantGrid
 from ppq_lightning.ops.storage import sparse_is_smaller
 
 FORMAT, VERSION = "ppq", 2
 READS = (1, 2)  # version 1 stored an attention's in_proj_weight dense, as a plain tensor
 WEIGHTS = "model.safetensors"
 # what a compressed layer's weight costs in the file
-STORED_PARTS = ("weight", *(f"{STATE_NAME}.{b}" for b in ("scale", "zero", "mask_bits")))
+STORED_PARTS = ("weight", *(f"{STATE_NAME}.{b}" for b in (*GRID_BUFFERS, "mask_bits")))
+_GRID_KEYS = tuple(f"{STATE_NAME}.{b}" for b in GRID_BUFFERS)
+# one-byte scales of the floating-point grids: (value -> byte, byte -> value)
+_SCALE_BYTES = {"e4m3": (e4m3_code, e4m3_value), "e8m0": (e8m0_code, e8m0_value)}
+_SCALE_ENCODING = {"nvfp4": "e4m3", "mxfp4": "e8m0"}
+_KQUANT_WIDTHS = {"sc": 6, "m": 6}  # Q4_K/Q5_K sub-scales and mins (Q6_K's int8 sc: 8 bits)
 _DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
@@ -84,17 +99,17 @@ def _encode_weight(module: nn.Module, state: Any) -> tuple[dict[str, Tensor], di
     mask = state.mask
     grid = state.grid
     if grid is not None:
-        codes = grid.quantize(as_matrix(module, weight).cpu()).to(torch.int64)
+        codes = grid.to("cpu").codes(as_matrix(module, weight).cpu()).to(torch.int64)
         decoded = to_weight_layout(module, grid.dequantize(codes.float())).to(weight.dtype)
         if _bits_equal(decoded, weight.cpu()):
             sparse = mask is not None and _sparse_is_smaller(weight, grid.bits)
-            if sparse:
-                zero_codes = grid._expand(grid.zero, codes.shape[1]).to(torch.int64)
+            zeros = zero_codes(grid.to("cpu"), codes.shape[1]) if sparse else None
+            if zeros is not None:  # the code of 0: a zero point, 0 (FP grids), z (K-quants)
                 matrix_mask = as_matrix(module, mask).cpu()
-                sparse = torch.equal(codes[~matrix_mask], zero_codes[~matrix_mask])
+                sparse = torch.equal(codes[~matrix_mask], zeros[~matrix_mask])
                 stored = codes[matrix_mask] if sparse else codes
             else:
-                stored = codes
+                sparse, stored = False, codes
             record = {"encoding": "codes", "bits": grid.bits, "sparse": bool(sparse), **layout}
             return {"": pack_codes(stored, grid.bits)}, record
     elif mask is not None and _sparse_is_smaller(weight, 8 * weight.element_size()):
@@ -109,14 +124,47 @@ def _sparse_is_smaller(weight: Tensor, bits: int) -> bool:
     return sparse_is_smaller(weight.numel(), int((weight != 0).sum()), bits)
 
 
-def _are_codes(zero: Tensor, state_dict: dict, key: str) -> bool:
-    """Whether a grid's zero points are integers its own width holds (then packed as codes)."""
-    bits = state_dict.get(key[: -len("zero")] + "_extra_state", {}).get("bits")
-    if not isinstance(bits, int):
+def _buffer_width(key: str, extra: dict[str, Any]) -> int | None:
+    """The bits of a grid buffer whose values are codes: an integer grid's zero points (its
+    width), a K-quant's sub-scales and mins (6 bits; Q6_K's sub-scales 8); else None."""
+    leaf = key.rsplit(".", 1)[-1]
+    bits, grid_format = extra.get("bits"), extra.get("grid_format", INT)
+    if leaf == "zero" and grid_format == INT and isinstance(bits, int):
+        return bits
+    if leaf in _KQUANT_WIDTHS and grid_format in LAYOUTS:
+        return 8 if grid_format == "Q6_K" and leaf == "sc" else _KQUANT_WIDTHS[leaf]
+    return None
+
+
+def _are_codes(values: Tensor, bits: int) -> bool:
+    """Whether ``values`` are integers in ``[0, 2**bits)`` (then packed as codes)."""
+    if values.numel() and (float(values.min()) < 0 or float(values.max()) >= 2**bits):
         return False
-    if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) >= 2**bits):
-        return False
-    return _bits_equal(zero.to(torch.int64).to(zero.dtype), zero)  # integers, no -0.0 to lose
+    return _bits_equal(values.to(torch.int64).to(values.dtype), values)  # no -0.0 to lose
+
+
+def _encode_grid_buffer(
+    key: str, value: Tensor, state_dict: dict[str, Any]
+) -> tuple[Tensor, dict[str, Any] | None]:
+    """How a grid buffer is stored, and its record (None: as is): integers as packed codes
+    (zero points, K-quant sub-scales and mins), NVFP4's E4M3 and MXFP4's E8M0 scales as their
+    bytes, other scales (and K-quant ``d``/``dmin``) in fp16 where fp16 holds them exactly."""
+    extra = state_dict.get(key.rsplit(".", 1)[0] + "._extra_state", {})
+    leaf = key.rsplit(".", 1)[-1]
+    layout = {"shape": list(value.shape), "dtype": str(value.dtype)}
+    width = _buffer_width(key, extra)
+    if width is not None and _are_codes(value, width):
+        record = {"encoding": "codes", "bits": width, "sparse": False, "transposed": False}
+        return pack_codes(value.to(torch.int64), width), {**record, **layout}
+    encoding = _SCALE_ENCODING.get(extra.get("grid_format", INT)) if leaf == "scale" else None
+    if encoding is not None:
+        to_byte, to_value = _SCALE_BYTES[encoding]
+        byte = to_byte(value.float()).clamp(0, 255).to(torch.uint8)
+        if _bits_equal(to_value(byte).to(value.dtype), value):
+            return byte, {"encoding": encoding, **layout}
+    if leaf in ("scale", "d", "dmin") and _bits_equal(value.half().to(value.dtype), value):
+        return value.half(), {"encoding": "fp16", "dtype": str(value.dtype)}
+    return value, None
 
 
 def _json_safe(key: str, value: Any) -> Any:
@@ -174,20 +222,11 @@ def encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             stored, record = _encode_weight(*weights[key])
             encodings[key] = record
             tensors[key] = stored[""]
-        elif key.endswith(f"{STATE_NAME}.scale") and _bits_equal(value.half().float(), value):
-            encodings[key] = {"encoding": "fp16", "dtype": str(value.dtype)}
-            tensors[key] = value.half()
-        elif key.endswith(f"{STATE_NAME}.zero") and _are_codes(value, state_dict, key):
-            bits = state_dict[key[: -len("zero")] + "_extra_state"]["bits"]
-            encodings[key] = {
-                "encoding": "codes",
-                "bits": bits,
-                "sparse": False,
-                "shape": list(value.shape),
-                "dtype": str(value.dtype),
-                "transposed": False,
-            }
-            tensors[key] = pack_codes(value.to(torch.int64), bits)
+        elif key.endswith(_GRID_KEYS):
+            stored, record = _encode_grid_buffer(key, value, state_dict)
+            if record is not None:
+                encodings[key] = record
+            tensors[key] = stored
         else:
             tensors[key] = value
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -261,12 +300,12 @@ def _decode(tensors: dict[str, Tensor], metadata: dict[str, Any]) -> dict[str, A
     """The state dict that ``encode`` stored."""
     state_dict: dict[str, Any] = dict(tensors)
     encodings = metadata["encodings"]
-    for key, record in encodings.items():  # scales and zero points first: weights need them
-        if key.endswith((f"{STATE_NAME}.scale", f"{STATE_NAME}.zero")):
+    for key, record in encodings.items():  # the grids' buffers first: weights need them
+        if key.endswith(_GRID_KEYS):
             state_dict[key] = _decode_tensor(tensors[key], record)
     state_dict.update(metadata["extra_state"])
     for key, record in encodings.items():
-        if not key.endswith((f"{STATE_NAME}.scale", f"{STATE_NAME}.zero")):
+        if not key.endswith(_GRID_KEYS):
             state_dict[key] = _decode_weight(key, tensors[key], record, state_dict)
     for key, layout in metadata.get("views", {}).items():  # an attention's rows, view by view
         parameter = torch.empty(layout["shape"], dtype=_DTYPES[layout["dtype"]])
@@ -282,6 +321,8 @@ def _decode_tensor(stored: Tensor, record: dict[str, Any]) -> Tensor:
     dtype = _DTYPES[record["dtype"]]
     if record["encoding"] == "fp16":
         return stored.to(dtype)
+    if record["encoding"] in _SCALE_BYTES:
+        return _SCALE_BYTES[record["encoding"]][1](stored).to(dtype)
     numel = int(torch.Size(record["shape"]).numel())
     return unpack_codes(stored, record["bits"], numel).to(dtype).view(record["shape"])
 
@@ -299,13 +340,7 @@ def _decode_weight(key: str, stored: Tensor, record: dict[str, Any], state_dict:
         weight = torch.zeros(shape, dtype=dtype)
         weight[mask] = stored
         return weight
-    grid = QuantGrid(
-        state_dict[prefix + "scale"],
-        state_dict[prefix + "zero"],
-        extra["bits"],
-        extra["group_size"],
-        extra["symmetric"],
-    )
+    grid = recorded_grid({b: state_dict.get(prefix + b) for b in GRID_BUFFERS}, extra)
     rows_cols = (
         (shape[1], shape[0]) if record["transposed"] else (shape[0], shape.numel() // shape[0])
     )
@@ -313,7 +348,10 @@ def _decode_weight(key: str, stored: Tensor, record: dict[str, Any], state_dict:
     if mask is not None:
         matrix_mask = mask.t() if record["transposed"] else mask.reshape(rows_cols)
     if record["sparse"]:
-        codes = grid._expand(grid.zero, rows_cols[1]).clone()
+        zeros = zero_codes(grid, rows_cols[1])
+        if zeros is None:
+            raise PPQConfigError(f"{key}: stored sparse on a grid without an exact 0.")
+        codes = zeros.float()
         kept = unpack_codes(stored, record["bits"], int(matrix_mask.sum()))
         codes[matrix_mask] = kept.float()
     else:
@@ -397,6 +435,7 @@ def declared_shapes(
         raise PPQConfigError(f"{where}: its metadata declares dtype {metadata.get('dtype')!r}.")
     extra = metadata["extra_state"]
     shapes = {key: t.shape for key, t in tensors.items()}
+    on_grids: list[tuple[str, torch.Size, tuple[int, int], str, Any]] = []
     for key, value in extra.items():  # a mask's declared shape against its packed bits
         mask_shape = value.get("mask_shape") if isinstance(value, dict) else None
         if mask_shape is not None:
@@ -429,6 +468,10 @@ def declared_shapes(
         sparse = encoding == "values" or (encoding == "codes" and record.get("sparse"))
         if sparse and (mask_shape is None or torch.Size(mask_shape) != shape):
             raise fail(key, f"is stored sparse without a mask of its shape {list(shape)}")
+        if encoding in _SCALE_BYTES:
+            if stored.dtype != torch.uint8 or stored.shape != shape:
+                raise fail(key, f"declares {list(shape)} {encoding} bytes but stores otherwise")
+            continue
         if encoding == "values":
             if stored.numel() > numel:
                 raise fail(key, f"stores {stored.numel()} values for {numel} weights")
@@ -443,21 +486,17 @@ def declared_shapes(
             raise fail(
                 key, f"declares {numel} codes of {bits} bits but stores {stored.numel()} bytes"
             )
-        if key.endswith(("weight",)) and len(shape) >= 2:
-            rows, cols = (
+        if key.endswith("weight") and len(shape) >= 2:
+            rows_cols = (
                 (shape[1], shape[0])
                 if record.get("transposed")
                 else (shape[0], numel // max(shape[0], 1))
             )
-            scale = shapes.get(prefix + "scale")
-            if (
-                scale is None
-                or len(scale) != 2
-                or scale[0] != rows
-                or not scale[1]
-                or cols % scale[1]
-            ):
-                raise fail(key, f"of shape {list(shape)} has a grid of shape {list(scale or [])}")
+            on_grids.append((key, shape, rows_cols, prefix, state))
+    for key, shape, rows_cols, prefix, state in on_grids:  # every buffer's shape known now
+        wrong = _grid_misfit(rows_cols, prefix, state, shapes)
+        if wrong is not None:
+            raise fail(key, f"of shape {list(shape)} has {wrong}")
     for key, layout in metadata.get("views", {}).items():
         shape = _shape(layout, key, where)
         parts = layout.get("parts")
@@ -482,6 +521,55 @@ def declared_shapes(
             raise fail(key, f"is an alias of {owner!r}, which the file lacks")
         shapes[key] = shapes[owner]
     return shapes
+
+
+def _grid_misfit(
+    rows_cols: tuple[int, int], prefix: str, state: Any, shapes: dict[str, torch.Size]
+) -> str | None:
+    """What is wrong with the grid buffers of a ``(rows, cols)`` weight stored as codes, for
+    the refusal; None when their shapes fit its grid kind."""
+    rows, cols = rows_cols
+    extra = state if isinstance(state, dict) else {}
+    grid_format = extra.get("grid_format", INT)
+    try:
+        kind = grid_kind(grid_format)
+    except PPQConfigError:
+        return f"an unknown grid format {grid_format!r}"
+
+    def found(*names: str) -> str:
+        return ", ".join(f"{n} {list(shapes.get(prefix + n) or [])}" for n in names)
+
+    if kind == INT:
+        scale = shapes.get(prefix + "scale")
+        if scale is None or len(scale) != 2 or scale[0] != rows or not scale[1] or cols % scale[1]:
+            return f"a grid of shape {list(scale or [])}"
+        return None
+    if kind == FLOAT:
+        spec = SPECS[grid_format]
+        group = spec.group_size or cols
+        if (
+            list(extra.get("grid_shape") or []) != [rows, cols]
+            or rows % spec.block_rows
+            or cols % group
+        ):
+            return f"a {grid_format} grid of shape {extra.get('grid_shape')!r}"
+        wanted = torch.Size((rows // spec.block_rows, cols // group))
+        held = shapes.get(prefix + "global_scale")
+        if shapes.get(prefix + "scale") != wanted:
+            return f"a {grid_format} grid whose {found('scale')} is not {list(wanted)}"
+        if (grid_format == "nvfp4") != (held is not None and held.numel() == 1):
+            return f"a {grid_format} grid with {found('global_scale')}"
+        return None
+    layout = LAYOUTS[grid_format]
+    if cols % SUPER_BLOCK:
+        return f"a {grid_format} grid, whose rows are not whole super-blocks of {SUPER_BLOCK}"
+    per_block = torch.Size((rows, cols // SUPER_BLOCK))
+    per_sub = torch.Size((rows, cols // layout.group_size))
+    if any(shapes.get(prefix + n) != per_block for n in ("d", "dmin")) or any(
+        shapes.get(prefix + n) != per_sub for n in ("sc", "m")
+    ):
+        return f"a {grid_format} grid with {found('d', 'dmin', 'sc', 'm')}"
+    return None
 
 
 def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -28,12 +28,14 @@ GRID_LLAMA = {
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def grid_lm(formats: str | dict[str, str], sparsity: float = 0.0) -> CausalLMModule:
+def grid_lm(formats: str | dict[str, str | dict], sparsity: float = 0.0) -> CausalLMModule:
     """A tiny Llama (:data:`GRID_LLAMA`) whose projections are rounded to grid ``formats``.
 
     Args:
         formats: one format for every projection, or ``{regex: format}``, the first pattern
-            that matches a layer's name choosing its format (layers matching none stay dense).
+            that matches a layer's name choosing its format (layers matching none stay dense);
+            a format is a name (``"nvfp4"``) or ``GridSpec.of``'s arguments
+            (``{"format": "int", "bits": 4, "group_size": 32, "symmetric": True}``).
         sparsity: when positive, each layer's smallest weights are pruned first (magnitude,
             per layer), so that zeros meet the grid.
     """
@@ -52,7 +54,8 @@ def grid_lm(formats: str | dict[str, str], sparsity: float = 0.0) -> CausalLMMod
                 threshold = w.abs().flatten().kthvalue(k).values
                 record_mask(layer, w.abs() > threshold)
                 record_stage(layer, {"stage": "P", "kind": "P", "sparsity": sparsity})
-            grid, _ = GridSpec.of(chosen).round_(weight_matrix(layer))
+            spec = GridSpec.of(**chosen) if isinstance(chosen, dict) else GridSpec.of(chosen)
+            grid, _ = spec.round_(weight_matrix(layer))
         record_grid(layer, grid)
-        record_stage(layer, {"stage": "Q", "kind": "Q", "bits": grid.bits, "format": chosen})
+        record_stage(layer, {"stage": "Q", "kind": "Q", "bits": grid.bits, "format": spec.format})
     return module

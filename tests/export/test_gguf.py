@@ -72,7 +72,8 @@ def test_transformers_reads_the_gguf_in_a_fresh_process(tmp_path):
 def test_grids_without_a_block_type_are_refused(tmp_path):
     with pytest.raises(
         PPQConfigError,
-        match=r"group_size=None has no GGUF block type: GGUF export maps 4-bit symmetric \(Q4_0\)",
+        match=r"group_size=None has no GGUF block type: GGUF export maps K-quant grids \(Q4_K, "
+        r"Q5_K, Q6_K\), mxfp4 \(MXFP4\), and integer grids in groups of 32: 4-bit symmetric",
     ):
         ppq_lightning.export(compressed_lm(RTNQuantization(bits=4)), "gguf", tmp_path / "g")
     with pytest.raises(PPQConfigError, match="has no GGUF block type"):

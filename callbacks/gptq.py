@@ -13,12 +13,13 @@ from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.compressed.state import current_mask, record_grid, record_stage
 from ppq_lightning.errors import check_bool
 from ppq_lightning.modules.config import GridConfig
-from ppq_lightning.modules.mixed_precision import MixedPrecisionConfig, assign_bits
+from ppq_lightning.modules.mixed_precision import MixedPrecisionConfig, assign_grids
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.gptq import GPTQResult, gptq
-from ppq_lightning.ops.grouped import solve_by_groups, take_rows
+from ppq_lightning.ops.grid_formats import INT, GridSpec
+from ppq_lightning.ops.grouped import grid_rows, solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
-from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits, check_group_size
+from ppq_lightning.ops.quant_grid import OFF_BITS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,13 +32,12 @@ class GPTQConfig(CalibrationConfig, MixedPrecisionConfig, GridConfig):
             ``symmetric``/``act_order`` not a bool, bad mixed precision or calibration settings.
     """
 
-    bits: int
+    bits: int | None = None
     act_order: bool = False
     block_size: int = 128
     damp: float = 0.01
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
         check_bool("act_order", self.act_order)
         super().__post_init__()
         check_solver_args(self.block_size, self.damp)
@@ -55,7 +55,11 @@ class GPTQ(CalibratedCompression):
     until its Cholesky factorisation succeeds; the damping used is logged per layer.
 
     Args:
-        bits: bits per weight, 2 to 8.
+        bits: bits per weight, 2 to 8 (implied by ``format`` for every format but ``int``).
+        format: the grid, as in ``RTNQuantization``: ``"int"`` (default), ``"nvfp4"``,
+            ``"mxfp4"``, ``"fp8"``, ``"fp8_block"``, ``"Q4_K"``, ``"Q5_K"``, ``"Q6_K"``,
+            ``"Q4_K_M"``. The scales of every format but ``int`` are fixed from the layer's
+            weight before the walk, which rounds each column to the format's levels.
         group_size: input columns sharing a scale/zero; None for one per output channel.
         symmetric: a grid centred on zero.
         act_order: quantize columns in order of decreasing Hessian diagonal (with groups, the
@@ -78,6 +82,8 @@ class GPTQ(CalibratedCompression):
           callbacks:
             - class_path: ppq_lightning.callbacks.GPTQ
               init_args: {bits: 4, group_size: 128, act_order: true, num_calibration_batches: 128}
+            - class_path: ppq_lightning.callbacks.GPTQ   # the codes of a GGUF Q4_K_M file
+              init_args: {format: Q4_K_M, num_calibration_batches: 128}
     """
 
     default_name = "gptq"
@@ -86,9 +92,10 @@ class GPTQ(CalibratedCompression):
 
     def __init__(
         self,
-        bits: int,
+        bits: int | None = None,
         group_size: int | None = None,
-        symmetric: bool = False,
+        symmetric: bool | None = None,
+        format: str = "int",
         act_order: bool = False,
         block_size: int = 128,
         damp: float = 0.01,
@@ -98,6 +105,7 @@ class GPTQ(CalibratedCompression):
     ) -> None:
         super().__init__(
             bits=bits,
+            format=format,
             group_size=group_size,
             symmetric=symmetric,
             act_order=act_order,
@@ -107,47 +115,46 @@ class GPTQ(CalibratedCompression):
             promote=promote,
             **kwargs,
         )
-        self._widths: dict[str, int] = {}
+        self._grids: dict[str, GridSpec] = {}
 
     def compress(
         self, model: nn.Module, modules: dict[str, nn.Module]
     ) -> dict[str, dict[str, float]]:
+        self._grids = assign_grids(modules, self.config.grid, self.layer_bits, self.promote)
         for name, module in modules.items():  # check every layer before touching any
-            check_group_size(
-                self.group_size, weight_matrix(module).shape[1], f"group_size ({name})"
-            )
-        self._widths = assign_bits(
-            modules, self.bits, self.layer_bits, self.promote, self.group_size, self.symmetric
-        )
+            if not self._grids[name].off:
+                self._grids[name].check_shape(tuple(weight_matrix(module).shape), name)
         return super().compress(model, modules)
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
-        bits = self._widths.get(name, self.bits)
-        if bits == OFF_BITS:  # left unquantized by layer_bits
+        spec = self._grids.get(name, self.config.grid)
+        if spec.off:  # left unquantized by layer_bits
             return {"bits": float(OFF_BITS)}
         mask = current_mask(layer)
+        w = weight_matrix(layer).float()
+        # an FP / K-quant grid's scales are fixed before the walk, from the current weight
+        fixed = None if spec.format == INT else spec.compute(w)
 
         def solve(w: Tensor, h: Tensor, rows: slice) -> GPTQResult:
             return gptq(
                 w,
                 h,
-                bits,
-                self.group_size,
-                self.symmetric,
+                spec.bits,
+                spec.group_size,
+                spec.symmetric,
                 self.act_order,
                 self.block_size,
                 self.damp,
                 mask=take_rows(mask, rows),
+                grid=grid_rows(fixed, rows),
             )
 
-        result = solve_by_groups(
-            solve, weight_matrix(layer).float(), statistic, self.grouped(layer)
-        )
+        result = solve_by_groups(solve, w, statistic, self.grouped(layer))
         set_weight_matrix(layer, result.weight)
-        record_grid(layer, result.grid)
+        record_grid(layer, fixed if fixed is not None else result.grid)
         record_stage(layer, self.history_entry())
         return {
-            "bits": float(bits),
+            "bits": float(spec.bits),
             "damp": result.damp,
             "damp_retries": result.retries,
             "obs_loss": result.loss,

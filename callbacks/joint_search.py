@@ -13,9 +13,15 @@ from ppq_lightning.callbacks.block_checkpoints import block_progress, check_bloc
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.errors import PPQConfigError, bad_value, check_choice, check_int, check_number
 from ppq_lightning.modules.config import StageConfig
-from ppq_lightning.ops.quant_grid import check_bits
+from ppq_lightning.modules.mixed_precision import check_width
 from ppq_lightning.order.interference import reference_score
-from ppq_lightning.order.joint_search import CHANNELS, apply_levels, search_levels, search_space
+from ppq_lightning.order.joint_search import (
+    CHANNELS,
+    apply_levels,
+    level_grid,
+    search_levels,
+    search_space,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +35,7 @@ class JointSearchConfig(StageConfig):
 
     budget: float
     b_orig: int = 16  # the budget is a measured C, whose unit is B_orig bits per weight
-    bits: list[int] | None = None
+    bits: list[int | str] | None = None
     keep: list[float] | None = None
     num_calibration_batches: int = 16
     score_batches: int = 4
@@ -43,10 +49,15 @@ class JointSearchConfig(StageConfig):
         keep = [1.0, 0.875, 0.75, 0.625, 0.5] if self.keep is None else self.keep
         if not isinstance(bits, list) or not bits:
             raise bad_value("bits", bits, "a non-empty list of bit widths, largest first")
-        for b in bits:
-            check_bits(b, "bits")
-        if bits != sorted(set(bits), reverse=True):
-            raise bad_value("bits", bits, "distinct bit widths, largest first")
+        bits = [check_width(b, "bits", allow_off=False) for b in bits]
+        specs = [level_grid(b) for b in bits]
+        weight_bits = [spec.storage(4096, 4096).total_bits for spec in specs]
+        if len(set(bits)) != len(bits) or weight_bits != sorted(weight_bits, reverse=True):
+            raise bad_value(
+                "bits",
+                bits,
+                "distinct bit widths or formats, largest first (by storage: mildest first)",
+            )
         if not isinstance(keep, list) or not keep or keep[0] != 1.0:
             raise bad_value("keep", keep, "a list of kept shares starting at 1.0")
         for k in keep:
@@ -55,6 +66,13 @@ class JointSearchConfig(StageConfig):
             raise bad_value("keep", keep, "distinct shares, largest first")
         object.__setattr__(self, "bits", list(bits))
         object.__setattr__(self, "keep", [float(k) for k in keep])
+        if len(keep) > 1 and any(isinstance(b, str) for b in bits):
+            raise bad_value(
+                "keep",
+                keep,
+                "[1.0] with formats among bits (removed channels would leave "
+                "rows whose length the format's groups do not divide)",
+            )
         check_int("num_calibration_batches", self.num_calibration_batches, minimum=1)
         check_int("score_batches", self.score_batches, minimum=1)
         check_int("rescore_every", self.rescore_every, minimum=1)
@@ -127,7 +145,7 @@ class JointStructuralMixedPrecision(CompressionCallback):
     def __init__(
         self,
         budget: float,
-        bits: list[int] | None = None,
+        bits: list[int | str] | None = None,
         keep: list[float] | None = None,
         num_calibration_batches: int = 16,
         score_batches: int = 4,

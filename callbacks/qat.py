@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
@@ -17,7 +17,8 @@ from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.modules.config import GridConfig
 from ppq_lightning.modules.transforms import WeightTransform
 from ppq_lightning.modules.views import as_matrix, to_weight_layout, weight_matrix
-from ppq_lightning.ops.quant_grid import check_bits, check_group_size, compute_grid
+from ppq_lightning.ops.grid_formats import INT
+from ppq_lightning.ops.quant_grid import check_group_size, compute_grid
 from ppq_lightning.ops.ste import fake_quantize_ste
 
 
@@ -40,10 +41,7 @@ class QATConfig(GridConfig):
     """
 
     bits: int
-
-    def __post_init__(self) -> None:
-        check_bits(self.bits)
-        super().__post_init__()
+    formats: ClassVar[tuple[str, ...]] = (INT,)  # the latent weight's min-max integer grid
 
 
 class QuantizationAwareTraining(FakeQuantStage):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -19,10 +19,10 @@ from ppq_lightning.compressed.state import (
 )
 from ppq_lightning.modules.config import GridConfig, SparsityConfig
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
+from ppq_lightning.ops.grid_formats import GRID_FORMATS, INT
 from ppq_lightning.ops.grouped import grid_rows, solve_by_groups, take_rows
 from ppq_lightning.ops.hessian import check_solver_args
 from ppq_lightning.ops.masks import check_nm_width
-from ppq_lightning.ops.quant_grid import check_bits
 from ppq_lightning.ops.sparsegpt import SparseGPTResult, sparsegpt
 
 
@@ -38,11 +38,11 @@ class SparseGPTConfig(CalibrationConfig, SparsityConfig, GridConfig):
     bits: int | None = None
     block_size: int = 128
     damp: float = 0.01
+    bits_optional: ClassVar[bool] = True
+    formats: ClassVar[tuple[str, ...]] = GRID_FORMATS  # one grid per layer: no mixture
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bits is not None:
-            check_bits(self.bits)
         check_solver_args(self.block_size, self.damp)
 
 
@@ -60,6 +60,9 @@ class SparseGPT(CalibratedCompression):
         sparsity: target fraction of zeros per layer, in [0, 1); optional for ``N:M``.
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
         bits: quantize the survivors jointly to this many bits (2-8); None to only prune.
+        format: the joint mode's grid (``ops.grid_formats``; ``"int"`` by default). Another
+            format (``"nvfp4"``, ``"fp8"``, ``"Q4_K"``, ...) implies its bits: its grid is
+            computed from the dense weight before the walk, and survivors are rounded onto it.
         group_size, symmetric: grid settings for the joint mode.
         block_size: columns per block: the unstructured mask is chosen per block, as in the
             reference (so per-layer sparsity is exact when the width is a multiple of it).
@@ -89,7 +92,8 @@ class SparseGPT(CalibratedCompression):
         pattern: str = "unstructured",
         bits: int | None = None,
         group_size: int | None = None,
-        symmetric: bool = False,
+        symmetric: bool | None = None,
+        format: str = "int",
         block_size: int = 128,
         damp: float = 0.01,
         **kwargs: Any,
@@ -98,21 +102,30 @@ class SparseGPT(CalibratedCompression):
             sparsity=sparsity,
             pattern=pattern,
             bits=bits,
+            format=format,
             group_size=group_size,
             symmetric=symmetric,
             block_size=block_size,
             damp=damp,
             **kwargs,
         )
-        self.kind = StageKind.PRUNE if bits is None else StageKind.PRUNE_QUANTIZE
+        self.kind = StageKind.PRUNE if self.bits is None else StageKind.PRUNE_QUANTIZE
 
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
         super().check_layers(modules)
         for name, module in modules.items():
             check_nm_width(self.config.nm, weight_matrix(module).shape[1], name)
+            if self.config.grid is not None:
+                self.config.grid.check_shape(tuple(weight_matrix(module).shape), name)
 
     def compress_layer(self, name: str, layer: nn.Module, statistic: Tensor) -> dict[str, float]:
-        grid = current_grid(layer) if self.bits is None else None
+        spec = self.config.grid
+        if spec is None:  # only pruning: survivors of a quantized layer stay on its grid
+            grid = current_grid(layer)
+        elif spec.format != INT:  # joint mode on a fixed FP / K-quant grid of the dense weight
+            grid = spec.compute(weight_matrix(layer).float())
+        else:  # joint mode on an integer grid built during the walk
+            grid = None
         keep = current_mask(layer)
 
         def solve(w: Tensor, h: Tensor, rows: slice) -> SparseGPTResult:
@@ -124,7 +137,7 @@ class SparseGPT(CalibratedCompression):
                 block_size=self.block_size,
                 damp=self.damp,
                 keep=take_rows(keep, rows),
-                bits=self.bits,
+                bits=self.bits if grid is None and spec is not None else None,
                 group_size=self.group_size,
                 symmetric=self.symmetric,
                 grid=grid_rows(grid, rows),
@@ -135,7 +148,7 @@ class SparseGPT(CalibratedCompression):
         )
         set_weight_matrix(layer, result.weight)
         state = record_mask(layer, result.mask)
-        if self.bits is not None:
+        if spec is not None:
             record_grid(layer, result.grid)
         record_stage(layer, self.history_entry())
         return {

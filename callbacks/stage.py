@@ -41,12 +41,13 @@ from ppq_lightning.errors import (
     check_choice,
 )
 from ppq_lightning.modules.config import StageConfig, identity, is_legacy_key
+from ppq_lightning.modules.mixed_precision import assign_grids
 from ppq_lightning.modules.offload import DiskWeights, disk_weights
 from ppq_lightning.modules.rollback import restored_on_error
 from ppq_lightning.modules.targets import resolve_targets
 from ppq_lightning.modules.tree import find_module
 from ppq_lightning.modules.views import check_finite, weight_matrix
-from ppq_lightning.ops.quant_grid import check_group_size
+from ppq_lightning.ops.grid_formats import GridSpec
 
 COMMON_FIELDS = frozenset(f.name for f in fields(StageConfig))
 """The config fields every method has (``targets``, ``ignore``); a history entry leaves them to
@@ -356,12 +357,16 @@ class CompressionStage:
     def check_layers(self, modules: dict[str, nn.Module]) -> None:
         """Raise a ``PPQConfigError`` (naming the layer) when the stage cannot compress one of
         ``modules``; called for every layer before any weight changes. Here: a stage that
-        quantizes with a ``group_size`` needs it to divide every layer's input dimension
-        (subclasses that add checks call this one too)."""
-        group_size = getattr(self, "group_size", None)
-        if group_size is not None and StageKind(self.kind).quantizes:
-            for name, module in modules.items():
-                check_group_size(group_size, weight_matrix(module).shape[1], f"group_size ({name})")
+        quantizes needs every layer's grid (the stage's, or what ``layer_bits`` and the
+        ``Q4_K_M`` mixture give it) to hold the layer's shape: a ``group_size`` dividing its
+        input dimension, the blocks of its format (subclasses that add checks call this one
+        too)."""
+        grid = getattr(self.config, "grid", None)
+        if isinstance(grid, GridSpec) and StageKind(self.kind).quantizes:
+            layer_bits = getattr(self.config, "layer_bits", None)
+            for name, spec in assign_grids(modules, grid, layer_bits).items():
+                if not spec.off:
+                    spec.check_shape(tuple(weight_matrix(modules[name]).shape), name)
 
     def check_ahead(self, model: nn.Module, earlier: list[CompressionStage]) -> None:
         """What a :class:`CompressionSchedule` checks for this stage before its first stage

@@ -70,8 +70,12 @@ def _nm_of(state: CompressionState) -> tuple[int, int] | None:
 def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 16) -> LayerCost:
     """Bits that the real tensors of one compressed module need.
 
-    Values: ``bits`` of the recorded grid, or ``b_orig`` when not quantized. Grid overhead: an
-    fp16 scale per group, plus a ``bits``-bit zero point per group when asymmetric. Sparse
+    Values: ``bits`` of the recorded grid, or ``b_orig`` when not quantized. Grid overhead:
+    what the grid stores besides its values (``Grid.overhead_bits``): for an integer grid an
+    fp16 scale per group, plus a ``bits``-bit zero point per group when asymmetric; for NVFP4 an
+    E4M3 scale per 16 weights and a float32 global scale, for MXFP4 an E8M0 scale per 32, for
+    FP8 a float32 scale per row or 128 x 128 block; for a K-quant its fp16 super-scales and
+    6-bit (Q6_K: 8-bit) sub-block scales and mins. Sparse
     storage is used when it is smaller than dense: the nonzero values plus a 1-bit mask per
     weight (unstructured) or ``ceil(log2 M)`` index bits per kept weight (N:M).
     """
@@ -82,12 +86,12 @@ def layer_cost(module: nn.Module, state: CompressionState | None, b_orig: int = 
         return LayerCost(numel, nonzero, b_orig, numel * b_orig, 0.0, 0.0)
     bits = state.bits if state.bits is not None else b_orig
     nm = _nm_of(state)
+    grid = state.grid
     storage = weight_storage(
         numel,
         bits,
         nonzero=nonzero if state.mask_bits is not None else None,  # never unpacked here
-        groups=state.scale.numel() if state.scale is not None else 0,
-        symmetric=state.symmetric,
+        grid_overhead=grid.overhead_bits() if grid is not None else 0.0,
         nm_m=nm[1] if nm is not None else None,
     )
     payload, overhead = storage.payload_bits, storage.overhead_bits

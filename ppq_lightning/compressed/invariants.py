@@ -26,6 +26,8 @@ from ppq_lightning.compressed.state import CompressionState, compressed_modules,
 from ppq_lightning.errors import InvariantError
 from ppq_lightning.modules.transforms import has_weight_transform
 from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.ops.grid import Grid
+from ppq_lightning.ops.grid_formats import INT
 from ppq_lightning.ops.quant_grid import QuantGrid, indistinct_levels
 
 CHECK_AFTER_STAGES = "PPQ_CHECK_INVARIANTS"
@@ -39,11 +41,20 @@ def checks_after_stages() -> bool:
     return os.environ.get(CHECK_AFTER_STAGES) == "1"
 
 
-def _grid_tolerance(w: Tensor, grid: QuantGrid) -> Tensor:
-    """Allowed distance to the grid in steps: the weight dtype's rounding of a grid point."""
+def _grid_tolerance(w: Tensor, grid: Grid) -> Tensor | float:
+    """Allowed distance to the grid in steps: the weight dtype's rounding of a grid point (on
+    an integer grid; the other kinds' values are float32 numbers a 32-bit weight holds
+    exactly, so only a float32 rounding of the distance itself is allowed)."""
+    if not isinstance(grid, QuantGrid):
+        return 1e-4
     eps = torch.finfo(w.dtype).eps
     step = grid._expand(grid.scale, w.shape[1])
     return 1e-4 + eps * grid.fake_quantize(w).abs() / step
+
+
+def _grid_name(state: CompressionState) -> str:
+    """``4-bit`` for an integer grid, else the format's name (``nvfp4``, ``Q4_K``)."""
+    return f"{state.bits}-bit" if state.grid_format == INT else state.grid_format
 
 
 def check_invariants(model: nn.Module, only: Iterable[str] | None = None) -> int:
@@ -107,7 +118,7 @@ def check_layer(name: str, module: nn.Module, state: CompressionState) -> None:
             off = int((distance > _grid_tolerance(w, grid)).sum())
         if off:
             raise InvariantError(
-                f"{name}: {off} weight(s) lie off the {grid.bits}-bit grid recorded by stages "
+                f"{name}: {off} weight(s) lie off the {_grid_name(state)} grid recorded by stages "
                 f"{state.stages} (largest distance {distance.max().item():.3g} steps)."
             )
 
@@ -129,6 +140,8 @@ def indistinct_grids(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[
             continue
         if not weight.is_floating_point():
             continue
+        if not isinstance(state.grid, QuantGrid):
+            continue  # FP / K-quant levels: 4-6 significant bits, which bf16 keeps apart
         count = indistinct_levels(state.grid.to(weight.device), weight.dtype)
         if count:
             found[name] = (count, str(weight.dtype).removeprefix("torch."))

@@ -28,6 +28,7 @@ from ppq_lightning.modules.views import (
     weight_matrix,
 )
 from ppq_lightning.ops.channels import keep_most_important, kv_group_rows
+from ppq_lightning.ops.float_grid import FloatGrid
 
 KEPT_ROWS, KEPT_COLUMNS = "select_rows", "select_columns"
 # (input projections, output projection), by attribute name on the same parent module
@@ -47,11 +48,20 @@ class ChannelEdit(NamedTuple):
 # -- shrinking one layer ----------------------------------------------------------------------
 def check_columns_removable(module: nn.Module) -> None:
     state = get_state(module)
-    if state is not None and state.scale is not None and state.group_size is not None:
+    if state is not None and state.grid is not None and state.group_size is not None:
         raise PPQConfigError(
             "channel pruning cannot remove input columns of a layer quantized with "
-            f"group_size={state.group_size}: prune channels before quantizing, or quantize "
-            "per channel."
+            f"group_size={state.group_size} (format {state.grid_format}): prune channels before "
+            "quantizing, or quantize per channel."
+        )
+
+
+def check_rows_removable(module: nn.Module) -> None:
+    state = get_state(module)
+    if state is not None and state.grid_format == "fp8_block":
+        raise PPQConfigError(
+            "channel pruning cannot remove output rows of a layer quantized with fp8_block "
+            "(one scale per 128 x 128 block): prune channels before quantizing."
         )
 
 
@@ -65,12 +75,19 @@ def slice_state(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> 
         mask = mask[rows] if rows is not None else mask
         mask = mask[:, cols] if cols is not None else mask
         state.mask = to_weight_layout(module, mask)  # the layout of the sliced weight
-    if state.scale is not None and rows is not None:
-        state.scale, state.zero = state.scale[rows], state.zero[rows]
+    grid = state.grid
+    if grid is not None and (rows is not None or cols is not None):
+        grid = grid.select_rows(rows) if rows is not None else grid
+        if isinstance(grid, FloatGrid):  # a per-row FP8 grid of fewer columns
+            grid = FloatGrid(
+                grid.scale, grid.global_scale, grid.format, tuple(weight_matrix(module).shape)
+            )
+        state.set_grid(grid, module.weight.device)
 
 
 def select_rows(module: nn.Module, rows: Tensor) -> None:
     """Keep only the output rows ``rows`` of a layer (its weight matrix, bias, recorded state)."""
+    check_rows_removable(module)
     matrix = weight_matrix(module)[rows].clone()  # (kept, in)
     module.weight = nn.Parameter(
         matrix_to_layout(module, matrix), requires_grad=module.weight.requires_grad

@@ -25,12 +25,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ppq_lightning.errors import check_bool, plain_number
+from ppq_lightning.errors import bad_value, plain_number
 from ppq_lightning.modules.targets import compile_patterns
+from ppq_lightning.ops.grid_formats import INT, GridSpec, check_grid_format
 from ppq_lightning.ops.masks import parse_pattern, resolve_sparsity
-from ppq_lightning.ops.quant_grid import check_group_size
 
 
 def canonical(value: Any) -> Any:
@@ -135,22 +135,64 @@ class SparsityConfig(StageConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class GridConfig(StageConfig):
-    """The shape of a uniform integer grid (the bits are the method's own field).
+    """The grid a quantizer rounds to: its format and shape (the bits are the method's own
+    ``bits`` field; for every format but ``int`` the format fixes them).
 
     Args:
+        format: ``"int"`` (a uniform integer grid), ``"nvfp4"``, ``"mxfp4"``, ``"fp8"``,
+            ``"fp8_block"``, ``"Q4_K"``, ``"Q5_K"``, ``"Q6_K"`` or ``"Q4_K_M"`` (llama.cpp's
+            per-layer mixture); see ``ops.grid_formats``. Stored in its canonical spelling.
         group_size: consecutive input weights sharing one scale/zero; None for one per output
-            channel.
-        symmetric: a grid centred on zero (no stored zero point) instead of min-max.
+            channel (the format's own group for the other formats).
+        symmetric: a grid centred on zero (no stored zero point) instead of min-max; None for
+            the format's own (False for ``int``).
 
     Raises:
-        PPQConfigError: a group size that is not a positive integer, ``symmetric`` not a bool.
+        PPQConfigError: an unknown format, a group size that is not a positive integer,
+            ``symmetric`` not a bool, or bits, a group size or a symmetry the format
+            contradicts.
+
+    Example (YAML)::
+
+        init_args: {format: nvfp4}             # bits 4, groups of 16, symmetric: implied
+        init_args: {bits: 4, group_size: 128}  # format: int
     """
 
+    format: str = INT
     group_size: int | None = None
-    symmetric: bool = False
+    symmetric: bool | None = None
+
+    bits_off: ClassVar[bool] = False
+    """Whether ``bits=16`` means "off" (RTN's sweeps include the unquantized point)."""
+    bits_optional: ClassVar[bool] = False
+    """Whether ``bits=None`` on the ``int`` format means "no quantization" (SparseGPT)."""
+    formats: ClassVar[tuple[str, ...] | None] = None
+    """The formats the method can round to (None: all)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_bool("symmetric", self.symmetric)
-        if self.group_size is not None:
-            check_group_size(self.group_size, self.group_size)
+        fmt = check_grid_format(self.format, "format")
+        if self.formats is not None and fmt not in self.formats:
+            raise bad_value("format", self.format, f"one of {', '.join(self.formats)}")
+        bits = getattr(self, "bits", None)
+        if fmt == INT and bits is None and self.bits_optional:
+            spec = GridSpec.of(INT, 2, self.group_size, self.symmetric)
+            resolved = {"format": INT, "group_size": spec.group_size, "symmetric": spec.symmetric}
+        else:
+            spec = GridSpec.of(fmt, bits, self.group_size, self.symmetric, allow_off=self.bits_off)
+            resolved = {
+                "format": spec.format,
+                "bits": spec.bits,
+                "group_size": spec.group_size,
+                "symmetric": spec.symmetric,
+            }
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def grid(self) -> GridSpec | None:
+        """The stage's grid choice (None when ``bits`` is None: no quantization)."""
+        bits = getattr(self, "bits", None)
+        if bits is None:
+            return None
+        return GridSpec(self.format, bits, self.group_size, bool(self.symmetric))

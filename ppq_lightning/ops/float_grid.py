@@ -254,6 +254,17 @@ class FloatGrid(Grid):
         scale = self._scale_rows(rows)
         return scale.repeat_interleave(self.shape[1] // scale.shape[1], dim=1)
 
+    def column_scales(self) -> Tensor:
+        """The scale of every row and column group, ``(rows, cols // group)`` float32 (one
+        column for fp8): what :meth:`round_scaled` rounds a column with."""
+        return self._scale_rows(slice(0, self.shape[0]))
+
+    def round_scaled(self, values: Tensor, scale: Tensor) -> Tensor:
+        """The grid values nearest to ``values`` given their scales ``scale`` (same shape),
+        float32: a column walk's rounding with the scales it took once from
+        :meth:`column_scales`."""
+        return self._element_values(self._element_codes(values.float() / scale)) * scale
+
     def column_scale(self, column: int) -> Tensor:
         """The scale of every weight of input column ``column``: ``(rows,)`` float32 (what a
         column walk such as GPTQ's rounds one column with: :meth:`round_column`)."""
@@ -314,8 +325,7 @@ class FloatGrid(Grid):
     def round_column(self, values: Tensor, column: int) -> Tensor:
         """The grid values nearest to ``values`` (rows,), the weights of input column
         ``column``, float32: one column of :meth:`fake_quantize`, for a column walk."""
-        scale = self.column_scale(column)
-        return self._element_values(self._element_codes(values.float() / scale)) * scale
+        return self.round_scaled(values, self.column_scale(column))
 
     def off_grid_distance(self, w: Tensor) -> Tensor:
         """Per-element distance of ``w`` to its nearest grid value, in units of the local

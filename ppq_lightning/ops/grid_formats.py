@@ -31,12 +31,14 @@ from ppq_lightning.ops.float_grid import (
     SPECS,
     check_float_shape,
     compute_float_grid,
+    float_storage,
     round_to_float_grid_,
 )
 from ppq_lightning.ops.grid import ROUND_ROWS, Grid
 from ppq_lightning.ops.kquants import (
     KINDS,
     LAYOUTS,
+    SUPER_BLOCK,
     check_kquant_shape,
     compute_kquant_grid,
 )
@@ -47,6 +49,7 @@ from ppq_lightning.ops.quant_grid import (
     compute_grid,
     round_to_grid_,
 )
+from ppq_lightning.ops.storage import Storage, weight_storage
 
 INT = "int"
 Q4_K_M = "Q4_K_M"
@@ -198,6 +201,24 @@ class GridSpec:
             norm += float(original.pow(2).sum())
             w[part].copy_(rounded)
         return grid, error / max(norm, 1e-12)
+
+    def storage(self, rows: int, cols: int) -> Storage:
+        """The bits a dense ``(rows, cols)`` matrix takes on this grid: values, and scales (zero
+        points, global scales) at their stored width, as ``Grid.overhead_bits`` counts them.
+
+        Raises:
+            PPQConfigError: for a shape the format cannot hold.
+        """
+        self.check_shape((rows, cols))
+        if self.format == INT:
+            groups = rows * (cols // (self.group_size or cols))
+            return weight_storage(rows * cols, self.bits, groups=groups, symmetric=self.symmetric)
+        if self.format in SPECS:
+            return float_storage(self.format, rows, cols)
+        layout = LAYOUTS[self.format]
+        blocks = rows * cols // SUPER_BLOCK
+        values = rows * cols * layout.bits
+        return Storage(float(values), float(blocks * layout.block_bytes * 8 - values))
 
     def describe(self) -> str:
         """A short name: ``int4 g128``, ``nvfp4``, ``Q6_K``."""

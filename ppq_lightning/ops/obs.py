@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import bad_value, check_int
+from ppq_lightning.ops.float_grid import FloatGrid
+from ppq_lightning.ops.grid import Grid
+from ppq_lightning.ops.kquants import KQuantGrid
 from ppq_lightning.ops.quant_grid import QuantGrid, compute_grid
 
 
@@ -37,9 +40,10 @@ def check_matrices(w: Tensor, h: Tensor, block_size: int) -> None:
 class ColumnGrid:
     """Rounds the columns of a transposed weight ``wt`` (cols, rows) while a solver walks them.
 
-    A fixed grid is used as is; otherwise the grid of each group is computed from the current
-    (error-updated) weights when the walk reaches the group's first column, as GPTQ does
-    (per-channel grids, and all grids when ``static``, are computed once up front).
+    A fixed grid (of any kind: integer, floating-point, K-quant) is used as is; otherwise the
+    integer grid of each group is computed from the current (error-updated) weights when the
+    walk reaches the group's first column, as GPTQ does (per-channel grids, and all grids when
+    ``static``, are computed once up front).
 
     Args:
         wt: the transposed weight, walked in place.
@@ -54,12 +58,22 @@ class ColumnGrid:
         bits: int | None,
         group_size: int | None,
         symmetric: bool,
-        grid: QuantGrid | None = None,
+        grid: Grid | None = None,
         static: bool = False,
     ) -> None:
         cols, rows = wt.shape
         self.group_size = (grid.group_size if grid is not None else group_size) or cols
         self.dynamic = grid is None and group_size is not None and not static
+        self._float: FloatGrid | None = None
+        if isinstance(grid, FloatGrid):  # scales fixed: one (rows,) scale per column group
+            self.grid = self._float = grid.to(wt.device)
+            self._scale = self._float.column_scales().T.contiguous()  # (n_groups, rows)
+            self._scales = list(self._scale)
+            return
+        if isinstance(grid, KQuantGrid):  # its levels as an affine integer grid, bit for bit
+            self.grid = grid.to(wt.device)
+            self._set_affine(grid.as_quant_grid().to(wt.device))
+            return
         if grid is not None:
             self.grid = grid.to(wt.device)
         elif not self.dynamic:
@@ -68,11 +82,14 @@ class ColumnGrid:
             n_groups = cols // group_size
             ones = torch.ones(rows, n_groups, device=wt.device)
             self.grid = QuantGrid(ones, torch.zeros_like(ones), bits, group_size, symmetric)
-        self.maxq = self.grid.maxq
+        self._set_affine(self.grid)
+
+    def _set_affine(self, grid: QuantGrid) -> None:
+        self.maxq = grid.maxq
         # per-group copies (n_groups, rows), contiguous, so a column's scale is one row; and
         # their rows as a list of views (a list index costs less than a tensor index)
-        self._scale = self.grid.scale.T.contiguous()
-        self._zero = self.grid.zero.T.contiguous()
+        self._scale = grid.scale.T.contiguous()
+        self._zero = grid.zero.T.contiguous()
         self._scales, self._zeros = list(self._scale), list(self._zero)
 
     def __call__(self, column: int, position: int, wt: Tensor, current: Tensor) -> Tensor:
@@ -85,6 +102,8 @@ class ColumnGrid:
             )
             self.grid.scale[:, g], self.grid.zero[:, g] = fresh.scale[:, 0], fresh.zero[:, 0]
             self._scale[g], self._zero[g] = fresh.scale[:, 0], fresh.zero[:, 0]
+        if self._float is not None:
+            return self._float.round_scaled(current, self._scales[g])
         scale, zero = self._scales[g], self._zeros[g]
         q = torch.round(current / scale).add_(zero).clamp_(0, self.maxq)
         return q.sub_(zero).mul_(scale)

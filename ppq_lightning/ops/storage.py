@@ -49,6 +49,7 @@ def weight_storage(
     groups: int = 0,
     symmetric: bool = True,
     nm_m: int | None = None,
+    grid_overhead: float | None = None,
 ) -> Storage:
     """Storage of a matrix of ``numel`` weights at ``bits`` bits each.
 
@@ -60,12 +61,16 @@ def weight_storage(
         groups: quantization groups, each with an fp16 scale (0: not quantized).
         symmetric: no zero point; else a ``bits``-bit zero point per group.
         nm_m: M of an N:M pattern (indices instead of a bitmask).
+        grid_overhead: the grid's own count of its overhead bits (``Grid.overhead_bits``:
+            any grid kind), used instead of ``groups`` and ``symmetric`` when given.
 
     Example::
 
         weight_storage(64 * 128, 4, groups=64, symmetric=False)  # RTN-4 per output channel
     """
     overhead = float(groups * (SCALE_BITS + (0 if symmetric else bits)))
+    if grid_overhead is not None:
+        overhead = float(grid_overhead)
     if nonzero is not None and sparse_is_smaller(numel, nonzero, bits, nm_m):
         return Storage(nonzero * bits, overhead + index_bits(numel, nonzero, nm_m))
     return Storage(numel * bits, overhead)

@@ -37,9 +37,8 @@ from ppq_lightning.modules.tree import parent_of
 from ppq_lightning.modules.views import set_weight_matrix, weight_matrix
 from ppq_lightning.ops.allocation import best_move
 from ppq_lightning.ops.channels import channel_importance
-from ppq_lightning.ops.quant_grid import compute_grid
+from ppq_lightning.ops.grid_formats import INT, GridSpec
 from ppq_lightning.ops.reconstruction import relative_weight_error
-from ppq_lightning.ops.storage import weight_storage
 
 CHANNELS = ("auto", "mlp", "depgraph")
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -59,7 +58,7 @@ class SearchSpace:
 
     shapes: dict[str, tuple[int, int]]
     units: list[ChannelUnit]
-    bits: list[int]
+    bits: list[int | str]
     keep: list[float]
     traced: tuple[Any, Tensor] | None = None
 
@@ -81,14 +80,15 @@ class SearchSpace:
         return counts
 
     def storage_bits(self, levels: dict[str, int]) -> float:
-        """Estimated bits of the target layers at ``levels``: values plus an fp16 scale and a
-        ``b``-bit zero per row (``ops.storage``), removed channels at 0 bits."""
+        """Estimated bits of the target layers at ``levels``: values plus, per row, an fp16
+        scale and a ``b``-bit zero (an integer level), or what a format stores
+        (``GridSpec.storage``); removed channels at 0 bits."""
         removed, total = self.removed_counts(levels), 0.0
         for name, (rows, cols) in self.shapes.items():
-            b = self.bits[levels[name]]
+            spec = level_grid(self.bits[levels[name]])
             lost_rows, lost_cols = removed.get(name, (0, 0))
             rows, cols = rows - lost_rows, cols - lost_cols
-            total += weight_storage(rows * cols, b, groups=rows, symmetric=False).total_bits
+            total += spec.storage(rows, cols).total_bits
         return total
 
     def original_bits(self, b_orig: int) -> float:
@@ -160,11 +160,17 @@ def mlp_channel_scores(
     return {d: channel_importance(means[d], weight_matrix(modules[d]).float()) for d in downs}
 
 
+def level_grid(width: int | str) -> GridSpec:
+    """The grid of one level of the search: bits on a per-channel asymmetric integer grid, or
+    a format (``"nvfp4"``, ``"fp8"``, ``"Q4_K"``, ...)."""
+    return GridSpec.of(width) if isinstance(width, str) else GridSpec.of(INT, width)
+
+
 def search_space(
     model: nn.Module,
     modules: dict[str, nn.Module],
     batches: list[Any],
-    bits: list[int],
+    bits: list[int | str],
     keep: list[float],
     channels: str = "auto",
     forward: ForwardFn | None = None,
@@ -269,7 +275,7 @@ def search_levels(
             kept = mask.nonzero().flatten().to(w.device)
         columns = w if kept is None else w[:, kept]
         if name in modules:
-            grid = compute_grid(columns.float(), space.bits[levels[name]])
+            grid = level_grid(space.bits[levels[name]]).compute(columns.float())
             columns = grid.fake_quantize(columns.float()).to(w.dtype)
         q = columns if kept is None else torch.zeros_like(w).index_copy_(1, kept, columns)
         set_weight_matrix(layers[name], q)
@@ -378,12 +384,12 @@ def apply_levels(
     for name, module in modules.items():
         bits = space.bits[levels[name]]
         w = weight_matrix(module)
-        grid = compute_grid(w.float(), bits)
+        grid = level_grid(bits).compute(w.float())
         q = grid.fake_quantize(w.float()).to(w.dtype)
         error = relative_weight_error(w, q)
         set_weight_matrix(module, q)
         record_grid(module, grid)
         share = kept_share[name]
         record_stage(module, {**entry, "layer_bits": bits, "layer_keep": share})
-        layers[name] = {"bits": float(bits), "keep": share, "weight_error": error}
+        layers[name] = {"bits": float(grid.bits), "keep": share, "weight_error": error}
     return layers

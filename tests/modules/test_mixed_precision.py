@@ -12,6 +12,7 @@ from ppq_lightning.modules.mixed_precision import (
     sensitivity,
 )
 from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.ops.grid_formats import GridSpec
 
 
 def test_layer_bits_by_regex_first_match_wins(tiny_lm):
@@ -28,7 +29,7 @@ def test_promote_gives_the_most_sensitive_fraction_more_bits(tiny_lm):
     promoted = [n for n, b in widths.items() if b == 8]
     numel = {n: m.weight.numel() for n, m in modules.items()}
     assert sum(numel[n] for n in promoted) >= 0.3 * sum(numel.values())
-    score = {n: sensitivity(m, 2, None, False) for n, m in modules.items()}
+    score = {n: sensitivity(m, GridSpec.of("int", 2)) for n, m in modules.items()}
     # every promoted layer is at least as sensitive as every layer left at 2 bits
     assert min(score[n] for n in promoted) >= max(score[n] for n in widths if n not in promoted)
 

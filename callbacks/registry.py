@@ -11,6 +11,8 @@ units (``sparsity``/``ratio`` as a fraction, ``bits``, LoRA's ``r``, the joint s
 ``name=value`` (``true``/``false``/``none``, numbers, or text). Examples::
 
     rtn:4                               # RTNQuantization(bits=4)
+    rtn:nvfp4                           # RTNQuantization(format="nvfp4"): a grid format as
+    gptq:Q4_K_M                         # a quantizer's intensity (ops.grid_formats)
     gptq:3,group_size=128,act_order=true
     wanda:0.5,scope=layer
     sparsegpt,pattern=2:4               # N:M: the sparsity follows from the pattern
@@ -100,11 +102,20 @@ class Method:
         return argument in self.parameters()
 
     def build(self, intensity: Any = None, **arguments: Any) -> CompressionCallback:
-        """The callback with ``intensity`` and ``arguments`` (``name``, ``b_orig``, ...).
+        """The callback with ``intensity`` and ``arguments`` (``name``, ``b_orig``, ...). A
+        quantizer's intensity may be a grid format instead of bits (``"nvfp4"``: its
+        ``format`` argument).
 
         Raises:
             PPQConfigError: an intensity for a method without one, or the method's own errors.
         """
+        if isinstance(intensity, str) and self.accepts("format") and self.intensity == "bits":
+            if "format" in arguments:
+                raise PPQConfigError(
+                    f"{self.name}: the format is given twice ({intensity!r} and "
+                    f"format={arguments['format']!r}): give it once."
+                )
+            arguments["format"], intensity = intensity, None  # rtn:nvfp4, gptq:Q4_K_M
         if intensity is not None:
             if self.intensity is None:
                 raise bad_value(f"{self.name} intensity", intensity, "none (the method has none)")

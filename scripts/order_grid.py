@@ -60,7 +60,12 @@ def grid_parser() -> Any:
     )
     parser.add_argument("--quantization", type=str, default="rtn", help=QUANTIZATION_HELP)
     parser.add_argument("--sparsities", type=list[float], default=[0.2, 0.3, 0.4, 0.5, 0.6])
-    parser.add_argument("--bits", type=list[int], default=[2, 3, 4, 8])
+    parser.add_argument(
+        "--bits",
+        type=list[int | str],
+        default=[2, 3, 4, 8],
+        help="bit widths or grid formats (nvfp4, mxfp4, fp8, Q4_K, ...: ops.grid_formats)",
+    )
     parser.add_argument("--group_size", type=int | None, default=None)
     parser.add_argument("--curve_bits", type=list[int], default=[8, 6, 5, 4, 3, 2])
     parser.add_argument("--bn_recalibration", type=bool, default=False)
@@ -75,7 +80,8 @@ def grid_points(args: Any) -> list[tuple[str, list]]:
     for sparsity in args.sparsities:
         p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n, b_orig)
         for bits in args.bits:
-            q = quantizer(args.quantization, bits, f"Q{bits}", n, args.group_size, b_orig=b_orig)
+            group = args.group_size if isinstance(bits, int) else None  # a format fixes it
+            q = quantizer(args.quantization, bits, f"Q{bits}", n, group, b_orig=b_orig)
             points.append((f"{p.name}_{q.name}", [p, q]))
     return points
 

@@ -126,9 +126,6 @@ def gguf_names(names: list[str]) -> dict[str, str]:
     return found
 
 
-_FALLBACK = {"Q5_0": GridSpec(INT, 5, 32, True), "Q8_0": GridSpec(INT, 8, 32, True)}
-
-
 def q4_k_m_grids(modules: dict[str, nn.Module]) -> dict[str, GridSpec]:
     """llama.cpp's Q4_K_M choice for each of ``modules`` (see the module docstring): Q4_K or
     Q6_K, the fallbacks Q5_0 / Q8_0 as integer grids, 16 (off) for F16.
@@ -151,9 +148,7 @@ def q4_k_m_grids(modules: dict[str, nn.Module]) -> dict[str, GridSpec]:
     grids = {}
     for name in modules:
         kind = types[names[name]]
-        if kind in _FALLBACK:
-            grids[name] = _FALLBACK[kind]
-        elif kind in (None, "F16"):
+        if kind in (None, "F16"):
             grids[name] = GridSpec(INT, OFF_BITS, None, False)
         else:
             grids[name] = GridSpec.of(kind)

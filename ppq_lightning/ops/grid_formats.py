@@ -11,6 +11,9 @@ format                  grid                                                 bit
 ``Q4_K_M``              llama.cpp's mixture: Q6_K on some attention-V and    4 / 6   32 / 16
                         FFN-down layers, Q4_K elsewhere (resolved per layer
                         by ``modules.mixed_precision``)
+``Q4_0``, ``Q4_1``,     GGUF's legacy blocks: names for integer grids in     4/4/5   32
+``Q5_0``, ``Q5_1``,     groups of 32, symmetric (``_0``) or with a zero      5/8
+``Q8_0``                point (``_1``); they resolve to ``int``
 ======================  ===================================================  ======  =========
 
 A :class:`GridSpec` is one layer's choice (format, bits, group size, symmetry), validated and
@@ -57,7 +60,16 @@ GRID_FORMATS = (INT, *FLOAT_FORMATS, *KINDS)
 """Every grid kind a layer can hold."""
 MIXTURES = (Q4_K_M,)
 """Formats that choose a grid kind per layer."""
-_SPELLING = {f.lower(): f for f in (*GRID_FORMATS, *MIXTURES)}
+LEGACY_BLOCKS = {
+    "Q4_0": (4, True),
+    "Q4_1": (4, False),
+    "Q5_0": (5, True),
+    "Q5_1": (5, False),
+    "Q8_0": (8, True),
+}
+"""GGUF's legacy block types as ``(bits, symmetric)`` integer grids in groups of 32."""
+LEGACY_GROUP = 32
+_SPELLING = {f.lower(): f for f in (*GRID_FORMATS, *MIXTURES, *LEGACY_BLOCKS)}
 
 
 def check_grid_format(format: str, argument: str = "format", mixtures: bool = True) -> str:
@@ -67,7 +79,7 @@ def check_grid_format(format: str, argument: str = "format", mixtures: bool = Tr
     Raises:
         PPQConfigError: naming ``argument``, the value and every format allowed.
     """
-    allowed = GRID_FORMATS + (MIXTURES if mixtures else ())
+    allowed = GRID_FORMATS + tuple(LEGACY_BLOCKS) + (MIXTURES if mixtures else ())
     spelled = _SPELLING.get(format.lower()) if isinstance(format, str) else None
     if spelled is None or spelled not in allowed:
         raise bad_value(argument, format, f"one of {', '.join(allowed)}")
@@ -83,6 +95,25 @@ def format_settings(format: str) -> tuple[int, int | None, bool]:
         return spec.bits, spec.group_size, True
     layout = LAYOUTS[format]
     return layout.bits, layout.group_size, not layout.has_min
+
+
+def _check_fixed(
+    format: str,
+    fixed: dict[str, object],
+    bits: int | None,
+    group_size: int | None,
+    symmetric: bool | None,
+    prefix: str,
+) -> None:
+    """Refuse a given argument that differs from what ``format`` fixes (None: left out)."""
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    for name, value in given.items():
+        if value is not None and value != fixed[name]:
+            raise bad_value(
+                f"{prefix}{name}",
+                value,
+                f"{fixed[name]!r} (what format={format!r} stores; leave it out)",
+            )
 
 
 @dataclass(frozen=True)
@@ -129,6 +160,11 @@ class GridSpec:
                 NVFP4 with groups of 32, ...).
         """
         format = check_grid_format(format, f"{prefix}format")
+        if format in LEGACY_BLOCKS:  # an integer grid by another name
+            legacy_bits, legacy_symmetric = LEGACY_BLOCKS[format]
+            fixed = {"bits": legacy_bits, "group_size": LEGACY_GROUP, "symmetric": legacy_symmetric}
+            _check_fixed(format, fixed, bits, group_size, symmetric, prefix)
+            return cls(INT, legacy_bits, LEGACY_GROUP, legacy_symmetric)
         if format == INT:
             if bits is None:
                 raise bad_value(f"{prefix}bits", bits, "an integer from 2 to 8 for format='int'")
@@ -138,17 +174,8 @@ class GridSpec:
             symmetric = False if symmetric is None else check_bool(f"{prefix}symmetric", symmetric)
             return cls(INT, bits, group_size, symmetric)
         fixed_bits, fixed_group, fixed_symmetric = format_settings(format)
-        given = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
         fixed = {"bits": fixed_bits, "group_size": fixed_group, "symmetric": fixed_symmetric}
-        for name, value in given.items():
-            if name == "group_size" and value is None:
-                continue  # None is the only spelling of "the format's own groups" for fp8
-            if value is not None and value != fixed[name]:
-                raise bad_value(
-                    f"{prefix}{name}",
-                    value,
-                    f"{fixed[name]!r} (what format={format!r} stores; leave it out)",
-                )
+        _check_fixed(format, fixed, bits, group_size, symmetric, prefix)
         return cls(format, fixed_bits, fixed_group, fixed_symmetric)
 
     @property

@@ -81,3 +81,15 @@ def test_bad_specs_name_the_spec_and_what_is_allowed():
 def test_method_names_by_letter():
     assert method_names("Q")[:2] == ["rtn", "gptq"]
     assert "depgraph" in method_names("P") and "rtn" not in method_names("P")
+
+
+def test_a_grid_format_is_a_quantizers_intensity():
+    from ppq_lightning.callbacks import GPTQ, RTNQuantization
+
+    assert build_stage("rtn:nvfp4").identity == RTNQuantization(format="nvfp4").identity
+    assert build_stage("gptq", "Q4_K_M").identity == GPTQ(format="Q4_K_M").identity
+    assert build_stage("rtn:Q4_0").identity == (
+        RTNQuantization(bits=4, group_size=32, symmetric=True).identity
+    )
+    with pytest.raises(PPQConfigError, match="format is given twice"):
+        build_stage("rtn:nvfp4,format=mxfp4")

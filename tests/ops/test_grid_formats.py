@@ -145,3 +145,12 @@ def test_select_rows_and_concat_give_back_the_grid(format):
     top, bottom = grid.select_rows(slice(0, 128)), grid.select_rows(slice(128, 256))
     joined = type(grid).concat([top, bottom])
     assert torch.equal(joined.fake_quantize(w), grid.fake_quantize(w))
+
+
+def test_gguf_legacy_block_names_are_integer_grids_in_groups_of_32():
+    assert GridSpec.of("Q4_0") == GridSpec("int", 4, 32, True)
+    assert GridSpec.of("q4_1") == GridSpec("int", 4, 32, False)
+    assert GridSpec.of("Q5_0") == GridSpec("int", 5, 32, True)
+    assert GridSpec.of("Q8_0", bits=8) == GridSpec("int", 8, 32, True)
+    with pytest.raises(PPQConfigError, match=r"group_size=64 .*format='Q4_0'"):
+        GridSpec.of("Q4_0", group_size=64)

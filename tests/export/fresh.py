@@ -18,6 +18,9 @@ for label, (folder, mode) in jobs.items():
         if mode == "transformers":
             from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        elif mode == "transformers-bfloat16":
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
         elif mode == "dequantize":
             from transformers import AutoModelForCausalLM, CompressedTensorsConfig
             model = AutoModelForCausalLM.from_pretrained(
@@ -36,7 +39,7 @@ for label, (folder, mode) in jobs.items():
             base = load_pretrained(folder + "/base")
             model = PeftModel.from_pretrained(base, folder + "/adapter")
         with torch.no_grad():
-            results[label] = model(ids).logits.contiguous()
+            results[label] = model(ids).logits.float().contiguous()
     except Exception as err:
         errors[label] = f"{type(err).__name__}: {str(err)[:300]}"
 save_file(results, out)

@@ -14,6 +14,8 @@ stage applications with and without prefix reuse).
         --data.init_args.tokenizer facebook/opt-125m --output ...       # any HF causal LM
     python scripts/order_grid.py --config configs/experiments/fashion_mnist.yaml \\
         --pruning wanda --quantization gptq --bn_recalibration true --output ...  # a CNN
+    python scripts/order_grid.py --sparsities '[0.5]' --bits '[4, "nvfp4", "mxfp4"]' \\
+        --group_size 32 --output ...    # grid formats (ops.grid_formats) beside INT4 g32
 
 Structured pruning: ``block_removal`` removes that fraction of the blocks (SLEB), ``depgraph``
 that fraction of the channels of a CNN or ViT (Torch-Pruning). ``--bn_recalibration true``
@@ -27,6 +29,7 @@ block of 32), so quantization here is per output channel (``--group_size`` chang
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,10 @@ from ppq_lightning.cli.experiments import (
     recalibration,
     write_results_readme,
 )
+from ppq_lightning.errors import PPQConfigError
+from ppq_lightning.modules.targets import resolve_targets
+from ppq_lightning.modules.views import weight_matrix
+from ppq_lightning.ops.grid_formats import GridSpec
 from ppq_lightning.reports import markdown_table, write_text_atomic
 from ppq_lightning.study.engine import OrderStudy
 from ppq_lightning.study.report import write_report
@@ -67,6 +74,13 @@ def grid_parser() -> Any:
         help="bit widths or grid formats (nvfp4, mxfp4, fp8, Q4_K, ...: ops.grid_formats)",
     )
     parser.add_argument("--group_size", type=int | None, default=None)
+    parser.add_argument(
+        "--fallback",
+        type=str | None,
+        default=None,
+        help="a grid format for the layers a format of --bits cannot hold (MXFP4's groups of "
+        "32 on a conv reading 144 inputs); None refuses such a layer",
+    )
     parser.add_argument("--curve_bits", type=list[int], default=[8, 6, 5, 4, 3, 2])
     parser.add_argument("--bn_recalibration", type=bool, default=False)
     return parser
@@ -81,9 +95,25 @@ def grid_points(args: Any) -> list[tuple[str, list]]:
         p = pruner(args.pruning, sparsity, f"P{round(sparsity * 100)}", n, b_orig)
         for bits in args.bits:
             group = args.group_size if isinstance(bits, int) else None  # a format fixes it
-            q = quantizer(args.quantization, bits, f"Q{bits}", n, group, b_orig=b_orig)
+            extra = fallback_layers(args, bits)
+            q = quantizer(args.quantization, bits, f"Q{bits}", n, group, b_orig=b_orig, **extra)
             points.append((f"{p.name}_{q.name}", [p, q]))
     return points
+
+
+def fallback_layers(args: Any, bits: int | str) -> dict[str, Any]:
+    """``{"layer_bits": {layer: fallback}}`` for the target layers of ``args.model`` whose
+    shape the format ``bits`` cannot hold (empty without ``--fallback`` or for bits)."""
+    if args.fallback is None or not isinstance(bits, str):
+        return {}
+    spec = GridSpec.of(bits)
+    layers = {}
+    for name, module in resolve_targets(args.model).items():
+        try:
+            spec.check_shape(tuple(weight_matrix(module).shape), name)
+        except PPQConfigError:
+            layers[f"^{re.escape(name)}$"] = args.fallback
+    return {"layer_bits": layers} if layers else {}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,6 +9,10 @@ seconds, and the perplexity of the model reloaded in a fresh process by plain tr
 ``ct-bfloat16`` rows are the compressed-tensors export in bfloat16 (scales rounded first), the
 dtype a runtime would serve: their perplexity is the bfloat16 model's. GGUF needs
 groups of 32 (SmolLM2's own Q4_1 grid: the weights are already on it), so it gets its own row.
+The formats of issue #29 (``--cases '[rtn_nvfp4, rtn_mxfp4, rtn_fp8, rtn_q4_k_m, gptq_q4_k_m]'``)
+go where they can: NVFP4 and MXFP4 to compressed-tensors (reloaded by ``load_pretrained``:
+transformers' own FP4 path decodes in bf16), MXFP4 and Q4_K_M to GGUF (reloaded by
+transformers' GGUF loader), FP8 to compressed-tensors (reloaded by transformers).
 
     python scripts/export_sizes.py --output docs/results/export_sizes
 """
@@ -22,7 +26,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,8 +101,47 @@ def reload(folder: Path, mode: str, windows_file: Path) -> dict:
     return json.loads(line[len("RESULT") :])
 
 
+INT_FORMATS = ["ppq", "compressed-tensors", "ct-bfloat16"]
+Case = tuple[list[Any], list[str]]
+CASES: dict[str, Callable[[int], Case]] = {  # label -> (stages, export formats), n calibration
+    "rtn4": lambda n: ([RTNQuantization(bits=4, symmetric=True)], INT_FORMATS),
+    "gptq4": lambda n: ([GPTQ(bits=4, symmetric=True, num_calibration_batches=n)], INT_FORMATS),
+    "gptq4_g64_asym": lambda n: (
+        [GPTQ(bits=4, group_size=64, num_calibration_batches=n)],
+        INT_FORMATS,
+    ),
+    "sparsegpt50_gptq4": lambda n: (
+        [
+            SparseGPT(sparsity=0.5, name="P", num_calibration_batches=n),
+            GPTQ(bits=4, symmetric=True, name="Q", num_calibration_batches=n),
+        ],
+        INT_FORMATS,
+    ),
+    "mixed_8_4": lambda n: (
+        [RTNQuantization(bits=4, symmetric=True, layer_bits={r"self_attn": 8})],
+        INT_FORMATS,
+    ),
+    "gptq4_g32_sym (gguf)": lambda n: (
+        [GPTQ(bits=4, group_size=32, symmetric=True, num_calibration_batches=n)],
+        ["gguf"],
+    ),
+    "rtn_nvfp4": lambda n: ([RTNQuantization(format="nvfp4")], ["ppq", "compressed-tensors"]),
+    "rtn_mxfp4": lambda n: (
+        [RTNQuantization(format="mxfp4")],
+        ["ppq", "compressed-tensors", "gguf"],
+    ),
+    "rtn_fp8": lambda n: ([RTNQuantization(format="fp8")], ["ppq", "compressed-tensors"]),
+    "rtn_q4_k_m": lambda n: ([RTNQuantization(format="Q4_K_M")], ["ppq", "gguf"]),
+    "gptq_q4_k_m": lambda n: (
+        [GPTQ(format="Q4_K_M", num_calibration_batches=n)],
+        ["ppq", "gguf"],
+    ),
+}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = experiment_parser(__doc__)
+    parser.add_argument("--cases", type=list[str], default=list(CASES), help=f"of {list(CASES)}")
     args = instantiate(parser, argv)
     out, n = Path(args.output), args.num_calibration_batches
     out.mkdir(parents=True, exist_ok=True)
@@ -107,27 +152,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     windows_file = out / ".windows.pt"
     torch.save(windows, windows_file)
     calibration = data.calibration_dataloader()
-    cases = {
-        "rtn4": [RTNQuantization(bits=4, symmetric=True)],
-        "gptq4": [GPTQ(bits=4, symmetric=True, num_calibration_batches=n)],
-        "gptq4_g64_asym": [GPTQ(bits=4, group_size=64, num_calibration_batches=n)],
-        "sparsegpt50_gptq4": [
-            SparseGPT(sparsity=0.5, name="P", num_calibration_batches=n),
-            GPTQ(bits=4, symmetric=True, name="Q", num_calibration_batches=n),
-        ],
-        "mixed_8_4": [RTNQuantization(bits=4, symmetric=True, layer_bits={r"self_attn": 8})],
-        "gptq4_g32_sym (gguf)": [
-            GPTQ(bits=4, group_size=32, symmetric=True, num_calibration_batches=n)
-        ],
-    }
+    cases = {label: make(n) for label, make in CASES.items() if label in args.cases}
     dense = args.model
     rows = []
-    for label, stages in cases.items():
+    for label, (stages, formats) in cases.items():
         module = copy.deepcopy(dense)
         for stage in stages:
             stage.apply(module, dataloader=calibration)
         in_memory = perplexity(module.model, windows)
-        formats = ["gguf"] if "gguf" in label else ["ppq", "compressed-tensors", "ct-bfloat16"]
         for format in formats:
             folder = out / "exports" / f"{label.split()[0]}_{format}"
             start = time.perf_counter()
@@ -144,9 +176,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 mode = "gguf"
             elif format == "ct-bfloat16":
                 mode = "load_pretrained_bfloat16"
-            else:
-                symmetric = "asym" not in label
-                mode = "transformers" if symmetric else "load_pretrained"
+            else:  # transformers' own path: symmetric integer grids and FP8 (docs/export.md)
+                plain = "asym" not in label and "fp4" not in label
+                mode = "transformers" if plain else "load_pretrained"
             reloaded = reload(folder, mode, windows_file)
             rows.append(
                 {

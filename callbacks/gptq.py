@@ -99,7 +99,7 @@ class GPTQ(CalibratedCompression):
         act_order: bool = False,
         block_size: int = 128,
         damp: float = 0.01,
-        layer_bits: dict[str, int] | None = None,
+        layer_bits: dict[str, int | str] | None = None,
         promote: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:

@@ -92,7 +92,7 @@ class RTNQuantization(CompressionCallback):
         group_size: int | None = None,
         symmetric: bool | None = None,
         format: str = "int",
-        layer_bits: dict[str, int] | None = None,
+        layer_bits: dict[str, int | str] | None = None,
         promote: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:

@@ -232,3 +232,19 @@ def test_joint_search_mixes_formats(tiny_data):
     assert formats <= {"fp8", "nvfp4"} and "nvfp4" in formats
     assert compression_summary(model).measured_C >= 2.5
     check_invariants(model)
+
+
+@pytest.mark.parametrize("stage_class", [RTNQuantization, GPTQ])
+def test_layer_bits_with_a_format_parse_from_yaml(stage_class):
+    """LightningCLI checks ``init_args`` against the signature's type hints: ``layer_bits``
+    mixing a format and bits must pass them (it was typed ``dict[str, int]``, so the YAML of
+    the docstring, ``{"mlp\\.down_proj": fp8}``, was refused before the stage was built)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(stage_class, "stage")
+    config = parser.parse_string(
+        'stage: {format: nvfp4, layer_bits: {"mlp\\\\.down_proj": fp8, "q_proj": 16}}'
+    )
+    stage = parser.instantiate_classes(config).stage
+    assert stage.layer_bits == {"mlp\\.down_proj": "fp8", "q_proj": 16}

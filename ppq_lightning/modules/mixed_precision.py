@@ -33,7 +33,15 @@ from ppq_lightning.errors import PPQConfigError, bad_value, check_number
 from ppq_lightning.modules.config import StageConfig
 from ppq_lightning.modules.targets import compile_patterns
 from ppq_lightning.modules.views import weight_matrix
-from ppq_lightning.ops.grid_formats import INT, MIXTURES, Q4_K_M, GridSpec, check_grid_format
+from ppq_lightning.ops.grid_formats import (
+    GRID_FORMATS,
+    INT,
+    LEGACY_BLOCKS,
+    MIXTURES,
+    Q4_K_M,
+    GridSpec,
+    check_grid_format,
+)
 from ppq_lightning.ops.kquants import q4_k_m_types
 from ppq_lightning.ops.quant_grid import OFF_BITS, check_bits
 from ppq_lightning.ops.reconstruction import relative_weight_error
@@ -45,12 +53,24 @@ Width = int | str
 def check_width(value: Width, argument: str, allow_off: bool = True) -> Width:
     """Validate bits (2-8, or 16 = off) or a grid format (canonically spelled; not a mixture).
 
+    ``"int"`` alone is refused: a layer's integer grid is given by its bits.
+
     Raises:
         PPQConfigError: naming ``argument`` and what is allowed.
     """
-    if isinstance(value, str):
-        return check_grid_format(value, argument, mixtures=False)
-    return check_bits(value, argument, allow_off=allow_off)
+    if not isinstance(value, str):
+        return check_bits(value, argument, allow_off=allow_off)
+    formats = [f for f in (*GRID_FORMATS, *LEGACY_BLOCKS) if f != INT]
+    try:
+        spelled = check_grid_format(value, argument, mixtures=False)
+    except PPQConfigError:
+        spelled = INT  # an unknown name: the same message
+    if spelled == INT:
+        off = ", or 16 (off)" if allow_off else ""
+        raise bad_value(
+            argument, value, f"bits from 2 to 8{off}, or a format: one of {', '.join(formats)}"
+        )
+    return spelled
 
 
 def check_layer_bits(layer_bits: dict[str, Width] | None) -> dict[str, Width] | None:

@@ -77,6 +77,14 @@ def test_gptq_mixed_precision(tiny_lm, tiny_data):
         (lambda: check_promote({"bits": 8}), "promote"),
         (lambda: check_promote({"bits": 8, "fraction": 0}), r"promote\.fraction=0"),
         (lambda: check_promote({"bits": 1, "fraction": 0.5}), r"promote\.bits=1"),
+        # "int" names no grid alone (its bits do): named as the layer's value, not as bits=None
+        (
+            lambda: check_layer_bits({"down": "int"}),
+            r"layer_bits\['down'\]='int' .*bits from 2 to 8, or 16 \(off\), or a format: "
+            r"one of nvfp4",
+        ),
+        (lambda: check_promote({"bits": "INT", "fraction": 0.5}), r"promote\.bits='INT'"),
+        (lambda: check_layer_bits({"down": "fp9"}), r"layer_bits\['down'\]='fp9' .*bits from"),
     ],
 )
 def test_bad_mixed_precision_arguments(call, message):

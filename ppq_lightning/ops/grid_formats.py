@@ -24,6 +24,7 @@ place and returns its grid, whatever the kind.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -82,7 +83,9 @@ def check_grid_format(format: str, argument: str = "format", mixtures: bool = Tr
     allowed = GRID_FORMATS + tuple(LEGACY_BLOCKS) + (MIXTURES if mixtures else ())
     spelled = _SPELLING.get(format.lower()) if isinstance(format, str) else None
     if spelled is None or spelled not in allowed:
-        raise bad_value(argument, format, f"one of {', '.join(allowed)}")
+        integer = re.fullmatch(r"u?int(\d+)", format.lower()) if isinstance(format, str) else None
+        hint = f" (an integer grid: format='int' with bits={integer[1]})" if integer else ""
+        raise bad_value(argument, format, f"one of {', '.join(allowed)}{hint}")
     return spelled
 
 

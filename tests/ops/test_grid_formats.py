@@ -41,6 +41,7 @@ def test_each_format_resolves_to_what_it_stores():
         ({"format": "Q4_K", "symmetric": True}, r"symmetric=True .*format='Q4_K'"),
         ({"format": "int"}, r"bits=None .*format='int'"),
         ({"format": "int4", "bits": 4}, r"format='int4' .*one of int, nvfp4"),
+        ({"format": "INT8"}, r"format='INT8' .*\(an integer grid: format='int' with bits=8\)"),
         ({"format": 4}, r"format=4 "),
     ],
 )

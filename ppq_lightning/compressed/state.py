@@ -13,24 +13,25 @@ the weights against the recorded state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ppq_lightning.compressed.history import HistoryEntry
+from ppq_lightning.errors import PPQConfigError, bad_value
 from ppq_lightning.modules.views import as_matrix, to_weight_layout
-from ppq_lightning.ops.float_grid import FloatGrid
+from ppq_lightning.ops.float_grid import FLOAT_FORMATS, FloatGrid
 from ppq_lightning.ops.grid import Grid
-from ppq_lightning.ops.grid_formats import INT
+from ppq_lightning.ops.grid_formats import GRID_FORMATS, INT
 from ppq_lightning.ops.kquants import KINDS as KQUANT_FORMATS
 from ppq_lightning.ops.kquants import KQuantGrid
 from ppq_lightning.ops.masks import pack_mask, unpack_mask
 from ppq_lightning.ops.quant_grid import QuantGrid
 
 STATE_NAME = "ppq_state"
-_ALL_GRID_BUFFERS = ("scale", "zero", "global_scale", "d", "dmin", "sc", "m")
+GRID_BUFFERS = ("scale", "zero", "global_scale", "d", "dmin", "sc", "m")
 """The buffers a grid is recorded in (float32, whatever the model's dtype): ``scale``/``zero``
 (integer), ``scale``/``global_scale`` (floating-point), ``d``/``dmin``/``sc``/``m`` (K-quant)."""
 
@@ -43,7 +44,7 @@ class CompressionState(nn.Module):
             stored packed, one bit per weight (buffer ``mask_bits``), and unpacked on access.
         grid_format: the format of the last quantization's grid (``ops.grid_formats``:
             ``"int"``, ``"nvfp4"``, ``"mxfp4"``, ``"fp8"``, ``"fp8_block"``, ``"Q4_K"``,
-            ``"Q5_K"``, ``"Q6_K"``); its tensors are the buffers :data:`_ALL_GRID_BUFFERS` lists.
+            ``"Q5_K"``, ``"Q6_K"``); its tensors are the buffers :data:`GRID_BUFFERS` lists.
         scale, zero: an integer grid's parameters ``(rows, n_groups)``, or None.
         bits, group_size, symmetric: settings of that grid (for the other formats, the values
             the format fixes: bits of a stored value, input columns per scale).
@@ -56,7 +57,7 @@ class CompressionState(nn.Module):
         super().__init__()
         self.register_buffer("mask_bits", None)
         self.mask_shape: tuple[int, ...] | None = None
-        for name in _ALL_GRID_BUFFERS:
+        for name in GRID_BUFFERS:
             self.register_buffer(name, None)
         self.grid_format: str = INT
         self.grid_shape: tuple[int, int] | None = None
@@ -72,7 +73,7 @@ class CompressionState(nn.Module):
         (``model.to(torch.bfloat16)``, ``Trainer(precision="bf16-true")``): the grid is recorded
         in float32, and a bf16 weight is on it when it is a float32 grid value rounded once to
         bf16; a scale rounded to bf16 would be another grid."""
-        grid = {n: self._buffers[n] for n in _ALL_GRID_BUFFERS if self._buffers[n] is not None}
+        grid = {n: self._buffers[n] for n in GRID_BUFFERS if self._buffers[n] is not None}
         super()._apply(fn, recurse)
         for name, kept in grid.items():
             self._buffers[name] = kept.to(device=self._buffers[name].device)
@@ -92,19 +93,13 @@ class CompressionState(nn.Module):
     @property
     def grid(self) -> Grid | None:
         """The recorded grid, of the class its format names, or None if never quantized."""
-        if self.bits is None:
+        if self.bits is None or (self.grid_format == INT and self.scale is None):
             return None
-        if self.grid_format == INT:
-            if self.scale is None:
-                return None
-            return QuantGrid(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
-        if self.grid_format in KQUANT_FORMATS:
-            return KQuantGrid(self.grid_format, self.d, self.dmin, self.sc, self.m)
-        return FloatGrid(self.scale, self.global_scale, self.grid_format, self.grid_shape)
+        return grid_from_buffers(self._buffers, self.get_extra_state())
 
     def set_grid(self, grid: Grid, device: torch.device) -> None:
         """Record ``grid`` (any kind) in float32 on ``device``, replacing an older grid."""
-        for name in _ALL_GRID_BUFFERS:
+        for name in GRID_BUFFERS:
             self._buffers[name] = None
         if isinstance(grid, QuantGrid):
             self.grid_format, self.grid_shape = INT, None
@@ -159,9 +154,43 @@ class CompressionState(nn.Module):
         return ", ".join(parts)
 
 
+def grid_from_buffers(buffers: Mapping[str, Tensor | None], extra: Mapping[str, Any]) -> Grid:
+    """The grid a compression state records, from its buffers (:data:`GRID_BUFFERS`: ``scale``,
+    ``d``, ...) and its extra state (``grid_format``, ``bits``, ``group_size``, ``symmetric``,
+    ``grid_shape``), whether on a module or read from a file.
+
+    Raises:
+        PPQConfigError: for an unknown grid format or a missing buffer.
+    """
+    grid_format = extra.get("grid_format", INT)
+    if grid_format == INT:
+        needed: tuple[str, ...] = ("scale", "zero")
+    elif grid_format in FLOAT_FORMATS:
+        needed = ("scale",)
+    elif grid_format in KQUANT_FORMATS:
+        needed = ("d", "dmin", "sc", "m")
+    else:
+        raise bad_value("grid_format", grid_format, f"one of {', '.join(GRID_FORMATS)}")
+    missing = [name for name in needed if buffers.get(name) is None]
+    if missing:
+        raise PPQConfigError(f"a {grid_format} grid is recorded without its buffers {missing}.")
+    if grid_format == INT:
+        return QuantGrid(
+            buffers["scale"],
+            buffers["zero"],
+            extra["bits"],
+            extra["group_size"],
+            extra["symmetric"],
+        )
+    if grid_format in FLOAT_FORMATS:
+        shape = tuple(extra.get("grid_shape") or ())
+        return FloatGrid(buffers["scale"], buffers.get("global_scale"), grid_format, shape)
+    return KQuantGrid(grid_format, buffers["d"], buffers["dmin"], buffers["sc"], buffers["m"])
+
+
 def _materialize_buffers(module: CompressionState, state_dict: dict, prefix: str, *args) -> None:
     """Give still-empty buffers the shape of the tensors about to be loaded into them."""
-    for name in ("mask_bits", *_ALL_GRID_BUFFERS):
+    for name in ("mask_bits", *GRID_BUFFERS):
         key = prefix + name
         if key in state_dict and getattr(module, name) is None:
             module._buffers[name] = torch.empty_like(state_dict[key])

@@ -48,12 +48,17 @@ from torch import Tensor, nn
 
 from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.invariants import check_invariants
-from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, ensure_state
+from ppq_lightning.compressed.state import (
+    GRID_BUFFERS,
+    STATE_NAME,
+    compressed_modules,
+    ensure_state,
+)
 from ppq_lightning.errors import PPQConfigError, check_choice
 from ppq_lightning.export.architecture import describe, edited_layers, floating_dtype, unwrap
 from ppq_lightning.export.dtypes import check_fits, check_range
 from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
-from ppq_lightning.export.grid_kinds import GRID_BUFFERS, INT, KQUANT, grid_kind
+from ppq_lightning.export.grid_kinds import INT, KQUANT, grid_kind
 from ppq_lightning.modules.attention import attention_of
 from ppq_lightning.modules.targets import untaken_layers
 from ppq_lightning.modules.tree import find_module

@@ -4,13 +4,11 @@
 Every exporter asks :func:`grid_kind` first and refuses or handles each kind: a floating-point
 or K-quant grid has no ``zero`` per group and no ``centred`` flag, and treating it as an integer
 grid would write wrong codes. :func:`zero_codes` gives the code of 0 wherever a layer's pruned
-weights sit (the sparse encoding of the native format), and :func:`recorded_grid` rebuilds a grid
-from a state dict's buffers.
+weights sit (the sparse encoding of the native format); ``compressed.state.grid_from_buffers``
+rebuilds a grid from a state dict's buffers.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,8 +20,6 @@ from ppq_lightning.ops.kquants import KINDS, KQuantGrid, zero_exact
 from ppq_lightning.ops.quant_grid import QuantGrid
 
 INT, FLOAT, KQUANT = "int", "float", "kquant"
-GRID_BUFFERS = ("scale", "zero", "global_scale", "d", "dmin", "sc", "m")
-"""The buffers of a :class:`~ppq_lightning.compressed.state.CompressionState` that hold its grid."""
 
 
 def grid_kind(grid_format: str) -> str:
@@ -62,31 +58,3 @@ def zero_codes(grid: Grid, cols: int) -> Tensor | None:
     if isinstance(grid, QuantGrid):
         return grid._expand(grid.zero, cols).to(torch.int64).cpu()
     return None
-
-
-def recorded_grid(buffers: dict[str, Any], extra: dict[str, Any]) -> Grid:
-    """The grid a compression state records, from its buffers (``scale``, ``d``, ...) and its
-    extra state (``grid_format``, ``bits``, ``grid_shape``, ...), as ``CompressionState.grid``
-    builds it.
-
-    Raises:
-        PPQConfigError: for an unknown grid format or a missing buffer.
-    """
-    grid_format = extra.get("grid_format", INT)
-    kind = grid_kind(grid_format)
-    needed = {INT: ("scale", "zero"), FLOAT: ("scale",), KQUANT: ("d", "dmin", "sc", "m")}[kind]
-    missing = [name for name in needed if buffers.get(name) is None]
-    if missing:
-        raise PPQConfigError(f"a {grid_format} grid is recorded without its buffers {missing}.")
-    if kind == INT:
-        return QuantGrid(
-            buffers["scale"],
-            buffers["zero"],
-            extra["bits"],
-            extra["group_size"],
-            extra["symmetric"],
-        )
-    if kind == FLOAT:
-        shape = tuple(extra.get("grid_shape") or ())
-        return FloatGrid(buffers["scale"], buffers.get("global_scale"), grid_format, shape)
-    return KQuantGrid(grid_format, buffers["d"], buffers["dmin"], buffers["sc"], buffers["m"])

@@ -38,7 +38,13 @@ from torch import Tensor, nn
 
 from ppq_lightning.compressed.accounting import counted_layers
 from ppq_lightning.compressed.invariants import check_invariants
-from ppq_lightning.compressed.state import STATE_NAME, compressed_modules, get_state
+from ppq_lightning.compressed.state import (
+    GRID_BUFFERS,
+    STATE_NAME,
+    compressed_modules,
+    get_state,
+    grid_from_buffers,
+)
 from ppq_lightning.edits.loading import enable_state_loading
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.architecture import (
@@ -50,14 +56,7 @@ from ppq_lightning.export.architecture import (
     wrap,
 )
 from ppq_lightning.export.folder import counted_bytes, open_safetensors, verified_folder
-from ppq_lightning.export.grid_kinds import (
-    FLOAT,
-    GRID_BUFFERS,
-    INT,
-    grid_kind,
-    recorded_grid,
-    zero_codes,
-)
+from ppq_lightning.export.grid_kinds import FLOAT, INT, grid_kind, zero_codes
 from ppq_lightning.modules.attention import AttentionProjection
 from ppq_lightning.modules.targets import untaken_layers
 from ppq_lightning.modules.views import as_matrix, stores_transposed, to_weight_layout
@@ -340,7 +339,7 @@ def _decode_weight(key: str, stored: Tensor, record: dict[str, Any], state_dict:
         weight = torch.zeros(shape, dtype=dtype)
         weight[mask] = stored
         return weight
-    grid = recorded_grid({b: state_dict.get(prefix + b) for b in GRID_BUFFERS}, extra)
+    grid = grid_from_buffers({b: state_dict.get(prefix + b) for b in GRID_BUFFERS}, extra)
     rows_cols = (
         (shape[1], shape[0]) if record["transposed"] else (shape[0], shape.numel() // shape[0])
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -365,8 +366,21 @@ class CompressionStage:
         if isinstance(grid, GridSpec) and StageKind(self.kind).quantizes:
             layer_bits = getattr(self.config, "layer_bits", None)
             for name, spec in assign_grids(modules, grid, layer_bits).items():
-                if not spec.off:
+                if spec.off:
+                    continue
+                try:
                     spec.check_shape(tuple(weight_matrix(modules[name]).shape), name)
+                except PPQConfigError as error:
+                    raise PPQConfigError(f"{error} {self._shape_fix(name)}") from error
+
+    def _shape_fix(self, name: str) -> str:
+        """What to change when layer ``name``'s grid cannot hold its shape: leave it out, or (a
+        stage with ``layer_bits``) give it a grid any width fits."""
+        pattern = f"^{re.escape(name)}$"
+        fix = f"Leave the layer out with ignore=[{pattern!r}]"
+        if "layer_bits" in self.config_class.__dataclass_fields__:
+            fix += f", or give it another grid: layer_bits={{{pattern!r}: 'fp8'}} (16: unquantized)"
+        return fix + "."
 
     def check_ahead(self, model: nn.Module, earlier: list[CompressionStage]) -> None:
         """What a :class:`CompressionSchedule` checks for this stage before its first stage

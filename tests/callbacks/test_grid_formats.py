@@ -248,3 +248,23 @@ def test_layer_bits_with_a_format_parse_from_yaml(stage_class):
     )
     stage = parser.instantiate_classes(config).stage
     assert stage.layer_bits == {"mlp\\.down_proj": "fp8", "q_proj": 16}
+
+
+def test_a_layer_the_format_cannot_hold_is_refused_with_the_fix_that_works():
+    """A stem 24 wide cannot hold MXFP4's groups of 32: the error names the layer and both
+    fixes, and each fix, as written in the message, compresses the model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+    before = state_copy(model)
+    with pytest.raises(PPQConfigError, match=r"0 shape=\(32, 24\)") as error:
+        RTNQuantization(format="mxfp4", targets=["."]).apply(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    message = str(error.value)
+    assert "ignore=['^0$']" in message
+    assert "layer_bits={'^0$': 'fp8'} (16: unquantized)" in message
+    RTNQuantization(format="mxfp4", targets=["."], ignore=["^0$"]).apply(model)
+    assert get_state(model[0]) is None and get_state(model[2]).grid_format == "mxfp4"
+    mixed = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 32))
+    RTNQuantization(format="mxfp4", targets=["."], layer_bits={"^0$": "fp8"}).apply(mixed)
+    assert [get_state(layer).grid_format for layer in mixed] == ["fp8", "mxfp4"]
+    assert check_invariants(mixed) == 2

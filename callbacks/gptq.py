@@ -74,7 +74,10 @@ class GPTQ(CalibratedCompression):
 
     Raises:
         PPQConfigError: bits outside 2-8, a bad group size, block size or damping,
-            ``symmetric``/``act_order`` not a bool (see also ``CalibratedCompression``).
+            ``symmetric``/``act_order`` not a bool, an unknown ``format`` or arguments it
+            contradicts, bad ``layer_bits``/``promote``; before any weight changes, a layer
+            whose grid cannot hold its shape, naming the layer and the fix (see also
+            ``CalibratedCompression``).
 
     Example (YAML)::
 

@@ -64,8 +64,11 @@ class RTNQuantization(CompressionCallback):
 
     Raises:
         PPQConfigError: bits outside 2-8 (and not 16), a group size that is not a positive
-            integer, ``symmetric`` not a bool, or (at run time) one that does not divide a
-            layer's input dimension.
+            integer, ``symmetric`` not a bool, an unknown ``format`` or a bits, group size or
+            symmetry it contradicts, bad ``layer_bits``/``promote``; at run time, before any
+            weight changes, a layer whose grid cannot hold its shape (a group size that does
+            not divide its input dimension, columns not a multiple of 16/32/256 for
+            NVFP4/MXFP4/K-quants), naming the layer and the fix.
 
     Example (YAML)::
 

@@ -73,7 +73,9 @@ class SparseGPT(CalibratedCompression):
 
     Raises:
         PPQConfigError: bad sparsity/pattern/bits/group size/block size/damping, ``symmetric``
-            not a bool (see also ``CalibratedCompression``).
+            not a bool, an unknown ``format`` or arguments it contradicts; before any weight
+            changes, a layer whose grid cannot hold its shape, naming the layer (see also
+            ``CalibratedCompression``).
 
     Example (YAML)::
 

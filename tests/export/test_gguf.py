@@ -9,6 +9,7 @@ from ppq_lightning.compressed.state import compressed_modules
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.gguf import FILE, _permute_rows
 from ppq_lightning.models import CausalLMModule
+from ppq_lightning.modules.mixed_precision import gguf_names
 from ppq_lightning.modules.views import weight_matrix
 from tests.export.fresh import fresh_logits
 from tests.export.helpers import compressed_lm
@@ -30,17 +31,7 @@ def test_gguf_blocks_read_back_with_ggufs_dequantizer(tmp_path, kind):
     tensors = {t.name: t for t in reader.tensors}
     config = module.model.config
     for name, layer, state in compressed_modules(module.model):
-        block, short = int(name.split(".")[2]), name.rsplit(".", 1)[-1]
-        gguf_name = {
-            "q_proj": "attn_q",
-            "k_proj": "attn_k",
-            "v_proj": "attn_v",
-            "o_proj": "attn_output",
-            "gate_proj": "ffn_gate",
-            "up_proj": "ffn_up",
-            "down_proj": "ffn_down",
-        }[short]
-        tensor = tensors[f"blk.{block}.{gguf_name}.weight"]
+        tensor, short = tensors[gguf_names([name])[name]], name.rsplit(".", 1)[-1]
         assert tensor.tensor_type.name == kind
         decoded = torch.from_numpy(
             gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)

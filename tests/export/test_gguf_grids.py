@@ -1,6 +1,8 @@
 """GGUF export of K-quant, MXFP4 and Q5_0 grids (issue #29): block types decided by grid kind,
 read back by gguf's own dequantizer and by transformers' GGUF loader."""
 
+import re
+
 import gguf
 import numpy as np
 import pytest
@@ -10,40 +12,25 @@ import ppq_lightning
 from ppq_lightning.compressed.state import compressed_modules
 from ppq_lightning.errors import PPQConfigError
 from ppq_lightning.export.gguf import FILE, _permute_rows, file_type
+from ppq_lightning.models import CausalLMModule
+from ppq_lightning.modules.mixed_precision import gguf_names, q4_k_m_grids
 from ppq_lightning.modules.views import weight_matrix
-from ppq_lightning.ops.kquants import q4_k_m_types
 from tests.export.fresh import fresh_logits
-from tests.export.grids import GRID_LLAMA, grid_lm
+from tests.export.grids import GRID_LLAMA, PROJECTIONS, grid_lm
 from tests.helpers import token_batches
 
-GGUF_NAMES = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
-Q5_0 = {".": {"format": "int", "bits": 5, "group_size": 32, "symmetric": True}}
-Q8_0 = {"format": "int", "bits": 8, "group_size": 32, "symmetric": True}
+Q5_0, Q8_0 = "Q5_0", "Q8_0"  # integer grids in groups of 32 (ops.grid_formats)
 
 
 def gguf_name(name: str) -> str:
-    block, short = int(name.split(".")[2]), name.rsplit(".", 1)[-1]
-    return f"blk.{block}.{GGUF_NAMES[short]}.weight"
+    return gguf_names([name])[name]
 
 
 def q4_k_m_rules() -> dict[str, str]:
-    """llama.cpp's Q4_K_M mixture for GRID_LLAMA's projections, as regexes per layer."""
-    layers = GRID_LLAMA["num_hidden_layers"]
-    names = [f"blk.{i}.{g}.weight" for i in range(layers) for g in GGUF_NAMES.values()]
-    types = q4_k_m_types(names, layers)
-    rules = {}
-    for i in range(layers):
-        for short, g in GGUF_NAMES.items():
-            rules[rf"layers\.{i}\..*{short}$"] = types[f"blk.{i}.{g}.weight"]
-    return rules
+    """llama.cpp's Q4_K_M mixture for GRID_LLAMA's projections, as a regex per layer."""
+    module = CausalLMModule(model_config=GRID_LLAMA, seed=0)
+    layers = {n: m for n, m in module.model.named_modules() if n.endswith(PROJECTIONS)}
+    return {rf"^{re.escape(n)}$": spec.format for n, spec in q4_k_m_grids(layers).items()}
 
 
 def read_back(folder) -> dict[str, tuple[str, torch.Tensor]]:

@@ -365,18 +365,30 @@ class CompressionStage:
         grid = getattr(self.config, "grid", None)
         if isinstance(grid, GridSpec) and StageKind(self.kind).quantizes:
             layer_bits = getattr(self.config, "layer_bits", None)
+            refused: dict[str, PPQConfigError] = {}
             for name, spec in assign_grids(modules, grid, layer_bits).items():
-                if spec.off:
-                    continue
-                try:
-                    spec.check_shape(tuple(weight_matrix(modules[name]).shape), name)
-                except PPQConfigError as error:
-                    raise PPQConfigError(f"{error} {self._shape_fix(name)}") from error
+                if not spec.off:
+                    try:
+                        spec.check_shape(tuple(weight_matrix(modules[name]).shape), name)
+                    except PPQConfigError as error:
+                        refused[name] = error
+            if refused:
+                name, error = next(iter(refused.items()))
+                fix = self._shape_fix(list(refused), len(modules))
+                raise PPQConfigError(f"{error} {fix}") from error
 
-    def _shape_fix(self, name: str) -> str:
-        """What to change when layer ``name``'s grid cannot hold its shape: leave it out, or (a
-        stage with ``layer_bits``) give it a grid any width fits."""
-        pattern = f"^{re.escape(name)}$"
+    def _shape_fix(self, names: list[str], n_layers: int) -> str:
+        """What to change when the grids of layers ``names`` (of ``n_layers`` targets) cannot
+        hold their shapes: leave the layer out, or (a stage with ``layer_bits``) give it a grid
+        any width fits; with several, how many there are and a grid every layer holds."""
+        if len(names) > 1:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            fix = f"{len(names)} of the {n_layers} target layers cannot hold it ({shown}): "
+            fix += "choose a format they hold, or leave them out with ignore"
+            if "layer_bits" in self.config_class.__dataclass_fields__:
+                fix += " or give them another grid with layer_bits (fp8 holds any width)"
+            return fix + "."
+        pattern = f"^{re.escape(names[0])}$"
         fix = f"Leave the layer out with ignore=[{pattern!r}]"
         if "layer_bits" in self.config_class.__dataclass_fields__:
             fix += f", or give it another grid: layer_bits={{{pattern!r}: 'fp8'}} (16: unquantized)"

@@ -268,3 +268,12 @@ def test_a_layer_the_format_cannot_hold_is_refused_with_the_fix_that_works():
     RTNQuantization(format="mxfp4", targets=["."], layer_bits={"^0$": "fp8"}).apply(mixed)
     assert [get_state(layer).grid_format for layer in mixed] == ["fp8", "mxfp4"]
     assert check_invariants(mixed) == 2
+
+
+def test_layers_the_format_cannot_hold_are_counted_in_the_refusal():
+    """Every layer too narrow: the message says how many, and that a format they hold (or
+    ignore / layer_bits) is the fix, instead of a one-layer fix that would only move on."""
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.Linear(24, 24))
+    with pytest.raises(PPQConfigError, match=r"2 of the 2 target layers cannot hold it \(0, 1\)"):
+        RTNQuantization(format="mxfp4", targets=["."]).apply(model)
+    assert get_state(model[0]) is None and get_state(model[1]) is None

@@ -270,6 +270,31 @@ def test_a_layer_the_format_cannot_hold_is_refused_with_the_fix_that_works():
     assert check_invariants(mixed) == 2
 
 
+@pytest.mark.parametrize("order", ["P50>Q_nvfp4", "Q_nvfp4>P50"])
+def test_a_schedule_orders_a_format_stage_like_any_q_stage(tmp_path, tiny_lm, tiny_data, order):
+    from ppq_lightning.callbacks import CompressionSchedule
+    from tests.helpers import make_trainer
+
+    stages = [
+        MagnitudePruning(sparsity=0.5, name="P50"),
+        RTNQuantization(format="nvfp4", name="Q_nvfp4"),
+    ]
+    schedule = CompressionSchedule(stages=stages, order=order)
+    make_trainer(tmp_path, [schedule]).validate(tiny_lm, datamodule=tiny_data, verbose=False)
+    rows = schedule.rows()
+    assert [r["stage"] for r in rows] == [
+        "0_dense",
+        *(f"{i}_{n}" for i, n in enumerate(order.split(">"), 1)),
+    ]
+    assert rows[-1]["nominal_C"] == pytest.approx(2 * 16 / 4)  # C_P * C_Q, B_Q = 4
+    # stored sparse: half the values at 4 bits, a 1-bit mask, E4M3 scales: 0.5 bit per weight
+    assert 16 / 3.6 < rows[-1]["measured_C"] < 16 / 3.4
+    for module in resolve_targets(tiny_lm).values():
+        state = get_state(module)
+        assert state.grid_format == "nvfp4" and state.mask is not None
+    check_invariants(tiny_lm)
+
+
 def test_layers_the_format_cannot_hold_are_counted_in_the_refusal():
     """Every layer too narrow: the message says how many, and that a format they hold (or
     ignore / layer_bits) is the fix, instead of a one-layer fix that would only move on."""

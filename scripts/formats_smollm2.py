@@ -140,6 +140,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme(summary: dict) -> str:
+    """The folder's README.md: the command and the commit it ran at, the table, the caveats."""
+    caveats = __doc__.split("\n\n")[-1].strip()
+    return (
+        "# Grid formats on SmolLM2-135M: RTN and GPTQ\n\n"
+        f"Produced at commit `{summary['commit']}` by:\n\n    {summary['command']}\n\n"
+        f"{summary['calibration_windows']} calibration and {summary['evaluation_windows']} "
+        f"evaluation windows of {summary['seqlen']} tokens (pydoc), the same for every run; "
+        f"perplexity (lower is better); wall time {summary['seconds']:.0f} s.\n\n"
+        f"{table(summary['rows'])}\n{caveats}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("outputs/formats_smollm2"))
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_text_atomic(args.output / "table.md", table(rows))
+    write_text_atomic(args.output / "README.md", readme(summary))
     return summary
 
 

@@ -293,10 +293,12 @@ def save(model: nn.Module, folder: Path) -> dict[str, Any]:
             error = float((decoded - grid.dequantize(codes)).abs().max()) if codes.numel() else 0.0
             if not math.isfinite(error) or (kind in EXACT_TYPES and error != 0):
                 # max(0.0, nan) is 0.0: a NaN must not pass as exact
+                why = (
+                    "inf or NaN" if not math.isfinite(error) else f"{kind} must decode bit for bit"
+                )
                 raise PPQConfigError(
                     f"{key}: gguf's dequantizer reads {kind} blocks that differ from the grid by "
-                    f"{error} ({kind} must decode bit for bit; legacy blocks finitely); nothing "
-                    "was written."
+                    f"{error} ({why}); nothing was written."
                 )
             max_error = max(max_error, error)
             layer_bytes += data.nbytes if layer in counted_all else 0

@@ -170,7 +170,12 @@ class GridSpec:
             return cls(INT, legacy_bits, LEGACY_GROUP, legacy_symmetric)
         if format == INT:
             if bits is None:
-                raise bad_value(f"{prefix}bits", bits, "an integer from 2 to 8 for format='int'")
+                raise bad_value(
+                    f"{prefix}bits",
+                    bits,
+                    "an integer from 2 to 8 for format='int', or a format that fixes the bits "
+                    f"({', '.join(f for f in GRID_FORMATS if f != INT)})",
+                )
             bits = check_bits(bits, f"{prefix}bits", allow_off=allow_off)
             if group_size is not None:
                 check_group_size(group_size, group_size, f"{prefix}group_size")

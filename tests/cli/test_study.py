@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ppq_lightning.callbacks import GPTQ
 from ppq_lightning.cli import main
 from ppq_lightning.cli.study import apply_overrides, check_curve_bits, split_overrides
 from ppq_lightning.errors import PPQConfigError
@@ -81,8 +82,10 @@ def test_a_stage_class_override_applies_first_and_names_what_the_class_needs():
     apply_overrides(swapped, [("P", "num_calibration_batches", "2"), ("P", "class_path", "wanda")])
     assert swapped[0]["init_args"] == {"name": "P", "sparsity": 0.5, "num_calibration_batches": 2}
     assert swapped[0]["class_path"] == "ppq_lightning.callbacks.wanda.Wanda"  # a registry name
-    with pytest.raises(PPQConfigError, match=r"gptq: GPTQ needs bits; add --P\.bits"):
-        apply_overrides(stages(), [("P", "class_path", "gptq")])
+    unsized = stages()  # GPTQ's bits may come from a format: the stage itself says what it needs
+    apply_overrides(unsized, [("P", "class_path", "gptq")])
+    with pytest.raises(PPQConfigError, match=r"bits=None .*2 to 8 .*or a format .*nvfp4"):
+        GPTQ(**{k: v for k, v in unsized[0]["init_args"].items()})
     given = stages()
     apply_overrides(given, [("P", "class_path", "gptq"), ("P", "bits", "3")])
     assert given[0]["init_args"]["bits"] == 3

@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command,
         "commit": commit,
         "llama_perplexity": how,
+        "llama_cpp_version": subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True
+        ).stderr.strip(),
         "ctx": args.ctx,
         "tokens": ids.numel(),
         "rows": rows,

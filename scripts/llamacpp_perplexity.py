@@ -12,7 +12,9 @@ and llama.cpp's arithmetic.
 distribution vendors (``pip download --no-binary :all: llama-cpp-python``), with cmake and a C++
 compiler, into ``--build-dir``; or give ``--llama-perplexity PATH``. When it cannot be had (no
 cmake or compiler, no registry, a failed build) the script prints why and exits 0 with
-``skipped`` in its summary: the check is optional, nothing else depends on it.
+``skipped`` in its summary: the check is optional, nothing else depends on it. RTN onto Q8_0 (a
+near-dense model in GGUF's 8-bit blocks) is the reference row: the ratio of the two scores there
+is what the tokenizers and the arithmetics alone make of the same text.
 
     python scripts/llamacpp_perplexity.py --output docs/results/llamacpp_perplexity
 """
@@ -75,8 +77,11 @@ def build_llama_perplexity(build_dir: Path) -> tuple[Path | None, str]:
     return (binary, "built") if binary.exists() else (None, f"the build made no {TARGET}")
 
 
-def llama_cpp_ppl(binary: Path, gguf: Path, text: Path, ctx: int, threads: int) -> float:
-    """The final perplexity ``llama-perplexity`` prints for ``gguf`` on ``text``.
+def llama_cpp_ppl(
+    binary: Path, gguf: Path, text: Path, ctx: int, threads: int
+) -> tuple[float, int | None]:
+    """The final perplexity ``llama-perplexity`` prints for ``gguf`` on ``text``, and over how
+    many chunks (its tokenizer's count).
 
     Raises:
         RuntimeError: when it exits non-zero or prints no final estimate.
@@ -89,7 +94,8 @@ def llama_cpp_ppl(binary: Path, gguf: Path, text: Path, ctx: int, threads: int) 
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
     if done.returncode or found is None:
         raise RuntimeError(f"{TARGET} on {gguf} failed: {(done.stderr or done.stdout)[-500:]}")
-    return float(found.group(1))
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", done.stdout + done.stderr)
+    return float(found.group(1)), int(chunks.group(1)) if chunks else None
 
 
 def ours_like_llama_cpp(
@@ -118,7 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("outputs/llamacpp_perplexity"))
     parser.add_argument("--build-dir", type=Path, default=Path("outputs/llama.cpp"))
     parser.add_argument("--llama-perplexity", type=Path, default=None)
-    parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq"], default=["rtn", "gptq"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["rtn:Q8_0", "rtn:Q4_K_M", "gptq:Q4_K_M"],
+        help="METHOD:FORMAT quantizers; rtn:Q8_0 is the near-dense reference of the tokenizers' "
+        "and arithmetics' difference",
+    )
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=512)
@@ -159,30 +171,34 @@ def main(argv: list[str] | None = None) -> dict:
     text.write_text(tokenizer.decode(held_out.tolist()))
     ids = torch.tensor(tokenizer.encode(text.read_text(), add_special_tokens=False))
     rows = []
-    for method in args.methods:
+    for case in args.cases:
+        method, _, format = case.partition(":")
         module = CausalLMModule(model="smollm2-135m")
         start = time.perf_counter()
         build_stage(
-            method, "Q4_K_M", num_calibration_batches=len(calibration), log_layers=False
+            method, format, num_calibration_batches=len(calibration), log_layers=False
         ).apply(module, dataloader=calibration)
         seconds = time.perf_counter() - start
-        folder = args.output / "exports" / method
+        folder = args.output / "exports" / f"{method}_{format}"
         manifest = ppq_lightning.export(module, "gguf", folder, overwrite=True)
         reader = gguf.GGUFReader(str(folder / "model.gguf"))
         field = reader.fields.get("tokenizer.ggml.add_bos_token")
         adds_bos = bool(field.parts[field.data[0]][0]) if field is not None else False
         bos_field = reader.fields.get("tokenizer.ggml.bos_token_id")
         bos = int(bos_field.parts[bos_field.data[0]][0]) if adds_bos and bos_field else None
+        llama_ppl, llama_chunks = llama_cpp_ppl(
+            binary, folder / "model.gguf", text, args.ctx, args.threads
+        )
         row = {
             "method": method,
-            "format": "Q4_K_M",
+            "format": format,
             "seconds": seconds,
             "file_MB": manifest["bytes"] / 1e6,
             "measured_C": manifest["measured_C"],
             "ppl_ours": ours_like_llama_cpp(module.model.eval(), ids, args.ctx, bos),
-            "ppl_llama_cpp": llama_cpp_ppl(
-                binary, folder / "model.gguf", text, args.ctx, args.threads
-            ),
+            "ppl_llama_cpp": llama_ppl,
+            "chunks_ours": ids.numel() // args.ctx,
+            "chunks_llama_cpp": llama_chunks,
             "bos": bos,
         }
         print(json.dumps(row), flush=True)
@@ -199,7 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ctx": args.ctx,
         "tokens": ids.numel(),
         "rows": rows,
-        "ppl": {f"{r['method']}:{k}": r[k] for r in rows for k in ("ppl_ours", "ppl_llama_cpp")},
+        "ppl": {
+            f"{r['method']}:{r['format']}:{k}": r[k]
+            for r in rows
+            for k in ("ppl_ours", "ppl_llama_cpp")
+        },
     }
     write_text_atomic(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from dtype_smollm2 import windows  # the same calibration and evaluation windows
 
 from ppq_lightning.cli.experiments import source_commit
 from ppq_lightning.reports import write_text_atomic
@@ -47,20 +48,6 @@ GRIDS = {  # a row -> the quantizer's intensity and arguments (callbacks/registr
     "Q4_K_M": ("Q4_K_M", {}),
 }
 METHODS = ("rtn", "gptq")
-
-
-def windows(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """The calibration and evaluation windows every run shares (token ids)."""
-    from ppq_lightning.datamodules import TextDataModule
-
-    data = TextDataModule(
-        source="pydoc",
-        tokenizer="smollm2-135m",
-        seqlen=args.seqlen,
-        num_calibration_samples=args.calibration_samples,
-        max_eval_windows=args.eval_windows,
-    )
-    return {"calibration": data.calibration_windows(), "evaluation": data.eval_windows}
 
 
 def layer_grids(module: torch.nn.Module) -> dict[str, int]:

@@ -99,15 +99,21 @@ def llama_cpp_ppl(
 
 
 def ours_like_llama_cpp(
-    model: torch.nn.Module, ids: torch.Tensor, ctx: int, bos: int | None
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    ctx: int,
+    bos: int | None,
+    chunks: int | None = None,
 ) -> float:
     """Perplexity of ``model`` on token ids ``ids`` as ``llama-perplexity`` computes it: chunks
     of ``ctx`` tokens (the first replaced by BOS when the file adds one), each scoring the
-    predictions of its tokens ``ctx/2 + 1 .. ctx - 1``."""
+    predictions of its tokens ``ctx/2 + 1 .. ctx - 1``; the first ``chunks`` chunks (None:
+    every whole one)."""
     nll, count = 0.0, 0
     first = ctx // 2
     with torch.no_grad():
-        for start in range(0, ids.numel() - ctx + 1, ctx):
+        starts = range(0, ids.numel() - ctx + 1, ctx)
+        for start in starts if chunks is None else starts[:chunks]:
             chunk = ids[start : start + ctx].clone()
             if bos is not None:
                 chunk[0] = bos
@@ -195,9 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": seconds,
             "file_MB": manifest["bytes"] / 1e6,
             "measured_C": manifest["measured_C"],
-            "ppl_ours": ours_like_llama_cpp(module.model.eval(), ids, args.ctx, bos),
+            "ppl_ours": ours_like_llama_cpp(  # over as many chunks as llama.cpp's tokens make
+                module.model.eval(), ids, args.ctx, bos, llama_chunks
+            ),
             "ppl_llama_cpp": llama_ppl,
-            "chunks_ours": ids.numel() // args.ctx,
+            "chunks_ours": min(ids.numel() // args.ctx, llama_chunks or ids.numel()),
             "chunks_llama_cpp": llama_chunks,
             "bos": bos,
         }

@@ -46,3 +46,13 @@ def test_without_a_build_it_skips_and_says_why(tmp_path, monkeypatch):
     assert summary["skipped"] == "cmake is not installed"
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
     assert not (tmp_path / "b").exists()  # nothing downloaded or built
+
+
+def test_chunks_limits_the_scored_chunks_to_llama_cpps_count():
+    script = load_script("llamacpp_perplexity")
+    ids = torch.arange(48) % 8
+    ids[41] = 0  # a miss in the scored half of the third chunk only
+    model = _Uniform()
+    assert script.ours_like_llama_cpp(model, ids, ctx=16, bos=None, chunks=2) < (
+        script.ours_like_llama_cpp(model, ids, ctx=16, bos=None)
+    )

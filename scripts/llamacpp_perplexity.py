@@ -125,6 +125,28 @@ def ours_like_llama_cpp(
     return math.exp(nll / count)
 
 
+def readme(summary: dict) -> str:
+    """The folder's README.md: the command, the commit, llama.cpp's version and the rows."""
+    lines = [
+        "# llama.cpp's own perplexity of our GGUF files (SmolLM2-135M)",
+        f"Produced at commit `{summary['commit']}` by:",
+        f"    {summary['command']}",
+        f"llama.cpp: {(summary.get('llama_cpp_version') or '?').splitlines()[0]}; "
+        f"{summary.get('ctx')}-token chunks, the second half of each scored, over the chunks "
+        "llama.cpp's tokenizer makes.",
+        "| method | format | file MB | measured C | llama.cpp ppl | ours, same text |\n"
+        "|---|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {r['method']} | {r['format']} | {r['file_MB']:.1f} | {r['measured_C']:.3f} | "
+            f"{r['ppl_llama_cpp']:.4f} | {r['ppl_ours']:.4f} |"
+            for r in summary.get("rows", [])
+        ),
+    ]
+    if "skipped" in summary:
+        lines[3:] = [f"Skipped: {summary['skipped']}."]
+    return "\n\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("outputs/llamacpp_perplexity"))
@@ -153,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = {"command": command, "commit": commit, "skipped": how}
         print(f"skipped: llama.cpp's {TARGET} is unavailable here ({how})")
         write_text_atomic(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(args.output / "README.md", readme(summary))
         return summary
 
     import gguf
@@ -213,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         shutil.rmtree(folder)
     text.unlink()
+    shutil.rmtree(args.output / "exports", ignore_errors=True)
     summary = {
         "command": command,
         "commit": commit,
@@ -230,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     write_text_atomic(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(args.output / "README.md", readme(summary))
     return summary
 
 

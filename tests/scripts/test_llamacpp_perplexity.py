@@ -45,6 +45,7 @@ def test_without_a_build_it_skips_and_says_why(tmp_path, monkeypatch):
     summary = script.main([f"--output={tmp_path / 'out'}", f"--build-dir={tmp_path / 'b'}"])
     assert summary["skipped"] == "cmake is not installed"
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
+    assert "Skipped: cmake is not installed" in (tmp_path / "out" / "README.md").read_text()
     assert not (tmp_path / "b").exists()  # nothing downloaded or built
 
 

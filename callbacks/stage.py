@@ -230,7 +230,11 @@ class CompressionStage:
         self._check_known(arguments)
         if "b_orig" in self.config_class.__dataclass_fields__:  # its math reads B_orig
             arguments["b_orig"] = b_orig
-        self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
+        try:
+            self.config = self.config_class(targets=targets, ignore=ignore, **arguments)
+        except PPQConfigError as error:  # which stage of a schedule or a YAML it was
+            stage = f"{type(self).__name__}" + (f" {name!r}" if name is not None else "")
+            raise PPQConfigError(f"{stage}: {error}") from None
         self.result: StageResult | None = None
         self.forward_fn = forward_fn
         self.trainer: L.Trainer | None = None

@@ -128,3 +128,13 @@ def test_a_changed_later_stage_is_refused_before_an_earlier_one_sets_up(tmp_path
         model=model,
     )
     assert not lora_layers(model)  # the LoRA stage listed first injected nothing
+
+
+def test_a_bad_argument_names_the_stage_it_belongs_to():
+    """In a schedule or a YAML of several quantizers, the error says which stage it is."""
+    from ppq_lightning.callbacks import GPTQ, RTNQuantization
+
+    with pytest.raises(PPQConfigError, match=r"^RTNQuantization 'Q2': bits=8 is not allowed"):
+        RTNQuantization(format="nvfp4", bits=8, name="Q2")
+    with pytest.raises(PPQConfigError, match=r"^GPTQ: damp=-1"):
+        GPTQ(bits=4, damp=-1)

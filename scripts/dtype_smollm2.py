@@ -54,6 +54,13 @@ def git_commit() -> dict[str, object]:
     }
 
 
+def window_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of :func:`windows`: calibration and evaluation windows and their length."""
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=512)
+
+
 def windows(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The calibration and evaluation windows every run shares (token ids)."""
     from ppq_lightning.datamodules import TextDataModule
@@ -135,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("outputs/dtype_smollm2"))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--calibration-samples", type=int, default=16)
-    parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=512)
+    window_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     state = git_commit()  # the code that runs: taken before, not after, a long run

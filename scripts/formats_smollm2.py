@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from dtype_smollm2 import windows  # the same calibration and evaluation windows
+from dtype_smollm2 import window_arguments, windows  # the same windows as dtype_smollm2
 
 from ppq_lightning.cli.experiments import source_commit
 from ppq_lightning.reports import write_text_atomic
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("outputs/formats_smollm2"))
     parser.add_argument("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--calibration-samples", type=int, default=16)
-    parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=512)
+    window_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     commit = source_commit()  # the code that runs: taken before, not after, a long run

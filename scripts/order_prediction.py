@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="order_prediction.py", description=__doc__)
     parser.add_argument("--output", type=str, required=True)
     parser.add_argument("--grids", type=list[str] | None, default=None, help="default: all")
-    parser.add_argument("--predictors", type=list[str], default=list(PREDICTORS))
+    parser.add_argument(  # pairwise_kl is calibration_kl on a pair: not run twice
+        "--predictors", type=list[str], default=[p for p in PREDICTORS if p != "pairwise_kl"]
+    )
     parser.add_argument("--noise_ppl", type=float, default=0.01)
     parser.add_argument("--noise_acc", type=float, default=0.003)
     parser.add_argument(

@@ -1,7 +1,8 @@
 """Predicting the best order of compression stages, as a ranking of every order.
 
 Rules that need no compressed model (``interference`` and ``calibration_kl``, which apply the
-stages, live in ``order.interference``):
+stages, live in ``order.interference``; ``pairwise_kl``, an n-stage ranking from the
+``calibration_kl`` ranking of every pair of stages, in ``order.pairwise``):
 
 - ``pih``: the Progressive Intensity Hypothesis (Kim et al.) as measured by the single-stage
   metric: the weaker perturbation (higher ``M`` alone) first;
@@ -24,7 +25,7 @@ from typing import Any
 from ppq_lightning.compressed.history import StageKind
 from ppq_lightning.errors import PPQConfigError
 
-PREDICTORS = ("pih", "pih_cer", "prune_first", "interference", "calibration_kl")
+PREDICTORS = ("pih", "pih_cer", "prune_first", "interference", "calibration_kl", "pairwise_kl")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from ppq_lightning.errors import (
 from ppq_lightning.order.evaluation import metric_direction
 from ppq_lightning.order.grammar import all_orders, check_stage_names, format_order, parse_order
 from ppq_lightning.order.interference import interference_ranking
+from ppq_lightning.order.pairwise import pairwise_preferences, pairwise_ranking
 from ppq_lightning.order.prediction import (
     PREDICTORS,
     Ranking,
@@ -74,8 +75,10 @@ class OrderStudy:
             from the dense model's on the calibration batches; the default, the most accurate
             on the committed grids), ``"interference"`` (layer output error of each order on
             the dense model's calibration inputs, no forward of a candidate), ``"pih"``,
-            ``"pih_cer"`` (needs ``curve``) or ``"prune_first"``
-            (``ppq_lightning.order.prediction``).
+            ``"pih_cer"`` (needs ``curve``), ``"prune_first"``
+            (``ppq_lightning.order.prediction``) or ``"pairwise_kl"`` (the ``calibration_kl``
+            ranking of every pair of stages alone, combined into a ranking of every order:
+            ``order.pairwise``; ``n(n-1)/2`` two-stage predictions instead of ``n!`` orders).
         top_k: how many of the predicted orders ``search="predict"`` evaluates.
         order: evaluate only the dense model and this order (e.g. ``"Q>P"``; a sweep point):
             no single stages, no curve, no search.
@@ -322,6 +325,22 @@ class OrderStudy:
         kinds = self._kinds()
         if self.predictor == "prune_first":
             return prune_first_ranking(kinds), {}
+        if self.predictor == "pairwise_kl":  # n(n-1)/2 two-stage rankings, not n! orders
+            by_name = {stage.name: stage for stage in self.stages.values()}
+
+            def predict_pair(a: str, b: str) -> Ranking:
+                return interference_ranking(
+                    self.module,
+                    [by_name[a], by_name[b]],
+                    self.cells.calibration_data(),
+                    self.cells.apply,
+                    score="calibration_kl",
+                    tail=self.tail,
+                    forward=self.forward_fn,
+                )
+
+            preferences, cost = pairwise_preferences(names, predict_pair)
+            return pairwise_ranking(self.predictor, names, preferences, cost), {}
         if self.predictor in ("interference", "calibration_kl"):
             ranking = interference_ranking(
                 self.module,

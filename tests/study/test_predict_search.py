@@ -54,3 +54,33 @@ def test_predictor_errors(tmp_path, tiny_data):
     )
     with pytest.raises(PPQConfigError, match="not a mix of the two"):
         study.run()
+
+
+def test_pairwise_kl_ranks_n_stages_from_pairs_with_fewer_applications(tmp_path, tiny_data):
+    """Three stages: 3 pairs of 4 applications each (a, a>b, b, b>a) against the 15 that every
+    order needs with shared prefixes (3 + 6 + 6); a pair's ranking is calibration_kl's."""
+    module = CausalLMModule(model_config=TINY_LLAMA, seed=0)
+    three = [
+        MagnitudePruning(sparsity=0.3, name="P1"),
+        RTNQuantization(bits=3, name="Q"),
+        MagnitudePruning(sparsity=0.6, name="P2"),
+    ]
+    result = OrderStudy(
+        module, tiny_data, three, search="predict", predictor="pairwise_kl", output_dir=tmp_path
+    ).run()
+    cost = result.prediction["cost"]
+    assert cost["pairs"] == 3 and cost["applications"] == 12 < 15
+    assert len(result.prediction["orders"]) == 6 and cost["orders_scored"] == 6
+    assert result.budget.evaluations == 2  # the dense model and the predicted order
+    pair = OrderStudy(
+        module, tiny_data, stages(), search="predict", predictor="pairwise_kl", output_dir=tmp_path
+    ).run()
+    kl = OrderStudy(
+        module,
+        tiny_data,
+        stages(),
+        search="predict",
+        predictor="calibration_kl",
+        output_dir=tmp_path,
+    ).run()
+    assert pair.prediction["orders"][0]["order"] == kl.prediction["orders"][0]["order"]

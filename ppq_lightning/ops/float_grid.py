@@ -68,7 +68,7 @@ from ppq_lightning.ops.float_formats import (
     mx_shared_exponent,
     round_to_e4m3,
 )
-from ppq_lightning.ops.grid import ROUND_ROWS, Grid
+from ppq_lightning.ops.grid import ROUND_ROWS, Grid, round_rows_
 from ppq_lightning.ops.storage import Storage
 
 FLOAT_FORMATS = ("nvfp4", "mxfp4", "fp8", "fp8_block")
@@ -488,12 +488,11 @@ def round_to_float_grid_(w: Tensor, format: str, rows: int = ROUND_ROWS) -> tupl
         PPQConfigError: as :func:`compute_float_grid`, before ``w`` changes.
     """
     grid = compute_float_grid(w, format, rows)
-    error, norm = 0.0, 0.0
-    for part in grid._slices(-(-rows // SPECS[format].block_rows) * SPECS[format].block_rows):
-        original = w[part].float()
-        scale = grid._element_scale(part)
-        rounded = grid._element_values(grid._element_codes(original / scale)) * scale
-        error += float((rounded - original).pow(2).sum())
-        norm += float(original.pow(2).sum())
-        w[part].copy_(rounded)
-    return grid, error / max(norm, 1e-12)
+    block = SPECS[format].block_rows
+    slice_rows = -(-rows // block) * block  # whole 128-row blocks for fp8_block
+
+    def rounded(part: slice, original: Tensor) -> Tensor:
+        part = slice(part.start, min(part.stop, grid.shape[0]))
+        return grid.round_scaled(original, grid._element_scale(part))
+
+    return grid, round_rows_(w, slice_rows, rounded)

@@ -12,6 +12,8 @@ weight's codes back and tests it, for every kind, from the kind's own ``quantize
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -89,3 +91,19 @@ class Grid:
         if torch.finfo(w.dtype).bits > 16:
             raise bad_value("w.dtype", w.dtype, "a 16-bit float dtype (bfloat16 or float16)")
         return self.held(self.codes(w), w.dtype) == w
+
+
+def round_rows_(w: Tensor, rows: int, rounded: Callable[[slice, Tensor], Tensor]) -> float:
+    """Replace ``w`` (rows, cols) in place, ``rows`` rows at a time, by ``rounded(part,
+    original)`` (``original``: those rows in float32), so that float32 temporaries cover one
+    slice, not the matrix; return the relative error ``||W - W_hat||^2 / ||W||^2`` (``W_hat``
+    in float32, before the rounding to ``w``'s dtype)."""
+    error, norm = 0.0, 0.0
+    for start in range(0, w.shape[0], rows):
+        part = slice(start, start + rows)
+        original = w[part].float()
+        new = rounded(part, original)
+        error += float((new - original).pow(2).sum())
+        norm += float(original.pow(2).sum())
+        w[part].copy_(new)
+    return error / max(norm, 1e-12)

@@ -38,7 +38,7 @@ from ppq_lightning.ops.float_grid import (
     float_storage,
     round_to_float_grid_,
 )
-from ppq_lightning.ops.grid import ROUND_ROWS, Grid
+from ppq_lightning.ops.grid import ROUND_ROWS, Grid, round_rows_
 from ppq_lightning.ops.kquants import (
     KINDS,
     LAYOUTS,
@@ -227,15 +227,7 @@ class GridSpec:
         if self.format in SPECS:
             return round_to_float_grid_(w, self.format, rows)
         grid = compute_kquant_grid(w, self.format)
-        error, norm = 0.0, 0.0
-        for start in range(0, w.shape[0], rows):
-            part = slice(start, start + rows)
-            original = w[part].float()
-            rounded = grid.select_rows(part).fake_quantize(original)
-            error += float((rounded - original).pow(2).sum())
-            norm += float(original.pow(2).sum())
-            w[part].copy_(rounded)
-        return grid, error / max(norm, 1e-12)
+        return grid, round_rows_(w, rows, lambda part, x: grid.select_rows(part).fake_quantize(x))
 
     def storage(self, rows: int, cols: int) -> Storage:
         """The bits a dense ``(rows, cols)`` matrix takes on this grid: values, and scales (zero

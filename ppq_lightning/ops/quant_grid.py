@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ppq_lightning.errors import bad_value, check_int, plain_number
-from ppq_lightning.ops.grid import ROUND_ROWS, Grid
+from ppq_lightning.ops.grid import ROUND_ROWS, Grid, round_rows_
 from ppq_lightning.ops.storage import SCALE_BITS
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -239,16 +239,13 @@ def round_to_grid_(
     Raises:
         PPQConfigError: on bits outside 2-8 or a group size that does not divide ``cols``.
     """
-    grids, error, norm = [], 0.0, 0.0
-    for start in range(0, w.shape[0], rows):
-        part = w[start : start + rows]
-        grid = compute_grid(part, bits, group_size, symmetric)
-        original = part.float()
-        rounded = grid.fake_quantize(original)
-        error += float((rounded - original).pow(2).sum())
-        norm += float(original.pow(2).sum())
-        part.copy_(rounded)
-        grids.append(grid)
+    grids = []
+
+    def rounded(part: slice, original: Tensor) -> Tensor:
+        grids.append(compute_grid(original, bits, group_size, symmetric))  # each row's own
+        return grids[-1].fake_quantize(original)
+
+    error = round_rows_(w, rows, rounded)
     scale = torch.cat([g.scale for g in grids]) if grids else torch.empty(0, 1)
     zero = torch.cat([g.zero for g in grids]) if grids else torch.empty(0, 1)
-    return QuantGrid(scale, zero, bits, group_size, symmetric), error / max(norm, 1e-12)
+    return QuantGrid(scale, zero, bits, group_size, symmetric), error
